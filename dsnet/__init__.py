@@ -1,0 +1,19 @@
+"""dsnet: dynamic slimmable supernets (DS-Net, DS-Net++), their routes, MAdds and deployment.
+
+Public API: ``list_models``, ``create_model``, ``Route``, ``materialize``, ``split``, ``profile``,
+``recalibrate_bn``, ``load_official_state_dict``. Models know nothing of backends.
+"""
+
+from dsnet.calibration import recalibrate_bn
+from dsnet.checkpoint import load_official_state_dict
+from dsnet.deploy import DynamicPlan, materialize, split
+from dsnet.layers import EXEC_MODES
+from dsnet.profile import Profile, count_by_hooks, profile
+from dsnet.registry import create_model, list_models, register_model
+from dsnet.routes import Route, RouteError
+
+__all__ = [
+    "EXEC_MODES", "DynamicPlan", "Profile", "Route", "RouteError", "count_by_hooks", "create_model",
+    "list_models", "load_official_state_dict", "materialize", "profile",
+    "recalibrate_bn", "register_model", "split",
+]

@@ -1,0 +1,108 @@
+"""The double-headed dynamic gate of DS-Net++ (section 3.5).
+
+Contract
+--------
+``AttentionHead(channels, hidden)``: average-pool encoder, shared first FC + ReLU, attention FC,
+``x * delta(.)`` with ``delta(x) = 1 + tanh(x)`` (eq. 21-23). Its FCs are dynamic, so the head
+runs at the block's active width.
+
+``Gate(channels, hidden, num_choices)``: an attention head plus a routing head (FC from the
+shared hidden vector to one score per choice, eq. 22). ``forward(x)`` returns
+``(attended_x, logits)``. :func:`route_onehot` turns the logits into the one-hot route:
+straight-through Gumbel-softmax in training, deterministic argmax in eval.
+
+``to_static()`` gives the attention head alone as plain layers (the routing head is dropped: a
+materialized route has no gate); ``to_static_gate()`` keeps both heads, for a deployment segment
+that must emit route scores (``dsnet.split``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsnet.layers import DynamicLinear
+
+
+def delta(x: torch.Tensor) -> torch.Tensor:
+    """The attention activation of DS-Net++ eq. 23."""
+    return 1.0 + torch.tanh(x)
+
+
+class StaticAttention(nn.Module):
+    """Plain-layer attention head: ``x * (1 + tanh(fc2(relu(fc1(avgpool(x))))))``."""
+
+    def __init__(self, fc1: nn.Linear, fc2: nn.Linear):
+        super().__init__()
+        self.fc1, self.fc2 = fc1, fc2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.fc1(x.mean((2, 3))))
+        return x * delta(self.fc2(h))[:, :, None, None]
+
+
+class StaticGate(nn.Module):
+    """Plain-layer double-headed gate: returns ``(attended_x, route_logits)``."""
+
+    def __init__(self, fc1: nn.Linear, fc2: nn.Linear, route: nn.Linear):
+        super().__init__()
+        self.fc1, self.fc2, self.route = fc1, fc2, route
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = F.relu(self.fc1(x.mean((2, 3))))
+        return x * delta(self.fc2(h))[:, :, None, None], self.route(h)
+
+
+class AttentionHead(nn.Module):
+    """Channel attention head (soft head of the double-headed gate)."""
+
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.fc1 = DynamicLinear(channels, hidden)  # shared first FC (W1)
+        self.fc2 = DynamicLinear(hidden, channels)  # attention FC (W3)
+
+    def set_width(self, c: int) -> None:
+        self.fc1.active_in = c
+        self.fc2.active_out = c
+
+    def _hidden(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.fc1(x.mean((2, 3))))
+
+    def _attend(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return x * delta(self.fc2(h))[:, :, None, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._attend(x, self._hidden(x))
+
+    def to_static(self) -> StaticAttention:
+        return StaticAttention(self.fc1.to_static(), self.fc2.to_static())
+
+
+class Gate(AttentionHead):
+    """Double-headed gate: attention head and routing head sharing the first FC."""
+
+    def __init__(self, channels: int, hidden: int, num_choices: int):
+        super().__init__(channels, hidden)
+        self.num_choices = num_choices
+        self.route = nn.Linear(hidden, num_choices, bias=False)  # routing head (W2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        h = self._hidden(x)
+        return self._attend(x, h), self.route(h)
+
+    def to_static(self) -> StaticAttention:
+        return StaticAttention(self.fc1.to_static(), self.fc2.to_static())
+
+    def to_static_gate(self) -> StaticGate:
+        route = nn.Linear(self.route.in_features, self.num_choices, bias=False)
+        with torch.no_grad():
+            route.weight.copy_(self.route.weight)
+        return StaticGate(self.fc1.to_static(), self.fc2.to_static(), route)
+
+
+def route_onehot(logits: torch.Tensor, training: bool, tau: float = 1.0) -> torch.Tensor:
+    """One-hot route per sample: straight-through Gumbel-softmax in training, argmax in eval."""
+    if training:
+        return F.gumbel_softmax(logits, tau=tau, hard=True, dim=-1)
+    return F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)

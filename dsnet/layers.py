@@ -1,0 +1,272 @@
+"""Slicing layers: convolution, linear and split batch norm that run any narrower width.
+
+Contract
+--------
+Every dynamic layer stores its weights at the largest width and executes the *active* width,
+set by its owner (the supernet) through ``active_in`` / ``active_out`` (channel counts) and,
+for :class:`SplitBatchNorm2d`, the statistics slot of that width. How a narrower width is
+executed is the layer's ``exec_mode``, the four ways DS-Net++ Table 2 compares:
+
+``slice``  weight views ``W[:c_out, :c_in]`` at run time; activations carry ``c`` channels.
+``mask``   full-width compute, channels ``>= c_out`` zeroed; activations carry all channels.
+``index``  kept channels' weights gathered with an index tensor at run time (``index_select``).
+``full``   the whole layer, ignoring the active width (the unsliced supernet).
+
+``slice``, ``mask`` and ``index`` compute the same numbers for the active channels. ``mask`` and
+``index`` are inference modes; training uses ``slice``.
+
+``to_static()`` returns a plain ``torch.nn`` layer holding contiguous *copies* of the active
+slice: nothing is shared with the supernet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EXEC_MODES = ("slice", "mask", "index", "full")
+
+
+def check_exec_mode(mode: str) -> str:
+    if mode not in EXEC_MODES:
+        raise ValueError(f"unknown execution mode {mode!r}; valid modes: {', '.join(EXEC_MODES)}")
+    return mode
+
+
+def _copy(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().clone().contiguous()
+
+
+def _zero_channels_from(x: torch.Tensor, c: int) -> torch.Tensor:
+    """Zero channels ``c:`` of an (N, C, ...) tensor (the ``mask`` execution mode)."""
+    if c >= x.shape[1]:
+        return x
+    mask = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)
+    mask[:c] = 1
+    return x * mask.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+class _Dynamic:
+    """Shared state of dynamic layers: active widths and execution mode."""
+
+    exec_mode: str = "slice"
+    active_in: int
+    active_out: int
+
+    def _index(self, c: int, device: torch.device) -> torch.Tensor:
+        # Built per call on purpose: the ``index`` mode measures run-time gathering.
+        return torch.arange(c, device=device)
+
+
+class DynamicConv2d(nn.Conv2d, _Dynamic):
+    """Conv2d (regular, or depthwise when ``depthwise=True``) that runs any narrower width.
+
+    Padding is ``k // 2`` (same-size for stride 1), as in MobileNet and ResNet.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 depthwise: bool = False, bias: bool = False):
+        if depthwise and in_channels != out_channels:
+            raise ValueError("a depthwise convolution has as many outputs as inputs")
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride,
+                         padding=kernel_size // 2, groups=in_channels if depthwise else 1,
+                         bias=bias)
+        self.depthwise = depthwise
+        self.active_in = in_channels
+        self.active_out = out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mode = self.exec_mode
+        if mode == "full":
+            return super().forward(x)
+        if mode == "mask":
+            return _zero_channels_from(super().forward(x), self.active_out)
+        cout = self.active_out
+        cin = cout if self.depthwise else self.active_in
+        if mode == "slice":
+            w = self.weight[:cout] if self.depthwise else self.weight[:cout, :cin]
+            b = self.bias[:cout] if self.bias is not None else None
+        else:  # index
+            idx_out = self._index(cout, x.device)
+            w = self.weight.index_select(0, idx_out)
+            if not self.depthwise:
+                w = w.index_select(1, self._index(cin, x.device))
+            b = self.bias.index_select(0, idx_out) if self.bias is not None else None
+        return F.conv2d(x, w, b, self.stride, self.padding, 1, cout if self.depthwise else 1)
+
+    def to_static(self) -> nn.Conv2d:
+        cout = self.active_out
+        cin = cout if self.depthwise else self.active_in
+        conv = nn.Conv2d(cin, cout, self.kernel_size, self.stride, self.padding,
+                         groups=cout if self.depthwise else 1, bias=self.bias is not None)
+        with torch.no_grad():
+            conv.weight.copy_(self.weight[:cout] if self.depthwise else self.weight[:cout, :cin])
+            if self.bias is not None:
+                conv.bias.copy_(self.bias[:cout])
+        return conv
+
+
+class DynamicLinear(nn.Linear, _Dynamic):
+    """Linear layer that runs any narrower input and/or output width."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__(in_features, out_features, bias=bias)
+        self.active_in = in_features
+        self.active_out = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mode = self.exec_mode
+        if mode == "full":
+            return super().forward(x)
+        if mode == "mask":
+            return _zero_channels_from(super().forward(x), self.active_out)
+        cin, cout = self.active_in, self.active_out
+        if mode == "slice":
+            w = self.weight[:cout, :cin]
+            b = self.bias[:cout] if self.bias is not None else None
+        else:  # index
+            idx_out = self._index(cout, x.device)
+            w = self.weight.index_select(0, idx_out).index_select(1, self._index(cin, x.device))
+            b = self.bias.index_select(0, idx_out) if self.bias is not None else None
+        return F.linear(x, w, b)
+
+    def to_static(self) -> nn.Linear:
+        lin = nn.Linear(self.active_in, self.active_out, bias=self.bias is not None)
+        with torch.no_grad():
+            lin.weight.copy_(self.weight[: self.active_out, : self.active_in])
+            if self.bias is not None:
+                lin.bias.copy_(self.bias[: self.active_out])
+        return lin
+
+
+class SplitBatchNorm2d(nn.Module, _Dynamic):
+    """Batch norm with one set of running statistics per width (split BN, DS-Net++ eq. 14).
+
+    ``widths`` lists the widths the layer can run; statistics slot ``i`` belongs to ``widths[i]``
+    and the affine ``weight``/``bias`` are shared (sliced). Running statistics are stored padded in
+    ``running_mean``/``running_var`` of shape ``(len(widths), max(widths))``.
+
+    ``momentum=None`` gives a cumulative average, the re-calibration setting
+    (:func:`dsnet.recalibrate_bn`).
+    """
+
+    def __init__(self, widths: Sequence[int], eps: float = 1e-5, momentum: float | None = 0.1):
+        super().__init__()
+        widths = tuple(int(w) for w in widths)
+        if not widths or list(widths) != sorted(set(widths)):
+            raise ValueError(f"widths must be strictly increasing, got {widths}")
+        self.widths = widths
+        c = widths[-1]
+        self.num_features = c
+        self.eps = eps
+        self.momentum = momentum
+        self.weight = nn.Parameter(torch.ones(c))
+        self.bias = nn.Parameter(torch.zeros(c))
+        self.register_buffer("running_mean", torch.zeros(len(widths), c))
+        self.register_buffer("running_var", torch.ones(len(widths), c))
+        self.register_buffer("num_batches_tracked", torch.zeros(len(widths), dtype=torch.long))
+        self.active_out = c
+
+    @property
+    def active_in(self) -> int:  # a norm layer keeps its width
+        return self.active_out
+
+    @active_in.setter
+    def active_in(self, value: int) -> None:
+        self.active_out = value
+
+    @property
+    def slot(self) -> int:
+        try:
+            return self.widths.index(self.active_out)
+        except ValueError:
+            raise ValueError(f"SplitBatchNorm2d has no statistics for width {self.active_out}; "
+                             f"widths: {list(self.widths)}") from None
+
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.running_var.fill_(1)
+        self.num_batches_tracked.zero_()
+
+    def _momentum(self, slot: int) -> float:
+        if not self.training:
+            return 0.0
+        self.num_batches_tracked[slot] += 1
+        if self.momentum is None:
+            return 1.0 / float(self.num_batches_tracked[slot])
+        return self.momentum
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mode = self.exec_mode
+        if mode == "full":
+            slot, c = len(self.widths) - 1, self.num_features
+        else:
+            slot, c = self.slot, self.active_out
+        if mode in ("mask", "full"):
+            # Full-width compute with the slot's (padded) statistics.
+            if self.training and mode == "mask":
+                raise RuntimeError("mask execution is an inference mode; train in slice mode")
+            out = F.batch_norm(x, self.running_mean[slot], self.running_var[slot], self.weight,
+                               self.bias, self.training, self._momentum(slot), self.eps)
+            return out if mode == "full" else _zero_channels_from(out, c)
+        if mode == "index":
+            if self.training:
+                raise RuntimeError("index execution is an inference mode; train in slice mode")
+            idx = self._index(c, x.device)
+            return F.batch_norm(x, self.running_mean[slot].index_select(0, idx),
+                                self.running_var[slot].index_select(0, idx),
+                                self.weight.index_select(0, idx), self.bias.index_select(0, idx),
+                                False, 0.0, self.eps)
+        # slice: the views share storage, so training updates the slot's statistics in place.
+        return F.batch_norm(x, self.running_mean[slot, :c], self.running_var[slot, :c],
+                            self.weight[:c], self.bias[:c], self.training,
+                            self._momentum(slot), self.eps)
+
+    def to_static(self) -> nn.BatchNorm2d:
+        slot, c = self.slot, self.active_out
+        bn = nn.BatchNorm2d(c, eps=self.eps)
+        with torch.no_grad():
+            bn.weight.copy_(self.weight[:c])
+            bn.bias.copy_(self.bias[:c])
+            bn.running_mean.copy_(self.running_mean[slot, :c])
+            bn.running_var.copy_(self.running_var[slot, :c])
+            bn.num_batches_tracked.copy_(self.num_batches_tracked[slot])
+        return bn.train(self.training)
+
+    def extra_repr(self) -> str:
+        return f"widths={list(self.widths)}, eps={self.eps}, momentum={self.momentum}"
+
+
+def dynamic_layers(module: nn.Module):
+    """Every dynamic layer inside ``module``."""
+    return [m for m in module.modules() if isinstance(m, _Dynamic)]
+
+
+def set_exec_mode(module: nn.Module, mode: str) -> None:
+    check_exec_mode(mode)
+    for m in dynamic_layers(module):
+        m.exec_mode = mode
+
+
+def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A new conv computing ``bn(conv(x))`` in eval mode (BN folded into weight and bias)."""
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                      conv.padding, conv.dilation, conv.groups, bias=True)
+    with torch.no_grad():
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+        b = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        fused.bias.copy_((b - bn.running_mean) * scale + bn.bias)
+    return fused
+
+
+def to_static(module: nn.Module) -> nn.Module:
+    """Plain copy of a dynamic layer's active slice; other modules are deep-copied."""
+    if isinstance(module, _Dynamic):
+        return module.to_static()
+    import copy
+
+    return copy.deepcopy(module)

@@ -1,0 +1,350 @@
+"""DS-ResNet-50 (DS-Net++ Table 5) and the static ResNet-50 baseline.
+
+DS-ResNet: a fixed 7x7 stem (64 channels) and max pool, then four stages of bottlenecks
+(ResNet v1.5: stride on the 3x3). Each stage begins with a double-headed gate on the stage input:
+its routing head chooses the stage's slimming ratio in {0.25, 0.5, 0.75, 1.0}; its attention head
+rescales the input. The first block's projection shortcut follows the stage's ratio; the other
+blocks inherit it and carry an attention head on their residual branch (SE position). 4^4 = 256
+routes. Deployment splits cleanly at the gates: a stem (ending in gate 1) and four stages, each
+materialized per (incoming ratio, own ratio) and ending in the next gate.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from dsnet.gate import AttentionHead, Gate, route_onehot
+from dsnet.layers import DynamicConv2d, DynamicLinear, SplitBatchNorm2d
+from dsnet.models.mobilenet import Classifier
+from dsnet.registry import register_model
+from dsnet.routes import GateSpec, Route, RoutingSpace
+from dsnet.supernet import CostCounter, Supernet, static_copy
+
+RATIOS = (0.25, 0.5, 0.75, 1.0)
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck; dynamic layers in the supernet, plain ones after :func:`static_copy`."""
+
+    def __init__(self, in_widths, mid_widths, out_widths, stride, project, attn_hidden=0):
+        super().__init__()
+        cin, mid, cout = in_widths[-1], mid_widths[-1], out_widths[-1]
+        self.conv1 = DynamicConv2d(cin, mid, 1)
+        self.bn1 = SplitBatchNorm2d(mid_widths)
+        self.conv2 = DynamicConv2d(mid, mid, 3, stride)
+        self.bn2 = SplitBatchNorm2d(mid_widths)
+        self.conv3 = DynamicConv2d(mid, cout, 1)
+        self.bn3 = SplitBatchNorm2d(out_widths)
+        self.attn = AttentionHead(cout, attn_hidden) if attn_hidden else None
+        self.downsample = (nn.Sequential(DynamicConv2d(cin, cout, 1, stride),
+                                         SplitBatchNorm2d(out_widths)) if project else None)
+        self.relu = nn.ReLU(inplace=True)
+
+    def set_widths(self, cin: int, mid: int, cout: int) -> None:
+        self.conv1.active_in, self.conv1.active_out = cin, mid
+        self.bn1.active_out = mid
+        self.conv2.active_in, self.conv2.active_out = mid, mid
+        self.bn2.active_out = mid
+        self.conv3.active_in, self.conv3.active_out = mid, cout
+        self.bn3.active_out = cout
+        if self.attn is not None:
+            self.attn.set_width(cout)
+        if self.downsample is not None:
+            self.downsample[0].active_in, self.downsample[0].active_out = cin, cout
+            self.downsample[1].active_out = cout
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.attn is not None:
+            out = self.attn(out)
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + shortcut)
+
+
+def _count_bottleneck(counter: CostCounter, cin, mid, cout, stride, project, attn_hidden):
+    shortcut = counter.branch()
+    counter.conv(cin, mid, 1)
+    counter.conv(mid, mid, 3, stride)
+    counter.conv(mid, cout, 1)
+    if attn_hidden:
+        counter.attention(cout, attn_hidden)
+    if project:
+        shortcut.conv(cin, cout, 1, stride)
+        counter.merge(shortcut)
+
+
+class _StaticStem(nn.Module):
+    def __init__(self, conv, bn):
+        super().__init__()
+        self.conv, self.bn = conv, bn
+
+    def forward(self, x):
+        return nn.functional.max_pool2d(torch.relu(self.bn(self.conv(x))), 3, 2, 1)
+
+
+class _GateOutput(nn.Module):
+    """Drops the route logits of a gate (a materialized route keeps only its attention)."""
+
+    def __init__(self, attn):
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, x):
+        return self.attn(x)
+
+
+class DSResNet(Supernet):
+    """Dynamic slimmable ResNet with one gate per stage."""
+
+    def __init__(self, stem: int = 64, mids=(64, 128, 256, 512), depths=(3, 4, 6, 3),
+                 expansion: int = 4, ratios=RATIOS, num_classes: int = 1000,
+                 attn_ratio: float = 0.25):
+        super().__init__()
+        self.ratios = tuple(ratios)
+        self.num_classes = num_classes
+        self.stem_width = stem
+        self.depths = tuple(depths)
+        self.mid_widths = [tuple(max(1, round(m * r)) for r in ratios) for m in mids]
+        self.out_widths = [tuple(w * expansion for w in mw) for mw in self.mid_widths]
+        self.strides = (1,) + (2,) * (len(mids) - 1)
+
+        def hidden(c: int) -> int:
+            return max(1, round(c * attn_ratio))
+
+        self.conv_stem = DynamicConv2d(3, stem, 7, 2)
+        self.bn_stem = SplitBatchNorm2d((stem,))
+        self.gates = nn.ModuleList()
+        self.stages = nn.ModuleList()
+        in_widths = (stem,)
+        for mw, ow, depth, stride in zip(self.mid_widths, self.out_widths, depths, self.strides):
+            self.gates.append(Gate(in_widths[-1], hidden(in_widths[-1]), len(ratios)))
+            blocks = [Bottleneck(in_widths, mw, ow, stride, project=True)]
+            blocks += [Bottleneck(ow, mw, ow, 1, project=False, attn_hidden=hidden(ow[-1]))
+                       for _ in range(depth - 1)]
+            self.stages.append(nn.ModuleList(blocks))
+            in_widths = ow
+        self.fc = DynamicLinear(in_widths[-1], num_classes)
+
+        gates = tuple(GateSpec(f"stage{i + 1}", tuple(
+            {"ratio": r, "widths": (ow[j],)} for j, r in enumerate(ratios)))
+            for i, ow in enumerate(self.out_widths))
+        self.routing_space = RoutingSpace(gates)
+        self.set_route(Route((len(ratios) - 1,) * len(mids)))
+
+    # -- routes -------------------------------------------------------------------------------
+    def _set_stage(self, k: int, cin: int, choice: int) -> int:
+        """Configure gate ``k`` (at width ``cin``) and stage ``k`` for ``choice``; returns its width."""
+        self.gates[k].set_width(cin)
+        mid, cout = self.mid_widths[k][choice], self.out_widths[k][choice]
+        for block in self.stages[k]:
+            block.set_widths(cin, mid, cout)
+            cin = cout
+        return cout
+
+    def _apply_route(self, route: Route) -> None:
+        cin = self.stem_width
+        for k, choice in enumerate(route):
+            cin = self._set_stage(k, cin, choice)
+        self.fc.active_in = cin
+
+    def count(self, counter: CostCounter, route: Route) -> None:
+        counter.conv(3, self.stem_width, 7, 2)
+        counter.pool(3, 2, 1)
+        cin = self.stem_width
+        for k, choice in enumerate(route):
+            counter.attention(cin, self.gates[k].fc1.out_features)
+            mid, cout = self.mid_widths[k][choice], self.out_widths[k][choice]
+            for bi, block in enumerate(self.stages[k]):
+                hid = block.attn.fc1.out_features if block.attn is not None else 0
+                _count_bottleneck(counter, cin, mid, cout, self.strides[k] if bi == 0 else 1,
+                                  bi == 0, hid)
+                cin = cout
+        counter.linear(cin, self.num_classes)
+
+    # -- forward ------------------------------------------------------------------------------
+    def _stem(self, x):
+        return nn.functional.max_pool2d(torch.relu(self.bn_stem(self.conv_stem(x))), 3, 2, 1)
+
+    def _stage(self, k, x):
+        for block in self.stages[k]:
+            x = block(x)
+        return x
+
+    def _classify(self, x):
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+    def forward(self, x):
+        if self.active_route is None:
+            return self.forward_dynamic(x)[0]
+        x = self._stem(x)
+        for k in range(len(self.stages)):
+            x, _ = self.gates[k](x)
+            x = self._stage(k, x)
+        return self._classify(x)
+
+    def forward_dynamic(self, x):
+        """Gate-driven inference (eval: argmax per gate, samples grouped by their choices).
+
+        Returns ``(logits, onehots)`` with one ``(N, num_ratios)`` one-hot per gate.
+        """
+        n = x.shape[0]
+        # A group: (sample indices, features, width of the features).
+        groups = [(torch.arange(n, device=x.device), self._stem(x), self.stem_width)]
+        onehots = [None] * len(self.stages)
+        for k in range(len(self.stages)):
+            new_groups = []
+            for idx, feats, cin in groups:
+                self.gates[k].set_width(cin)
+                feats, scores = self.gates[k](feats)
+                oh = route_onehot(scores, self.training)
+                if onehots[k] is None:
+                    onehots[k] = oh.new_zeros(n, oh.shape[1])
+                onehots[k] = onehots[k].index_copy(0, idx, oh)
+                choice = oh.argmax(-1)
+                for c in torch.unique(choice).tolist():
+                    sel = (choice == c).nonzero(as_tuple=True)[0]
+                    cout = self._set_stage(k, cin, c)
+                    y = self._stage(k, feats[sel])
+                    if self.training:
+                        y = y * oh[sel, c].view(-1, 1, 1, 1)
+                    new_groups.append((idx[sel], y, cout))
+            groups = new_groups
+        out = None
+        for idx, feats, cin in groups:
+            self.fc.active_in = cin
+            y = self._classify(feats)
+            out = y.new_zeros(n, y.shape[1]) if out is None else out
+            out = out.index_copy(0, idx, y)
+        return out, onehots
+
+    # -- deployment ---------------------------------------------------------------------------
+    def _static_stem(self) -> nn.Module:
+        return _StaticStem(static_copy(self.conv_stem), static_copy(self.bn_stem))
+
+    def _static_stage(self, k: int) -> nn.Sequential:
+        return nn.Sequential(*[static_copy(b) for b in self.stages[k]])
+
+    def static_sequence(self, route: Route) -> nn.Module:
+        def build():
+            parts: list[tuple[str, nn.Module]] = [("stem", self._static_stem())]
+            for k in range(len(self.stages)):
+                parts.append((f"gate{k + 1}", _GateOutput(static_copy(self.gates[k]))))
+                parts.append((f"stage{k + 1}", self._static_stage(k)))
+            parts.append(("classifier", Classifier(static_copy(self.fc))))
+            return nn.Sequential(OrderedDict(parts))
+
+        return self._with_route(route, build)
+
+    def deployment_segments(self):
+        n_gates = len(self.stages)
+        top = len(self.ratios) - 1
+
+        def segment(k: int, prev: int | None, choice: int):
+            # Widths of stage k depend on (prev, choice); later stages are irrelevant here.
+            route = [top] * n_gates
+            if prev is not None:
+                route[k - 1] = prev
+            route[k] = choice
+            if k + 1 < n_gates:
+                def build():
+                    gate = self.gates[k + 1].to_static_gate()
+                    return _StageThenGate(self._static_stage(k), gate)
+            else:
+                def build():
+                    return nn.Sequential(self._static_stage(k),
+                                         Classifier(static_copy(self.fc)))
+            return self._with_route(Route(tuple(route)), build)
+
+        head = self._with_route(Route((top,) * n_gates), lambda: _StageThenGate(
+            self._static_stem(), self.gates[0].to_static_gate()))
+        stages = [{(None, c): segment(0, None, c) for c in range(len(self.ratios))}]
+        for k in range(1, n_gates):
+            stages.append({(p, c): segment(k, p, c)
+                           for p in range(len(self.ratios)) for c in range(len(self.ratios))})
+        return head, stages
+
+
+class _StageThenGate(nn.Module):
+    """A deployment segment ending in a gate: returns ``(features, route_logits)``."""
+
+    def __init__(self, body: nn.Module, gate: nn.Module):
+        super().__init__()
+        self.body, self.gate = body, gate
+
+    def forward(self, x):
+        return self.gate(self.body(x))
+
+
+class ResNet(Supernet):
+    """Static ResNet-50 (v1.5) at a width multiplier applied to every layer, stem included."""
+
+    def __init__(self, width_mult: float = 1.0, depths=(3, 4, 6, 3), num_classes: int = 1000):
+        super().__init__()
+        if not width_mult > 0:
+            raise ValueError(f"width_mult must be positive, got {width_mult}")
+        self.width_mult = width_mult
+        self.num_classes = num_classes
+        self.depths = tuple(depths)
+        self.stem_width = max(1, int(64 * width_mult))
+        self.mids = [max(1, int(m * width_mult)) for m in (64, 128, 256, 512)]
+        # The same bottleneck code, built at one width: every layer is then plain after copy.
+        parts: list[tuple[str, nn.Module]] = []
+        stem = nn.Sequential(DynamicConv2d(3, self.stem_width, 7, 2),
+                             SplitBatchNorm2d((self.stem_width,)))
+        parts.append(("stem", _StaticStem(static_copy(stem[0]), static_copy(stem[1]))))
+        cin = self.stem_width
+        for k, (mid, depth) in enumerate(zip(self.mids, depths)):
+            blocks = []
+            for bi in range(depth):
+                b = Bottleneck((cin,), (mid,), (mid * 4,), 2 if (k and not bi) else 1,
+                               project=bi == 0)
+                blocks.append(static_copy(b))
+                cin = mid * 4
+            parts.append((f"stage{k + 1}", nn.Sequential(*blocks)))
+        parts.append(("classifier", Classifier(nn.Linear(cin, num_classes))))
+        self.features = nn.Sequential(OrderedDict(parts))
+        self.routing_space = RoutingSpace(())
+        self.active_route = Route(())
+
+    def _apply_route(self, route: Route) -> None:
+        pass
+
+    def forward(self, x):
+        return self.features(x)
+
+    def count(self, counter: CostCounter, route: Route) -> None:
+        counter.conv(3, self.stem_width, 7, 2)
+        counter.pool(3, 2, 1)
+        cin = self.stem_width
+        for k, (mid, depth) in enumerate(zip(self.mids, self.depths)):
+            for bi in range(depth):
+                _count_bottleneck(counter, cin, mid, mid * 4, 2 if (k and not bi) else 1,
+                                  bi == 0, 0)
+                cin = mid * 4
+        counter.linear(cin, self.num_classes)
+
+    def static_sequence(self, route: Route) -> nn.Module:
+        return static_copy(self.features)
+
+
+@register_model
+def ds_resnet50(num_classes: int = 1000) -> DSResNet:
+    """DS-ResNet-50: Table 5 routing space, 4 gates x 4 ratios = 256 routes."""
+    return DSResNet(num_classes=num_classes)
+
+
+@register_model
+def ds_resnet50_tiny(num_classes: int = 10) -> DSResNet:
+    """A few-channel DS-ResNet for fast tests: same structure, 256 routes."""
+    return DSResNet(stem=8, mids=(4, 8, 8, 16), depths=(1, 2, 1, 1), num_classes=num_classes)
+
+
+@register_model
+def resnet50(width_mult: float = 1.0, num_classes: int = 1000) -> ResNet:
+    """Static ResNet-50 at ``width_mult`` (the "ideal" network of DS-Net++ Table 2)."""
+    return ResNet(width_mult, num_classes=num_classes)

@@ -1,0 +1,46 @@
+"""A registry of models by name (timm style).
+
+``@register_model`` records a builder under its function name; ``create_model(name, **kwargs)``
+builds it; ``list_models()`` lists the names. An unknown name or keyword raises ``ValueError``
+naming the valid choices.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+_MODELS: dict[str, Callable] = {}
+
+
+def register_model(fn: Callable) -> Callable:
+    if fn.__name__ in _MODELS:
+        raise ValueError(f"model {fn.__name__!r} is already registered")
+    _MODELS[fn.__name__] = fn
+    return fn
+
+
+def _load_builtin() -> None:
+    # Importing the model modules runs their @register_model decorators.
+    from dsnet.models import mobilenet, resnet  # noqa: F401
+
+
+def list_models() -> list[str]:
+    _load_builtin()
+    return sorted(_MODELS)
+
+
+def create_model(name: str, **kwargs):
+    _load_builtin()
+    try:
+        builder = _MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(sorted(_MODELS))}") from None
+    params = inspect.signature(builder).parameters
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        raise ValueError(f"model {name!r} takes no argument(s) {', '.join(unknown)}; "
+                         f"valid: {', '.join(params)}")
+    model = builder(**kwargs)
+    model.model_name = name
+    return model

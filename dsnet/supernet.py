@@ -1,0 +1,161 @@
+"""What every model of the registry shares: routes, static copies, and the analytic cost count.
+
+Contract
+--------
+A model (``Supernet`` subclass; static baselines are supernets with an empty routing space)
+provides:
+
+- ``routing_space``: a :class:`dsnet.routes.RoutingSpace`;
+- ``set_route(route, exec_mode="slice")``: configure every dynamic layer for ``route``; after it,
+  ``forward`` runs that route. ``set_route(None)`` returns to dynamic routing: the gates decide.
+- ``count(counter, route)``: describe the route's layers to a :class:`CostCounter`, which yields
+  MAdds and params analytically, without tensors;
+- ``static_sequence(route)``: the route as plain modules (used by ``dsnet.materialize``);
+- ``deployment_segments()``: the pieces of dynamic deployment (used by ``dsnet.split``).
+
+MAdds convention: multiply-adds of convolutions and fully connected layers (attention heads
+included), per image; pooling, activations, normalization and the attention product are not
+counted. Params: every parameter of the materialized route (BN affine included).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from dsnet.layers import _Dynamic, set_exec_mode
+from dsnet.routes import Route, RoutingSpace
+
+
+def static_copy(module: nn.Module) -> nn.Module:
+    """Deep copy of ``module`` with every dynamic layer replaced by its plain active slice.
+
+    Parameters and buffers are cloned, so the copy shares no storage with the original.
+    """
+    if isinstance(module, _Dynamic) or hasattr(module, "to_static"):
+        return module.to_static()
+    new = copy.copy(module)
+    new.__dict__ = dict(module.__dict__)
+    new._modules = {k: (None if m is None else static_copy(m)) for k, m in module._modules.items()}
+    new._parameters = {k: (None if p is None else nn.Parameter(p.detach().clone(), p.requires_grad))
+                       for k, p in module._parameters.items()}
+    new._buffers = {k: (None if b is None else b.detach().clone()) for k, b in module._buffers.items()}
+    return new
+
+
+@dataclass
+class CostCounter:
+    """Analytic MAdds and params of a network described layer by layer.
+
+    Tracks the spatial size as layers with strides are added, starting at ``input_size``.
+    """
+
+    input_size: int
+    madds: int = 0
+    params: int = 0
+    hw: tuple[int, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.hw = (self.input_size, self.input_size)
+
+    def conv(self, cin: int, cout: int, k: int, stride: int = 1, depthwise: bool = False,
+             bias: bool = False, bn: bool = True) -> None:
+        pad = k // 2
+        h, w = ((d + 2 * pad - k) // stride + 1 for d in self.hw)
+        self.hw = (h, w)
+        per_out = (1 if depthwise else cin) * k * k
+        self.madds += cout * h * w * per_out
+        self.params += cout * per_out + (cout if bias else 0) + (2 * cout if bn else 0)
+
+    def pool(self, k: int, stride: int, pad: int) -> None:
+        self.hw = tuple((d + 2 * pad - k) // stride + 1 for d in self.hw)  # type: ignore[assignment]
+
+    def linear(self, cin: int, cout: int, bias: bool = True) -> None:
+        self.madds += cin * cout
+        self.params += cin * cout + (cout if bias else 0)
+
+    def attention(self, c: int, hidden: int) -> None:
+        self.linear(c, hidden)
+        self.linear(hidden, c)
+
+    def branch(self) -> CostCounter:
+        """A counter for a parallel branch (e.g. a projection shortcut) at the current size."""
+        b = CostCounter(self.input_size)
+        b.hw = self.hw
+        return b
+
+    def merge(self, branch: CostCounter) -> None:
+        self.madds += branch.madds
+        self.params += branch.params
+
+
+class Supernet(nn.Module):
+    """Base of every registered model."""
+
+    routing_space: RoutingSpace
+    model_name: str = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active_route: Route | None = None
+
+    # -- routes -------------------------------------------------------------------------------
+    def routes(self, input_size: int = 224) -> list[Route]:
+        """The routing space in increasing order of MAdds (ties keep choice order)."""
+        return sorted(self.routing_space.all_routes(),
+                      key=lambda r: (self.cost(r, input_size).madds, r.choices))
+
+    def validate_route(self, route) -> Route:
+        return self.routing_space.validate(route)
+
+    def set_route(self, route, exec_mode: str = "slice") -> None:
+        set_exec_mode(self, exec_mode)
+        if route is None:
+            self.active_route = None
+            return
+        route = self.validate_route(route)
+        self._apply_route(route)
+        self.active_route = route
+
+    def _apply_route(self, route: Route) -> None:
+        raise NotImplementedError
+
+    def cost(self, route, input_size: int = 224) -> CostCounter:
+        route = self.validate_route(route)
+        counter = CostCounter(input_size)
+        self.count(counter, route)
+        return counter
+
+    def count(self, counter: CostCounter, route: Route) -> None:
+        raise NotImplementedError
+
+    def route_widths(self, route) -> list[int]:
+        """Output widths of the routed stages, in network order (``[]`` for a static model)."""
+        return [w for o in self.routing_space.options(self.validate_route(route))
+                for w in o["widths"]]
+
+    # -- deployment ---------------------------------------------------------------------------
+    def static_sequence(self, route: Route) -> nn.Module:
+        raise NotImplementedError
+
+    def deployment_segments(self):
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def _with_route(self, route, fn):
+        """Run ``fn()`` with ``route`` active (slice mode), then restore the previous route."""
+        previous = self.active_route
+        modes = {id(m): m.exec_mode for m in self.modules() if isinstance(m, _Dynamic)}
+        try:
+            self.set_route(route)
+            return fn()
+        finally:
+            if previous is not None:
+                self._apply_route(previous)
+            self.active_route = previous
+            for m in self.modules():
+                if isinstance(m, _Dynamic):
+                    m.exec_mode = modes[id(m)]

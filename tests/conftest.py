@@ -1,0 +1,61 @@
+"""Shared test helpers: randomized BN statistics and gates that route samples apart."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dsnet
+from dsnet.gate import Gate
+from dsnet.layers import SplitBatchNorm2d
+
+
+def randomize(model, seed: int = 0):
+    """Give every BN statistics slot and affine its own random values, so that reading the wrong
+    slot or slice changes the output; make gates route different inputs to different choices."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, SplitBatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+            if isinstance(m, Gate):
+                # large input weights, no bias: the scores follow the input, not a constant
+                m.fc1.weight.copy_(torch.randn(m.fc1.weight.shape, generator=g) * 10)
+                m.fc1.bias.zero_()
+                m.route.weight.copy_(torch.randn(m.route.weight.shape, generator=g))
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_models():
+    return {name: randomize(dsnet.create_model(name)) for name in ("ds_mbnet_tiny", "ds_resnet50_tiny")}
+
+
+def routes_apart(model, n: int, size: int = 32, tries: int = 50, seed: int = 0):
+    """A batch of ``n`` inputs whose dynamic routes are not all the same."""
+    g = torch.Generator().manual_seed(seed)
+    model.set_route(None)
+    _center_gates(model, torch.randn(16, 3, size, size, generator=g)
+                  + torch.randn(16, 3, 1, 1, generator=g) * 3)
+    for _ in range(tries):
+        x = torch.randn(n, 3, size, size, generator=g) + torch.randn(n, 3, 1, 1, generator=g) * 3
+        _, onehot = model.forward_dynamic(x)
+        oh = torch.cat(onehot, 1) if isinstance(onehot, list) else onehot
+        if n == 1 or len({tuple(r.tolist()) for r in oh}) > 1:
+            return x
+    raise AssertionError("could not find inputs that the gate routes apart")
+
+
+@torch.no_grad()
+def _center_gates(model, x):
+    """Shift each gate's first-FC bias so its hidden units are active for about half the inputs:
+    random weights otherwise leave a small gate's hidden units dead for every input."""
+    for gate in [m for m in model.modules() if isinstance(m, Gate)]:
+        outs = []
+        h = gate.fc1.register_forward_hook(lambda m, i, o, outs=outs: outs.append(o))
+        model.forward_dynamic(x)
+        h.remove()
+        gate.fc1.bias -= torch.cat(outs).mean(0)
