@@ -1,0 +1,34 @@
+"""``eager``: the module as PyTorch runs it (the reference every other engine is checked against)."""
+
+from __future__ import annotations
+
+import torch
+
+from harness.backends.base import Backend, Engine, cast, cuda_sync, input_caster
+
+
+class EagerBackend(Backend):
+    name = "eager"
+    devices = ("cpu", "cuda")
+    precisions = ("fp32", "fp16")
+
+    def compile(self, module, example, target, precision, artifact_dir):
+        module, _ = cast(module, example, target, precision)
+
+        def run(x):
+            with torch.inference_mode():
+                return module(x)
+
+        return Engine(run, prepare=input_caster(target, precision),
+                      sync=cuda_sync(target))
+
+
+class NullBackend(Backend):
+    """``null``: an identity engine; its latency is the harness's own overhead per timed call."""
+
+    name = "null"
+    devices = ("cpu", "cuda")
+    precisions = ("fp32", "fp16")
+
+    def compile(self, module, example, target, precision, artifact_dir):
+        return Engine(lambda x: x)

@@ -1,0 +1,87 @@
+"""``onnxruntime``: ``torch.onnx.export`` (dynamo exporter) and an ONNX Runtime session.
+
+CPU execution provider with the target's thread count; the CUDA provider when the target is a GPU
+and the installed onnxruntime has it (inputs and outputs then stay on the GPU via I/O binding).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+
+import numpy as np
+import torch
+
+from harness.backends.base import Backend, Engine, cast
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    devices = ("cpu", "cuda")
+    precisions = ("fp32",)
+    artifact = "model.onnx"
+
+    def unavailable(self, target):
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            return f"onnxruntime is not installed ({e})"
+        if target.device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            return "this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)"
+        try:
+            import onnxscript  # noqa: F401  (the dynamo exporter needs it)
+        except ImportError as e:
+            return f"onnxscript is not installed ({e})"
+        return None
+
+    def _engine(self, path, target):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = max(1, target.threads)
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        if target.device == "cuda":
+            session = ort.InferenceSession(str(path), opts, providers=["CUDAExecutionProvider"])
+            return self._cuda_engine(session)
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return Engine(lambda feed: session.run(None, feed)[0],
+                      prepare=lambda x: {name: x.detach().cpu().contiguous().numpy()},
+                      to_torch=torch.from_numpy)
+
+    @staticmethod
+    def _cuda_engine(session):
+        binding = session.io_binding()
+        name, out_name = session.get_inputs()[0].name, session.get_outputs()[0].name
+
+        def prepare(x):
+            x = x.detach().cuda().contiguous()
+            binding.bind_input(name, "cuda", 0, np.float32, tuple(x.shape), x.data_ptr())
+            binding.bind_output(out_name, "cuda")
+            return x  # keep the tensor alive while bound
+
+        def run(_x):
+            session.run_with_iobinding(binding)
+            return binding
+
+        return Engine(run, prepare=prepare,
+                      to_torch=lambda b: torch.from_numpy(b.copy_outputs_to_cpu()[0]),
+                      sync=torch.cuda.synchronize)
+
+    def compile(self, module, example, target, precision, artifact_dir):
+        module, example = cast(module, example, target, precision, device="cpu")  # exported on CPU
+        path = artifact_dir / self.artifact
+        import torch.onnx  # noqa: F401  (creates the exporter's loggers, quieted below)
+
+        for name in list(logging.root.manager.loggerDict):  # e.g. "torchvision is not installed"
+            if name.startswith("torch.onnx"):
+                logging.getLogger(name).setLevel(logging.ERROR)
+        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+            torch.onnx.export(module, (example,), str(path), dynamo=True, verbose=False)
+        return self._engine(path, target)
+
+    def load(self, artifact_dir, example, target, precision):
+        return self._engine(artifact_dir / self.artifact, target)

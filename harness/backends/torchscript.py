@@ -1,0 +1,43 @@
+"""``torchscript``: ``torch.jit.trace`` + ``freeze`` + ``optimize_for_inference``.
+
+TorchScript is deprecated in recent PyTorch (``torch.export`` + AOTInductor is its successor) but
+still works; its deprecation warnings are silenced here.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from harness.backends.base import Backend, Engine, cast, cuda_sync, input_caster
+
+
+class TorchScriptBackend(Backend):
+    name = "torchscript"
+    devices = ("cpu", "cuda")
+    precisions = ("fp32", "fp16")
+    artifact = "model.ts"
+
+    def _engine(self, scripted, target, precision):
+        def run(x):
+            with torch.inference_mode():
+                return scripted(x)
+
+        return Engine(run, prepare=input_caster(target, precision),
+                      sync=cuda_sync(target))
+
+    def compile(self, module, example, target, precision, artifact_dir):
+        module, example = cast(module, example, target, precision)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scripted = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(module, example)))
+            torch.jit.save(scripted, str(artifact_dir / self.artifact))
+        return self._engine(scripted, target, precision)
+
+    def load(self, artifact_dir, example, target, precision):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scripted = torch.jit.load(str(artifact_dir / self.artifact), map_location=example.device
+                                      if target.device == "cpu" else "cuda")
+        return self._engine(scripted, target, precision)

@@ -1,0 +1,124 @@
+"""``tvm``: ``torch.export`` -> Relax (``from_exported_program``) -> build for the profile's target.
+
+The target is a dict (TVM 0.27), e.g. ``{"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu":
+"znver4", "num-cores": 2}``. CPU builds are untuned unless the profile sets ``tune_trials``: then
+MetaSchedule tunes with a database in ``<results>/<target>/tvm_tuning/``, shared by every route, and
+only workloads the database does not hold yet are tuned, so each distinct layer is tuned once and a
+re-run tunes nothing. CUDA builds apply DLight's default GPU schedules.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from harness.backends.base import Backend, Engine, cast, input_caster
+
+
+class TVMBackend(Backend):
+    name = "tvm"
+    devices = ("cpu", "cuda")
+    precisions = ("fp32", "fp16")
+    artifact = "model.so"
+
+    def __init__(self, tuning_dir: Path | None = None):
+        self.tuning_dir = tuning_dir  # set by the harness to <results>/<target>/tvm_tuning
+
+    def unavailable(self, target):
+        try:
+            import tvm  # noqa: F401
+            from tvm.relax.frontend.torch import from_exported_program  # noqa: F401
+        except Exception as e:  # ImportError, or a broken tvm-ffi
+            return f"apache-tvm is not importable ({type(e).__name__}: {e})"
+        if not target.tvm.get("target"):
+            return f"target profile '{target.name}' has no [tvm] target"
+        if target.device == "cuda":
+            import tvm
+
+            if not tvm.cuda(0).exist:
+                return "TVM was built without CUDA or sees no GPU (tvm.cuda(0).exist is False)"
+        return None
+
+    @staticmethod
+    def _device(target):
+        import tvm
+
+        return tvm.cuda(0) if target.device == "cuda" else tvm.cpu(0)
+
+    def _engine(self, lib, target, precision):
+        import tvm
+        from tvm import relax
+
+        dev = self._device(target)
+        vm = relax.VirtualMachine(lib, dev)
+        main = vm["main"]
+
+        to_cpu = input_caster(target, precision, device="cpu")
+
+        def prepare(x):
+            return tvm.runtime.tensor(to_cpu(x).detach().numpy(), dev)
+
+        def run(x):
+            out = main(x)
+            return out[0] if not hasattr(out, "numpy") else out
+
+        sync = dev.sync if target.device == "cuda" else None
+        return Engine(run, prepare=prepare, to_torch=lambda y: torch.from_numpy(y.numpy()), sync=sync)
+
+    def tuning_record_count(self) -> int:
+        """Tuning records in the shared database (0 when there is none)."""
+        if self.tuning_dir is None or not (self.tuning_dir / "database_tuning_record.json").is_file():
+            return 0
+        with open(self.tuning_dir / "database_tuning_record.json") as f:
+            return sum(1 for line in f if line.strip())
+
+    def _tune(self, mod, tvm_target, trials: int):
+        """Tune the workloads of ``mod`` the shared database does not hold yet."""
+        from tvm import meta_schedule as ms
+
+        self.tuning_dir.mkdir(parents=True, exist_ok=True)
+        database = ms.database.JSONDatabase(work_dir=str(self.tuning_dir))
+        tasks = ms.relax_integration.extract_tasks(mod, tvm_target)
+        todo = [t for t in tasks if not database.has_workload(t.dispatched[0])]
+        if todo:
+            ms.tune_tasks(
+                tasks=[ms.TuneContext(mod=t.dispatched[0], target=tvm_target, space_generator="post-order-apply",
+                                      search_strategy="evolutionary", task_name=t.task_name) for t in todo],
+                task_weights=[float(t.weight) for t in todo], work_dir=str(self.tuning_dir),
+                max_trials_global=trials * len(todo), max_trials_per_task=trials, database=database)
+        return database
+
+    def compile(self, module, example, target, precision, artifact_dir):
+        import tvm
+        from tvm import relax
+        from tvm.relax.frontend.torch import from_exported_program
+
+        module, example = cast(module, example, target, precision, device="cpu")  # exported on CPU
+        with torch.no_grad():
+            program = torch.export.export(module, (example,))
+        mod = from_exported_program(program, keep_params_as_input=False)
+        tvm_target = tvm.target.Target(target.tvm["target"])
+        trials = int(target.tvm.get("tune_trials", 0))
+        if target.device == "cuda":
+            from tvm import dlight as dl
+
+            mod = relax.get_pipeline("zero")(mod)
+            with tvm_target:
+                mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                              dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
+        elif trials > 0 and self.tuning_dir is not None:
+            mod = relax.get_pipeline("zero")(mod)
+            database = self._tune(mod, tvm_target, trials)
+            with tvm_target, tvm.transform.PassContext(opt_level=3):
+                mod = relax.transform.MetaScheduleApplyDatabase(str(self.tuning_dir))(mod)
+            del database
+        lib = tvm.compile(mod, target=tvm_target)
+        path = artifact_dir / self.artifact
+        lib.export_library(str(path))
+        return self._engine(tvm.runtime.load_module(str(path)), target, precision)
+
+    def load(self, artifact_dir, example, target, precision):
+        import tvm
+
+        return self._engine(tvm.runtime.load_module(str(artifact_dir / self.artifact)), target, precision)

@@ -1,0 +1,128 @@
+"""The environment of a run: what machine, how busy, which library versions; thread pinning.
+
+Contract
+--------
+``capture(device)`` returns a JSON-able dict recorded with every run: CPU model, physical and
+logical cores, frequency, load average, the CPU share used by *other* processes (sampled over a
+short window with psutil), GPU name and clocks when ``device == "cuda"``, and library versions
+read from package metadata (nothing heavy is imported). ``busy`` is true when other processes use
+more than ``BUSY_CPU_PERCENT`` of one core: a process spinning on the same cores can slow an
+OpenMP backend by 50x, so such runs are flagged (and refused with ``--strict``).
+
+``configure_threads(n)`` gives every CPU backend the same thread count and pins the process to
+``n`` cores. It sets the environment variables that OpenMP and TVM read at start-up, so the CLI
+calls it before any backend library is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from importlib import metadata
+
+import psutil
+
+BUSY_CPU_PERCENT = 25.0  # of one core, used by other processes
+LIBRARIES = ("torch", "numpy", "onnx", "onnxruntime", "apache-tvm", "apache-tvm-ffi",
+             "torch-tensorrt", "tensorrt", "psutil", "pandas")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def physical_cores() -> int:
+    return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def other_processes_cpu_percent(window_s: float = 0.5) -> float:
+    """CPU used by every process but this one over ``window_s``, in % of one core."""
+    me = psutil.Process()
+    me.cpu_percent(None)
+    psutil.cpu_percent(None)
+    time.sleep(window_s)
+    total = psutil.cpu_percent(None) * psutil.cpu_count()  # % of one core, all cores summed
+    return max(0.0, total - me.cpu_percent(None))
+
+
+def gpu_info() -> dict:
+    info: dict = {}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            info = {"gpu_name": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+                    "cuda": torch.version.cuda, "gpu_capability": f"{props.major}.{props.minor}"}
+    except Exception as e:  # a broken CUDA install is recorded, not fatal
+        info = {"gpu_error": str(e)}
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,clocks.mem,clocks.max.sm,driver_version",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            sm, mem, max_sm, driver = [v.strip() for v in out.stdout.splitlines()[0].split(",")]
+            info.update(gpu_clock_sm_mhz=sm, gpu_clock_mem_mhz=mem, gpu_clock_max_sm_mhz=max_sm,
+                        driver=driver)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        pass
+    return info
+
+
+def capture(device: str = "cpu", window_s: float = 0.5) -> dict:
+    freq = psutil.cpu_freq()
+    other = other_processes_cpu_percent(window_s)
+    env = {
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_model": cpu_model(),
+        "cpu_physical_cores": physical_cores(),
+        "cpu_logical_cores": psutil.cpu_count(),
+        "cpu_freq_mhz": round(freq.current, 1) if freq else None,
+        "load_average": [round(v, 2) for v in os.getloadavg()],
+        "other_processes_cpu_percent": round(other, 1),
+        "busy": other > BUSY_CPU_PERCENT,
+        "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None,
+        "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "libraries": library_versions(),
+    }
+    if device == "cuda":
+        env.update(gpu_info())
+    return env
+
+
+def configure_threads(n: int) -> int:
+    """Use ``n`` threads everywhere (``n <= 0``: all physical cores); pin to ``n`` cores."""
+    n = n if n > 0 else physical_cores()
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TVM_NUM_THREADS"):
+        os.environ[var] = str(n)
+    if hasattr(os, "sched_setaffinity"):
+        allowed = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, allowed[:n])
+    try:
+        import torch
+
+        torch.set_num_threads(n)
+    except ImportError:
+        pass
+    return n
