@@ -142,8 +142,8 @@ def main(argv=None) -> int:
     target = target.resolve()
     envmod.configure_threads(target.threads)  # before any backend library loads
 
-    from harness.sweep import Progress, Sweep, Task, workloads
     from harness.store import ResultStore
+    from harness.sweep import Progress, Sweep, Task, workloads
 
     try:
         backends, skipped, models, routes, batches, input_size, protocol, out = plan(args, target)
