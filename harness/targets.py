@@ -153,7 +153,8 @@ def load_target(name: str, directory: Path = TARGETS_DIR) -> Target:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise TargetError(f"{where}: not valid TOML: {e}") from None
     _check(data, SCHEMA, where)
-    _check(data.get("tvm", {}), TVM_SCHEMA, f"{where} [tvm]")
+    if "tvm" in data:  # optional table; its own keys are checked when present
+        _check(data["tvm"], TVM_SCHEMA, f"{where} [tvm]")
     _check(data.get("protocol", {}), PROTOCOL_SCHEMA, f"{where} [protocol]")
     if data["device"] not in DEVICES:
         raise TargetError(f"{where}: key 'device' must be one of {', '.join(DEVICES)}, got '{data['device']}'")

@@ -1,0 +1,145 @@
+"""Every available backend's engine equals eager; a wrong engine is caught and never timed."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dsnet
+from conftest import randomize
+from harness.backends import Failure, compile_engine, get_backend, list_backends
+from harness.backends.base import Backend, Engine
+from harness.measure import Protocol
+from harness.store import ResultStore
+from harness.sweep import Sweep, Task, Workload, check_output
+from harness.targets import load_target
+
+X86 = load_target("x86").resolve()
+CPU_BACKENDS = ["eager", "torchscript", "onnxruntime", "tvm", "inductor"]
+
+
+def _available(name):
+    why = get_backend(name).unavailable(X86)
+    if why:
+        pytest.skip(f"{name} unavailable here: {why}")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return randomize(dsnet.create_model("ds_mbnet_tiny"))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_engine_matches_eager_and_reloads_from_cache(backend, tiny, tmp_path):
+    _available(backend)
+    routes = tiny.routes()
+    # inductor compiles C++ for ~10 s per network: one route; the others: smallest and largest
+    for route in routes[-1:] if backend == "inductor" else (routes[0], routes[-1]):
+        module = dsnet.materialize(tiny, route)
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            ref = module(x)
+        b = get_backend(backend)
+        engine = compile_engine(b, module, x, X86, "fp32", tmp_path / str(route))
+        assert not isinstance(engine, Failure), engine
+        assert check_output(engine(x), ref, "fp32") is None
+        assert ref.abs().max() > 1e-3  # a meaningful comparison, not zeros against zeros
+        if b.artifact:
+            assert b.has_artifact(tmp_path / str(route))
+            again = compile_engine(b, module, x, X86, "fp32", tmp_path / str(route))
+            assert check_output(again(x), ref, "fp32") is None
+
+
+class WrongBackend(Backend):
+    """Compiles 'fine' but computes something else."""
+
+    name = "wrong"
+
+    def compile(self, module, example, target, precision, artifact_dir):
+        return Engine(lambda x: module(x) * 1.01)
+
+
+class BrokenBackend(Backend):
+    name = "broken"
+
+    def compile(self, module, example, target, precision, artifact_dir):
+        raise RuntimeError("unsupported operator aten::frobnicate\nsecond line")
+
+
+FAST = Protocol(warmup_calls=1, warmup_ms=0, repeat=3, min_repeat_ms=0)
+
+
+def _sweep(tmp_path, backend_obj, protocol=FAST):
+    store = ResultStore(tmp_path / "results.sqlite")
+    sweep = Sweep(X86, tmp_path, protocol, store, "cpu", False, "test")
+    sweep._backends[backend_obj.name] = backend_obj
+    return sweep, store
+
+
+def _task(tiny, backend):
+    route = tiny.routes()[0]
+    wl = Workload("ds_mbnet_tiny", str(route), "", 0, 0, lambda: dsnet.materialize(tiny, route))
+    return Task(wl, backend, "fp32", 1, 32)
+
+
+def test_wrong_engine_is_recorded_as_failed_and_never_timed(tiny, tmp_path):
+    backend = WrongBackend()
+    calls = []
+    real = backend.compile
+
+    def counting_compile(*a, **k):
+        engine = real(*a, **k)
+        run = engine.run
+        engine.run = lambda x: (calls.append(1), run(x))[1]
+        return engine
+
+    backend.compile = counting_compile
+    sweep, store = _sweep(tmp_path, backend)
+    [row] = sweep.run([_task(tiny, "wrong")])
+    assert row["status"] == "check_failed"
+    assert "output differs from eager: max abs diff" in row["error"]
+    assert len(calls) == 1  # the check call only: no timing
+    assert row.get("latency_ms_p50") is None
+    assert store.frame().status.tolist() == ["check_failed"]
+
+
+def test_compile_failure_is_recorded_and_the_sweep_goes_on(tiny, tmp_path):
+    sweep, store = _sweep(tmp_path, BrokenBackend())
+    sweep._backends["eager"] = get_backend("eager")
+    rows = sweep.run([_task(tiny, "broken"), _task(tiny, "eager")])
+    assert [r["status"] for r in rows] == ["compile_failed", "ok"]
+    assert rows[0]["error"].startswith("RuntimeError: unsupported operator aten::frobnicate second line")
+    assert "\n" not in rows[0]["error"]
+    assert rows[1]["n"] == 3 and rows[1]["latency_ms_p50"] > 0
+
+
+def test_check_output_tolerances():
+    ref = torch.tensor([[1.0, -2.0, 3.0]])
+    assert check_output(ref + 1e-5, ref, "fp32") is None
+    assert "max abs diff" in check_output(ref + 1e-2, ref, "fp32")
+    assert check_output(ref + 1e-2, ref, "fp16") is None
+    assert "shape" in check_output(ref[:, :2], ref, "fp32")
+    assert "non-finite" in check_output(ref * float("nan"), ref, "fp32")
+
+
+def test_tensorrt_probe_explains_itself_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    why = get_backend("tensorrt").unavailable(load_target("rtx2080ti"))
+    assert why == "TensorRT needs a CUDA GPU and this machine has none"
+    assert get_backend("tensorrt").unsupported(X86, "fp32") == "tensorrt does not run on cpu"
+
+
+def test_unknown_backend_lists_valid_ones():
+    with pytest.raises(ValueError, match="unknown backend 'tflite'; valid backends: eager, null, "):
+        get_backend("tflite")
+    assert set(CPU_BACKENDS + ["tensorrt", "null"]) == set(list_backends())
+
+
+def test_importing_the_harness_imports_no_heavy_backend():
+    code = ("import sys, harness, harness.backends, harness.run, harness.sweep, dsnet; "
+            "heavy = [m for m in ('tvm', 'onnxruntime', 'torch_tensorrt', 'tensorrt', 'onnx') if m in sys.modules]; "
+            "print(heavy); sys.exit(bool(heavy))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

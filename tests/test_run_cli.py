@@ -1,0 +1,160 @@
+"""``python -m harness.run``: profiles, clear failures with exit codes, and resume after kill -9."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from harness import run as runmod
+from harness.store import LUT_COLUMNS
+from harness.targets import TargetError, known_targets, load_target
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "harness.run", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout)
+
+
+def test_shipped_profiles_load():
+    assert {"x86", "rtx2080ti", "h100", "h200", "arm-cortex-a72"} <= set(known_targets())
+    for name in known_targets():
+        t = load_target(name)
+        assert t.name == name and t.backends
+    assert load_target("rtx2080ti").tvm["target"] == {"kind": "cuda", "arch": "sm_75"}
+    x86 = load_target("x86").resolve()
+    assert x86.threads >= 1 and x86.tvm["target"]["mcpu"] != "auto"
+
+
+@pytest.mark.parametrize("text,message", [
+    ('name = "bad"\ndevice = "cpu"\nbackends = ["eager"]\nturbo = true\n',
+     r"bad\.toml: unknown key 'turbo' \(valid: name, description, device"),
+    ('name = "bad"\ndevice = "cpu"\nbackends = ["eager"]\nthreads = "four"\n',
+     r"bad\.toml: key 'threads' must be an integer, got str"),
+    ('name = "bad"\ndevice = "cpu"\nbackends = ["eager"]\n[protocol]\nrepeat = "x"\n',
+     r"bad\.toml \[protocol\]: key 'repeat' must be an integer, got str"),
+    ('name = "bad"\ndevice = "tpu"\nbackends = ["eager"]\n', r"key 'device' must be one of cpu, cuda"),
+    ('name = "bad"\ndevice = "cpu"\n', r"missing required key 'backends'"),
+    ('name = "bad"\ndevice = "cpu"\nbackends = ["eager"]\nprecisions = ["int3"]\n', r"'precisions' holds 'int3'"),
+    ('name = "bad\ndevice = \n', r"bad\.toml: not valid TOML"),
+])
+def test_malformed_profiles_name_file_and_key(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(TargetError, match=message):
+        load_target(str(path))
+
+
+def test_malformed_profile_exits_2_with_one_line(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('name = "bad"\ndevice = "cpu"\nbackends = ["eager"]\nturbo = true\n')
+    proc = cli("--target", str(path))
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "unknown key 'turbo'" in proc.stderr
+
+
+def test_unknown_target_exits_2_listing_known_ones():
+    proc = cli("--target", "rtx9090")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: unknown target 'rtx9090'; known targets: {', '.join(known_targets())}"
+
+
+def test_gpu_target_without_cuda_exits_2_saying_what_is_missing():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = cli("--target", "rtx2080ti")
+    assert proc.returncode == 2
+    [line] = proc.stderr.strip().splitlines()
+    assert "target 'rtx2080ti' cannot run on this machine: it needs a CUDA GPU" in line
+    assert line.endswith("Profiles that can run here: x86")
+
+
+def test_bad_options_exit_2_with_one_line(tmp_path, capsys):
+    for args, message in [(["--backends", "tflite"], "unknown backend(s) tflite"),
+                          (["--models", "vgg"], "unknown model(s) vgg"),
+                          (["--batch-size", "one"], "--batch-size takes integers"),
+                          (["--routes", "99", "--models", "ds_mbnet_tiny"], "no route matches --routes")]:
+        assert runmod.main(["--target", "x86", "--out", str(tmp_path), *args]) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: ") and message in err[-1], (args, err)
+
+
+def test_busy_machine_is_refused_under_strict(monkeypatch, tmp_path, capsys):
+    real = runmod.envmod.capture
+
+    def busy(device, window_s=0.5):
+        env = real(device, window_s=0.05)
+        env.update(busy=True, other_processes_cpu_percent=180.0)
+        return env
+
+    monkeypatch.setattr(runmod.envmod, "capture", busy)
+    assert runmod.main(["--target", "x86", "--out", str(tmp_path), "--strict"]) == 3
+    assert "machine busy: other processes use 180% of a core" in capsys.readouterr().err
+
+
+def _profile(tmp_path, expected="auto", repeat=30):
+    path = tmp_path / "cpu-test.toml"
+    path.write_text(f'name = "cpu-test"\ndevice = "cpu"\nexpected_device = "{expected}"\n'
+                    f'backends = ["torchscript", "null"]\ninput_size = 32\n'
+                    f'[protocol]\nwarmup_calls = 2\nwarmup_ms = 10\nrepeat = {repeat}\nmin_repeat_ms = 20\n')
+    return str(path)
+
+
+def test_device_mismatch_is_recorded(tmp_path):
+    out = tmp_path / "out"
+    code = runmod.main(["--target", _profile(tmp_path, expected="Imaginary CPU 9000", repeat=2),
+                        "--models", "ds_mbnet_tiny", "--routes", "0", "--backends", "null", "--out", str(out)])
+    assert code == 0
+    env = json.loads((out / "env.json").read_text())
+    assert env["device_mismatch"] is True and env["expected_device"] == "Imaginary CPU 9000"
+    with sqlite3.connect(out / "results.sqlite") as db:
+        assert db.execute("SELECT DISTINCT device_mismatch FROM results").fetchall() == [(1,)]
+
+
+def test_killed_run_loses_nothing_and_the_rerun_measures_only_what_is_missing(tmp_path):
+    out = tmp_path / "out"
+    args = ["--target", _profile(tmp_path), "--models", "ds_mbnet_tiny", "--backends", "torchscript",
+            "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "harness.run", *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    db_path = out / "results.sqlite"
+    deadline = time.monotonic() + 300
+    stored = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        if db_path.exists():
+            try:
+                with sqlite3.connect(db_path) as db:
+                    stored = db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+            except sqlite3.OperationalError:
+                stored = 0
+            if stored >= 1:
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with sqlite3.connect(db_path) as db:
+        before = {r[0]: r[1] for r in db.execute("SELECT route, latency_ms_p50 FROM results")}
+    assert 1 <= len(before) < 4 and all(v > 0 for v in before.values())
+
+    rerun = cli(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{4 - len(before)} to measure, {len(before)} already stored" in rerun.stderr
+    lut = pd.read_csv(out / "lut.csv", dtype={"route": str})
+    assert list(lut.columns) == LUT_COLUMNS
+    assert len(lut) == 4 and (lut.status == "ok").all()
+    kept = lut.set_index("route").latency_ms_p50
+    assert all(kept[r] == pytest.approx(v) for r, v in before.items())  # untouched by the re-run
+    # a third run finds everything done
+    again = cli(*args)
+    assert "0 to measure, 4 already stored" in again.stderr
