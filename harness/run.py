@@ -34,7 +34,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m harness.run", description=__doc__.split("\n")[0])
     p.add_argument("--target", required=True, help=f"target profile: {', '.join(known_targets())}")
     p.add_argument("--backends", help="comma-separated subset of the profile's backends (or others, "
-                                      "e.g. null for the harness overhead)")
+                                      "e.g. noop for the harness overhead)")
     p.add_argument("--models", help=f"comma-separated models (default: {','.join(DEFAULT_MODELS)})")
     p.add_argument("--routes", help="comma-separated route labels to keep, e.g. 0,13 or x1.0,x0.5")
     p.add_argument("--batch-size", help="comma-separated batch sizes (default: the profile's)")
@@ -103,8 +103,14 @@ def _quick_routes(all_workloads):
     return keep
 
 
-def summary_table(df, skipped: dict[str, str]) -> str:
-    """p50 per backend (ms) for each model/route, with the failures and skipped backends."""
+def _ms(v: float) -> str:
+    if v != v:  # NaN: not measured
+        return "-"
+    return f"{v:.3f}" if v >= 0.01 else f"{v:.2e}"
+
+
+def summary_table(df, skipped: dict[str, str], notes: list[str] = ()) -> str:
+    """p50 per backend (ms) for each model/route, with the failures, skipped backends and notes."""
     lines = []
     ok = df[df.status == "ok"]
     if len(ok):
@@ -112,7 +118,7 @@ def summary_table(df, skipped: dict[str, str]) -> str:
                                values="latency_ms_p50").sort_index(level=["model", "madds"])
         cols = [f"{b}/{p}/b{n}" for b, p, n in pivot.columns]
         header = ["model", "route", "MAdds(M)"] + cols
-        body = [[m, r, f"{madds / 1e6:.1f}"] + [("-" if v != v else f"{v:.3f}") for v in vals]
+        body = [[m, r, f"{madds / 1e6:.1f}"] + [_ms(v) for v in vals]
                 for (m, r, madds), vals in zip(pivot.index, pivot.values)]
         widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
         fmt = lambda row: "  ".join(str(v).rjust(w) for v, w in zip(row, widths))  # noqa: E731
@@ -123,6 +129,7 @@ def summary_table(df, skipped: dict[str, str]) -> str:
                      f"{r.status}: {r.error}")
     for b, why in skipped.items():
         lines.append(f"skipped backend {b}: {why}")
+    lines += [f"note: {n}" for n in notes]
     return "\n".join(lines)
 
 
@@ -224,7 +231,11 @@ def main(argv=None) -> int:
             json.dump(env_doc, f, indent=1)
         store.close()
     scope = df[df.model.isin(models) & (df.input_size == input_size)]
-    print(summary_table(scope, skipped))
+    notes = []
+    if "tvm" in active and target.device == "cpu" and not target.tvm.get("tune_trials", 0):
+        notes.append("tvm is untuned (tune_trials = 0 in the profile): untuned CPU convolutions are "
+                     "far slower than tuned ones; set [tvm] tune_trials to tune")
+    print(summary_table(scope, skipped, notes))
     print(f"wrote {out / 'lut.csv'} and {out / 'env.json'} ({env_doc['wall_time_s']} s)")
     return status
 

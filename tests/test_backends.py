@@ -132,9 +132,9 @@ def test_tensorrt_probe_explains_itself_without_a_gpu():
 
 
 def test_unknown_backend_lists_valid_ones():
-    with pytest.raises(ValueError, match="unknown backend 'tflite'; valid backends: eager, null, "):
+    with pytest.raises(ValueError, match="unknown backend 'tflite'; valid backends: eager, noop, "):
         get_backend("tflite")
-    assert set(CPU_BACKENDS + ["tensorrt", "null"]) == set(list_backends())
+    assert set(CPU_BACKENDS + ["tensorrt", "noop"]) == set(list_backends())
 
 
 def test_importing_the_harness_imports_no_heavy_backend():

@@ -105,7 +105,7 @@ def test_busy_machine_is_refused_under_strict(monkeypatch, tmp_path, capsys):
 def _profile(tmp_path, expected="auto", repeat=30):
     path = tmp_path / "cpu-test.toml"
     path.write_text(f'name = "cpu-test"\ndevice = "cpu"\nexpected_device = "{expected}"\n'
-                    f'backends = ["torchscript", "null"]\ninput_size = 32\n'
+                    f'backends = ["torchscript", "noop"]\ninput_size = 32\n'
                     f'[protocol]\nwarmup_calls = 2\nwarmup_ms = 10\nrepeat = {repeat}\nmin_repeat_ms = 20\n')
     return str(path)
 
@@ -113,7 +113,7 @@ def _profile(tmp_path, expected="auto", repeat=30):
 def test_device_mismatch_is_recorded(tmp_path):
     out = tmp_path / "out"
     code = runmod.main(["--target", _profile(tmp_path, expected="Imaginary CPU 9000", repeat=2),
-                        "--models", "ds_mbnet_tiny", "--routes", "0", "--backends", "null", "--out", str(out)])
+                        "--models", "ds_mbnet_tiny", "--routes", "0", "--backends", "noop", "--out", str(out)])
     assert code == 0
     env = json.loads((out / "env.json").read_text())
     assert env["device_mismatch"] is True and env["expected_device"] == "Imaginary CPU 9000"

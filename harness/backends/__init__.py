@@ -12,7 +12,7 @@ from harness.backends.base import Backend, Engine, Failure, compile_engine
 
 _REGISTRY = {
     "eager": "harness.backends.eager:EagerBackend",
-    "null": "harness.backends.eager:NullBackend",
+    "noop": "harness.backends.eager:NoopBackend",
     "torchscript": "harness.backends.torchscript:TorchScriptBackend",
     "onnxruntime": "harness.backends.onnxruntime:OnnxRuntimeBackend",
     "tvm": "harness.backends.tvm:TVMBackend",

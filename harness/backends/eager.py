@@ -23,12 +23,18 @@ class EagerBackend(Backend):
                       sync=cuda_sync(target))
 
 
-class NullBackend(Backend):
-    """``null``: an identity engine; its latency is the harness's own overhead per timed call."""
+class NoopBackend(Backend):
+    """``noop``: an engine that does no work; its latency is the harness's own overhead per call.
 
-    name = "null"
+    It returns the output eager computed once at compile time, so it passes the output check like
+    any engine while each timed call costs only the harness's call path.
+    """
+
+    name = "noop"
     devices = ("cpu", "cuda")
     precisions = ("fp32", "fp16")
 
     def compile(self, module, example, target, precision, artifact_dir):
-        return Engine(lambda x: x)
+        with torch.inference_mode():
+            answer = module.float().cpu()(example.float().cpu())
+        return Engine(lambda x: answer)

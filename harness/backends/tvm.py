@@ -24,6 +24,8 @@ class TVMBackend(Backend):
 
     def __init__(self, tuning_dir: Path | None = None):
         self.tuning_dir = tuning_dir  # set by the harness to <results>/<target>/tvm_tuning
+        self.last_tuned_tasks = 0  # workloads tuned by the last compile (0: all were in the database)
+        self.last_task_count = 0  # workloads the last tuned compile had in all
 
     def unavailable(self, target):
         try:
@@ -73,21 +75,29 @@ class TVMBackend(Backend):
         with open(self.tuning_dir / "database_tuning_record.json") as f:
             return sum(1 for line in f if line.strip())
 
-    def _tune(self, mod, tvm_target, trials: int):
-        """Tune the workloads of ``mod`` the shared database does not hold yet."""
-        from tvm import meta_schedule as ms
+    def _tune(self, mod, tvm_target, trials: int) -> int:
+        """Tune the workloads of ``mod`` the shared database does not hold yet; returns how many.
+
+        MetaSchedule lives in ``tvm.s_tir.meta_schedule`` in TVM 0.27. Its XGBoost cost model needs
+        the ``xgboost`` package; without it the search uses the random cost model.
+        """
+        import importlib.util
+
+        from tvm.s_tir import meta_schedule as ms
+        from tvm.s_tir.meta_schedule.relax_integration import extracted_tasks_to_tune_contexts
 
         self.tuning_dir.mkdir(parents=True, exist_ok=True)
         database = ms.database.JSONDatabase(work_dir=str(self.tuning_dir))
         tasks = ms.relax_integration.extract_tasks(mod, tvm_target)
         todo = [t for t in tasks if not database.has_workload(t.dispatched[0])]
+        self.last_task_count = len(tasks)
         if todo:
-            ms.tune_tasks(
-                tasks=[ms.TuneContext(mod=t.dispatched[0], target=tvm_target, space_generator="post-order-apply",
-                                      search_strategy="evolutionary", task_name=t.task_name) for t in todo],
-                task_weights=[float(t.weight) for t in todo], work_dir=str(self.tuning_dir),
-                max_trials_global=trials * len(todo), max_trials_per_task=trials, database=database)
-        return database
+            contexts, weights = extracted_tasks_to_tune_contexts(todo, str(self.tuning_dir))
+            ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(self.tuning_dir),
+                          max_trials_global=trials * len(contexts), max_trials_per_task=trials,
+                          num_trials_per_iter=min(64, trials), database=database,
+                          cost_model="xgb" if importlib.util.find_spec("xgboost") else "random")
+        return len(todo)
 
     def compile(self, module, example, target, precision, artifact_dir):
         import tvm
@@ -109,10 +119,9 @@ class TVMBackend(Backend):
                                               dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
         elif trials > 0 and self.tuning_dir is not None:
             mod = relax.get_pipeline("zero")(mod)
-            database = self._tune(mod, tvm_target, trials)
+            self.last_tuned_tasks = self._tune(mod, tvm_target, trials)
             with tvm_target, tvm.transform.PassContext(opt_level=3):
                 mod = relax.transform.MetaScheduleApplyDatabase(str(self.tuning_dir))(mod)
-            del database
         lib = tvm.compile(mod, target=tvm_target)
         path = artifact_dir / self.artifact
         lib.export_library(str(path))
