@@ -54,14 +54,18 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def other_processes_cpu_percent(window_s: float = 0.5) -> float:
-    """CPU used by every process but this one over ``window_s``, in % of one core."""
+def cpu_load_sample(window_s: float = 0.5) -> tuple[float, float | None]:
+    """Over ``window_s``: CPU used by every process but this one (% of one core), and the CPU time
+    the hypervisor took from this VM ("steal", % of all cores; None where the OS does not report it).
+    Steal does not show up as another process, yet it slows every backend."""
     me = psutil.Process()
     me.cpu_percent(None)
     psutil.cpu_percent(None)
+    psutil.cpu_times_percent(None)
     time.sleep(window_s)
     total = psutil.cpu_percent(None) * psutil.cpu_count()  # % of one core, all cores summed
-    return max(0.0, total - me.cpu_percent(None))
+    steal = getattr(psutil.cpu_times_percent(None), "steal", None)
+    return max(0.0, total - me.cpu_percent(None)), steal
 
 
 def gpu_info() -> dict:
@@ -89,7 +93,7 @@ def gpu_info() -> dict:
 
 def capture(device: str = "cpu", window_s: float = 0.5) -> dict:
     freq = psutil.cpu_freq()
-    other = other_processes_cpu_percent(window_s)
+    other, steal = cpu_load_sample(window_s)
     env = {
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "hostname": platform.node(),
@@ -101,6 +105,7 @@ def capture(device: str = "cpu", window_s: float = 0.5) -> dict:
         "cpu_freq_mhz": round(freq.current, 1) if freq else None,
         "load_average": [round(v, 2) for v in os.getloadavg()],
         "other_processes_cpu_percent": round(other, 1),
+        "cpu_steal_percent": None if steal is None else round(steal, 1),
         "busy": other > BUSY_CPU_PERCENT,
         "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None,
         "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
