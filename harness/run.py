@@ -220,12 +220,14 @@ def main(argv=None) -> int:
     status = 0
     try:
         sweep.run(tasks, Progress(len(tasks)))
+        run_dynamic(sweep, target, models, active, input_size, args, skipped)
     except KeyboardInterrupt:
         status = 130
         print("\ninterrupted: results measured so far are stored; re-run the same command to resume",
               file=sys.stderr)
     finally:
         df = store.export_lut(out / "lut.csv")
+        dyn = store.export_dynamic(out / "dynamic.csv")
         env_doc["wall_time_s"] = round(time.monotonic() - t0, 1)
         with open(out / "env.json", "w") as f:
             json.dump(env_doc, f, indent=1)
@@ -236,8 +238,71 @@ def main(argv=None) -> int:
         notes.append("tvm is untuned (tune_trials = 0 in the profile): untuned CPU convolutions are "
                      "far slower than tuned ones; set [tvm] tune_trials to tune")
     print(summary_table(scope, skipped, notes))
-    print(f"wrote {out / 'lut.csv'} and {out / 'env.json'} ({env_doc['wall_time_s']} s)")
+    dyn_scope = dyn[dyn.model.isin(models) & (dyn.input_size == input_size)]
+    if len(dyn_scope):
+        print(dynamic_summary(dyn_scope))
+    print(f"wrote {out / 'lut.csv'}, {out / 'dynamic.csv'} and {out / 'env.json'} ({env_doc['wall_time_s']} s)")
     return status
+
+
+def run_dynamic(sweep, target, models, active, input_size, args, skipped) -> None:
+    """The dynamic engine of every supernet among ``models`` on the profile's dynamic backends."""
+    import dsnet
+    from harness.backends.base import one_line
+    from harness.sweep import DynamicSweep, Progress
+
+    wanted = _csv(args.backends) or target.dynamic_backends or target.backends
+    backends = [b for b in wanted if b in active and b in (target.dynamic_backends or wanted)]
+    for b in active:
+        if b not in backends and b != "noop":
+            skipped.setdefault(f"{b} (dynamic)", "not in the profile's dynamic_backends")
+    supernets = [m for m in models if len(dsnet.create_model(m).routing_space.gates)]
+    for model in supernets:
+        for backend in backends:
+            for precision in target.precisions:
+                if sweep.backend(backend).unsupported(target, precision):
+                    continue
+                try:
+                    ds = DynamicSweep(sweep, model, backend, precision, input_size)
+                except Exception as e:  # a segment that does not compile: recorded, the run goes on
+                    sweep.store.record_dynamic({"model": model, "backend": backend, "precision": precision,
+                                                "batch_size": 1, "input_size": input_size, "kind": "engine",
+                                                "name": "build", "status": "compile_failed",
+                                                "error": one_line(e), "run_id": sweep.run_id})
+                    continue
+                n = len(ds.plan) + len(ds.model.routes(input_size)) + 3
+                ds.run(Progress(n).update)
+
+
+def dynamic_summary(dyn) -> str:
+    """Per model and backend: LUT error, dispatch overhead, stream error, realized vs ideal speed-up."""
+    lines = ["dynamic engine (LUT = sum of measured segments; error = (LUT - end to end) / end to end)"]
+    for (model, backend, precision), g in dyn.groupby(["model", "backend", "precision"]):
+        bad = g[g.status != "ok"]
+        if len(bad):
+            lines.append(f"  {model} {backend} {precision}: FAILED {bad.iloc[0].error}")
+            continue
+        routes = g[g.kind == "route"]
+        parts = [f"  {model} {backend} {precision}:"]
+        if len(routes):
+            err = routes.rel_error.abs() * 100
+            parts.append(f"LUT error median {err.median():.1f}% max {err.max():.1f}% over {len(routes)} routes;")
+        d = g[g.kind == "dispatch"]
+        if len(d):
+            overhead = d.latency_ms_p50.iloc[0] - d.predicted_ms.iloc[0]
+            smallest = routes.sort_values("madds").latency_ms_p50.iloc[0] if len(routes) else float("nan")
+            parts.append(f"dispatch {overhead * 1e3:.0f} us ({100 * overhead / smallest:.1f}% of the smallest route);")
+        st = g[g.kind == "stream"]
+        if len(st):
+            parts.append(f"uniform stream error {100 * st.rel_error.iloc[0]:+.1f}%;")
+        acc = g[g.kind == "acceleration"].set_index("name")
+        if {"largest", "matched", "dynamic"} <= set(acc.index):
+            t = acc.latency_ms_mean
+            ideal, realized = t["largest"] / t["matched"], t["largest"] / t["dynamic"]
+            parts.append(f"speed-up over x1.0: realized {realized:.2f}x vs ideal {ideal:.2f}x "
+                         f"({realized / ideal:.2f} of ideal)")
+        lines.append(" ".join(parts))
+    return "\n".join(lines)
 
 
 def _runs_here_quietly(name: str) -> bool:

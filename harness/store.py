@@ -26,6 +26,9 @@ LUT_COLUMNS = ["model", "route", "widths", "backend", "precision", "batch_size",
                "status", "error"]
 EXTRA_COLUMNS = ["number", "samples_ms", "device_name", "device_mismatch", "tuned", "run_id", "time_utc"]
 STATUSES = ("ok", "compile_failed", "check_failed", "measure_failed")
+_DYNAMIC_COLUMNS = {"model", "backend", "precision", "batch_size", "input_size", "kind", "name", "route", "madds",
+                    "latency_ms_p50", "latency_ms_p90", "latency_ms_mean", "latency_ms_std", "n", "predicted_ms",
+                    "rel_error", "status", "error", "samples_ms", "run_id"}
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS results (
@@ -38,7 +41,15 @@ CREATE TABLE IF NOT EXISTS results (
     PRIMARY KEY ({", ".join(KEY)})
 );
 CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, env TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS dynamic (
+    model TEXT NOT NULL, backend TEXT NOT NULL, precision TEXT NOT NULL, batch_size INTEGER NOT NULL,
+    input_size INTEGER NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL, route TEXT, madds REAL,
+    latency_ms_p50 REAL, latency_ms_p90 REAL, latency_ms_mean REAL, latency_ms_std REAL, n INTEGER,
+    predicted_ms REAL, rel_error REAL, status TEXT NOT NULL, error TEXT, samples_ms TEXT, run_id TEXT,
+    PRIMARY KEY (model, backend, precision, batch_size, input_size, kind, name)
+);
 """
+DYNAMIC_KEY = ("model", "backend", "precision", "batch_size", "input_size", "kind", "name")
 
 
 class ResultStore:
@@ -67,6 +78,33 @@ class ResultStore:
         self.db.execute(f"INSERT OR REPLACE INTO results ({', '.join(cols)}) VALUES "
                         f"({', '.join('?' * len(cols))})", [row[c] for c in cols])
         self.db.commit()
+
+    def record_dynamic(self, row: dict) -> None:
+        """One dynamic-engine result (kind: segment, route, dispatch, stream, acceleration)."""
+        row = dict(row)
+        if isinstance(row.get("samples_ms"), list):
+            row["samples_ms"] = json.dumps(row["samples_ms"])
+        cols = [c for c in row if c in _DYNAMIC_COLUMNS]
+        self.db.execute(f"INSERT OR REPLACE INTO dynamic ({', '.join(cols)}) VALUES "
+                        f"({', '.join('?' * len(cols))})", [row[c] for c in cols])
+        self.db.commit()
+
+    def dynamic_done(self) -> set[tuple]:
+        return {tuple(r) for r in self.db.execute(f"SELECT {', '.join(DYNAMIC_KEY)} FROM dynamic")}
+
+    def dynamic_frame(self) -> pd.DataFrame:
+        from harness.lut import DYNAMIC_COLUMNS
+
+        return pd.read_sql_query(f"SELECT {', '.join(DYNAMIC_COLUMNS)} FROM dynamic ORDER BY model, backend, "
+                                 "precision, batch_size, input_size, kind, madds, name", self.db)
+
+    def export_dynamic(self, path: Path) -> pd.DataFrame:
+        df = self.dynamic_frame()
+        fd, tmp = tempfile.mkstemp(dir=Path(path).parent, suffix=".csv.tmp")
+        os.close(fd)
+        df.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+        return df
 
     def record_run(self, run_id: str, env: dict) -> None:
         self.db.execute("INSERT OR REPLACE INTO runs VALUES (?, ?)", (run_id, json.dumps(env)))

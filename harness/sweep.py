@@ -36,7 +36,7 @@ from harness.backends import Failure, compile_engine, get_backend
 from harness.backends.base import one_line
 from harness.env import library_versions
 from harness.measure import CudaEventTimer, Protocol, WallTimer, measure
-from harness.store import ResultStore
+from harness.store import DYNAMIC_KEY, ResultStore
 
 STATIC_WIDTHS = (1.0, 0.75, 0.5, 0.25)
 TOLERANCE = {"fp32": (1e-3, 1e-4), "fp16": (2e-2, 2e-2)}  # (rtol, atol) against eager fp32
@@ -85,9 +85,19 @@ def _fingerprint(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def check_output(out: torch.Tensor, ref: torch.Tensor, precision: str) -> str | None:
-    """None if ``out`` matches ``ref`` within the precision's tolerance, else why (one line)."""
-    out = out.detach().float().cpu()
+def check_output(out, ref, precision: str) -> str | None:
+    """None if ``out`` matches ``ref`` within the precision's tolerance, else why (one line).
+
+    Both may be tuples of tensors (a module with several outputs): each is compared."""
+    if isinstance(ref, tuple) or isinstance(out, tuple):
+        if not (isinstance(ref, tuple) and isinstance(out, tuple) and len(ref) == len(out)):
+            return "number of outputs differs from eager"
+        for i, (o, r) in enumerate(zip(out, ref)):
+            problem = check_output(o, r, precision)
+            if problem:
+                return f"output {i}: {problem}"
+        return None
+    out, ref = out.detach().float().cpu(), ref.detach().float().cpu()
     if out.shape != ref.shape:
         return f"output shape {tuple(out.shape)} differs from eager {tuple(ref.shape)}"
     if not torch.isfinite(out).all():
@@ -185,7 +195,7 @@ class Sweep:
         torch.manual_seed(1)
         example = torch.randn(task.batch_size, 3, task.input_size, task.input_size)
         with torch.no_grad():
-            ref = module(example).float()
+            ref = module(example)
         backend = self.backend(task.backend)
         engine = compile_engine(backend, module, example, self.target, task.precision,
                                 self.artifact_dir(task, fingerprint))
@@ -225,3 +235,153 @@ class Sweep:
                               else f"{row['status']}: {row['error'][:80]}")
                     progress.update(task.label(), result)
         return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Dynamic deployment: the compositional LUT, its accuracy, dispatch overhead, realized speed-up
+
+STATIC_COUNTERPART = {"ds_mbnet": "mobilenet_v1", "ds_resnet50": "resnet50"}
+E2E_ROUTES = 16  # routes validated end to end when a model has more
+
+
+def validation_routes(routes: list) -> list:
+    """All routes, or ``E2E_ROUTES`` spread over the MAdds order, smallest and largest included."""
+    if len(routes) <= E2E_ROUTES:
+        return list(routes)
+    idx = sorted({round(i * (len(routes) - 1) / (E2E_ROUTES - 1)) for i in range(E2E_ROUTES)})
+    return [routes[i] for i in idx]
+
+
+class DynamicSweep:
+    """Measures a supernet's dynamic engine on one backend; every result is stored at once."""
+
+    def __init__(self, sweep: Sweep, model_name: str, backend: str, precision: str, input_size: int):
+        from harness.dynamic import DynamicEngine
+
+        self.sweep, self.model_name, self.backend_name = sweep, model_name, backend
+        self.precision, self.input_size = precision, input_size
+        torch.manual_seed(WEIGHT_SEED)
+        self.model = dsnet.create_model(model_name).eval()
+        self.plan = dsnet.split(self.model)
+        self.engine = DynamicEngine(self.plan, sweep.backend(backend), sweep.target, precision,
+                                    sweep.out_dir / "cache" / backend / f"{model_name}-dynamic", input_size,
+                                    fingerprint=_fingerprint(self.plan))
+        self.x = torch.randn(1, 3, input_size, input_size, generator=torch.Generator().manual_seed(1))
+        self.done = sweep.store.dynamic_done()
+
+    def _key(self, kind, name):
+        return (self.model_name, self.backend_name, self.precision, 1, self.input_size, kind, name)
+
+    def _record(self, kind, name, stats=None, samples=None, measured_ms=None, predicted_ms=None, route="",
+                madds=None, status="ok", error="") -> None:
+        """Store one result. ``measured_ms`` (default: p50) is what ``predicted_ms`` is compared with."""
+        row = dict(zip(DYNAMIC_KEY, self._key(kind, name)))
+        row.update(route=route, madds=madds, status=status, error=error, run_id=self.sweep.run_id)
+        if stats is not None:
+            row.update(latency_ms_p50=stats.p50, latency_ms_p90=stats.p90, latency_ms_mean=stats.mean,
+                       latency_ms_std=stats.std, n=stats.n, samples_ms=samples)
+            measured_ms = stats.p50 if measured_ms is None else measured_ms
+        elif measured_ms is not None:  # a derived figure (e.g. dispatch): one value
+            row.update(latency_ms_p50=measured_ms, n=1)
+        if predicted_ms is not None:
+            row.update(predicted_ms=predicted_ms, rel_error=(predicted_ms - measured_ms) / measured_ms)
+        self.sweep.store.record_dynamic(row)
+
+    def run(self, progress=None) -> None:
+        from harness.dynamic import measure_dispatch, measure_end_to_end, measure_stream, segment_inputs
+        from harness.lut import LatencyLUT
+
+        protocol, timer = self.sweep.protocol, self._timer()
+        # 1. every segment on its own: the compositional LUT
+        todo = [("head", None)] + [(self.plan.segment_name(k, key), (k, key))
+                                   for k, seg in enumerate(self.plan.stages) for key in seg]
+        inputs = None
+        for name, where in todo:
+            if self._key("segment", name) in self.done:
+                continue
+            if where is None:
+                eng, feats = self.engine.head, self.x
+            else:
+                inputs = inputs or segment_inputs(self.engine, self.x)
+                feats = inputs[where]
+                eng = self.engine.segment(*where, feats)
+            prepared = eng.prepare(feats)
+            m = measure(lambda eng=eng, p=prepared: eng.run(p), protocol, timer)
+            self._record("segment", name, m.stats, m.samples_ms)
+            if progress:
+                progress(f"{self.model_name} {self.backend_name} segment {name}", f"{m.stats.p50:.3f} ms")
+        lut = LatencyLUT.from_frame(self.sweep.store.dynamic_frame(), self.model_name, self.backend_name,
+                                    self.precision, 1, self.input_size)
+        # 2. end to end per route, against the LUT
+        routes = validation_routes(self.model.routes(self.input_size))
+        for route in routes:
+            if self._key("route", str(route)) in self.done:
+                continue
+            m = measure_end_to_end(self.engine, [route], self.x, protocol, timer)[str(route)]
+            madds = dsnet.profile(self.model, route, self.input_size).madds
+            self._record("route", str(route), m.stats, m.samples_ms, predicted_ms=lut.latency(route),
+                         route=str(route), madds=madds)
+            if progress:
+                progress(f"{self.model_name} {self.backend_name} route {route}",
+                         f"{m.stats.p50:.3f} ms, LUT {lut.latency(route):.3f} ms")
+        # 3. dispatch overhead on the smallest route: whole and parts interleaved in one run;
+        #    stored as latency = end to end, predicted = sum of the parts
+        smallest = routes[0]
+        if self._key("dispatch", str(smallest)) not in self.done:
+            d = measure_dispatch(self.engine, smallest, self.x, protocol, timer)
+            self._record("dispatch", str(smallest), measured_ms=d["end_to_end_ms"], predicted_ms=d["parts_ms"],
+                         route=str(smallest))
+            if progress:
+                progress(f"{self.model_name} {self.backend_name} dispatch", f"{d['overhead_ms'] * 1e3:.1f} us")
+        # 4. a stream of routes (uniform over the validated routes) against the LUT's expectation
+        uniform = {r: 1.0 / len(routes) for r in routes}
+        if self._key("stream", "uniform") not in self.done:
+            s = measure_stream(self.engine, uniform, {str(r): lut.latency(r) for r in routes}, self.x, protocol,
+                               timer=timer)
+            # a mix of routes: compare the mean with the expectation (the p50 of a mixture is not its mean)
+            self._record("stream", "uniform", s["measured"], measured_ms=s["measured"].mean,
+                         predicted_ms=s["predicted_ms"])
+            if progress:
+                progress(f"{self.model_name} {self.backend_name} stream", f"{s['measured'].mean:.3f} ms")
+        # 5. realized against ideal acceleration, when the model has a static counterpart
+        static = STATIC_COUNTERPART.get(self.model_name)
+        if static and self._key("acceleration", "dynamic") not in self.done:
+            self._acceleration(static, routes, timer, progress)
+
+    def _acceleration(self, static: str, routes, timer, progress) -> None:
+        """The dynamic model at the route mix whose mean MAdds match the static x0.5 network, against
+        static x1.0 (the paper's realized speed-up) and static x0.5 (the ideal one), interleaved."""
+        from harness.dynamic import matched_distribution, measure_acceleration
+
+        engines, madds = {}, {}
+        for label, w in (("largest", 1.0), ("matched", 0.5)):
+            torch.manual_seed(WEIGHT_SEED)
+            model = dsnet.create_model(static, width_mult=w)
+            madds[label] = dsnet.profile(model, None, self.input_size).madds
+            module = dsnet.materialize(model)
+            wl = Workload(static, f"x{w}", "", madds[label], 0, lambda m=module: m)
+            task = Task(wl, self.backend_name, self.precision, 1, self.input_size)
+            engine = compile_engine(self.sweep.backend(self.backend_name), module, self.x, self.sweep.target,
+                                    self.precision, self.sweep.artifact_dir(task, _fingerprint(module)))
+            if isinstance(engine, Failure):
+                self._record("acceleration", "dynamic", status="compile_failed",
+                             error=f"{static} x{w}: {engine.error}")
+                return
+            engines[label] = engine
+        route_madds = {r: dsnet.profile(self.model, r, self.input_size).madds
+                       for r in self.model.routes(self.input_size)}
+        mix = matched_distribution(route_madds, madds["matched"])
+        self.engine.prepare_routes(list(mix), self.x)
+        res = measure_acceleration(self.engine, mix, engines["largest"], engines["matched"], self.x,
+                                   self.sweep.protocol, timer=timer)
+        label = " + ".join(f"{p:.3f}*route {r}" for r, p in mix.items())
+        mean_madds = sum(p * route_madds[r] for r, p in mix.items())
+        self._record("acceleration", "largest", res["largest"], route=f"{static} x1.0", madds=madds["largest"])
+        self._record("acceleration", "matched", res["matched"], route=f"{static} x0.5", madds=madds["matched"])
+        self._record("acceleration", "dynamic", res["dynamic"], route=label, madds=mean_madds)
+        if progress:
+            progress(f"{self.model_name} {self.backend_name} acceleration",
+                     f"realized {res['realized_speedup']:.2f}x, ideal {res['ideal_speedup']:.2f}x")
+
+    def _timer(self):
+        return CudaEventTimer() if self.sweep.target.device == "cuda" else WallTimer()

@@ -36,6 +36,7 @@ SCHEMA = {
     "arch": (str, False),               # machine the profile measures on: x86_64, aarch64
     "expected_device": (str, False),    # CPU model / GPU name, or "auto"
     "backends": (list, True),
+    "dynamic_backends": (list, False),  # backends the dynamic engine is measured on (default: all)
     "precisions": (list, False),
     "batch_sizes": (list, False),
     "input_size": (int, False),
@@ -96,6 +97,7 @@ class Target:
     input_size: int = 224
     threads: int = 0
     tvm: dict = field(default_factory=dict)
+    dynamic_backends: list[str] | None = None
     protocol: Protocol = field(default_factory=Protocol)
 
     def resolve(self) -> Target:
@@ -158,7 +160,8 @@ def load_target(name: str, directory: Path = TARGETS_DIR) -> Target:
     _check(data.get("protocol", {}), PROTOCOL_SCHEMA, f"{where} [protocol]")
     if data["device"] not in DEVICES:
         raise TargetError(f"{where}: key 'device' must be one of {', '.join(DEVICES)}, got '{data['device']}'")
-    for key, kind, allowed in (("backends", str, None), ("precisions", str, PRECISIONS),
+    for key, kind, allowed in (("backends", str, None), ("dynamic_backends", str, None),
+                               ("precisions", str, PRECISIONS),
                                ("batch_sizes", int, None)):
         for v in data.get(key, []):
             if not isinstance(v, kind) or isinstance(v, bool) or (allowed and v not in allowed):

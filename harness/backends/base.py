@@ -13,7 +13,8 @@ A :class:`Backend` has a ``name``, the ``devices`` and ``precisions`` it support
 
 An :class:`Engine` separates input preparation from the timed call: ``prepare(x)`` converts a
 torch tensor to the backend's native input once, ``run(native)`` is what the protocol times, and
-``to_torch(out)`` converts the output back for the correctness check. Backends know nothing of
+``to_torch(out)`` converts the output back: a tensor, or a tuple of tensors for a module with
+several outputs (a deployment head returns features and route scores). Backends know nothing of
 DS-Net.
 """
 
@@ -43,6 +44,14 @@ def one_line(exc: BaseException) -> str:
     where = f" (at {Path(tb[-1].filename).name}:{tb[-1].lineno})" if tb else ""
     text = f"{type(exc).__name__}: {msg}{where}"
     return text if len(text) <= 500 else text[:497] + "..."
+
+
+def as_torch_outputs(outputs, convert: Callable[[Any], torch.Tensor] = lambda t: t):
+    """One output -> a tensor; several (tuple, list, TVM Array) -> a tuple of tensors."""
+    if isinstance(outputs, torch.Tensor) or hasattr(outputs, "numpy") and not isinstance(outputs, (list, tuple)):
+        return convert(outputs)
+    outs = tuple(convert(o) for o in outputs)
+    return outs[0] if len(outs) == 1 else outs
 
 
 class Engine:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from harness.backends.base import Backend, Engine, cast, cuda_sync, input_caster
+from harness.backends.base import Backend, Engine, as_torch_outputs, cast, cuda_sync, input_caster
 
 
 class InductorBackend(Backend):
@@ -23,10 +23,9 @@ class InductorBackend(Backend):
     def _engine(self, runner, target, precision):
         def run(x):
             with torch.inference_mode():
-                out = runner(x)
-            return out[0] if isinstance(out, (list, tuple)) else out
+                return runner(x)
 
-        return Engine(run, prepare=input_caster(target, precision),
+        return Engine(run, prepare=input_caster(target, precision), to_torch=as_torch_outputs,
                       sync=cuda_sync(target))
 
     def compile(self, module, example, target, precision, artifact_dir):

@@ -13,7 +13,7 @@ import logging
 import numpy as np
 import torch
 
-from harness.backends.base import Backend, Engine, cast
+from harness.backends.base import Backend, Engine, as_torch_outputs, cast
 
 
 class OnnxRuntimeBackend(Backend):
@@ -48,19 +48,21 @@ class OnnxRuntimeBackend(Backend):
             return self._cuda_engine(session)
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
-        return Engine(lambda feed: session.run(None, feed)[0],
+        return Engine(lambda feed: session.run(None, feed),
                       prepare=lambda x: {name: x.detach().cpu().contiguous().numpy()},
-                      to_torch=torch.from_numpy)
+                      to_torch=lambda outs: as_torch_outputs(outs, torch.from_numpy))
 
     @staticmethod
     def _cuda_engine(session):
         binding = session.io_binding()
-        name, out_name = session.get_inputs()[0].name, session.get_outputs()[0].name
+        name = session.get_inputs()[0].name
+        out_names = [o.name for o in session.get_outputs()]
 
         def prepare(x):
             x = x.detach().cuda().contiguous()
             binding.bind_input(name, "cuda", 0, np.float32, tuple(x.shape), x.data_ptr())
-            binding.bind_output(out_name, "cuda")
+            for out_name in out_names:
+                binding.bind_output(out_name, "cuda")
             return x  # keep the tensor alive while bound
 
         def run(_x):
@@ -68,7 +70,7 @@ class OnnxRuntimeBackend(Backend):
             return binding
 
         return Engine(run, prepare=prepare,
-                      to_torch=lambda b: torch.from_numpy(b.copy_outputs_to_cpu()[0]),
+                      to_torch=lambda b: as_torch_outputs(b.copy_outputs_to_cpu(), torch.from_numpy),
                       sync=torch.cuda.synchronize)
 
     def compile(self, module, example, target, precision, artifact_dir):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from harness.backends.base import Backend, Engine, cast, input_caster
+from harness.backends.base import Backend, Engine, as_torch_outputs, cast, input_caster
 
 
 class TVMBackend(Backend):
@@ -56,17 +56,16 @@ class TVMBackend(Backend):
         vm = relax.VirtualMachine(lib, dev)
         main = vm["main"]
 
-        to_cpu = input_caster(target, precision, device="cpu")
+        to_dev = input_caster(target, precision)
 
-        def prepare(x):
-            return tvm.runtime.tensor(to_cpu(x).detach().numpy(), dev)
+        def prepare(x):  # zero-copy through DLPack
+            return tvm.runtime.from_dlpack(to_dev(x).detach())
 
-        def run(x):
-            out = main(x)
-            return out[0] if not hasattr(out, "numpy") else out
+        def to_torch(out):
+            return as_torch_outputs(out, lambda t: torch.from_dlpack(t).clone())
 
         sync = dev.sync if target.device == "cuda" else None
-        return Engine(run, prepare=prepare, to_torch=lambda y: torch.from_numpy(y.numpy()), sync=sync)
+        return Engine(main, prepare=prepare, to_torch=to_torch, sync=sync)
 
     def tuning_record_count(self) -> int:
         """Tuning records in the shared database (0 when there is none)."""

@@ -1,0 +1,229 @@
+"""The dynamic engine on a backend, and how well per-route latencies predict it.
+
+Contract
+--------
+``DynamicEngine(plan, backend, target, precision, cache_dir)`` compiles the head of a
+``dsnet.split`` plan (fixed layers + gate, returning features and route scores) and, on demand, one
+engine per later segment and group size. ``engine(x)`` runs dynamic inference: the gate's argmax
+per sample, samples grouped by route, each group through its compiled segment; it returns
+``(logits, choices)`` like ``DynamicPlan.forward``. ``engine.route_call(x, route)`` is the timed
+batch-1 path for one route: head, gate decision (argmax computed as in real dispatch), hand-off,
+segments. Models know nothing of this module; backends know nothing of DS-Net.
+
+Measurements (all with the one protocol, interleaved where a ratio or difference is taken):
+
+- :func:`segment_inputs`: a valid input for every segment, so each can be timed on its own (the
+  compositional LUT: a route's latency is predicted as the sum of the segments it runs through);
+- :func:`measure_end_to_end`: the dynamic engine per route, to validate the LUT;
+- :func:`measure_dispatch`: head, segments and end to end of one route, interleaved: the dispatch
+  overhead (gate decision and hand-off);
+- :func:`measure_stream`: the dynamic engine over a stream of inputs whose routes follow a
+  distribution, against the LUT's expectation;
+- :func:`measure_acceleration`: a route distribution against static networks (the largest and the
+  one of matched MAdds) in one interleaved run: realized and ideal speed-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from harness.backends import Failure, compile_engine
+from harness.measure import Protocol, Timer, measure, measure_interleaved
+
+
+class DynamicEngine:
+    def __init__(self, plan, backend, target, precision: str, cache_dir: Path, input_size: int,
+                 batch_size: int = 1, fingerprint: str = ""):
+        self.plan, self.backend, self.target, self.precision = plan, backend, target, precision
+        self.cache_dir, self.fingerprint = Path(cache_dir), fingerprint
+        self.n_gates = len(plan.stages)
+        example = torch.randn(batch_size, 3, input_size, input_size)
+        self.head = self._compile("head", plan.head, example)
+        self._segments: dict[tuple, object] = {}
+
+    def _compile(self, name: str, module, example):
+        shape = "x".join(map(str, example.shape))
+        digest = hashlib.sha256(json.dumps([self.fingerprint, self.target.name, self.target.tvm,
+                                            self.precision, shape]).encode()).hexdigest()[:12]
+        engine = compile_engine(self.backend, module, example, self.target, self.precision,
+                                self.cache_dir / f"{name}-{self.precision}-{shape}-{digest}")
+        if isinstance(engine, Failure):
+            raise RuntimeError(f"segment {name}: {engine.error}")
+        return engine
+
+    def segment(self, k: int, key: tuple, feats: torch.Tensor):
+        """The compiled segment ``key`` of stage ``k`` for inputs shaped like ``feats``."""
+        cache_key = (k, key, tuple(feats.shape))
+        if cache_key not in self._segments:
+            name = self.plan.segment_name(k, key)
+            self._segments[cache_key] = self._compile(name, self.plan.stages[k][key], feats)
+        return self._segments[cache_key]
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = x.shape[0]
+        feats, scores = self.head(x)
+        groups = [(torch.arange(n), feats, scores, None)]
+        choices = torch.empty(n, self.n_gates, dtype=torch.long)
+        out = None
+        for k in range(self.n_gates):
+            new_groups = []
+            for idx, f, s, prev in groups:
+                choice = s.argmax(-1)
+                choices[idx, k] = choice
+                for c in torch.unique(choice).tolist():
+                    sel = (choice == c).nonzero(as_tuple=True)[0]
+                    sub = f[sel].contiguous()
+                    y = self.segment(k, (prev, c), sub)(sub)
+                    if k + 1 < self.n_gates:
+                        new_groups.append((idx[sel], y[0], y[1], c))
+                    else:
+                        out = y.new_zeros(n, y.shape[1]) if out is None else out
+                        out[idx[sel]] = y.float()
+            groups = new_groups
+        return out, choices
+
+    def route_call(self, prepared, route):
+        """Timed end-to-end call for ``route``: head, gate decision, hand-off, segments."""
+        head = self.head
+        feats, scores = head.to_torch(head.run(prepared))
+        scores.argmax(-1)  # the gate's decision, computed as in real dispatch; ``route`` is forced
+        engines = self._path[tuple(route)]
+        for k, eng in enumerate(engines):
+            y = eng.to_torch(eng.run(eng.prepare(feats)))
+            if k + 1 < len(engines):
+                feats = y[0]
+        return y
+
+    def prepare_routes(self, routes, x: torch.Tensor) -> None:
+        """Compile every segment the given routes run through for inputs like ``x`` (before timing)."""
+        head_feats, _ = self.head(x)
+        self._path = {}
+        for route in routes:
+            feats, prev, path = head_feats, None, []
+            for k, c in enumerate(route):
+                eng = self.segment(k, (prev, c), feats)
+                path.append(eng)
+                if k + 1 < self.n_gates:
+                    feats = eng(feats)[0]
+                prev = c
+            self._path[tuple(route)] = path
+
+
+def segment_inputs(engine: DynamicEngine, x: torch.Tensor) -> dict:
+    """A valid input for every segment: ``{(k, key): features}``.
+
+    Stage 0 takes the head's features; segment ``(prev, c)`` of stage ``k`` takes the output of a
+    stage ``k-1`` segment that chose ``prev`` (its width depends on ``prev`` only)."""
+    feats, _ = engine.head(x)
+    inputs, outputs = {}, {None: feats}  # outputs: previous choice -> features
+    for k, seg in enumerate(engine.plan.stages):
+        new_outputs = {}
+        for prev, c in seg:
+            inputs[(k, (prev, c))] = outputs[prev]
+            if k + 1 < engine.n_gates and c not in new_outputs:
+                new_outputs[c] = engine.segment(k, (prev, c), outputs[prev])(outputs[prev])[0]
+        outputs = new_outputs
+    return inputs
+
+
+def measure_end_to_end(engine: DynamicEngine, routes, x: torch.Tensor, protocol: Protocol,
+                       timer: Timer | None = None, progress=None) -> dict:
+    """End-to-end latency of the dynamic engine per route: ``{str(route): Measurement}``."""
+    engine.prepare_routes(routes, x)
+    prepared = engine.head.prepare(x)
+    out = {}
+    for route in routes:
+        out[str(route)] = measure(lambda r=route: engine.route_call(prepared, r), protocol, timer)
+        if progress:
+            progress(f"route {route}", out[str(route)])
+    return out
+
+
+def measure_dispatch(engine: DynamicEngine, route, x: torch.Tensor, protocol: Protocol,
+                     timer: Timer | None = None) -> dict:
+    """Dispatch overhead of one route: end to end minus its parts, timed interleaved in one run."""
+    engine.prepare_routes([route], x)
+    prepared = engine.head.prepare(x)
+    path = engine._path[tuple(route)]
+    feats, _ = engine.head.to_torch(engine.head.run(prepared))
+    fns = {"head": lambda: engine.head.run(prepared)}
+    for k, eng in enumerate(path):
+        inp = eng.prepare(feats)
+        fns[f"segment{k}"] = lambda eng=eng, inp=inp: eng.run(inp)
+        if k + 1 < len(path):
+            feats = eng.to_torch(eng.run(inp))[0]
+    fns["end_to_end"] = lambda: engine.route_call(prepared, route)
+    res = measure_interleaved(fns, protocol, timer)
+    parts = sum(m.stats.p50 for name, m in res.items() if name != "end_to_end")
+    e2e = res["end_to_end"].stats.p50
+    return {"parts_ms": parts, "end_to_end_ms": e2e, "overhead_ms": e2e - parts}
+
+
+def stream_routes(distribution: dict, length: int, seed: int = 0) -> list:
+    """A stream of routes drawn from ``distribution`` ({route: probability})."""
+    routes = list(distribution)
+    p = np.asarray([distribution[r] for r in routes], dtype=float)
+    if (p < 0).any() or not np.isclose(p.sum(), 1.0):
+        raise ValueError(f"route probabilities must be >= 0 and sum to 1, got {p.tolist()}")
+    idx = np.random.default_rng(seed).choice(len(routes), size=length, p=p)
+    return [routes[i] for i in idx]
+
+
+def _stream_fn(engine: DynamicEngine, prepared, stream):
+    state = {"i": 0}
+
+    def fn():
+        route = stream[state["i"] % len(stream)]
+        state["i"] += 1
+        return engine.route_call(prepared, route)
+
+    return fn
+
+
+def matched_distribution(route_madds: dict, target_madds: float) -> dict:
+    """Two adjacent routes mixed so the expected MAdds equal ``target_madds``."""
+    ordered = sorted(route_madds, key=route_madds.get)
+    lo, hi = route_madds[ordered[0]], route_madds[ordered[-1]]
+    if not lo <= target_madds <= hi:
+        raise ValueError(f"target {target_madds / 1e6:.1f}M MAdds is outside the routes' "
+                         f"{lo / 1e6:.1f}M..{hi / 1e6:.1f}M")
+    for a, b in zip(ordered, ordered[1:]):
+        ma, mb = route_madds[a], route_madds[b]
+        if ma <= target_madds <= mb:
+            w = 0.0 if mb == ma else (target_madds - ma) / (mb - ma)
+            return {a: 1.0 - w, b: w} if w not in (0.0, 1.0) else {b if w else a: 1.0}
+    return {ordered[-1]: 1.0}
+
+
+def measure_stream(engine: DynamicEngine, distribution: dict, lut_ms: dict, x: torch.Tensor,
+                   protocol: Protocol, length: int = 256, timer: Timer | None = None) -> dict:
+    """Mean latency per inference over a route stream, against sum_k p_k LUT[k]."""
+    engine.prepare_routes(list(distribution), x)
+    prepared = engine.head.prepare(x)
+    m = measure(_stream_fn(engine, prepared, stream_routes(distribution, length)), protocol, timer)
+    predicted = sum(p * lut_ms[str(r)] for r, p in distribution.items())
+    return {"measured": m.stats, "predicted_ms": predicted,
+            "rel_error": (predicted - m.stats.mean) / m.stats.mean}
+
+
+def measure_acceleration(engine: DynamicEngine, distribution: dict, largest, matched, x: torch.Tensor,
+                         protocol: Protocol, length: int = 256, timer: Timer | None = None) -> dict:
+    """Realized speed-up of the dynamic model at ``distribution`` over the static ``largest``,
+    beside the ideal speed-up of the static network of matched MAdds; one interleaved run.
+    ``largest``/``matched`` are compiled static engines."""
+    engine.prepare_routes(list(distribution), x)
+    prepared = engine.head.prepare(x)
+    px_l, px_m = largest.prepare(x), matched.prepare(x)
+    res = measure_interleaved({
+        "largest": lambda: largest.run(px_l), "matched": lambda: matched.run(px_m),
+        "dynamic": _stream_fn(engine, prepared, stream_routes(distribution, length))}, protocol, timer)
+    # a stream's per-call time varies by route: compare means (p50 of a mixture is not its mean)
+    t = {k: v.stats.mean for k, v in res.items()}
+    ideal, realized = t["largest"] / t["matched"], t["largest"] / t["dynamic"]
+    return {"largest": res["largest"].stats, "matched": res["matched"].stats, "dynamic": res["dynamic"].stats,
+            "ideal_speedup": ideal, "realized_speedup": realized, "realized_over_ideal": realized / ideal}

@@ -1,0 +1,108 @@
+"""The latency lookup table of a dynamic model on one target and backend.
+
+Contract
+--------
+The LUT is compositional: ``dynamic.csv`` holds the measured latency of the deployment head
+(fixed layers plus the first gate) and of every segment of ``dsnet.split`` (rows of kind
+``segment``); a route's latency is the sum over the segments it runs through, head and gates
+included. For DS-MBNet that is head + tail; for DS-ResNet stem + four stages, 53 measured parts
+predicting 256 routes.
+
+``LatencyLUT.load(results_dir, backend, model, ...)`` reads it. ``latency(route)`` gives one
+route's predicted latency (ms); ``tensor(model)`` gives a ``torch`` tensor in the order of the
+model's routing space (``routing_space.all_routes()``, i.e. gate-choice order for a one-gate
+model) for the stage-II penalty. A missing or failed segment is a :class:`LUTError` naming what
+is missing, never a silent zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from dsnet import DynamicPlan, Route
+
+DYNAMIC_COLUMNS = ["model", "backend", "precision", "batch_size", "input_size", "kind", "name", "route",
+                   "madds", "latency_ms_p50", "latency_ms_p90", "latency_ms_mean", "latency_ms_std", "n",
+                   "predicted_ms", "rel_error", "status", "error"]
+
+
+class LUTError(ValueError):
+    """A LUT that cannot answer: missing file, model, backend, segment or route."""
+
+
+def route_segment_names(route) -> list[str]:
+    """The deployment segments a route runs through, head first (names as in ``dynamic.csv``)."""
+    names, prev = ["head"], None
+    for k, c in enumerate(route):
+        names.append(DynamicPlan.segment_name(k, (prev, c)))
+        prev = c
+    return names
+
+
+@dataclass
+class LatencyLUT:
+    model: str
+    backend: str
+    precision: str
+    batch_size: int
+    input_size: int
+    segment_ms: dict[str, float]
+    failed: dict[str, str]
+
+    @classmethod
+    def load(cls, results_dir, backend: str, model: str, precision: str = "fp32", batch_size: int = 1,
+             input_size: int | None = None) -> LatencyLUT:
+        path = Path(results_dir) / "dynamic.csv"
+        if not path.is_file():
+            raise LUTError(f"no LUT at {path}: run `python -m harness.run --target <target>` first")
+        df = pd.read_csv(path, dtype={"route": str, "name": str}, keep_default_na=False)
+        return cls.from_frame(df, model, backend, precision, batch_size, input_size, source=str(path))
+
+    @classmethod
+    def from_frame(cls, df: pd.DataFrame, model: str, backend: str, precision: str = "fp32",
+                   batch_size: int = 1, input_size: int | None = None, source: str = "results") -> LatencyLUT:
+        path = source
+        seg = df[(df.kind == "segment") & (df.model == model) & (df.backend == backend)
+                 & (df.precision == precision) & (df.batch_size == batch_size)]
+        if input_size is not None:
+            seg = seg[seg.input_size == input_size]
+        if seg.empty:
+            have = sorted({f"{m}/{b}" for m, b in zip(df.model, df.backend)})
+            raise LUTError(f"{path} has no segments for model {model}, backend {backend}, {precision}, "
+                           f"batch {batch_size}; it has: {', '.join(have) or 'nothing'}")
+        sizes = sorted(set(seg.input_size))
+        if len(sizes) > 1:
+            raise LUTError(f"{path} holds {model}/{backend} at input sizes {sizes}: name one with input_size")
+        ok = seg[seg.status == "ok"]
+        bad = seg[seg.status != "ok"]
+        return cls(model, backend, precision, batch_size, int(sizes[0]),
+                   {r.name: float(r.latency_ms_p50) for r in ok.itertuples()},
+                   {r.name: f"{r.status}: {r.error}" for r in bad.itertuples()})
+
+    def latency(self, route) -> float:
+        """Predicted latency (ms) of ``route``: the sum of its segments."""
+        names = route_segment_names(route)
+        problems = [f"{n} ({self.failed[n]})" if n in self.failed else n
+                    for n in names if n not in self.segment_ms]
+        if problems:
+            raise LUTError(f"LUT {self.model}/{self.backend} cannot price route {Route(tuple(route))}: "
+                           f"missing or failed segment(s) {', '.join(problems)}")
+        return sum(self.segment_ms[n] for n in names)
+
+    def tensor(self, model) -> torch.Tensor:
+        """Latency (ms) of every route of ``model``, in routing-space order."""
+        routes = model.routing_space.all_routes()
+        missing, values = [], []
+        for r in routes:
+            try:
+                values.append(self.latency(r))
+            except LUTError:
+                missing.append(str(r))
+        if missing:
+            raise LUTError(f"LUT {self.model}/{self.backend} lacks {len(missing)} of {len(routes)} routes "
+                           f"of the model: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+        return torch.tensor(values, dtype=torch.float32)

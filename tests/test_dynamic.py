@@ -1,0 +1,109 @@
+"""The dynamic engine on a backend equals the supernet; the compositional LUT adds up and refuses gaps."""
+
+import pandas as pd
+import pytest
+import torch
+
+import dsnet
+from conftest import randomize, routes_apart
+from harness.backends import get_backend
+from harness.dynamic import DynamicEngine, matched_distribution, stream_routes
+from harness.lut import DYNAMIC_COLUMNS, LatencyLUT, LUTError, route_segment_names
+from harness.targets import load_target
+
+X86 = load_target("x86").resolve()
+
+
+@pytest.mark.parametrize("name", ["ds_mbnet_tiny", "ds_resnet50_tiny"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_dynamic_engine_equals_the_supernet_on_torchscript(name, batch, tmp_path):
+    model = randomize(dsnet.create_model(name))
+    x = routes_apart(model, batch)
+    plan = dsnet.split(model)
+    engine = DynamicEngine(plan, get_backend("torchscript"), X86, "fp32", tmp_path, 32, batch_size=batch)
+    with torch.no_grad():
+        model.set_route(None)
+        ref, onehot = model.forward_dynamic(x)
+        out, choices = engine(x)
+    assert (out - ref).abs().max() <= 1e-4
+    expected = torch.stack(onehot, 1).argmax(-1) if isinstance(onehot, list) else onehot.argmax(-1, keepdim=True)
+    assert torch.equal(choices, expected)
+    if batch > 1:
+        assert len({tuple(c) for c in choices.tolist()}) > 1
+
+
+def test_route_call_runs_the_forced_route(tmp_path):
+    model = randomize(dsnet.create_model("ds_resnet50_tiny"))
+    engine = DynamicEngine(dsnet.split(model), get_backend("eager"), X86, "fp32", tmp_path, 32)
+    x = torch.randn(1, 3, 32, 32)
+    route = dsnet.Route((2, 0, 3, 1))
+    engine.prepare_routes([route], x)
+    with torch.no_grad():
+        model.set_route(route)
+        ref = model(x)
+        out = engine.route_call(engine.head.prepare(x), route)
+    assert (out - ref).abs().max() <= 1e-5
+
+
+def _lut_frame(segments: dict, model="ds_resnet50_tiny", failed=()):
+    rows = [{"model": model, "backend": "torchscript", "precision": "fp32", "batch_size": 1, "input_size": 32,
+             "kind": "segment", "name": n, "latency_ms_p50": v, "status": "failed" if n in failed else "ok",
+             "error": "boom" if n in failed else ""} for n, v in segments.items()]
+    return pd.DataFrame(rows, columns=DYNAMIC_COLUMNS)
+
+
+def _all_segments(model):
+    plan = dsnet.split(model)
+    names = ["head"] + [plan.segment_name(k, key) for k, seg in enumerate(plan.stages) for key in seg]
+    return {n: float(i + 1) for i, n in enumerate(names)}
+
+
+def test_compositional_prediction_is_the_sum_of_its_parts():
+    model = dsnet.create_model("ds_resnet50_tiny")
+    segments = _all_segments(model)
+    assert len(segments) == 1 + 4 + 3 * 16
+    lut = LatencyLUT.from_frame(_lut_frame(segments), "ds_resnet50_tiny", "torchscript")
+    route = dsnet.Route((1, 3, 0, 2))
+    names = route_segment_names(route)
+    assert names == ["head", "s0_inx_c1", "s1_in1_c3", "s2_in3_c0", "s3_in0_c2"]
+    assert lut.latency(route) == sum(segments[n] for n in names)
+    tensor = lut.tensor(model)
+    assert tensor.shape == (256,)
+    all_routes = model.routing_space.all_routes()
+    assert tensor[all_routes.index(route)].item() == pytest.approx(lut.latency(route))
+
+
+def test_lut_with_a_missing_or_failed_segment_raises_naming_it(tmp_path):
+    model = dsnet.create_model("ds_mbnet_tiny")
+    segments = _all_segments(model)
+    del segments["s0_inx_c2"]
+    lut = LatencyLUT.from_frame(_lut_frame(segments, "ds_mbnet_tiny", failed=("s0_inx_c3",)),
+                                "ds_mbnet_tiny", "torchscript")
+    assert lut.latency((1,)) == segments["head"] + segments["s0_inx_c1"]
+    with pytest.raises(LUTError, match=r"cannot price route 2: missing or failed segment\(s\) s0_inx_c2"):
+        lut.latency((2,))
+    with pytest.raises(LUTError, match=r"s0_inx_c3 \(failed: boom\)"):
+        lut.latency((3,))
+    with pytest.raises(LUTError, match=r"lacks 2 of 4 routes of the model: 2, 3"):
+        lut.tensor(model)
+    # from a results folder
+    _lut_frame(_all_segments(model), "ds_mbnet_tiny").to_csv(tmp_path / "dynamic.csv", index=False)
+    assert LatencyLUT.load(tmp_path, "torchscript", "ds_mbnet_tiny").tensor(model).shape == (4,)
+    with pytest.raises(LUTError, match="no segments for model ds_mbnet, backend torchscript"):
+        LatencyLUT.load(tmp_path, "torchscript", "ds_mbnet")
+    with pytest.raises(LUTError, match="no LUT at"):
+        LatencyLUT.load(tmp_path / "nowhere", "torchscript", "ds_mbnet")
+
+
+def test_matched_distribution_and_streams():
+    madds = {"a": 100.0, "b": 200.0, "c": 400.0}
+    mix = matched_distribution(madds, 150.0)
+    assert mix == pytest.approx({"a": 0.5, "b": 0.5})
+    assert sum(p * madds[r] for r, p in matched_distribution(madds, 300.0).items()) == pytest.approx(300.0)
+    assert matched_distribution(madds, 200.0) == {"b": 1.0}
+    with pytest.raises(ValueError, match="outside the routes"):
+        matched_distribution(madds, 50.0)
+    stream = stream_routes({"a": 0.25, "b": 0.75}, 4000)
+    assert stream.count("b") / len(stream) == pytest.approx(0.75, abs=0.03)
+    with pytest.raises(ValueError, match="sum to 1"):
+        stream_routes({"a": 0.5}, 10)
