@@ -12,11 +12,11 @@ segments. Models know nothing of this module; backends know nothing of DS-Net.
 
 Measurements (all with the one protocol, interleaved where a ratio or difference is taken):
 
-- :func:`segment_inputs`: a valid input for every segment, so each can be timed on its own (the
-  compositional LUT: a route's latency is predicted as the sum of the segments it runs through);
-- :func:`measure_end_to_end`: the dynamic engine per route, to validate the LUT;
-- :func:`measure_dispatch`: head, segments and end to end of one route, interleaved: the dispatch
-  overhead (gate decision and hand-off);
+- :func:`covering_routes` and :func:`chain_parts`: every segment timed in context, interleaved in
+  chain order one call per sample (the compositional LUT: a route's latency is predicted as the sum
+  of the segments it runs through);
+- :func:`measure_dispatch`: head, segments and end to end of one route, interleaved in one run:
+  validates the composition and gives the dispatch overhead (gate decision and hand-off);
 - :func:`measure_stream`: the dynamic engine over a stream of inputs whose routes follow a
   distribution, against the LUT's expectation;
 - :func:`measure_acceleration`: a route distribution against static networks (the largest and the
@@ -114,54 +114,58 @@ class DynamicEngine:
             self._path[tuple(route)] = path
 
 
-def segment_inputs(engine: DynamicEngine, x: torch.Tensor) -> dict:
-    """A valid input for every segment: ``{(k, key): features}``.
+def covering_routes(plan, routes) -> list:
+    """Few routes that together run through every segment of ``plan`` (greedy, in the given order)."""
+    from harness.lut import route_segment_names
 
-    Stage 0 takes the head's features; segment ``(prev, c)`` of stage ``k`` takes the output of a
-    stage ``k-1`` segment that chose ``prev`` (its width depends on ``prev`` only)."""
-    feats, _ = engine.head(x)
-    inputs, outputs = {}, {None: feats}  # outputs: previous choice -> features
-    for k, seg in enumerate(engine.plan.stages):
-        new_outputs = {}
-        for prev, c in seg:
-            inputs[(k, (prev, c))] = outputs[prev]
-            if k + 1 < engine.n_gates and c not in new_outputs:
-                new_outputs[c] = engine.segment(k, (prev, c), outputs[prev])(outputs[prev])[0]
-        outputs = new_outputs
-    return inputs
-
-
-def measure_end_to_end(engine: DynamicEngine, routes, x: torch.Tensor, protocol: Protocol,
-                       timer: Timer | None = None, progress=None) -> dict:
-    """End-to-end latency of the dynamic engine per route: ``{str(route): Measurement}``."""
-    engine.prepare_routes(routes, x)
-    prepared = engine.head.prepare(x)
-    out = {}
+    wanted = {"head"} | {plan.segment_name(k, key) for k, seg in enumerate(plan.stages) for key in seg}
+    cover, seen = [], set()
     for route in routes:
-        out[str(route)] = measure(lambda r=route: engine.route_call(prepared, r), protocol, timer)
-        if progress:
-            progress(f"route {route}", out[str(route)])
-    return out
+        names = set(route_segment_names(route))
+        if names - seen:
+            cover.append(route)
+            seen |= names
+        if seen >= wanted:
+            break
+    return cover
+
+
+def chain_parts(engine: DynamicEngine, route, x: torch.Tensor) -> dict:
+    """Timed callables for the head and each segment of ``route``, on the inputs the chain feeds
+    them: ``{segment name: fn}`` in chain order."""
+    from harness.lut import route_segment_names
+
+    engine.prepare_routes([route], x)
+    names = route_segment_names(route)
+    prepared = engine.head.prepare(x)
+    feats, _ = engine.head.to_torch(engine.head.run(prepared))
+    fns = {names[0]: lambda: engine.head.run(prepared)}
+    path = engine._path[tuple(route)]
+    for k, eng in enumerate(path):
+        inp = eng.prepare(feats)
+        fns[names[k + 1]] = lambda eng=eng, inp=inp: eng.run(inp)
+        if k + 1 < len(path):
+            feats = eng.to_torch(eng.run(inp))[0]
+    return fns
+
+
+def in_context(protocol: Protocol) -> Protocol:
+    """One call per sample: parts timed interleaved in chain order see the caches as deployment does
+    (a part repeated back to back keeps its own weights hot and reads too fast)."""
+    return protocol.replace(min_repeat_ms=0)
 
 
 def measure_dispatch(engine: DynamicEngine, route, x: torch.Tensor, protocol: Protocol,
                      timer: Timer | None = None) -> dict:
-    """Dispatch overhead of one route: end to end minus its parts, timed interleaved in one run."""
-    engine.prepare_routes([route], x)
+    """Dispatch overhead of one route: end to end minus its parts, all interleaved in one run."""
+    fns = chain_parts(engine, route, x)
     prepared = engine.head.prepare(x)
-    path = engine._path[tuple(route)]
-    feats, _ = engine.head.to_torch(engine.head.run(prepared))
-    fns = {"head": lambda: engine.head.run(prepared)}
-    for k, eng in enumerate(path):
-        inp = eng.prepare(feats)
-        fns[f"segment{k}"] = lambda eng=eng, inp=inp: eng.run(inp)
-        if k + 1 < len(path):
-            feats = eng.to_torch(eng.run(inp))[0]
     fns["end_to_end"] = lambda: engine.route_call(prepared, route)
-    res = measure_interleaved(fns, protocol, timer)
+    res = measure_interleaved(fns, in_context(protocol), timer)
     parts = sum(m.stats.p50 for name, m in res.items() if name != "end_to_end")
-    e2e = res["end_to_end"].stats.p50
-    return {"parts_ms": parts, "end_to_end_ms": e2e, "overhead_ms": e2e - parts}
+    e2e = res["end_to_end"]
+    return {"parts_ms": parts, "end_to_end": e2e, "end_to_end_ms": e2e.stats.p50,
+            "overhead_ms": e2e.stats.p50 - parts}
 
 
 def stream_routes(distribution: dict, length: int, seed: int = 0) -> list:

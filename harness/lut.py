@@ -59,7 +59,8 @@ class LatencyLUT:
         path = Path(results_dir) / "dynamic.csv"
         if not path.is_file():
             raise LUTError(f"no LUT at {path}: run `python -m harness.run --target <target>` first")
-        df = pd.read_csv(path, dtype={"route": str, "name": str}, keep_default_na=False)
+        # names stay literal ("null", "NA" are not missing values); empty cells are NaN
+        df = pd.read_csv(path, dtype={"route": str, "name": str}, keep_default_na=False, na_values=[""])
         return cls.from_frame(df, model, backend, precision, batch_size, input_size, source=str(path))
 
     @classmethod

@@ -282,16 +282,17 @@ def dynamic_summary(dyn) -> str:
         if len(bad):
             lines.append(f"  {model} {backend} {precision}: FAILED {bad.iloc[0].error}")
             continue
-        routes = g[g.kind == "route"]
+        routes, stored = g[g.kind == "route"], g[g.kind == "route_lut"]
         parts = [f"  {model} {backend} {precision}:"]
         if len(routes):
             err = routes.rel_error.abs() * 100
-            parts.append(f"LUT error median {err.median():.1f}% max {err.max():.1f}% over {len(routes)} routes;")
-        d = g[g.kind == "dispatch"]
-        if len(d):
-            overhead = d.latency_ms_p50.iloc[0] - d.predicted_ms.iloc[0]
-            smallest = routes.sort_values("madds").latency_ms_p50.iloc[0] if len(routes) else float("nan")
-            parts.append(f"dispatch {overhead * 1e3:.0f} us ({100 * overhead / smallest:.1f}% of the smallest route);")
+            lut_err = stored.rel_error.abs() * 100
+            overhead = routes.latency_ms_p50 - routes.predicted_ms
+            smallest = routes.sort_values("madds").iloc[0]
+            parts.append(f"parts vs end to end (same run) median {err.median():.1f}% max {err.max():.1f}%; "
+                         f"stored LUT vs end to end median {lut_err.median():.1f}% max {lut_err.max():.1f}% "
+                         f"over {len(routes)} routes; dispatch median {overhead.median() * 1e3:.0f} us "
+                         f"({100 * overhead.median() / smallest.latency_ms_p50:.1f}% of the smallest route);")
         st = g[g.kind == "stream"]
         if len(st):
             parts.append(f"uniform stream error {100 * st.rel_error.iloc[0]:+.1f}%;")

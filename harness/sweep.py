@@ -35,7 +35,7 @@ import dsnet
 from harness.backends import Failure, compile_engine, get_backend
 from harness.backends.base import one_line
 from harness.env import library_versions
-from harness.measure import CudaEventTimer, Protocol, WallTimer, measure
+from harness.measure import CudaEventTimer, Protocol, WallTimer, measure, measure_interleaved, summarize
 from harness.store import DYNAMIC_KEY, ResultStore
 
 STATIC_WIDTHS = (1.0, 0.75, 0.5, 0.25)
@@ -288,52 +288,51 @@ class DynamicSweep:
         self.sweep.store.record_dynamic(row)
 
     def run(self, progress=None) -> None:
-        from harness.dynamic import measure_dispatch, measure_end_to_end, measure_stream, segment_inputs
-        from harness.lut import LatencyLUT
+        from harness.dynamic import chain_parts, covering_routes, in_context, measure_dispatch, measure_stream
+        from harness.lut import LatencyLUT, route_segment_names
 
         protocol, timer = self.sweep.protocol, self._timer()
-        # 1. every segment on its own: the compositional LUT
-        todo = [("head", None)] + [(self.plan.segment_name(k, key), (k, key))
-                                   for k, seg in enumerate(self.plan.stages) for key in seg]
-        inputs = None
-        for name, where in todo:
-            if self._key("segment", name) in self.done:
+        # 1. every segment timed in context (interleaved in chain order over routes that cover all
+        #    segments; a segment's samples pooled over the routes it appears in): the compositional LUT
+        cover = covering_routes(self.plan, self.model.routes(self.input_size))
+        remaining: dict[str, int] = {}
+        for route in cover:
+            for name in route_segment_names(route):
+                remaining[name] = remaining.get(name, 0) + 1
+        samples: dict[str, list[float]] = {}
+        for route in cover:
+            names = route_segment_names(route)
+            if all(self._key("segment", n) in self.done for n in names):
                 continue
-            if where is None:
-                eng, feats = self.engine.head, self.x
-            else:
-                inputs = inputs or segment_inputs(self.engine, self.x)
-                feats = inputs[where]
-                eng = self.engine.segment(*where, feats)
-            prepared = eng.prepare(feats)
-            m = measure(lambda eng=eng, p=prepared: eng.run(p), protocol, timer)
-            self._record("segment", name, m.stats, m.samples_ms)
-            if progress:
-                progress(f"{self.model_name} {self.backend_name} segment {name}", f"{m.stats.p50:.3f} ms")
+            res = measure_interleaved(chain_parts(self.engine, route, self.x), in_context(protocol), timer)
+            for name, m in res.items():
+                samples.setdefault(name, []).extend(m.samples_ms)
+                remaining[name] -= 1
+                if remaining[name] == 0 and self._key("segment", name) not in self.done:
+                    stats = summarize(samples[name])
+                    self._record("segment", name, stats, samples[name])
+                    if progress:
+                        progress(f"{self.model_name} {self.backend_name} segment {name}", f"{stats.p50:.3f} ms")
         lut = LatencyLUT.from_frame(self.sweep.store.dynamic_frame(), self.model_name, self.backend_name,
                                     self.precision, 1, self.input_size)
-        # 2. end to end per route, against the LUT
+        # 2. end to end per route, with the route's parts interleaved in the same run. Two errors:
+        #    "route": sum of the same-run parts vs end to end (the composition itself);
+        #    "route_lut": the stored LUT (measured minutes earlier) vs end to end (adds machine drift).
         routes = validation_routes(self.model.routes(self.input_size))
         for route in routes:
-            if self._key("route", str(route)) in self.done:
+            if self._key("route", str(route)) in self.done and self._key("route_lut", str(route)) in self.done:
                 continue
-            m = measure_end_to_end(self.engine, [route], self.x, protocol, timer)[str(route)]
+            d = measure_dispatch(self.engine, route, self.x, protocol, timer)
+            e2e = d["end_to_end"]
             madds = dsnet.profile(self.model, route, self.input_size).madds
-            self._record("route", str(route), m.stats, m.samples_ms, predicted_ms=lut.latency(route),
+            self._record("route", str(route), e2e.stats, e2e.samples_ms, predicted_ms=d["parts_ms"],
+                         route=str(route), madds=madds)
+            self._record("route_lut", str(route), e2e.stats, e2e.samples_ms, predicted_ms=lut.latency(route),
                          route=str(route), madds=madds)
             if progress:
                 progress(f"{self.model_name} {self.backend_name} route {route}",
-                         f"{m.stats.p50:.3f} ms, LUT {lut.latency(route):.3f} ms")
-        # 3. dispatch overhead on the smallest route: whole and parts interleaved in one run;
-        #    stored as latency = end to end, predicted = sum of the parts
-        smallest = routes[0]
-        if self._key("dispatch", str(smallest)) not in self.done:
-            d = measure_dispatch(self.engine, smallest, self.x, protocol, timer)
-            self._record("dispatch", str(smallest), measured_ms=d["end_to_end_ms"], predicted_ms=d["parts_ms"],
-                         route=str(smallest))
-            if progress:
-                progress(f"{self.model_name} {self.backend_name} dispatch", f"{d['overhead_ms'] * 1e3:.1f} us")
-        # 4. a stream of routes (uniform over the validated routes) against the LUT's expectation
+                         f"{e2e.stats.p50:.3f} ms, parts {d['parts_ms']:.3f} ms, LUT {lut.latency(route):.3f} ms")
+        # 3. a stream of routes (uniform over the validated routes) against the LUT's expectation
         uniform = {r: 1.0 / len(routes) for r in routes}
         if self._key("stream", "uniform") not in self.done:
             s = measure_stream(self.engine, uniform, {str(r): lut.latency(r) for r in routes}, self.x, protocol,
@@ -343,7 +342,7 @@ class DynamicSweep:
                          predicted_ms=s["predicted_ms"])
             if progress:
                 progress(f"{self.model_name} {self.backend_name} stream", f"{s['measured'].mean:.3f} ms")
-        # 5. realized against ideal acceleration, when the model has a static counterpart
+        # 4. realized against ideal acceleration, when the model has a static counterpart
         static = STATIC_COUNTERPART.get(self.model_name)
         if static and self._key("acceleration", "dynamic") not in self.done:
             self._acceleration(static, routes, timer, progress)
