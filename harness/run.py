@@ -249,7 +249,7 @@ def run_dynamic(sweep, target, models, active, input_size, args, skipped) -> Non
     """The dynamic engine of every supernet among ``models`` on the profile's dynamic backends."""
     import dsnet
     from harness.backends.base import one_line
-    from harness.sweep import DynamicSweep, Progress
+    from harness.sweep import DynamicSweep, Progress, validation_routes
 
     wanted = _csv(args.backends) or target.dynamic_backends or target.backends
     backends = [b for b in wanted if b in active and b in (target.dynamic_backends or wanted)]
@@ -270,7 +270,7 @@ def run_dynamic(sweep, target, models, active, input_size, args, skipped) -> Non
                                                 "name": "build", "status": "compile_failed",
                                                 "error": one_line(e), "run_id": sweep.run_id})
                     continue
-                n = len(ds.plan) + len(ds.model.routes(input_size)) + 3
+                n = len(ds.plan) + len(validation_routes(ds.model.routes(input_size))) + 2
                 ds.run(Progress(n).update)
 
 
