@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dsnet.deploy import dispatch
 from harness.backends import Failure, compile_engine
 from harness.measure import Protocol, Timer, measure, measure_interleaved
 
@@ -65,27 +66,7 @@ class DynamicEngine:
         return self._segments[cache_key]
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n = x.shape[0]
-        feats, scores = self.head(x)
-        groups = [(torch.arange(n), feats, scores, None)]
-        choices = torch.empty(n, self.n_gates, dtype=torch.long)
-        out = None
-        for k in range(self.n_gates):
-            new_groups = []
-            for idx, f, s, prev in groups:
-                choice = s.argmax(-1)
-                choices[idx, k] = choice
-                for c in torch.unique(choice).tolist():
-                    sel = (choice == c).nonzero(as_tuple=True)[0]
-                    sub = f[sel].contiguous()
-                    y = self.segment(k, (prev, c), sub)(sub)
-                    if k + 1 < self.n_gates:
-                        new_groups.append((idx[sel], y[0], y[1], c))
-                    else:
-                        out = y.new_zeros(n, y.shape[1]) if out is None else out
-                        out[idx[sel]] = y.float()
-            groups = new_groups
-        return out, choices
+        return dispatch(x, self.head, lambda k, key, f: self.segment(k, key, f)(f), self.n_gates)
 
     def route_call(self, prepared, route):
         """Timed end-to-end call for ``route``: head, gate decision, hand-off, segments."""
