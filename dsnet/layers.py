@@ -36,10 +36,6 @@ def check_exec_mode(mode: str) -> str:
     return mode
 
 
-def _copy(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.detach().clone().contiguous()
-
-
 def _zero_channels_from(x: torch.Tensor, c: int) -> torch.Tensor:
     """Zero channels ``c:`` of an (N, C, ...) tensor (the ``mask`` execution mode)."""
     if c >= x.shape[1]:
@@ -261,12 +257,3 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
         b = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
         fused.bias.copy_((b - bn.running_mean) * scale + bn.bias)
     return fused
-
-
-def to_static(module: nn.Module) -> nn.Module:
-    """Plain copy of a dynamic layer's active slice; other modules are deep-copied."""
-    if isinstance(module, _Dynamic):
-        return module.to_static()
-    import copy
-
-    return copy.deepcopy(module)
