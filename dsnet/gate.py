@@ -11,6 +11,11 @@ shared hidden vector to one score per choice, eq. 22). ``forward(x)`` returns
 ``(attended_x, logits)``. :func:`route_onehot` turns the logits into the one-hot route:
 straight-through Gumbel-softmax in training, deterministic argmax in eval.
 
+``gate.num_allowed`` restricts the routing space to the first choices (the paper trains its -S
+gate on the first routes only): the other choices score ``-inf``, in training, in eval and in the
+deployed ``StaticGate``. The routing head (``gate.route``) is what stage II trains; the attention
+head and the shared first FC belong to the supernet (stage I).
+
 ``to_static()`` gives the attention head alone as plain layers (the routing head is dropped: a
 materialized route has no gate); ``to_static_gate()`` keeps both heads, for a deployment segment
 that must emit route scores (``dsnet.split``).
@@ -42,16 +47,25 @@ class StaticAttention(nn.Module):
         return x * delta(self.fc2(h))[:, :, None, None]
 
 
+def restrict_scores(scores: torch.Tensor, num_allowed: int) -> torch.Tensor:
+    """Scores with every choice from ``num_allowed`` on set to ``-inf`` (never chosen)."""
+    if num_allowed >= scores.shape[-1]:
+        return scores
+    keep = torch.arange(scores.shape[-1], device=scores.device) < num_allowed
+    return scores.masked_fill(~keep, float("-inf"))
+
+
 class StaticGate(nn.Module):
     """Plain-layer double-headed gate: returns ``(attended_x, route_logits)``."""
 
-    def __init__(self, fc1: nn.Linear, fc2: nn.Linear, route: nn.Linear):
+    def __init__(self, fc1: nn.Linear, fc2: nn.Linear, route: nn.Linear, num_allowed: int | None = None):
         super().__init__()
         self.fc1, self.fc2, self.route = fc1, fc2, route
+        self.num_allowed = route.out_features if num_allowed is None else num_allowed
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = F.relu(self.fc1(x.mean((2, 3))))
-        return x * delta(self.fc2(h))[:, :, None, None], self.route(h)
+        return x * delta(self.fc2(h))[:, :, None, None], restrict_scores(self.route(h), self.num_allowed)
 
 
 class AttentionHead(nn.Module):
@@ -85,11 +99,19 @@ class Gate(AttentionHead):
     def __init__(self, channels: int, hidden: int, num_choices: int):
         super().__init__(channels, hidden)
         self.num_choices = num_choices
+        self.num_allowed = num_choices
         self.route = nn.Linear(hidden, num_choices, bias=False)  # routing head (W2)
+
+    def restrict(self, num_allowed: int | None) -> None:
+        """Allow only choices ``0 .. num_allowed - 1`` (``None``: all)."""
+        n = self.num_choices if num_allowed is None else int(num_allowed)
+        if not 1 <= n <= self.num_choices:
+            raise ValueError(f"a gate with {self.num_choices} choices cannot allow {num_allowed}")
+        self.num_allowed = n
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         h = self._hidden(x)
-        return self._attend(x, h), self.route(h)
+        return self._attend(x, h), restrict_scores(self.route(h), self.num_allowed)
 
     def to_static(self) -> StaticAttention:
         return StaticAttention(self.fc1.to_static(), self.fc2.to_static())
@@ -98,7 +120,7 @@ class Gate(AttentionHead):
         route = nn.Linear(self.route.in_features, self.num_choices, bias=False)
         with torch.no_grad():
             route.weight.copy_(self.route.weight)
-        return StaticGate(self.fc1.to_static(), self.fc2.to_static(), route)
+        return StaticGate(self.fc1.to_static(), self.fc2.to_static(), route, self.num_allowed)
 
 
 def route_onehot(logits: torch.Tensor, training: bool, tau: float = 1.0) -> torch.Tensor:

@@ -11,7 +11,8 @@ provides:
 - ``count(counter, route)``: describe the route's layers to a :class:`CostCounter`, which yields
   MAdds and params analytically, without tensors;
 - ``static_sequence(route)``: the route as plain modules (used by ``dsnet.materialize``);
-- ``deployment_segments()``: the pieces of dynamic deployment (used by ``dsnet.split``).
+- ``deployment_segments()``: the pieces of dynamic deployment (used by ``dsnet.split``);
+- ``forward_dynamic(x)`` (supernets): gate-driven inference, a :class:`DynamicOutput`.
 
 MAdds convention: multiply-adds of convolutions and fully connected layers (attention heads
 included), per image; pooling, activations, normalization and the attention product are not
@@ -22,12 +23,26 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from dsnet.layers import _Dynamic, set_exec_mode
 from dsnet.routes import Route, RoutingSpace
+
+
+class DynamicOutput(NamedTuple):
+    """What a supernet's gate-driven forward returns, per sample of the batch.
+
+    ``logits``: class scores. ``onehots``: one ``(N, choices)`` route one-hot per gate (argmax in
+    eval; straight-through Gumbel in training, so gradients reach the routing heads). ``scores``:
+    each gate's routing-head logits (the SGS loss of stage II is a cross-entropy on them).
+    """
+
+    logits: torch.Tensor
+    onehots: list[torch.Tensor]
+    scores: list[torch.Tensor]
 
 
 def static_copy(module: nn.Module) -> nn.Module:

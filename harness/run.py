@@ -48,6 +48,42 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def open_target(name: str):
+    """The resolved profile ``name``, threads configured; :class:`UsageError` for an unknown or
+    malformed profile, or one this machine cannot run (naming the profiles that can)."""
+    try:
+        target = load_target(name)
+    except TargetError as e:
+        raise UsageError(str(e)) from None
+    runnable, why = target.runs_here()
+    if not runnable:
+        here = [n for n in known_targets() if _runs_here_quietly(n)]
+        raise UsageError(f"target '{target.name}' cannot run on this machine: {why}. "
+                         f"Profiles that can run here: {', '.join(here) or 'none'}")
+    target = target.resolve()
+    envmod.configure_threads(target.threads)  # before any backend library loads
+    return target
+
+
+def capture_machine(target, strict: bool = False):
+    """``(env, device name, device mismatch)``, warning on stderr about a mismatched device or a
+    busy machine (an error line under ``strict``: the caller exits 3)."""
+    env = envmod.capture(target.device)
+    device_name = env.get("gpu_name") if target.device == "cuda" else env["cpu_model"]
+    device_mismatch = bool(target.expected_device) and target.expected_device not in (device_name or "")
+    if device_mismatch:
+        print(f"warning: profile '{target.name}' expects '{target.expected_device}' but this is "
+              f"'{device_name}'; results are recorded with device_mismatch=1", file=sys.stderr)
+    if env["busy"]:
+        msg = (f"machine busy: other processes use {env['other_processes_cpu_percent']:.0f}% of a core "
+               f"(load average {env['load_average'][0]}); timings may be inflated")
+        if strict:
+            print(f"error: {msg}; refusing under --strict", file=sys.stderr)
+        else:
+            print(f"warning: {msg}; the run is flagged busy in env.json", file=sys.stderr)
+    return env, device_name, device_mismatch
+
+
 def _csv(text: str | None) -> list[str] | None:
     return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
 
@@ -136,18 +172,10 @@ def summary_table(df, skipped: dict[str, str], notes: list[str] = ()) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        target = load_target(args.target)
-    except TargetError as e:
+        target = open_target(args.target)
+    except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    runnable, why = target.runs_here()
-    if not runnable:
-        here = [n for n in known_targets() if _runs_here_quietly(n)]
-        print(f"error: target '{target.name}' cannot run on this machine: {why}. "
-              f"Profiles that can run here: {', '.join(here) or 'none'}", file=sys.stderr)
-        return 2
-    target = target.resolve()
-    envmod.configure_threads(target.threads)  # before any backend library loads
 
     from harness.store import ResultStore
     from harness.sweep import Progress, Sweep, Task, workloads
@@ -159,19 +187,9 @@ def main(argv=None) -> int:
         return 2
     out.mkdir(parents=True, exist_ok=True)
 
-    env = envmod.capture(target.device)
-    device_name = env.get("gpu_name") if target.device == "cuda" else env["cpu_model"]
-    device_mismatch = bool(target.expected_device) and target.expected_device not in (device_name or "")
-    if device_mismatch:
-        print(f"warning: profile '{target.name}' expects '{target.expected_device}' but this is "
-              f"'{device_name}'; results are recorded with device_mismatch=1", file=sys.stderr)
-    if env["busy"]:
-        msg = (f"machine busy: other processes use {env['other_processes_cpu_percent']:.0f}% of a core "
-               f"(load average {env['load_average'][0]}); timings may be inflated")
-        if args.strict:
-            print(f"error: {msg}; refusing under --strict", file=sys.stderr)
-            return 3
-        print(f"warning: {msg}; the run is flagged busy in env.json", file=sys.stderr)
+    env, device_name, device_mismatch = capture_machine(target, args.strict)
+    if env["busy"] and args.strict:
+        return 3
 
     from harness.backends import get_backend
 
@@ -245,8 +263,9 @@ def main(argv=None) -> int:
     return status
 
 
-def run_dynamic(sweep, target, models, active, input_size, args, skipped) -> None:
-    """The dynamic engine of every supernet among ``models`` on the profile's dynamic backends."""
+def run_dynamic(sweep, target, models, active, input_size, args, skipped) -> list[str]:
+    """The dynamic engine of every supernet among ``models`` on the profile's dynamic backends
+    (returned)."""
     import dsnet
     from harness.backends.base import one_line
     from harness.sweep import DynamicSweep, Progress, validation_routes
@@ -272,6 +291,7 @@ def run_dynamic(sweep, target, models, active, input_size, args, skipped) -> Non
                     continue
                 n = len(ds.plan) + len(validation_routes(ds.model.routes(input_size))) + 2
                 ds.run(Progress(n).update)
+    return backends
 
 
 def dynamic_summary(dyn) -> str:

@@ -77,7 +77,7 @@ def workloads(models: list[str], input_size: int, routes: set[str] | None = None
     return out
 
 
-def _fingerprint(module: torch.nn.Module) -> str:
+def weights_fingerprint(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for k, v in module.state_dict().items():
         h.update(k.encode())
@@ -132,12 +132,18 @@ class Task:
 class Progress:
     """A one-line progress bar on stderr (one line per item when not a terminal)."""
 
-    def __init__(self, total: int, stream=sys.stderr):
+    def __init__(self, total: int, stream=sys.stderr, every_s: float = 0.0):
+        """``every_s``: when not a terminal, print at most one line per ``every_s`` seconds."""
         self.total, self.done, self.stream, self.start = total, 0, stream, time.monotonic()
         self.tty = stream.isatty()
+        self.every_s, self.last = every_s, -float("inf")
 
     def update(self, label: str, result: str) -> None:
         self.done += 1
+        now = time.monotonic()
+        if not self.tty and self.done < self.total and now - self.last < self.every_s:
+            return
+        self.last = now
         width = 24
         filled = int(width * self.done / max(1, self.total))
         elapsed = time.monotonic() - self.start
@@ -159,6 +165,10 @@ class Sweep:
         self.device_name, self.device_mismatch, self.run_id = device_name, device_mismatch, run_id
         self.versions = library_versions()
         self._backends: dict[str, object] = {}
+
+    def timer(self):
+        """The clock of the protocol on this target: CUDA events on a GPU, wall clock on a CPU."""
+        return CudaEventTimer() if self.target.device == "cuda" else WallTimer()
 
     def backend(self, name: str):
         if name not in self._backends:
@@ -226,7 +236,7 @@ class Sweep:
             by_workload.setdefault(id(t.workload), []).append(t)
         for group in by_workload.values():
             module = group[0].workload.build()  # materialize once per workload
-            fingerprint = _fingerprint(module)
+            fingerprint = weights_fingerprint(module)
             for task in group:
                 row = self.run_task(task, module, fingerprint)
                 rows.append(row)
@@ -255,17 +265,21 @@ def validation_routes(routes: list) -> list:
 class DynamicSweep:
     """Measures a supernet's dynamic engine on one backend; every result is stored at once."""
 
-    def __init__(self, sweep: Sweep, model_name: str, backend: str, precision: str, input_size: int):
+    def __init__(self, sweep: Sweep, model_name: str, backend: str, precision: str, input_size: int,
+                 model=None):
+        """``model``: the instance to deploy (default: ``model_name`` with seeded random weights)."""
         from harness.dynamic import DynamicEngine
 
         self.sweep, self.model_name, self.backend_name = sweep, model_name, backend
         self.precision, self.input_size = precision, input_size
-        torch.manual_seed(WEIGHT_SEED)
-        self.model = dsnet.create_model(model_name).eval()
+        if model is None:
+            torch.manual_seed(WEIGHT_SEED)
+            model = dsnet.create_model(model_name)
+        self.model = model.eval()
         self.plan = dsnet.split(self.model)
         self.engine = DynamicEngine(self.plan, sweep.backend(backend), sweep.target, precision,
                                     sweep.out_dir / "cache" / backend / f"{model_name}-dynamic", input_size,
-                                    fingerprint=_fingerprint(self.plan))
+                                    fingerprint=weights_fingerprint(self.plan))
         self.x = torch.randn(1, 3, input_size, input_size, generator=torch.Generator().manual_seed(1))
         self.done = sweep.store.dynamic_done()
 
@@ -287,7 +301,8 @@ class DynamicSweep:
             row.update(predicted_ms=predicted_ms, rel_error=(predicted_ms - measured_ms) / measured_ms)
         self.sweep.store.record_dynamic(row)
 
-    def run(self, progress=None) -> None:
+    def run(self, progress=None, lut_only: bool = False) -> None:
+        """Measure what the store lacks; ``lut_only``: the segments (the LUT) and nothing else."""
         from harness.dynamic import chain_parts, covering_routes, in_context, measure_dispatch, measure_stream
         from harness.lut import LatencyLUT, route_segment_names
 
@@ -313,6 +328,8 @@ class DynamicSweep:
                     self._record("segment", name, stats, samples[name])
                     if progress:
                         progress(f"{self.model_name} {self.backend_name} segment {name}", f"{stats.p50:.3f} ms")
+        if lut_only:
+            return
         lut = LatencyLUT.from_frame(self.sweep.store.dynamic_frame(), self.model_name, self.backend_name,
                                     self.precision, 1, self.input_size)
         # 2. end to end per route, with the route's parts interleaved in the same run. Two errors:
@@ -361,7 +378,7 @@ class DynamicSweep:
             wl = Workload(static, f"x{w}", "", madds[label], 0, lambda m=module: m)
             task = Task(wl, self.backend_name, self.precision, 1, self.input_size)
             engine = compile_engine(self.sweep.backend(self.backend_name), module, self.x, self.sweep.target,
-                                    self.precision, self.sweep.artifact_dir(task, _fingerprint(module)))
+                                    self.precision, self.sweep.artifact_dir(task, weights_fingerprint(module)))
             if isinstance(engine, Failure):
                 self._record("acceleration", "dynamic", status="compile_failed",
                              error=f"{static} x{w}: {engine.error}")
@@ -383,4 +400,4 @@ class DynamicSweep:
                      f"realized {res['realized_speedup']:.2f}x, ideal {res['ideal_speedup']:.2f}x")
 
     def _timer(self):
-        return CudaEventTimer() if self.sweep.target.device == "cuda" else WallTimer()
+        return self.sweep.timer()

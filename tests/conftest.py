@@ -42,8 +42,7 @@ def routes_apart(model, n: int, size: int = 32, tries: int = 50, seed: int = 0):
                   + torch.randn(16, 3, 1, 1, generator=g) * 3)
     for _ in range(tries):
         x = torch.randn(n, 3, size, size, generator=g) + torch.randn(n, 3, 1, 1, generator=g) * 3
-        _, onehot = model.forward_dynamic(x)
-        oh = torch.cat(onehot, 1) if isinstance(onehot, list) else onehot
+        oh = torch.cat(model.forward_dynamic(x).onehots, 1)
         if n == 1 or len({tuple(r.tolist()) for r in oh}) > 1:
             return x
     raise AssertionError("could not find inputs that the gate routes apart")

@@ -22,7 +22,7 @@ from dsnet.gate import AttentionHead, Gate, route_onehot
 from dsnet.layers import DynamicConv2d, DynamicLinear, SplitBatchNorm2d
 from dsnet.registry import register_model
 from dsnet.routes import GateSpec, Route, RoutingSpace
-from dsnet.supernet import CostCounter, Supernet, static_copy
+from dsnet.supernet import CostCounter, DynamicOutput, Supernet, static_copy
 
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "swish": nn.SiLU}
 
@@ -228,8 +228,8 @@ class DSMobileNetV1(Supernet):
             return self._tail(feats)
         return self.forward_dynamic(x)[0]
 
-    def forward_dynamic(self, x):
-        """Gate-driven inference: returns ``(logits, route_onehot)``.
+    def forward_dynamic(self, x) -> DynamicOutput:
+        """Gate-driven inference (one gate).
 
         Eval: argmax route per sample; samples are grouped by route and each group runs its
         route's slice. Training (stage II) is differentiable: each route's tail runs in slice
@@ -249,7 +249,7 @@ class DSMobileNetV1(Supernet):
             if self.training:  # gradient reaches the gate through the one-hot
                 y = y * onehot[idx, c : c + 1]
             out = out.index_copy(0, idx, y)
-        return out, onehot
+        return DynamicOutput(out, [onehot], [scores])
 
     # -- deployment ---------------------------------------------------------------------------
     def _static_head_body(self) -> nn.Sequential:

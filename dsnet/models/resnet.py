@@ -21,7 +21,7 @@ from dsnet.layers import DynamicConv2d, DynamicLinear, SplitBatchNorm2d
 from dsnet.models.mobilenet import Classifier
 from dsnet.registry import register_model
 from dsnet.routes import GateSpec, Route, RoutingSpace
-from dsnet.supernet import CostCounter, Supernet, static_copy
+from dsnet.supernet import CostCounter, DynamicOutput, Supernet, static_copy
 
 RATIOS = (0.25, 0.5, 0.75, 1.0)
 
@@ -187,15 +187,13 @@ class DSResNet(Supernet):
             x = self._stage(k, x)
         return self._classify(x)
 
-    def forward_dynamic(self, x):
-        """Gate-driven inference (eval: argmax per gate, samples grouped by their choices).
-
-        Returns ``(logits, onehots)`` with one ``(N, num_ratios)`` one-hot per gate.
-        """
+    def forward_dynamic(self, x) -> DynamicOutput:
+        """Gate-driven inference (eval: argmax per gate, samples grouped by their choices)."""
         n = x.shape[0]
         # A group: (sample indices, features, width of the features).
         groups = [(torch.arange(n, device=x.device), self._stem(x), self.stem_width)]
         onehots = [None] * len(self.stages)
+        all_scores = [None] * len(self.stages)
         for k in range(len(self.stages)):
             new_groups = []
             for idx, feats, cin in groups:
@@ -205,6 +203,9 @@ class DSResNet(Supernet):
                 if onehots[k] is None:
                     onehots[k] = oh.new_zeros(n, oh.shape[1])
                 onehots[k] = onehots[k].index_copy(0, idx, oh)
+                if all_scores[k] is None:
+                    all_scores[k] = scores.new_zeros(n, scores.shape[1])
+                all_scores[k] = all_scores[k].index_copy(0, idx, scores)
                 choice = oh.argmax(-1)
                 for c in torch.unique(choice).tolist():
                     sel = (choice == c).nonzero(as_tuple=True)[0]
@@ -220,7 +221,7 @@ class DSResNet(Supernet):
             y = self._classify(feats)
             out = y.new_zeros(n, y.shape[1]) if out is None else out
             out = out.index_copy(0, idx, y)
-        return out, onehots
+        return DynamicOutput(out, onehots, all_scores)
 
     # -- deployment ---------------------------------------------------------------------------
     def _static_stem(self) -> nn.Module:

@@ -1,0 +1,330 @@
+"""Two-stage training of a dynamic supernet (DS-Net++ section 4, DS-Net supplementary A).
+
+Contract
+--------
+Stage I, :func:`train_supernet`: the gate is off (every step runs fixed routes). Sandwich rule:
+per step the largest route, the smallest and ``n_random`` random routes; the largest learns from
+the labels, the others by in-place distillation from the largest route's soft output, or (option
+``ema_decay``) by in-place bootstrapping from an EMA copy of the supernet
+(``torch.optim.swa_utils.AveragedModel``). Then every route's split BN is re-calibrated.
+
+Stage II, :func:`train_gate`: the supernet is frozen (its BN in eval mode); only the routing heads
+(``Gate.route``, see :func:`gate_parameters`) learn, with
+``L = 1.0 L_cls + 0.5 L_cp + 1.0 L_sgs``:
+
+- ``L_cls``: cross-entropy of the gate-driven output (straight-through Gumbel routes);
+- ``L_cp``: a :class:`ComplexityPenalty`, ``((mean_n sum_k p_nk c_k - target) / T)^2``, ``p`` the
+  route one-hot (the product of the gates' straight-through one-hots, routing-space order) and
+  ``c`` per-route MAdds (:meth:`ComplexityPenalty.madds`, the paper) or LUT latency
+  (:meth:`ComplexityPenalty.latency`); ``T`` the cost of the largest route; target 0 by default;
+- ``L_sgs``: cross-entropy of each gate's scores against :func:`sgs_targets` ("try best": the first
+  choice if the smallest route classifies the sample correctly, else the last allowed one).
+
+SGD (momentum 0.9), lr 0.05 decayed x0.9 per epoch, no weight decay. :func:`restrict_routes`
+limits the gates to their first choices (the paper's -S gate). :func:`evaluate_gate` reports
+accuracy, the route histogram and expected costs. :func:`save_checkpoint` / :func:`load_checkpoint`
+round-trip a model with its gate restriction and metadata.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsnet.calibration import recalibrate_bn
+from dsnet.gate import Gate
+from dsnet.layers import SplitBatchNorm2d
+from dsnet.routes import Route
+
+CHECKPOINT_FORMAT = "dsnet-harness/checkpoint-1"
+Progress = Callable[[str, dict], None]  # (label, figures) after each step
+
+
+# -- stage I ---------------------------------------------------------------------------------------
+
+def sandwich_routes(model, n_random: int, generator: torch.Generator) -> list[Route]:
+    """Largest first (the teacher), then the smallest, then ``n_random`` uniformly drawn routes."""
+    routes = model.routes()
+    picks = torch.randint(len(routes), (n_random,), generator=generator).tolist()
+    return [routes[-1], routes[0]] + [routes[i] for i in picks]
+
+
+def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    return -(target_probs * F.log_softmax(logits, -1)).sum(-1).mean()
+
+
+def train_supernet(model, loader, epochs: int, lr: float = 0.05, n_random: int = 2, distill: bool = True,
+                   ema_decay: float | None = None, weight_decay: float = 1e-4, seed: int = 0,
+                   calibration_batches: int | None = None, progress: Progress | None = None) -> dict:
+    """Stage I in place; returns the last epoch's mean loss. BN is re-calibrated at the end."""
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    g = torch.Generator().manual_seed(seed)
+    params = [p for n, p in model.named_parameters() if not n.endswith("route.weight")]
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * max(1, len(loader)))
+    teacher = None
+    if ema_decay is not None:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        teacher = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+    model.train()
+    total, n = 0.0, 0
+    for epoch in range(epochs):
+        total, n = 0.0, 0
+        for step, (x, y) in enumerate(loader):
+            opt.zero_grad(set_to_none=True)
+            routes = sandwich_routes(model, n_random, g)
+            model.set_route(routes[0])
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+            loss.backward()
+            soft = None
+            if distill:
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher.module.set_route(routes[0])
+                        teacher.eval()
+                        soft = teacher(x).softmax(-1)
+                else:
+                    soft = out.detach().softmax(-1)
+            for route in routes[1:]:
+                model.set_route(route)
+                out_r = model(x)
+                loss_r = soft_cross_entropy(out_r, soft) if soft is not None else F.cross_entropy(out_r, y)
+                loss_r.backward()
+            opt.step()
+            sched.step()
+            if teacher is not None:
+                teacher.update_parameters(model)
+            total, n = total + loss.item(), n + 1
+            if progress:
+                progress(f"stage I epoch {epoch + 1}/{epochs} step {step + 1}/{len(loader)}",
+                         {"loss": loss.item()})
+    recalibrate_bn(model, loader, max_batches=calibration_batches)
+    model.eval()
+    return {"loss": total / max(1, n)}
+
+
+# -- stage II --------------------------------------------------------------------------------------
+
+def gates(model) -> list[Gate]:
+    """The model's routing gates, in network order."""
+    return [m for m in model.modules() if isinstance(m, Gate)]
+
+
+def gate_parameters(model) -> list[nn.Parameter]:
+    """What stage II trains: the routing heads."""
+    return [g.route.weight for g in gates(model)]
+
+
+def restrict_routes(model, num_allowed: int | None) -> None:
+    """Let every gate choose only among its first ``num_allowed`` choices (``None``: all)."""
+    for g in gates(model):
+        g.restrict(num_allowed)
+
+
+def allowed_routes(model) -> list[Route]:
+    """The routes the (possibly restricted) gates can choose, in routing-space order."""
+    limits = [g.num_allowed for g in gates(model)]
+    return [r for r in model.routing_space.all_routes() if all(c < k for c, k in zip(r, limits))]
+
+
+@torch.no_grad()
+def sgs_targets(model, images: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+    """Sandwich gate sparsification, "try best": per gate, choice 0 where the smallest allowed
+    route classifies the sample correctly, else the gate's last allowed choice."""
+    smallest = Route(tuple(0 for _ in gates(model)))
+    correct = model._with_route(smallest, lambda: model(images)).argmax(-1) == labels
+    return [torch.where(correct, 0, g.num_allowed - 1) for g in gates(model)]
+
+
+def route_probabilities(onehots: list[torch.Tensor]) -> torch.Tensor:
+    """Per-sample route weights ``(N, routes)`` in routing-space order: the product over gates of
+    each gate's one-hot (lexicographic, first gate most significant). Differentiable."""
+    p = onehots[0]
+    for oh in onehots[1:]:
+        p = (p[:, :, None] * oh[:, None, :]).flatten(1)
+    return p
+
+
+@dataclass
+class ComplexityPenalty:
+    """``((mean_n sum_k p_nk costs_k - target) / normalizer)^2`` over a batch (DS-Net eq. 37)."""
+
+    costs: torch.Tensor  # per route, routing-space order
+    normalizer: float
+    unit: str
+    kind: str
+    target: float = 0.0
+
+    def expected(self, onehots: list[torch.Tensor]) -> torch.Tensor:
+        """Per-sample cost of the chosen routes ``(N,)``."""
+        return route_probabilities(onehots) @ self.costs.to(onehots[0].dtype)
+
+    def __call__(self, onehots: list[torch.Tensor]) -> torch.Tensor:
+        return ((self.expected(onehots).mean() - self.target) / self.normalizer) ** 2
+
+    @classmethod
+    def madds(cls, model, input_size: int, target: float | None = None) -> ComplexityPenalty:
+        import dsnet
+
+        costs = torch.tensor([float(dsnet.profile(model, r, input_size).madds)
+                              for r in model.routing_space.all_routes()])
+        return cls(costs, float(costs.max()), "MAdds", "madds", target or 0.0)
+
+    @classmethod
+    def latency(cls, lut_ms: torch.Tensor, model, target_ms: float | None = None) -> ComplexityPenalty:
+        n = len(model.routing_space)
+        if lut_ms.dim() != 1 or len(lut_ms) != n:
+            raise ValueError(f"the LUT prices {lut_ms.numel()} routes, the model has {n}")
+        return cls(lut_ms.float(), float(lut_ms.max()), "ms", "latency", target_ms or 0.0)
+
+
+@dataclass
+class LossWeights:
+    cls: float = 1.0
+    cp: float = 0.5
+    sgs: float = 1.0
+
+
+def freeze_supernet(model) -> list[nn.Parameter]:
+    """Stage II set-up: only routing heads require grad; BN (and everything else) in eval mode,
+    Gumbel routing on (``model.training`` is what the gates read)."""
+    trainable = gate_parameters(model)
+    if not trainable:
+        raise ValueError(f"{type(model).__name__} has no routing gate to train")
+    ids = {id(p) for p in trainable}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in ids)
+    model.train()
+    for m in model.modules():
+        if isinstance(m, (SplitBatchNorm2d, nn.BatchNorm2d, nn.Dropout)):
+            m.eval()
+    return trainable
+
+
+def train_gate(model, loader, penalty: ComplexityPenalty, epochs: int, lr: float = 0.05, lr_decay: float = 0.9,
+               weights: LossWeights | None = None, seed: int = 0, progress: Progress | None = None) -> list[dict]:
+    """Stage II in place; returns per-epoch means of the losses."""
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    if len(penalty.costs) != len(model.routing_space):
+        raise ValueError(f"the penalty prices {len(penalty.costs)} routes, the model has {len(model.routing_space)}")
+    weights = weights or LossWeights()
+    torch.manual_seed(seed)  # Gumbel noise
+    params = freeze_supernet(model)
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, lr_decay)
+    model.set_route(None)
+    history = []
+    try:
+        for epoch in range(epochs):
+            sums = {"loss": 0.0, "cls": 0.0, "cp": 0.0, "sgs": 0.0, "cost": 0.0}
+            n = 0
+            for step, (x, y) in enumerate(loader):
+                targets = sgs_targets(model, x, y)
+                out = model.forward_dynamic(x)
+                l_cls = F.cross_entropy(out.logits, y)
+                l_cp = penalty(out.onehots)
+                l_sgs = sum(F.cross_entropy(s, t) for s, t in zip(out.scores, targets)) / len(targets)
+                loss = weights.cls * l_cls + weights.cp * l_cp + weights.sgs * l_sgs
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                cost = penalty.expected([o.detach() for o in out.onehots]).mean().item()
+                for k, v in (("loss", loss), ("cls", l_cls), ("cp", l_cp), ("sgs", l_sgs)):
+                    sums[k] += v.item()
+                sums["cost"] += cost
+                n += 1
+                if progress:
+                    progress(f"stage II epoch {epoch + 1}/{epochs} step {step + 1}/{len(loader)}",
+                             {"loss": loss.item(), f"cost_{penalty.unit}": cost})
+            sched.step()
+            history.append({k: v / max(1, n) for k, v in sums.items()} | {"epoch": epoch + 1})
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.eval()
+    return history
+
+
+@dataclass
+class GateEvaluation:
+    accuracy: float
+    n: int
+    route_counts: dict[str, int]  # every route of the routing space, routing-space order
+    expected: dict[str, float] = field(default_factory=dict)  # cost name -> mean per sample
+
+    def histogram(self) -> dict[str, float]:
+        return {r: c / self.n for r, c in self.route_counts.items()}
+
+
+@torch.no_grad()
+def evaluate_gate(model, loader, costs: dict[str, torch.Tensor] | None = None) -> GateEvaluation:
+    """Eval-mode gate-driven accuracy, route counts and the mean per-sample cost under ``costs``
+    (name -> per-route tensor in routing-space order)."""
+    model.eval()
+    model.set_route(None)
+    routes = model.routing_space.all_routes()
+    counts = torch.zeros(len(routes), dtype=torch.long)
+    correct = n = 0
+    for x, y in loader:
+        out = model.forward_dynamic(x)
+        correct += int((out.logits.argmax(-1) == y).sum())
+        n += len(y)
+        counts += route_probabilities(out.onehots).round().long().sum(0)
+    if n == 0:
+        raise ValueError("the evaluation data is empty")
+    expected = {name: float((counts.double() * c.double()).sum() / n) for name, c in (costs or {}).items()}
+    return GateEvaluation(correct / n, n, {str(r): int(c) for r, c in zip(routes, counts)}, expected)
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+def save_checkpoint(path, model, model_kwargs: dict | None = None, **meta) -> Path:
+    """Write ``model`` (name, constructor arguments, weights, gate restriction) and ``meta``;
+    atomically, so an interruption never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"format": CHECKPOINT_FORMAT, "model": model.model_name, "model_kwargs": model_kwargs or {},
+           "num_allowed": [g.num_allowed for g in gates(model)],
+           "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": meta}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(doc, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path):
+    """``(model, meta)`` from :func:`save_checkpoint`'s file, in eval mode."""
+    import dsnet
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        doc = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(doc, dict) or doc.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a dsnet-harness checkpoint (for the official DS-Net "
+                              "layout use dsnet.load_official_state_dict)")
+    model = dsnet.create_model(doc["model"], **doc["model_kwargs"])
+    try:
+        model.load_state_dict(doc["state_dict"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not fit model {doc['model']}: {str(e).splitlines()[0]}") from None
+    for g, k in zip(gates(model), doc["num_allowed"]):
+        g.restrict(k)
+    return model.eval(), doc["meta"]

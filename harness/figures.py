@@ -1,0 +1,162 @@
+"""The comparison plots, drawn from stored results (``harness.report`` calls :func:`build_all`).
+
+Each function takes the stored frames, writes one PNG under ``<results>/figures/`` and returns its
+path, or raises :class:`harness.report.ReportError` when the results lack what it draws:
+
+- ``latency_vs_madds.png``: per backend, DS-MBNet routes as points, MobileNetV1 widths as a line;
+- ``lut_vs_measured.png``: the compositional LUT's prediction against the end-to-end dynamic engine;
+- ``acceleration.png``: realized against ideal speed-up per backend, beside the paper's;
+- ``table2.png``: DS-Net++ Table 2 as bars (ratio to the ideal network);
+- ``gate_retraining.png``: the retrained gates' route histograms (``harness.gate_report``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+    return path
+
+
+def latency_vs_madds(lut: pd.DataFrame, input_size: int, path: Path) -> Path:
+    from harness.report import ReportError, _ok
+
+    d = _ok(lut[(lut.input_size == input_size) & (lut.batch_size == 1) & (lut.precision == "fp32")]) \
+        if len(lut) else lut
+    if d.empty:
+        raise ReportError("no per-route latencies in lut.csv at this input size")
+    backends = sorted(set(d.backend) - {"noop"}, key=lambda b: (b != "eager", b))
+    plt = _plt()
+    cols = min(3, len(backends))
+    rows = -(-len(backends) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, b in zip(axes.flat, backends):
+        g = d[d.backend == b]
+        for model, style in (("mobilenet_v1", "-o"), ("resnet50", "-s")):
+            s = g[g.model == model].sort_values("madds")
+            if len(s):
+                ax.plot(s.madds / 1e6, s.latency_ms_p50, style, color="0.35", label=f"{model} widths")
+        for model, marker in (("ds_mbnet", "^"), ("ds_resnet50", "v")):
+            s = g[g.model == model]
+            if len(s):
+                ax.scatter(s.madds / 1e6, s.latency_ms_p50, marker=marker, s=22, label=f"{model} routes")
+        ax.set_title(b)
+        ax.set_xlabel("MAdds (M)")
+        ax.set_ylabel("latency p50 (ms)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(backends):]:
+        ax.axis("off")
+    fig.suptitle(f"Latency against MAdds, batch 1, {input_size}x{input_size}")
+    return _save(fig, path)
+
+
+def lut_vs_measured(dyn: pd.DataFrame, input_size: int, path: Path) -> Path:
+    from harness.report import ReportError, _ok
+
+    d = _ok(dyn[(dyn.input_size == input_size) & dyn.kind.isin(["route", "route_lut"])]) if len(dyn) else dyn
+    if d.empty:
+        raise ReportError("no validated dynamic-engine routes in dynamic.csv at this input size")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for (model, backend, kind), g in d.groupby(["model", "backend", "kind"]):
+        label = f"{model} {backend}: {'stored LUT' if kind == 'route_lut' else 'same-run parts'}"
+        ax.scatter(g.latency_ms_p50, g.predicted_ms, s=16, marker="o" if kind == "route" else "x", label=label)
+    lo = float(min(d.latency_ms_p50.min(), d.predicted_ms.min())) * 0.9
+    hi = float(max(d.latency_ms_p50.max(), d.predicted_ms.max())) * 1.1
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="prediction = measurement")
+    ax.set_xlabel("measured end to end, dynamic engine (ms, p50)")
+    ax.set_ylabel("predicted: sum of segments (ms)")
+    ax.set_title("Compositional LUT against the measured dynamic engine")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    return _save(fig, path)
+
+
+def acceleration_plot(dyn: pd.DataFrame, input_size: int, path: Path) -> Path:
+    from harness.report import PAPER_ACCELERATION, ReportError, acceleration
+
+    a = acceleration(dyn, input_size)
+    if a.empty:
+        raise ReportError("no interleaved acceleration measurement in dynamic.csv at this input size")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    labels = list(a.backend) + ["paper (RTX 2080 Ti)"]
+    ideal = list(a.ideal) + [PAPER_ACCELERATION["ideal"]]
+    realized = list(a.realized) + [PAPER_ACCELERATION["realized"]]
+    x = np.arange(len(labels))
+    ax.bar(x - 0.2, ideal, 0.4, label="ideal: MBNetV1 x1.0 / x0.5")
+    ax.bar(x + 0.2, realized, 0.4, label="realized: x1.0 / DS-MBNet at x0.5's MAdds")
+    for xi, (i, r) in enumerate(zip(ideal, realized)):
+        ax.annotate(f"{r / i:.2f} of ideal", (xi + 0.2, r), ha="center", va="bottom", fontsize=7)
+    ax.axhline(1.0, color="0.5", lw=0.8)
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_ylabel("speed-up over MBNetV1 x1.0 (x)")
+    ax.set_title("Realized against ideal acceleration (batch 1)")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def table2_plot(dyn: pd.DataFrame, input_size: int, path: Path) -> Path:
+    from harness.report import PAPER_TABLE2_MS, WAY_NOTES, ReportError, _ok
+
+    d = _ok(dyn[(dyn.kind == "table2") & (dyn.input_size == input_size)]) if len(dyn) else dyn
+    if d.empty:
+        raise ReportError("no Table 2 measurement in dynamic.csv at this input size")
+    ways = list(WAY_NOTES)
+    series = {}
+    for b, g in d.groupby("backend"):
+        p50 = g.set_index("name").latency_ms_p50
+        if "ideal" in p50:
+            series[b] = [p50.get(w, np.nan) / p50["ideal"] for w in ways]
+    series["paper (RTX 2080 Ti)"] = [PAPER_TABLE2_MS.get(w, np.nan) / PAPER_TABLE2_MS["ideal"] for w in ways]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    width = 0.8 / len(series)
+    x = np.arange(len(ways))
+    for i, (name, vals) in enumerate(series.items()):
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, vals, width, label=name)
+    ax.axhline(1.0, color="0.4", lw=0.8)
+    ax.set_xticks(x, ways)
+    ax.set_ylabel("latency / ideal (x)")
+    ax.set_title("DS-Net++ Table 2: ResNet-50 at 25% channels, batch 1")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def build_all(folder: Path, lut, dyn, input_size: int, skipped: list[str]) -> list[Path]:
+    from harness import gate_report
+    from harness.report import ReportError
+
+    out = folder / "figures"
+    written = []
+    for name, fn in (("latency_vs_madds", lambda p: latency_vs_madds(lut, input_size, p)),
+                     ("lut_vs_measured", lambda p: lut_vs_measured(dyn, input_size, p)),
+                     ("acceleration", lambda p: acceleration_plot(dyn, input_size, p)),
+                     ("table2", lambda p: table2_plot(dyn, input_size, p))):
+        try:
+            written.append(fn(out / f"{name}.png"))
+        except ReportError as e:
+            skipped.append(f"figure {name}: {e}")
+    if (folder / gate_report.SUMMARY).is_file():
+        written += gate_report.render(folder)
+    else:
+        skipped.append("gate retraining: no results (run `python -m harness.retrain_gate`)")
+    return written

@@ -1,0 +1,230 @@
+"""The gate-retraining comparison: stored as tidy files, rendered as Markdown and a figure.
+
+Contract
+--------
+``write_report(job, evals, metas, measured, doc)`` (called by ``harness.retrain_gate``) stores
+``<out>/gate_retraining.csv`` (one row per gate: accuracy, expected MAdds, LUT latency, measured
+latency), ``<out>/gate_retraining_routes.csv`` (route histogram per gate) and
+``<out>/gate_retraining.json`` (settings and environment), then calls :func:`render`.
+
+``render(out)`` rebuilds ``<out>/gate_retraining.md`` and ``<out>/figures/gate_retraining.png``
+from those three files alone, never measuring: every figure in them is read, none typed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+SUMMARY = "gate_retraining.csv"
+ROUTES = "gate_retraining_routes.csv"
+META = "gate_retraining.json"
+LARGEST = "largest route"  # the engine forced to the largest route: no gate, context row
+MATCHED_POINTS = 1.0  # accuracies within this many points count as matched (the issue's goal)
+
+
+def write_report(job, evals: dict, metas: dict, measured: dict, doc: dict) -> list[Path]:
+    out = job.out
+    out.mkdir(parents=True, exist_ok=True)
+    args = job.args
+    base = {"model": args.model, "data": job.splits.source, "input_size": args.input_size,
+            "backend": args.backend, "target": job.target.name}
+    rows = []
+    for penalty, e in evals.items():
+        m = measured.get(penalty, {})
+        st = m.get("stats")
+        s = metas[penalty]["settings"]
+        rows.append(base | {
+            "gate": penalty, "val_accuracy": e.accuracy, "n_val": e.n, "expected_madds": e.expected["madds"],
+            "lut_ms": e.expected["lut_ms"], "measured_ms_mean": st.mean if st else None,
+            "measured_ms_p50": st.p50 if st else None, "measured_n": st.n if st else None,
+            "error": m.get("error", ""), "cp_weight": s["cp_weight"], "routes_upto": s["routes_upto"],
+            "cost_target": s["target"], "gate_epochs": s["epochs"], "train_s": metas[penalty].get("train_s")})
+    st = measured.get(LARGEST, {}).get("stats")
+    if st is not None:
+        largest = job.model.routing_space.all_routes()[-1]
+        rows.append(base | {"gate": LARGEST, "val_accuracy": doc["largest_route_accuracy"],
+                            "n_val": len(job.splits.val), "expected_madds": job.route_madds[-1],
+                            "lut_ms": job.route_lut_ms[-1], "measured_ms_mean": st.mean, "measured_ms_p50": st.p50,
+                            "measured_n": st.n, "error": "", "route": str(largest)})
+    route_rows = []
+    routes = job.model.routing_space.all_routes()
+    for penalty, e in evals.items():
+        for r, madds, lut in zip(routes, job.route_madds, job.route_lut_ms):
+            c = e.route_counts[str(r)]
+            route_rows.append(base | {"gate": penalty, "route": str(r),
+                                      "widths": "/".join(map(str, job.model.route_widths(r))),
+                                      "madds": madds, "lut_ms": lut, "count": c, "share": c / e.n})
+    pd.DataFrame(rows).to_csv(out / SUMMARY, index=False)
+    pd.DataFrame(route_rows).to_csv(out / ROUTES, index=False)
+    doc = doc | {"supernet": job.supernet_meta, "gates": {p: {k: v for k, v in m.items() if k != "history"}
+                                                          | {"history": m.get("history")} for p, m in metas.items()}}
+    with open(out / META, "w") as f:
+        json.dump(doc, f, indent=1, default=str)
+    return [out / SUMMARY, out / ROUTES, out / META] + render(out)
+
+
+def _read(out: Path):
+    missing = [n for n in (SUMMARY, ROUTES, META) if not (out / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{out} has no gate-retraining results ({', '.join(missing)} missing): "
+                                "run `python -m harness.retrain_gate` first")
+    summary = pd.read_csv(out / SUMMARY, keep_default_na=False, na_values=[""], dtype={"route": str})
+    routes = pd.read_csv(out / ROUTES, keep_default_na=False, na_values=[""], dtype={"route": str})
+    with open(out / META) as f:
+        meta = json.load(f)
+    return summary, routes, meta
+
+
+def verdict(summary: pd.DataFrame, routes: pd.DataFrame) -> str:
+    """The comparison the issue asks for, in words, computed from the stored results."""
+    g = summary.set_index("gate")
+    if not {"madds", "latency"} <= set(g.index):
+        return "Only one penalty was trained: no comparison."
+    a, b = g.loc["madds"], g.loc["latency"]
+    if pd.isna(a.measured_ms_mean) or pd.isna(b.measured_ms_mean):
+        return "A gate's engine was not measured (see the error column): no latency comparison."
+    d_acc = 100 * (b.val_accuracy - a.val_accuracy)
+    d_lat = 100 * (b.measured_ms_mean / a.measured_ms_mean - 1)
+    direction = "lower" if d_lat < 0 else "higher"
+    counts = routes.pivot_table(index="route", columns="gate", values="count", aggfunc="sum")
+    if (counts["madds"] == counts["latency"]).all():
+        used = counts.index[counts["madds"] > 0].tolist()
+        return (f"No difference to report: both gates send every validation image to the same route(s) "
+                f"({', '.join(used)}), at {100 * a.val_accuracy:.1f}% and {100 * b.val_accuracy:.1f}% accuracy. "
+                f"The {abs(d_lat):.1f}% gap between their measured latencies ({b.measured_ms_mean:.3f} vs "
+                f"{a.measured_ms_mean:.3f} ms per image, interleaved) is the noise floor of two identical engines, "
+                f"not a gain.")
+    matched = abs(d_acc) <= MATCHED_POINTS
+    head = (f"Accuracy matched within {MATCHED_POINTS:g} point ({d_acc:+.1f} points)" if matched else
+            f"Accuracy NOT matched within {MATCHED_POINTS:g} point ({d_acc:+.1f} points)")
+    return (f"{head}; the latency-penalty gate's measured latency is {abs(d_lat):.1f}% {direction} than the "
+            f"MAdds-penalty gate's ({b.measured_ms_mean:.3f} ms vs {a.measured_ms_mean:.3f} ms per image, "
+            f"interleaved in one run). Expected MAdds {b.expected_madds / 1e6:.2f}M vs {a.expected_madds / 1e6:.2f}M; "
+            f"LUT latency {b.lut_ms:.3f} ms vs {a.lut_ms:.3f} ms.")
+
+
+def _fmt(v, spec):
+    return "-" if v is None or pd.isna(v) else format(v, spec)
+
+
+def _supernet_line(sup: dict) -> str:
+    if "route_accuracy" in sup:
+        acc = ", ".join(f"{k} route {v:.3f}" for k, v in sup["route_accuracy"].items())
+        st = sup.get("settings", {})
+        return (f"Stage I (sandwich rule, in-place distillation, {st.get('epochs')} epochs, "
+                f"{sup.get('train_s')} s): validation accuracy {acc}.")
+    return f"Stage I: supernet from {sup.get('source')}."
+
+
+def _gate_line(gate: str, m: dict) -> str:
+    s = m.get("settings", {})
+    hist = m.get("history") or [{}]
+    return (f"Stage II, {gate} penalty: {s.get('epochs')} epochs, lr {s.get('lr')} (x0.9 per epoch), "
+            f"L = 1.0 L_cls + {s.get('cp_weight')} L_cp + 1.0 L_sgs, cost target {s.get('target')}, "
+            f"routes up to {s.get('routes_upto') or 'all'}; last epoch loss {hist[-1].get('loss', float('nan')):.4f}; "
+            f"{m.get('train_s')} s.")
+
+
+def render(out) -> list[Path]:
+    from harness.report import md_table
+
+    out = Path(out)
+    summary, routes, meta = _read(out)
+    first = summary.iloc[0]
+    env = meta.get("env", {})
+    table = pd.DataFrame({
+        "gate": [g if g == LARGEST else f"{g} penalty" for g in summary.gate],
+        "val accuracy": [_fmt(v, ".3f") for v in summary.val_accuracy],
+        "expected MAdds (M)": [_fmt(v / 1e6, ".2f") for v in summary.expected_madds],
+        "LUT latency (ms)": [_fmt(v, ".3f") for v in summary.lut_ms],
+        "measured mean (ms/image)": [_fmt(v, ".3f") for v in summary.measured_ms_mean],
+        "measured p50 (ms)": [_fmt(v, ".3f") for v in summary.measured_ms_p50],
+        "error": ["" if pd.isna(e) else e for e in summary.error]})
+    hist = routes.rename(columns={"madds": "route_madds", "lut_ms": "route_lut_ms"}).pivot_table(
+        index=["route", "widths", "route_madds", "route_lut_ms"], columns="gate", values="share")
+    hist = hist.reset_index().sort_values("route_madds", kind="stable")
+    if len(hist) > 32:  # DS-ResNet's 256 routes: list those a gate uses
+        hist = hist[(hist[[g for g in ("madds", "latency") if g in hist]] > 0).any(axis=1)]
+    hist_table = pd.DataFrame({"route": hist.route, "widths": hist.widths,
+                               "MAdds (M)": [f"{v / 1e6:.2f}" for v in hist.route_madds],
+                               "LUT (ms)": [f"{v:.3f}" for v in hist.route_lut_ms]}
+                              | {f"share, {g} gate": [f"{100 * v:.1f}%" for v in hist[g]]
+                                 for g in ("madds", "latency") if g in hist})
+    sup = meta.get("supernet", {})
+    lines = [
+        f"# Gate retraining: MAdds penalty vs latency penalty ({first.model}, {first.target}, {first.backend})",
+        "",
+        f"Generated by `python -m harness.retrain_gate` (run {meta.get('run_id')}); rebuilt from "
+        f"`{SUMMARY}`, `{ROUTES}` and `{META}`. Data: {first.data}, {int(first.n_val)} validation images at "
+        f"{int(first.input_size)}x{int(first.input_size)}. Latency: the dynamic engine compiled through "
+        f"{first.backend}, one validation image per call (batch 1), dispatched by its own gate; all rows timed "
+        "interleaved in one run; mean per image (a mixture of routes: the p50 is not its mean).",
+        "",
+        f"**{verdict(summary, routes)}**",
+        "",
+        md_table(table),
+        "",
+        _supernet_line(sup),
+        "",
+        *[_gate_line(g, m) for g, m in meta.get("gates", {}).items()],
+        "",
+        "## Route histogram (validation set)",
+        "",
+        md_table(hist_table),
+        "",
+        "![gate retraining](figures/gate_retraining.png)",
+        "",
+        "## Environment",
+        "",
+        f"{meta.get('device_name')}; {meta.get('threads')} threads; busy: {env.get('busy')}; "
+        f"other processes {env.get('other_processes_cpu_percent')}% of a core; steal "
+        f"{env.get('cpu_steal_percent')}%; wall time {meta.get('wall_time_s')} s; "
+        f"libraries {json.dumps(env.get('libraries', {}))}",
+        "",
+    ]
+    md = out / "gate_retraining.md"
+    md.write_text("\n".join(lines))
+    return [md, plot(summary, routes, out / "figures" / "gate_retraining.png")]
+
+
+def plot(summary: pd.DataFrame, routes: pd.DataFrame, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    gates = [g for g in ("madds", "latency") if g in set(routes.gate)]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [2, 1]})
+    first = routes[routes.gate == gates[0]]
+    used = routes.groupby("route", sort=False).share.max()
+    keep = [r for r in first.route if used[r] > 0] if len(first) > 32 else list(first.route)
+    x = np.arange(len(keep))
+    w = 0.8 / max(1, len(gates))
+    for i, g in enumerate(gates):
+        share = routes[routes.gate == g].set_index("route").share.reindex(keep)
+        ax1.bar(x + (i - (len(gates) - 1) / 2) * w, 100 * share.values, w, label=f"{g} penalty")
+    madds = first.set_index("route").madds.reindex(keep)
+    ax1.set_xticks(x, [f"{r}\n{m / 1e6:.1f}M" for r, m in zip(keep, madds)], fontsize=7)
+    ax1.set_xlabel("route (MAdds)")
+    ax1.set_ylabel("share of validation images (%)")
+    ax1.set_title("Route histogram of the retrained gates")
+    ax1.legend()
+    names = list(summary.gate)
+    vals = summary.measured_ms_mean.astype(float).values
+    bars = ax2.bar(range(len(names)), vals, color=[f"C{i}" if n != LARGEST else "0.6" for i, n in enumerate(names)])
+    for b, acc in zip(bars, summary.val_accuracy):
+        if not np.isnan(b.get_height()):
+            ax2.annotate(f"acc {acc:.3f}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
+                         va="bottom", fontsize=8)
+    ax2.set_xticks(range(len(names)), [n if n == LARGEST else f"{n}\npenalty" for n in names], fontsize=8)
+    ax2.set_ylabel("measured latency (ms per image, mean)")
+    ax2.set_title(f"Dynamic engine, {summary.iloc[0].backend}, batch 1")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,80 @@
+"""``python -m harness.retrain_gate``: clear failures, the end-to-end comparison, resume, report rebuild."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from harness.gate_report import LARGEST, render
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--model", "ds_mbnet_tiny", "--target", "x86", "--input-size", "32"]
+
+
+def cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "harness.retrain_gate", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout)
+
+
+def _one_error_line(r, pattern: str):
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    assert pattern in lines[0], lines[0]
+
+
+def test_missing_data_folder(tmp_path):
+    _one_error_line(cli(*TINY, "--backend", "eager", "--data", str(tmp_path / "imagenet"), "--out", str(tmp_path)),
+                    "does not exist")
+
+
+def test_lut_of_another_model(tmp_path):
+    pd.DataFrame([{"model": "ds_resnet50_tiny", "backend": "eager", "precision": "fp32", "batch_size": 1,
+                   "input_size": 32, "kind": "segment", "name": "head", "latency_ms_p50": 1.0, "status": "ok",
+                   "error": ""}]).to_csv(tmp_path / "dynamic.csv", index=False)
+    _one_error_line(cli(*TINY, "--backend", "eager", "--lut", str(tmp_path), "--out", str(tmp_path)),
+                    "no segments for model ds_mbnet_tiny")
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["--model", "mobilenet_v1", "--target", "x86", "--backend", "eager"], "static: it has no gate"),
+    (["--model", "ds_mbnet_tiny", "--target", "x86", "--backend", "nope"], "unknown backend 'nope'"),
+    (["--model", "ds_mbnet_tiny", "--target", "nowhere", "--backend", "eager"], "nowhere"),
+])
+def test_bad_arguments(args, pattern, tmp_path):
+    _one_error_line(cli(*args, "--out", str(tmp_path)), pattern)
+
+
+def test_end_to_end_resume_and_rebuild(tmp_path):
+    args = [*TINY, "--backend", "eager", "--supernet-epochs", "1", "--gate-epochs", "1", "--out", str(tmp_path)]
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr
+    summary = pd.read_csv(tmp_path / "gate_retraining.csv")
+    assert list(summary.gate) == ["madds", "latency", LARGEST]
+    assert (summary.measured_ms_mean > 0).all() and summary.val_accuracy.between(0, 1).all()
+    routes = pd.read_csv(tmp_path / "gate_retraining_routes.csv", dtype={"route": str})
+    for gate, g in routes.groupby("gate"):
+        assert g["count"].sum() == summary.set_index("gate").n_val[gate] and g.share.sum() == pytest.approx(1)
+    assert (tmp_path / "figures" / "gate_retraining.png").stat().st_size > 0
+    ws = tmp_path / "gate_retraining" / "ds_mbnet_tiny-digits-32px"
+    assert {"supernet.pt", "gate-madds-eager.pt", "gate-latency-eager.pt", "dynamic.csv"} <= {
+        p.name for p in ws.iterdir()}
+    md = (tmp_path / "gate_retraining.md").read_text()
+    assert "latency-penalty gate's measured latency is" in md
+
+    # a re-run trains nothing: every stage is reused from the workspace
+    r2 = cli(*args)
+    assert r2.returncode == 0, r2.stderr
+    assert "stage I: reusing" in r2.stderr
+    assert "stage II (madds): reusing" in r2.stderr and "stage II (latency): reusing" in r2.stderr
+    assert "LUT: measuring" not in r2.stderr
+
+    # the report is rebuilt from the stored files alone, identically
+    md2 = (tmp_path / "gate_retraining.md").read_text()
+    (tmp_path / "gate_retraining.md").unlink()
+    render(tmp_path)
+    assert (tmp_path / "gate_retraining.md").read_text() == md2

@@ -1,0 +1,186 @@
+"""Two-stage training: SGS targets, the complexity penalty, stage II's frozen supernet, checkpoints."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+import dsnet
+from conftest import randomize
+from dsnet.data import DataError, digits, load_data
+from dsnet.training import (
+    CheckpointError,
+    ComplexityPenalty,
+    evaluate_gate,
+    gate_parameters,
+    gates,
+    load_checkpoint,
+    restrict_routes,
+    route_probabilities,
+    sandwich_routes,
+    save_checkpoint,
+    sgs_targets,
+    train_gate,
+    train_supernet,
+)
+from harness.lut import LatencyLUT, LUTError
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """Digits at 32x32: a small real data set, and loaders over a few batches of it."""
+    splits = digits(32)
+    sub = torch.utils.data.Subset(splits.train, range(96))
+    train = torch.utils.data.DataLoader(sub, batch_size=32, shuffle=True,
+                                        generator=torch.Generator().manual_seed(0))
+    val = torch.utils.data.DataLoader(torch.utils.data.Subset(splits.val, range(64)), batch_size=64)
+    return splits, train, val
+
+
+@pytest.mark.parametrize("name", ["ds_mbnet_tiny", "ds_resnet50_tiny"])
+def test_sgs_targets_try_best(name):
+    model = randomize(dsnet.create_model(name), seed=1)
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    smallest = dsnet.Route(tuple(0 for _ in gates(model)))
+    with torch.no_grad():
+        model.set_route(smallest)
+        pred = model(x).argmax(-1)
+        model.set_route(None)
+    right = torch.tensor([True, False, True, True, False, False, True, False])
+    labels = torch.where(right, pred, (pred + 1) % 10)  # crafted: the smallest route is right where `right`
+    targets = sgs_targets(model, x, labels)
+    assert len(targets) == len(gates(model))
+    for g, t in zip(gates(model), targets):
+        assert t.tolist() == [0 if r else g.num_choices - 1 for r in right.tolist()]
+    restrict_routes(model, 2)  # "largest" becomes the last allowed choice
+    for t in sgs_targets(model, x, labels):
+        assert t.tolist() == [0 if r else 1 for r in right.tolist()]
+
+
+def test_penalty_value_and_gradient_on_a_hand_made_lut():
+    model = dsnet.create_model("ds_mbnet_tiny")  # one gate, 4 routes
+    lut_ms = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    cp = ComplexityPenalty.latency(lut_ms, model)
+    onehot = torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 1.0]], requires_grad=True)
+    value = cp([onehot])
+    # mean cost (1 + 4) / 2 = 2.5 ms, T = 4 ms (the largest route): (2.5 / 4)^2
+    assert value.item() == pytest.approx((2.5 / 4) ** 2)
+    value.backward()
+    # d/dp_nk = 2 (E / T) (c_k / T) / N
+    expected = 2 * (2.5 / 4) * (lut_ms / 4) / 2
+    assert torch.allclose(onehot.grad, expected.expand(2, 4))
+    with_target = ComplexityPenalty.latency(lut_ms, model, target_ms=2.0)
+    assert with_target([onehot.detach()]).item() == pytest.approx(((2.5 - 2.0) / 4) ** 2)
+
+
+def test_penalty_from_a_lut_frame_and_route_order():
+    # DS-ResNet tiny: 4 gates; the joint one-hot is the product of the gates', lexicographic order
+    model = dsnet.create_model("ds_resnet50_tiny")
+    oh = [torch.tensor([[0.0, 1, 0, 0]]), torch.tensor([[0.0, 0, 1, 0]]),
+          torch.tensor([[1.0, 0, 0, 0]]), torch.tensor([[0.0, 0, 0, 1]])]
+    p = route_probabilities(oh)
+    routes = model.routing_space.all_routes()
+    assert p.shape == (1, 256) and p.sum() == 1
+    assert routes[int(p.argmax())] == dsnet.Route((1, 2, 0, 3))
+    # a hand-made compositional LUT: head 1 ms, every segment 0.1 ms x (choice + 1)
+    rows = [{"model": "ds_resnet50_tiny", "backend": "b", "precision": "fp32", "batch_size": 1, "input_size": 32,
+             "kind": "segment", "name": "head", "latency_ms_p50": 1.0, "status": "ok", "error": ""}]
+    for k in range(4):
+        for prev in ([None] if k == 0 else range(4)):
+            for c in range(4):
+                rows.append(rows[0] | {"name": dsnet.DynamicPlan.segment_name(k, (prev, c)),
+                                       "latency_ms_p50": 0.1 * (c + 1)})
+    lut = LatencyLUT.from_frame(pd.DataFrame(rows), "ds_resnet50_tiny", "b")
+    cp = ComplexityPenalty.latency(lut.tensor(model), model)
+    assert cp.expected(oh).item() == pytest.approx(1.0 + 0.1 * (2 + 3 + 1 + 4))
+    assert cp.normalizer == pytest.approx(1.0 + 0.1 * 16)
+    # a LUT for a model with other routes is refused, naming what is missing
+    with pytest.raises(LUTError, match="lacks"):
+        LatencyLUT.from_frame(pd.DataFrame(rows[:10]), "ds_resnet50_tiny", "b").tensor(model)
+    with pytest.raises(ValueError, match="prices 4 routes, the model has 256"):
+        ComplexityPenalty.latency(torch.ones(4), model)
+
+
+def test_madds_penalty_uses_the_computed_madds():
+    model = dsnet.create_model("ds_mbnet_tiny")
+    cp = ComplexityPenalty.madds(model, 32)
+    assert cp.costs.tolist() == [float(dsnet.profile(model, r, 32).madds) for r in model.routing_space.all_routes()]
+    assert cp.normalizer == max(cp.costs.tolist())
+
+
+@pytest.mark.parametrize("name", ["ds_mbnet_tiny", "ds_resnet50_tiny"])
+def test_stage_two_changes_only_the_routing_heads(name, demo):
+    _, train, _ = demo
+    torch.manual_seed(0)
+    model = dsnet.create_model(name, num_classes=10).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    history = train_gate(model, train, ComplexityPenalty.madds(model, 32), epochs=1)
+    assert len(history) == 1 and torch.isfinite(torch.tensor(history[0]["loss"]))
+    after = model.state_dict()
+    heads = {n for n, p in model.named_parameters() if any(p is q for q in gate_parameters(model))}
+    assert heads and all(n.endswith("route.weight") for n in heads)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == heads  # BN statistics, attention heads and every other weight unchanged
+    assert all(p.requires_grad for p in model.parameters()) and not model.training
+
+
+def test_restricted_gate_never_routes_beyond_its_choices():
+    model = randomize(dsnet.create_model("ds_mbnet_tiny"))
+    x = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 3
+    restrict_routes(model, 2)
+    with torch.no_grad():
+        choices = model.forward_dynamic(x).onehots[0].argmax(-1)
+        _, deployed = dsnet.split(model)(x)
+    assert choices.max() <= 1 and torch.equal(deployed[:, 0], choices)
+    with pytest.raises(ValueError, match="cannot allow 5"):
+        restrict_routes(model, 5)
+
+
+def test_stage_one_sandwich_and_calibration(demo):
+    _, train, val = demo
+    torch.manual_seed(0)
+    model = dsnet.create_model("ds_mbnet_tiny", num_classes=10)
+    routes = sandwich_routes(model, 2, torch.Generator().manual_seed(0))
+    assert routes[0] == model.routes()[-1] and routes[1] == model.routes()[0] and len(routes) == 4
+    w0 = model.classifier.weight.clone()
+    out = train_supernet(model, train, epochs=1, ema_decay=0.9)
+    assert torch.isfinite(torch.tensor(out["loss"])) and not torch.equal(w0, model.classifier.weight)
+    e = evaluate_gate(model, val, {"madds": ComplexityPenalty.madds(model, 32).costs})
+    assert e.n == 64 and sum(e.route_counts.values()) == 64 and 0 <= e.accuracy <= 1
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = randomize(dsnet.create_model("ds_mbnet_tiny", num_classes=7))
+    restrict_routes(model, 3)
+    path = save_checkpoint(tmp_path / "g.pt", model, {"num_classes": 7}, note="x")
+    loaded, meta = load_checkpoint(path)
+    assert meta == {"note": "x"} and [g.num_allowed for g in gates(loaded)] == [3]
+    x = torch.randn(4, 3, 32, 32) * 3
+    for m in (model, loaded):
+        m.set_route(None)  # gate-driven: the routing head and its restriction are part of the output
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+    torch.save({"w": torch.ones(1)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a dsnet-harness checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_data_sources(tmp_path):
+    splits = digits(32)
+    x, y = splits.train[0]
+    assert x.shape == (3, 32, 32) and len(splits.classes) == 10
+    assert len(splits.train) + len(splits.val) == 1797
+    with pytest.raises(DataError, match="does not exist"):
+        load_data(tmp_path / "nowhere", 32)
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.new("RGB", (50, 40), (10, 20, 30)).save(tmp_path / split / c / "a.png")
+    folder = load_data(tmp_path, 32)
+    assert folder.classes == ["cat", "dog"] and len(folder.train) == 2
+    assert folder.val[1][0].shape == (3, 32, 32) and folder.val[1][1] == 1
