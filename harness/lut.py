@@ -27,7 +27,7 @@ from dsnet import DynamicPlan, Route
 
 DYNAMIC_COLUMNS = ["model", "backend", "precision", "batch_size", "input_size", "kind", "name", "route",
                    "madds", "latency_ms_p50", "latency_ms_p90", "latency_ms_mean", "latency_ms_std", "n",
-                   "predicted_ms", "rel_error", "status", "error"]
+                   "predicted_ms", "rel_error", "status", "error", "run_id"]
 
 
 class LUTError(ValueError):

@@ -79,7 +79,16 @@ def env_line(env: dict) -> str:
     return (f"Environment: {env.get('device_name', '?')} ({env.get('target', '?')} profile), "
             f"{env.get('threads', '?')} threads, run {env.get('run_id', '?')}; busy: {e.get('busy')}, other "
             f"processes {e.get('other_processes_cpu_percent')}% of a core, steal {e.get('cpu_steal_percent')}%; "
-            f"{libs}.")
+            f"{libs}." + _earlier(env.get("earlier_runs", [])))
+
+
+def _earlier(runs: list[dict]) -> str:
+    if not runs:
+        return ""
+    busy = [r["run_id"] for r in runs if r.get("busy")]
+    return (f" The stored results also include {len(runs)} earlier run(s) on this store "
+            f"({', '.join(r['run_id'] for r in runs)}; busy: {', '.join(busy) or 'none'}); each row's run_id "
+            "is in the CSVs.")
 
 
 def md_table(df: pd.DataFrame) -> str:
@@ -106,7 +115,7 @@ def table2(dyn: pd.DataFrame, input_size: int):
     backends = sorted(set(rows.backend), key=lambda b: (b != "eager", b))
     t = pd.DataFrame({"way": list(WAY_NOTES), "what runs": list(WAY_NOTES.values())})
     madds = rows.drop_duplicates("name").set_index("name").madds
-    t["MAdds (M)"] = [f"{madds[w] / 1e6:.1f}" if w in madds else "-" for w in t.way]
+    t["route MAdds (M)"] = [f"{madds[w] / 1e6:.1f}" if w in madds else "-" for w in t.way]
     csv = []
     for b in backends:
         r = rows[rows.backend == b].set_index("name")

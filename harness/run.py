@@ -238,7 +238,9 @@ def main(argv=None) -> int:
     status = 0
     try:
         sweep.run(tasks, Progress(len(tasks)))
-        run_dynamic(sweep, target, models, active, input_size, args, skipped)
+        dyn_backends = run_dynamic(sweep, target, models, active, input_size, args, skipped)
+        if args.models is None or "ds_resnet50" in models:
+            run_table2(sweep, target, dyn_backends, input_size)
     except KeyboardInterrupt:
         status = 130
         print("\ninterrupted: results measured so far are stored; re-run the same command to resume",
@@ -247,6 +249,12 @@ def main(argv=None) -> int:
         df = store.export_lut(out / "lut.csv")
         dyn = store.export_dynamic(out / "dynamic.csv")
         env_doc["wall_time_s"] = round(time.monotonic() - t0, 1)
+        # the stored results may come from several runs (a resumed run measures only what is missing)
+        env_doc["earlier_runs"] = [
+            {"run_id": d.get("run_id"), "time_utc": d.get("env", {}).get("time_utc"),
+             "busy": d.get("env", {}).get("busy"), "cpu_steal_percent": d.get("env", {}).get("cpu_steal_percent"),
+             "device_name": d.get("device_name")}
+            for d in store.runs() if d.get("run_id") != run_id]
         with open(out / "env.json", "w") as f:
             json.dump(env_doc, f, indent=1)
         store.close()
@@ -260,6 +268,14 @@ def main(argv=None) -> int:
     if len(dyn_scope):
         print(dynamic_summary(dyn_scope))
     print(f"wrote {out / 'lut.csv'}, {out / 'dynamic.csv'} and {out / 'env.json'} ({env_doc['wall_time_s']} s)")
+    from harness import report
+
+    try:
+        written, _ = report.build(out, input_size)
+        print(f"tables and figures: {len(written)} files under {out / 'tables'} and {out / 'figures'} "
+              f"(rebuild with python -m harness.report --target {target.name})")
+    except report.ReportError as e:
+        print(f"tables and figures: none ({e})")
     return status
 
 
@@ -292,6 +308,18 @@ def run_dynamic(sweep, target, models, active, input_size, args, skipped) -> lis
                 n = len(ds.plan) + len(validation_routes(ds.model.routes(input_size))) + 2
                 ds.run(Progress(n).update)
     return backends
+
+
+def run_table2(sweep, target, backends, input_size) -> None:
+    """DS-Net++ Table 2 (ResNet-50 at 25% channels: full, masking, indexing, slicing, materialized,
+    ideal) on the dynamic backends, interleaved per backend."""
+    from harness.modes import TABLE2_WAYS, measure_table2
+    from harness.sweep import Progress
+
+    for backend in backends:
+        for precision in target.precisions:
+            if not sweep.backend(backend).unsupported(target, precision):
+                measure_table2(sweep, backend, precision, input_size, Progress(len(TABLE2_WAYS)).update)
 
 
 def dynamic_summary(dyn) -> str:

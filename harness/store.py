@@ -23,7 +23,7 @@ import pandas as pd
 KEY = ("model", "route", "backend", "precision", "batch_size", "input_size")
 LUT_COLUMNS = ["model", "route", "widths", "backend", "precision", "batch_size", "input_size", "madds",
                "params", "latency_ms_p50", "latency_ms_p90", "latency_ms_mean", "latency_ms_std", "n",
-               "status", "error"]
+               "status", "error", "run_id"]
 EXTRA_COLUMNS = ["number", "samples_ms", "device_name", "device_mismatch", "tuned", "run_id", "time_utc"]
 STATUSES = ("ok", "compile_failed", "check_failed", "measure_failed")
 _DYNAMIC_COLUMNS = {"model", "backend", "precision", "batch_size", "input_size", "kind", "name", "route", "madds",
@@ -109,6 +109,11 @@ class ResultStore:
     def record_run(self, run_id: str, env: dict) -> None:
         self.db.execute("INSERT OR REPLACE INTO runs VALUES (?, ?)", (run_id, json.dumps(env)))
         self.db.commit()
+
+    def runs(self) -> list[dict]:
+        """The environment document of every run that wrote to this store, oldest first."""
+        docs = [json.loads(r[0]) for r in self.db.execute("SELECT env FROM runs")]
+        return sorted(docs, key=lambda d: d.get("run_id", ""))
 
     def done_keys(self, statuses=STATUSES) -> set[tuple]:
         q = f"SELECT {', '.join(KEY)} FROM results WHERE status IN ({', '.join('?' * len(statuses))})"

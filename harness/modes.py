@@ -1,0 +1,116 @@
+"""DS-Net++ Table 2 measured: one narrow route of a supernet run several ways, interleaved.
+
+Contract
+--------
+``table2_ways(input_size, ratio)`` builds the networks of the table for ResNet-50 at ``ratio`` of
+its channels (0.25 in the paper), with the same seeded weights:
+
+- ``full``: the supernet ``ds_resnet50`` at its largest route (every channel computed);
+- ``masking``: the supernet at the narrow route in ``mask`` mode (full width, unused channels zeroed);
+- ``indexing``: ``index`` mode (the kept weights gathered with an index tensor at run time);
+- ``slicing``: ``slice`` mode (weight views ``W[:c_out, :c_in]`` at run time);
+- ``materialized``: ``dsnet.materialize`` of the narrow route (contiguous copies, same structure as
+  the supernet's route: attention heads and gates included);
+- ``ideal``: the stand-alone ``resnet50`` at ``width_mult=ratio`` (the paper's ideal row; it has no
+  attention heads or gates).
+
+``measure_table2(sweep, backend, precision, input_size)`` compiles each through the backend, checks
+it against its eager module, times all of them interleaved in one run and stores one row per way in
+the store's dynamic table (``kind="table2"``), so a re-run skips what is stored. Compiling a network
+fixes its weights: a compiler may fold run-time slicing or indexing into constants, so on compiled
+backends those rows measure what the compiler made of them, and the report says so.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import dsnet
+from harness.backends import Failure, compile_engine
+from harness.backends.base import one_line
+from harness.measure import measure_interleaved
+
+TABLE2_MODEL = "ds_resnet50"
+TABLE2_WAYS = ("full", "masking", "indexing", "slicing", "materialized", "ideal")
+EXEC_MODE = {"full": "slice", "masking": "mask", "indexing": "index", "slicing": "slice"}
+
+
+class _Routed(torch.nn.Module):
+    """The supernet pinned to one route and execution mode (a module a backend can compile)."""
+
+    def __init__(self, supernet, route, mode: str):
+        super().__init__()
+        self.net, self.route, self.mode = supernet, route, mode
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def narrow_route(model, ratio: float):
+    return model.routing_space.route_for(**{g.name: {"ratio": ratio} for g in model.routing_space.gates})
+
+
+def table2_ways(input_size: int, ratio: float = 0.25, seed: int = 0) -> dict:
+    """``{way: (module, route label, MAdds)}``; each supernet way owns its own copy of the weights."""
+    import copy
+
+    torch.manual_seed(seed)
+    supernet = dsnet.create_model(TABLE2_MODEL).eval()
+    narrow, largest = narrow_route(supernet, ratio), supernet.routes(input_size)[-1]
+    ways = {}
+    for way in ("full", "masking", "indexing", "slicing"):
+        net = copy.deepcopy(supernet)
+        route = largest if way == "full" else narrow
+        net.set_route(route, EXEC_MODE[way])
+        ways[way] = (_Routed(net, route, EXEC_MODE[way]).eval(), str(route),
+                     dsnet.profile(supernet, route, input_size).madds)
+    ways["materialized"] = (dsnet.materialize(supernet, narrow), str(narrow),
+                            dsnet.profile(supernet, narrow, input_size).madds)
+    torch.manual_seed(seed)
+    ideal = dsnet.create_model("resnet50", width_mult=ratio).eval()
+    ways["ideal"] = (dsnet.materialize(ideal), f"resnet50 x{ratio}", dsnet.profile(ideal, None, input_size).madds)
+    return ways
+
+
+def measure_table2(sweep, backend: str, precision: str, input_size: int, progress=None) -> None:
+    from harness.sweep import check_output, weights_fingerprint
+
+    key = lambda way: (TABLE2_MODEL, backend, precision, 1, input_size, "table2", way)
+    done = sweep.store.dynamic_done()
+    if all(key(w) in done for w in TABLE2_WAYS):
+        return
+    x = torch.randn(1, 3, input_size, input_size, generator=torch.Generator().manual_seed(1))
+    base = {"model": TABLE2_MODEL, "backend": backend, "precision": precision, "batch_size": 1,
+            "input_size": input_size, "kind": "table2", "run_id": sweep.run_id}
+    fns, meta = {}, {}
+    for way, (module, route, madds) in table2_ways(input_size).items():
+        row = base | {"name": way, "route": route, "madds": madds}
+        cache = sweep.out_dir / "cache" / backend / "table2" / f"{way}-{input_size}-{weights_fingerprint(module)}"
+        engine = compile_engine(sweep.backend(backend), module, x, sweep.target, precision, cache)
+        if isinstance(engine, Failure):
+            sweep.store.record_dynamic(row | {"status": "compile_failed", "error": engine.error})
+            continue
+        with torch.no_grad():
+            ref = module(x)
+        err = check_output(engine(x), ref, precision)
+        if err:
+            sweep.store.record_dynamic(row | {"status": "check_failed", "error": err})
+            continue
+        prepared = engine.prepare(x)
+        fns[way] = lambda engine=engine, prepared=prepared: engine.run(prepared)
+        meta[way] = row
+    if not fns:
+        return
+    try:
+        res = measure_interleaved(fns, sweep.protocol, sweep.timer())
+    except Exception as e:  # recorded; the run goes on
+        for row in meta.values():
+            sweep.store.record_dynamic(row | {"status": "run_failed", "error": one_line(e)})
+        return
+    for way, m in res.items():
+        s = m.stats
+        sweep.store.record_dynamic(meta[way] | {
+            "latency_ms_p50": s.p50, "latency_ms_p90": s.p90, "latency_ms_mean": s.mean, "latency_ms_std": s.std,
+            "n": s.n, "samples_ms": m.samples_ms, "status": "ok", "error": ""})
+        if progress:
+            progress(f"table 2 {backend} {way}", f"{s.p50:.3f} ms")

@@ -1,0 +1,68 @@
+"""``python -m harness.report``: tables and figures rebuilt from stored results, never measured."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from harness import report
+from harness.modes import TABLE2_WAYS
+
+ROOT = Path(__file__).resolve().parent.parent
+STORED = ROOT / "results" / "x86"
+STORED_FILES = ("lut.csv", "dynamic.csv", "env.json", "gate_retraining.csv", "gate_retraining_routes.csv",
+                "gate_retraining.json")
+
+
+def test_rebuilds_the_committed_tables_identically(tmp_path, capsys):
+    """A folder holding only the stored results of the committed x86 run (copied, not measured
+    here): every committed table comes out byte for byte."""
+    for name in STORED_FILES:
+        shutil.copy(STORED / name, tmp_path / name)
+    assert report.main(["--target", "x86", "--results", str(tmp_path)]) == 0
+    committed = sorted((STORED / "tables").iterdir())
+    assert {p.name for p in committed} >= {"table2.md", "table7.md", "slimmable_table3.md", "table2.csv"}
+    for p in committed:
+        assert (tmp_path / "tables" / p.name).read_text() == p.read_text(), p.name
+    assert (tmp_path / "gate_retraining.md").read_text() == (STORED / "gate_retraining.md").read_text()
+    for fig in ("latency_vs_madds", "lut_vs_measured", "acceleration", "table2", "gate_retraining"):
+        assert (tmp_path / "figures" / f"{fig}.png").stat().st_size > 10_000
+
+
+def _one_error_line(capsys, pattern):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and pattern in err[0], err
+
+
+def test_empty_or_missing_folder(tmp_path, capsys):
+    assert report.main(["--target", "x86", "--results", str(tmp_path / "none")]) == 2
+    _one_error_line(capsys, "no results folder")
+    assert report.main(["--target", "x86", "--results", str(tmp_path)]) == 2
+    _one_error_line(capsys, "holds no stored results")
+
+
+def test_results_of_another_model(tmp_path, capsys):
+    pd.DataFrame([{"model": "ds_resnet50_tiny", "route": "0-0-0-0", "backend": "eager", "precision": "fp32",
+                   "batch_size": 1, "input_size": 224, "madds": 1, "params": 1, "latency_ms_p50": 1.0,
+                   "status": "ok", "error": ""}]).to_csv(tmp_path / "lut.csv", index=False)
+    assert report.main(["--target", "x86", "--results", str(tmp_path)]) == 2
+    _one_error_line(capsys, "it holds ds_resnet50_tiny")
+
+
+def test_table2_ratios_are_computed_from_the_stored_rows():
+    p50 = {"full": 8.0, "masking": 9.0, "indexing": 12.0, "slicing": 5.0, "materialized": 4.5, "ideal": 4.0}
+    dyn = pd.DataFrame([{"model": "ds_resnet50", "backend": "eager", "precision": "fp32", "batch_size": 1,
+                         "input_size": 224, "kind": "table2", "name": w, "route": "0-0-0-0", "madds": 1e6,
+                         "latency_ms_p50": p50[w], "latency_ms_mean": p50[w], "n": 30, "status": "ok",
+                         "error": "", "run_id": "r"} for w in TABLE2_WAYS])
+    table, csv, _ = report.table2(dyn, 224)
+    t = table.set_index("way")
+    assert t.loc["full", "eager p50 (ms)"] == "8.000" and t.loc["full", "eager / ideal"] == "2.00x"
+    assert t.loc["indexing", "eager / ideal"] == "3.00x" and t.loc["ideal", "eager / ideal"] == "1.00x"
+    assert t.loc["slicing", "paper / ideal"] == f"{7.9 / 7.2:.2f}x"  # paper columns come from the paper
+    assert csv.set_index("way").ratio_to_ideal["masking"] == pytest.approx(9.0 / 4.0)
+    with pytest.raises(report.ReportError, match="no Table 2"):
+        report.table2(dyn, 64)
