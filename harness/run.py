@@ -45,17 +45,24 @@ def parse_args(argv):
                    help=f"input {QUICK_INPUT_SIZE}, 3 DS-MBNet routes and 2 widths, few repeats; "
                         f"leaves out {', '.join(QUICK_SLOW_BACKENDS)} unless --backends names it")
     p.add_argument("--retry-failed", action="store_true", help="re-measure results stored as failed")
+    p.add_argument("--rpc-tracker", metavar="HOST:PORT",
+                   help="measure on remote boards through TVM's RPC tracker (tvm backend; built here)")
+    p.add_argument("--rpc-key", help="the boards' key at the tracker (with --rpc-tracker)")
+    p.add_argument("--rpc-wait", type=float, default=60.0, help="seconds to wait for a free board (default 60)")
     return p.parse_args(argv)
 
 
-def open_target(name: str):
+def open_target(name: str, remote: bool = False):
     """The resolved profile ``name``, threads configured; :class:`UsageError` for an unknown or
-    malformed profile, or one this machine cannot run (naming the profiles that can)."""
+    malformed profile, or one this machine cannot run (naming the profiles that can). ``remote``:
+    measured on boards through an RPC tracker, so the profile's architecture need not be this one's."""
     try:
         target = load_target(name)
     except TargetError as e:
         raise UsageError(str(e)) from None
-    runnable, why = target.runs_here()
+    if remote and target.device != "cpu":
+        raise UsageError(f"--rpc-tracker measures CPU boards; profile '{target.name}' is a {target.device} profile")
+    runnable, why = (True, "") if remote else target.runs_here()
     if not runnable:
         here = [n for n in known_targets() if _runs_here_quietly(n)]
         raise UsageError(f"target '{target.name}' cannot run on this machine: {why}. "
@@ -172,7 +179,9 @@ def summary_table(df, skipped: dict[str, str], notes: list[str] = ()) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        target = open_target(args.target)
+        if bool(args.rpc_tracker) != bool(args.rpc_key):
+            raise UsageError("--rpc-tracker and --rpc-key go together")
+        target = open_target(args.target, remote=bool(args.rpc_tracker))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -192,6 +201,22 @@ def main(argv=None) -> int:
         return 3
 
     from harness.backends import get_backend
+
+    farm = None
+    if args.rpc_tracker:
+        for b in [b for b in backends if b != "tvm"]:
+            backends.remove(b)
+            skipped[b] = "runs on this machine only: through --rpc-tracker only tvm is measured on the boards"
+        from harness.remote import Farm, RemoteError, cross_compiler
+
+        try:
+            cross_compiler(target.tvm.get("target", {}))  # before connecting: fail fast, say what to install
+            farm = Farm.connect(args.rpc_tracker, args.rpc_key, args.rpc_wait)
+        except RemoteError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        device_name, device_mismatch = ", ".join(farm.boards), False
+        print(f"{len(farm.boards)} board(s) under key {args.rpc_key!r}: {device_name}", file=sys.stderr)
 
     active = []
     for b in backends:
@@ -228,19 +253,24 @@ def main(argv=None) -> int:
                "device_name": device_name, "expected_device": target.expected_device,
                "device_mismatch": device_mismatch, "quick": args.quick, "threads": target.threads,
                "tvm_target": target.tvm.get("target"), "tvm_tune_trials": target.tvm.get("tune_trials", 0),
-               "protocol": protocol.__dict__, "backends": active, "skipped": skipped, "env": env}
+               "protocol": protocol.__dict__, "backends": active, "skipped": skipped, "env": env,
+               "remote": None if farm is None else {"tracker": farm.tracker_addr, "key": farm.key,
+                                                    "boards": farm.boards}}
     store.record_run(run_id, env_doc)
     print(f"{target.name}: {len(all_workloads)} networks x {len(active)} backend(s); "
           f"{len(tasks)} to measure, {len(done)} already stored in {out}", file=sys.stderr)
 
     t0 = time.monotonic()
-    sweep = Sweep(target, out, protocol, store, device_name, device_mismatch, run_id)
+    sweep = Sweep(target, out, protocol, store, device_name, device_mismatch, run_id, farm=farm)
     status = 0
     try:
         sweep.run(tasks, Progress(len(tasks)))
-        dyn_backends = run_dynamic(sweep, target, models, active, input_size, args, skipped)
-        if args.models is None or "ds_resnet50" in models:
-            run_table2(sweep, target, dyn_backends, input_size)
+        if farm is not None:
+            skipped["dynamic engine, Table 2"] = "measured on this machine only, not through --rpc-tracker"
+        else:
+            dyn_backends = run_dynamic(sweep, target, models, active, input_size, args, skipped)
+            if args.models is None or "ds_resnet50" in models:
+                run_table2(sweep, target, dyn_backends, input_size)
     except KeyboardInterrupt:
         status = 130
         print("\ninterrupted: results measured so far are stored; re-run the same command to resume",

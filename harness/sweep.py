@@ -160,9 +160,12 @@ class Progress:
 
 class Sweep:
     def __init__(self, target, out_dir: Path, protocol: Protocol, store: ResultStore,
-                 device_name: str, device_mismatch: bool, run_id: str):
+                 device_name: str, device_mismatch: bool, run_id: str, farm=None):
+        """``farm``: a :class:`harness.remote.Farm`; then artifacts are built here and checked and
+        timed on its boards, each row stamped with its board's identity."""
         self.target, self.out_dir, self.protocol, self.store = target, Path(out_dir), protocol, store
         self.device_name, self.device_mismatch, self.run_id = device_name, device_mismatch, run_id
+        self.farm = farm
         self.versions = library_versions()
         self._backends: dict[str, object] = {}
 
@@ -173,6 +176,8 @@ class Sweep:
     def backend(self, name: str):
         if name not in self._backends:
             kwargs = {"tuning_dir": self.out_dir / "tvm_tuning"} if name == "tvm" else {}
+            if name == "tvm" and self.farm is not None:  # tune on the boards, same database
+                kwargs["rpc"] = (self.farm.host, self.farm.port, self.farm.key)
             self._backends[name] = get_backend(name, **kwargs)
         return self._backends[name]
 
@@ -186,12 +191,13 @@ class Sweep:
         return (self.out_dir / "cache" / task.backend /
                 f"{w.model}-{w.route}-{task.precision}-b{task.batch_size}-s{task.input_size}-{digest}")
 
-    def _row(self, task: Task, status: str, error: str = "", m=None) -> dict:
+    def _row(self, task: Task, status: str, error: str = "", m=None, device: str | None = None) -> dict:
         w = task.workload
         row = {"model": w.model, "route": w.route, "widths": w.widths, "backend": task.backend,
                "precision": task.precision, "batch_size": task.batch_size, "input_size": task.input_size,
                "madds": w.madds, "params": w.params, "status": status, "error": error,
-               "device_name": self.device_name, "device_mismatch": int(self.device_mismatch),
+               "device_name": device or self.device_name,
+               "device_mismatch": 0 if device else int(self.device_mismatch),
                "run_id": self.run_id, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "tuned": int(self.target.tvm.get("tune_trials", 0) > 0) if task.backend == "tvm" else None}
         if m is not None:
@@ -200,12 +206,17 @@ class Sweep:
                        latency_ms_std=s.std, n=s.n, number=m.number, samples_ms=m.samples_ms)
         return row
 
-    def run_task(self, task: Task, module: torch.nn.Module, fingerprint: str) -> dict:
-        """Compile, check and time one task; the row is stored before this returns."""
+    @staticmethod
+    def _reference(task: Task, module: torch.nn.Module):
+        """The check input (seeded) and eager fp32's output on it."""
         torch.manual_seed(1)
         example = torch.randn(task.batch_size, 3, task.input_size, task.input_size)
         with torch.no_grad():
-            ref = module(example)
+            return example, module(example)
+
+    def run_task(self, task: Task, module: torch.nn.Module, fingerprint: str) -> dict:
+        """Compile, check and time one task; the row is stored before this returns."""
+        example, ref = self._reference(task, module)
         backend = self.backend(task.backend)
         engine = compile_engine(backend, module, example, self.target, task.precision,
                                 self.artifact_dir(task, fingerprint))
@@ -229,21 +240,86 @@ class Sweep:
         self.store.record(row)
         return row
 
-    def run(self, tasks: list[Task], progress: Progress | None = None) -> list[dict]:
-        rows = []
+    @staticmethod
+    def _modules(tasks: list[Task]):
+        """``(task, module, fingerprint)``, each workload materialized once."""
         by_workload: dict[int, list[Task]] = {}
         for t in tasks:
             by_workload.setdefault(id(t.workload), []).append(t)
         for group in by_workload.values():
-            module = group[0].workload.build()  # materialize once per workload
+            module = group[0].workload.build()
             fingerprint = weights_fingerprint(module)
             for task in group:
-                row = self.run_task(task, module, fingerprint)
+                yield task, module, fingerprint
+
+    def _report(self, progress, task: Task, row: dict) -> None:
+        if progress:
+            result = (f"{row['latency_ms_p50']:.3f} ms" if row["status"] == "ok"
+                      else f"{row['status']}: {row['error'][:80]}")
+            where = f" on {row['device_name']}" if self.farm is not None else ""
+            progress.update(task.label() + where, result)
+
+    def run(self, tasks: list[Task], progress: Progress | None = None) -> list[dict]:
+        if self.farm is not None:
+            return self._run_remote(tasks, progress)
+        rows = []
+        for task, module, fingerprint in self._modules(tasks):
+            row = self.run_task(task, module, fingerprint)
+            rows.append(row)
+            self._report(progress, task, row)
+        return rows
+
+    def _run_remote(self, tasks: list[Task], progress: Progress | None) -> list[dict]:
+        """Artifacts are built here, one at a time; each is checked and timed on whichever board is
+        free, boards in parallel; rows are stored from this thread as they come back."""
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+        from harness.remote import RemoteError
+
+        def on_board(task, path, example, ref):
+            board = self.farm.acquire()
+            try:
+                model = board.load(path)
+                problem = check_output(model.run(example), ref, task.precision)
+                if problem:
+                    return task, self._row(task, "check_failed", problem, device=board.identity)
+                return task, self._row(task, "ok", m=model.measure(example, self.protocol), device=board.identity)
+            except Exception as e:  # recorded; the sweep goes on
+                return task, self._row(task, "measure_failed", one_line(e), device=board.identity)
+            finally:
+                board.close()
+
+        rows, pending = [], set()
+
+        def collect(futures):
+            for f in futures:
+                task, row = f.result()
+                self.store.record(row)
                 rows.append(row)
-                if progress:
-                    result = (f"{row['latency_ms_p50']:.3f} ms" if row["status"] == "ok"
-                              else f"{row['status']}: {row['error'][:80]}")
-                    progress.update(task.label(), result)
+                self._report(progress, task, row)
+
+        with ThreadPoolExecutor(len(self.farm.boards)) as pool:
+            for task, module, fingerprint in self._modules(tasks):
+                example, ref = self._reference(task, module)
+                backend = self.backend(task.backend)
+                artifact_dir = self.artifact_dir(task, fingerprint)
+                artifact_dir.mkdir(parents=True, exist_ok=True)
+                try:
+                    path = (artifact_dir / backend.artifact if backend.has_artifact(artifact_dir)
+                            else backend.export(module, example, self.target, task.precision, artifact_dir))
+                except RemoteError:
+                    raise  # e.g. the cross compiler is missing: nothing can be built, say so once
+                except Exception as e:
+                    row = self._row(task, "compile_failed", one_line(e))
+                    self.store.record(row)
+                    rows.append(row)
+                    self._report(progress, task, row)
+                    continue
+                pending.add(pool.submit(on_board, task, path, example, ref))
+                if len(pending) >= 2 * len(self.farm.boards):  # build ahead, but not everything
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    collect(done)
+            collect(pending)
         return rows
 
 

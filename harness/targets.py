@@ -131,8 +131,8 @@ class Target:
                 return False, "it needs a CUDA GPU and this machine has none (torch.cuda.is_available() is False)"
         machine = platform.machine().lower()
         if self.arch and self.arch not in (machine, {"amd64": "x86_64", "arm64": "aarch64"}.get(machine)):
-            return False, (f"it measures on {self.arch} and this machine is {machine}; remote boards "
-                           "are measured through TVM's RPC tracker (not available yet)")
+            return False, (f"it measures on {self.arch} and this machine is {machine}; measure on the board "
+                           "through TVM's RPC tracker with --rpc-tracker HOST:PORT --rpc-key KEY")
         return True, ""
 
 

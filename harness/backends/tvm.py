@@ -4,7 +4,8 @@ The target is a dict (TVM 0.27), e.g. ``{"kind": "llvm", "mtriple": "x86_64-linu
 "znver4", "num-cores": 2}``. CPU builds are untuned unless the profile sets ``tune_trials``: then
 MetaSchedule tunes with a database in ``<results>/<target>/tvm_tuning/``, shared by every route, and
 only workloads the database does not hold yet are tuned, so each distinct layer is tuned once and a
-re-run tunes nothing. CUDA builds apply DLight's default GPU schedules.
+re-run tunes nothing. CUDA builds apply DLight's default GPU schedules. ``export`` builds and writes the library only,
+cross-compiled when the target is another architecture (``harness.remote`` runs it on a board).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ class TVMBackend(Backend):
     precisions = ("fp32", "fp16")
     artifact = "model.so"
 
-    def __init__(self, tuning_dir: Path | None = None):
+    def __init__(self, tuning_dir: Path | None = None, rpc: tuple[str, int, str] | None = None):
         self.tuning_dir = tuning_dir  # set by the harness to <results>/<target>/tvm_tuning
+        self.rpc = rpc  # (tracker host, port, key): tuning measures candidates on the boards
         self.last_tuned_tasks = 0  # workloads tuned by the last compile (0: all were in the database)
         self.last_task_count = 0  # workloads the last tuned compile had in all
 
@@ -92,16 +94,30 @@ class TVMBackend(Backend):
         self.last_task_count = len(tasks)
         if todo:
             contexts, weights = extracted_tasks_to_tune_contexts(todo, str(self.tuning_dir))
+            builder, runner = "local", "local"
+            if self.rpc is not None:  # candidates built here (cross-compiled for a board), run there
+                from harness.remote import export_aarch64, host_arch, target_arch
+
+                host, port, key = self.rpc
+                runner = ms.runner.RPCRunner(ms.runner.RPCConfig(host, port, key, session_timeout_sec=120))
+                if target_arch(dict(tvm_target.export())) == "aarch64" != host_arch():
+                    builder = ms.builder.LocalBuilder(f_export=export_aarch64)
             ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(self.tuning_dir),
                           max_trials_global=trials * len(contexts), max_trials_per_task=trials,
-                          num_trials_per_iter=min(64, trials), database=database,
-                          cost_model="xgb" if importlib.util.find_spec("xgboost") else "random")
+                          num_trials_per_iter=min(64, trials), database=database, builder=builder,
+                          runner=runner, cost_model="xgb" if importlib.util.find_spec("xgboost") else "random")
         return len(todo)
 
-    def compile(self, module, example, target, precision, artifact_dir):
+    def export(self, module, example, target, precision, artifact_dir) -> Path:
+        """Build ``module`` for the profile's TVM target and write the shared library; for another
+        architecture (an ARM board) with the cross compiler. Returns the library's path."""
         import tvm
         from tvm import relax
         from tvm.relax.frontend.torch import from_exported_program
+
+        from harness.remote import cross_compiler
+
+        fcompile = cross_compiler(target.tvm["target"])  # before the build: a missing compiler fails fast
 
         module, example = cast(module, example, target, precision, device="cpu")  # exported on CPU
         with torch.no_grad():
@@ -123,7 +139,19 @@ class TVMBackend(Backend):
                 mod = relax.transform.MetaScheduleApplyDatabase(str(self.tuning_dir))(mod)
         lib = tvm.compile(mod, target=tvm_target)
         path = artifact_dir / self.artifact
-        lib.export_library(str(path))
+        lib.export_library(str(path), fcompile=fcompile) if fcompile else lib.export_library(str(path))
+        return path
+
+    def compile(self, module, example, target, precision, artifact_dir):
+        import tvm
+
+        from harness.remote import host_arch, target_arch
+
+        arch = target_arch(target.tvm["target"])
+        if arch != host_arch():
+            raise RuntimeError(f"built for {arch}, this machine is {host_arch()}: measure it on the board "
+                               "(--rpc-tracker HOST:PORT --rpc-key KEY)")
+        path = self.export(module, example, target, precision, artifact_dir)
         return self._engine(tvm.runtime.load_module(str(path)), target, precision)
 
     def load(self, artifact_dir, example, target, precision):
