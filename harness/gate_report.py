@@ -59,8 +59,7 @@ def write_report(job, evals: dict, metas: dict, measured: dict, doc: dict) -> li
                                       "madds": madds, "lut_ms": lut, "count": c, "share": c / e.n})
     pd.DataFrame(rows).to_csv(out / SUMMARY, index=False)
     pd.DataFrame(route_rows).to_csv(out / ROUTES, index=False)
-    doc = doc | {"supernet": job.supernet_meta, "gates": {p: {k: v for k, v in m.items() if k != "history"}
-                                                          | {"history": m.get("history")} for p, m in metas.items()}}
+    doc = doc | {"supernet": job.supernet_meta, "gates": metas}
     with open(out / META, "w") as f:
         json.dump(doc, f, indent=1, default=str)
     return [out / SUMMARY, out / ROUTES, out / META] + render(out)
@@ -71,8 +70,9 @@ def _read(out: Path):
     if missing:
         raise FileNotFoundError(f"{out} has no gate-retraining results ({', '.join(missing)} missing): "
                                 "run `python -m harness.retrain_gate` first")
-    summary = pd.read_csv(out / SUMMARY, keep_default_na=False, na_values=[""], dtype={"route": str})
-    routes = pd.read_csv(out / ROUTES, keep_default_na=False, na_values=[""], dtype={"route": str})
+    from harness.report import read_results_csv
+
+    summary, routes = read_results_csv(out / SUMMARY), read_results_csv(out / ROUTES)
     with open(out / META) as f:
         meta = json.load(f)
     return summary, routes, meta

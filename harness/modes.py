@@ -35,17 +35,6 @@ TABLE2_WAYS = ("full", "masking", "indexing", "slicing", "materialized", "ideal"
 EXEC_MODE = {"full": "slice", "masking": "mask", "indexing": "index", "slicing": "slice"}
 
 
-class _Routed(torch.nn.Module):
-    """The supernet pinned to one route and execution mode (a module a backend can compile)."""
-
-    def __init__(self, supernet, route, mode: str):
-        super().__init__()
-        self.net, self.route, self.mode = supernet, route, mode
-
-    def forward(self, x):
-        return self.net(x)
-
-
 def narrow_route(model, ratio: float):
     return model.routing_space.route_for(**{g.name: {"ratio": ratio} for g in model.routing_space.gates})
 
@@ -62,7 +51,7 @@ def table2_ways(input_size: int, ratio: float = 0.25, seed: int = 0) -> dict:
         net = copy.deepcopy(supernet)
         route = largest if way == "full" else narrow
         net.set_route(route, EXEC_MODE[way])
-        ways[way] = (_Routed(net, route, EXEC_MODE[way]).eval(), str(route),
+        ways[way] = (net, str(route),
                      dsnet.profile(supernet, route, input_size).madds)
     ways["materialized"] = (dsnet.materialize(supernet, narrow), str(narrow),
                             dsnet.profile(supernet, narrow, input_size).madds)

@@ -55,21 +55,22 @@ class ReportError(Exception):
     """Nothing to build from the folder: one line, exit code 2."""
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
+def read_results_csv(path: Path) -> pd.DataFrame:
+    """A stored results CSV: names stay literal ("NA", "null" are not missing), empty cells are NaN."""
     return pd.read_csv(path, dtype={"route": str, "name": str}, keep_default_na=False, na_values=[""])
 
 
 def load_results(folder: Path):
     if not folder.is_dir():
         raise ReportError(f"no results folder {folder}: run `python -m harness.run --target <target>` first")
-    lut = _read_csv(folder / "lut.csv") if (folder / "lut.csv").is_file() else pd.DataFrame()
-    dyn = _read_csv(folder / "dynamic.csv") if (folder / "dynamic.csv").is_file() else pd.DataFrame()
+    lut = read_results_csv(folder / "lut.csv") if (folder / "lut.csv").is_file() else pd.DataFrame()
+    dyn = read_results_csv(folder / "dynamic.csv") if (folder / "dynamic.csv").is_file() else pd.DataFrame()
     if lut.empty and dyn.empty:
         raise ReportError(f"{folder} holds no stored results (lut.csv, dynamic.csv): "
                           "run `python -m harness.run --target <target>` first")
     env = json.loads((folder / "env.json").read_text()) if (folder / "env.json").is_file() else {}
     gate_routes = folder / "gate_retraining_routes.csv"
-    gates = _read_csv(gate_routes) if gate_routes.is_file() else pd.DataFrame()
+    gates = read_results_csv(gate_routes) if gate_routes.is_file() else pd.DataFrame()
     return lut, dyn, env, gates
 
 
@@ -162,24 +163,23 @@ def table7(lut: pd.DataFrame, dyn: pd.DataFrame, input_size: int, gates: pd.Data
             rb = r[r.backend == b]
             per_backend[b].append(rb.latency_ms_p50.iloc[0] if len(rb) else np.nan)
     route_madds = routes.drop_duplicates("route").set_index("route").madds.to_dict()
-    for label in ("DS-MBNet-L", "DS-MBNet-M", "DS-MBNet-S"):
-        mix = _matched_mix(route_madds, PAPER_TABLE7[label][0] * 1e6)
-        names.append(label)
+    route_ms = {b: routes[routes.backend == b].set_index("route").latency_ms_p50 for b in backends}
+
+    def add_mix(name: str, mix: dict) -> None:
+        """A row priced as a route distribution: expected MAdds and expected end-to-end latency."""
+        names.append(name)
         madds_col.append(f"{sum(p * route_madds[r] for r, p in mix.items()) / 1e6:.0f}")
         mixes.append(" + ".join(f"{p:.2f} x route {r}" for r, p in mix.items()))
-        for b in backends:
-            lat = routes[routes.backend == b].set_index("route").latency_ms_p50
+        for b, lat in route_ms.items():
             per_backend[b].append(sum(p * lat[r] for r, p in mix.items()) if all(r in lat for r in mix) else np.nan)
+
+    for label in ("DS-MBNet-L", "DS-MBNet-M", "DS-MBNet-S"):
+        add_mix(label, _matched_mix(route_madds, PAPER_TABLE7[label][0] * 1e6))
     retrained = gates[(gates.model == "ds_mbnet") & (gates.input_size == input_size)] \
         if gates is not None and len(gates) else pd.DataFrame()
     for (gate, backend), g in retrained.groupby(["gate", "backend"]) if len(retrained) else []:
-        mix = {r: p for r, p in zip(g.route, g.share) if p > 0}
-        names.append(f"DS-MBNet, gate retrained with the {gate} penalty ({backend} LUT)")
-        madds_col.append(f"{sum(p * route_madds[r] for r, p in mix.items()) / 1e6:.0f}")
-        mixes.append(" + ".join(f"{p:.2f} x route {r}" for r, p in mix.items()))
-        for b in backends:
-            lat = routes[routes.backend == b].set_index("route").latency_ms_p50
-            per_backend[b].append(sum(p * lat[r] for r, p in mix.items()) if all(r in lat for r in mix) else np.nan)
+        add_mix(f"DS-MBNet, gate retrained with the {gate} penalty ({backend} LUT)",
+                {r: p for r, p in zip(g.route, g.share) if p > 0})
     t = pd.DataFrame({"model": names, "MAdds (M)": madds_col, "route mix": mixes})
     for b in backends:
         t[f"{b} latency (ms)"] = [_ms(v) for v in per_backend[b]]

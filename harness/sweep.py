@@ -382,7 +382,7 @@ class DynamicSweep:
         from harness.dynamic import chain_parts, covering_routes, in_context, measure_dispatch, measure_stream
         from harness.lut import LatencyLUT, route_segment_names
 
-        protocol, timer = self.sweep.protocol, self._timer()
+        protocol, timer = self.sweep.protocol, self.sweep.timer()
         # 1. every segment timed in context (interleaved in chain order over routes that cover all
         #    segments; a segment's samples pooled over the routes it appears in): the compositional LUT
         cover = covering_routes(self.plan, self.model.routes(self.input_size))
@@ -474,6 +474,3 @@ class DynamicSweep:
         if progress:
             progress(f"{self.model_name} {self.backend_name} acceleration",
                      f"realized {res['realized_speedup']:.2f}x, ideal {res['ideal_speedup']:.2f}x")
-
-    def _timer(self):
-        return self.sweep.timer()
