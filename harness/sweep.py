@@ -132,8 +132,11 @@ class Task:
 class Progress:
     """A one-line progress bar on stderr (one line per item when not a terminal)."""
 
-    def __init__(self, total: int, stream=sys.stderr, every_s: float = 0.0):
-        """``every_s``: when not a terminal, print at most one line per ``every_s`` seconds."""
+    def __init__(self, total: int, stream=None, every_s: float = 0.0):
+        """``stream``: default the current ``sys.stderr`` (looked up here, not at import time, so a
+        replaced stderr is honoured); ``every_s``: when not a terminal, print at most one line per
+        ``every_s`` seconds."""
+        stream = stream or sys.stderr
         self.total, self.done, self.stream, self.start = total, 0, stream, time.monotonic()
         self.tty = stream.isatty()
         self.every_s, self.last = every_s, -float("inf")
