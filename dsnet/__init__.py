@@ -8,6 +8,7 @@ from dsnet.calibration import recalibrate_bn
 from dsnet.checkpoint import load_official_state_dict
 from dsnet.deploy import DynamicPlan, materialize, split
 from dsnet.layers import EXEC_MODES
+from dsnet.models import mobilenet as _mobilenet  # noqa: F401  (registers the built-in models)
 from dsnet.profile import Profile, count_by_hooks, profile
 from dsnet.registry import create_model, list_models, register_model
 from dsnet.routes import Route, RouteError

@@ -19,9 +19,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dsnet.gate import route_onehot
 from dsnet.layers import fold_bn as _fold_conv_bn
 from dsnet.routes import Route
-from dsnet.supernet import Supernet
+from dsnet.supernet import Supernet, dispatch
 
 
 def _check_model(model) -> Supernet:
@@ -101,34 +102,16 @@ class DynamicPlan(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(logits, choices)`` with ``choices[i]`` the route of sample ``i``."""
-        return dispatch(x, self.head, lambda k, key, f: self.stages[k][key](f), len(self.stages))
+        return dispatch_argmax(x, self.head, lambda k, key, f: self.stages[k][key](f), len(self.stages))
 
 
-def dispatch(x: torch.Tensor, head, run_segment, n_stages: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic inference by argmax: ``head(x) -> (features, scores)``; at each stage ``k`` every
-    group of samples that chose ``c`` (after choosing ``prev``) runs ``run_segment(k, (prev, c),
-    features)``, which returns ``(features, scores)`` or, at the last stage, class logits.
-    Returns ``(logits, choices)``. Shared by :class:`DynamicPlan` and the compiled dynamic engine."""
-    n = x.shape[0]
-    feats, scores = head(x)
-    groups = [(torch.arange(n, device=feats.device), feats, scores, None)]
-    choices = torch.empty(n, n_stages, dtype=torch.long, device=feats.device)
-    out = None
-    for k in range(n_stages):
-        new_groups = []
-        for idx, f, s, prev in groups:
-            choice = s.argmax(-1)
-            choices[idx, k] = choice
-            for c in torch.unique(choice).tolist():
-                sel = (choice == c).nonzero(as_tuple=True)[0]
-                y = run_segment(k, (prev, c), f[sel].contiguous())
-                if k + 1 < n_stages:
-                    new_groups.append((idx[sel], y[0], y[1], c))
-                else:
-                    out = y.new_zeros(n, y.shape[1]) if out is None else out
-                    out = out.index_copy(0, idx[sel], y.to(out.dtype))
-        groups = new_groups
-    return out, choices
+def dispatch_argmax(x: torch.Tensor, head, run_segment, n_stages: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deployed dynamic inference: :func:`dsnet.supernet.dispatch` with argmax choices and segments
+    ``run_segment(k, (prev, c), features)``. Returns ``(logits, choices)``, ``choices[i]`` the route
+    of sample ``i``. Shared by :class:`DynamicPlan` and the harness's compiled dynamic engine."""
+    out = dispatch(x, head, lambda k, key, f, _w: run_segment(k, key, f), n_stages,
+                   lambda s: route_onehot(s, training=False))
+    return out.logits, torch.stack([oh.argmax(-1) for oh in out.onehots], 1)
 
 
 def split(model, fold_bn: bool = False) -> DynamicPlan:

@@ -2,7 +2,8 @@
 
 ``@register_model`` records a builder under its function name; ``create_model(name, **kwargs)``
 builds it; ``list_models()`` lists the names. An unknown name or keyword raises ``ValueError``
-naming the valid choices.
+naming the valid choices. The built-in models register themselves when ``dsnet.models`` is
+imported, which ``import dsnet`` does: this module imports no model (models import it).
 """
 
 from __future__ import annotations
@@ -20,18 +21,11 @@ def register_model(fn: Callable) -> Callable:
     return fn
 
 
-def _load_builtin() -> None:
-    # Importing the model modules runs their @register_model decorators.
-    from dsnet.models import mobilenet, resnet  # noqa: F401
-
-
 def list_models() -> list[str]:
-    _load_builtin()
     return sorted(_MODELS)
 
 
 def create_model(name: str, **kwargs):
-    _load_builtin()
     try:
         builder = _MODELS[name]
     except KeyError:

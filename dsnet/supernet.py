@@ -45,6 +45,55 @@ class DynamicOutput(NamedTuple):
     scores: list[torch.Tensor]
 
 
+class Classifier(nn.Module):
+    """Global average pool, flatten, then the fully connected layer ``fc``."""
+
+    def __init__(self, fc: nn.Module):
+        super().__init__()
+        self.fc = fc
+
+    def forward(self, x):
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def dispatch(x: torch.Tensor, head, run_segment, n_stages: int, decide, training: bool = False) -> DynamicOutput:
+    """Route-grouped dynamic inference, the one implementation every dynamic forward uses.
+
+    ``head(x) -> (features, scores)``; ``decide(scores)`` gives each sample's one-hot choice. At
+    stage ``k`` every group of samples that chose ``c`` (after choosing ``prev`` at stage ``k-1``)
+    runs ``run_segment(k, (prev, c), features, weight)``, which returns ``(features, scores)`` or,
+    at the last stage, class logits. ``weight`` is the group's one-hot entry when ``training``
+    (multiply by it so gradients reach the gate), else ``None``. Returns every sample's logits,
+    one-hots and scores, in batch order."""
+    n = x.shape[0]
+    feats, scores = head(x)
+    groups = [(torch.arange(n, device=feats.device), feats, scores, None)]
+    onehots: list[torch.Tensor] = []
+    all_scores: list[torch.Tensor] = []
+    out = None
+    for k in range(n_stages):
+        new_groups = []
+        stage_onehot = stage_scores = None
+        for idx, f, s, prev in groups:
+            oh = decide(s)
+            if stage_onehot is None:
+                stage_onehot, stage_scores = oh.new_zeros(n, oh.shape[1]), s.new_zeros(n, s.shape[1])
+            stage_onehot, stage_scores = stage_onehot.index_copy(0, idx, oh), stage_scores.index_copy(0, idx, s)
+            choice = oh.argmax(-1)
+            for c in torch.unique(choice).tolist():
+                sel = (choice == c).nonzero(as_tuple=True)[0]
+                y = run_segment(k, (prev, c), f[sel].contiguous(), oh[sel, c] if training else None)
+                if k + 1 < n_stages:
+                    new_groups.append((idx[sel], y[0], y[1], c))
+                else:
+                    out = y.new_zeros(n, y.shape[1]) if out is None else out
+                    out = out.index_copy(0, idx[sel], y.to(out.dtype))
+        onehots.append(stage_onehot)
+        all_scores.append(stage_scores)
+        groups = new_groups
+    return DynamicOutput(out, onehots, all_scores)
+
+
 def static_copy(module: nn.Module) -> nn.Module:
     """Deep copy of ``module`` with every dynamic layer replaced by its plain active slice.
 

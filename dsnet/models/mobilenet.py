@@ -22,7 +22,7 @@ from dsnet.gate import AttentionHead, Gate, route_onehot
 from dsnet.layers import DynamicConv2d, DynamicLinear, SplitBatchNorm2d
 from dsnet.registry import register_model
 from dsnet.routes import GateSpec, Route, RoutingSpace
-from dsnet.supernet import CostCounter, DynamicOutput, Supernet, static_copy
+from dsnet.supernet import Classifier, CostCounter, DynamicOutput, Supernet, dispatch, static_copy
 
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "swish": nn.SiLU}
 
@@ -108,15 +108,6 @@ class _Post(nn.Module):
 
     def forward(self, x):
         return self.act2(self.bn2(self.conv_pw(x)))
-
-
-class Classifier(nn.Module):
-    def __init__(self, fc: nn.Module):
-        super().__init__()
-        self.fc = fc
-
-    def forward(self, x):
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
 class HeadWithGate(nn.Module):
@@ -229,27 +220,20 @@ class DSMobileNetV1(Supernet):
         return self.forward_dynamic(x)[0]
 
     def forward_dynamic(self, x) -> DynamicOutput:
-        """Gate-driven inference (one gate).
+        """Gate-driven inference (one gate), through :func:`dsnet.supernet.dispatch`.
 
         Eval: argmax route per sample; samples are grouped by route and each group runs its
         route's slice. Training (stage II) is differentiable: each route's tail runs in slice
         mode and the outputs are mixed by the straight-through one-hot.
         """
         self._apply_route(Route((0,)))  # the head's widths do not depend on the route
-        feats, scores = self._head(x)
-        onehot = route_onehot(scores, self.training)
-        choice = onehot.argmax(-1)
-        out = None
-        for c in torch.unique(choice).tolist():
-            idx = (choice == c).nonzero(as_tuple=True)[0]
-            self._apply_route(Route((c,)))
-            y = self._tail(feats[idx])
-            if out is None:
-                out = y.new_zeros(x.shape[0], y.shape[1])
-            if self.training:  # gradient reaches the gate through the one-hot
-                y = y * onehot[idx, c : c + 1]
-            out = out.index_copy(0, idx, y)
-        return DynamicOutput(out, [onehot], [scores])
+
+        def tail(k, key, feats, weight):
+            self._apply_route(Route((key[1],)))
+            y = self._tail(feats)
+            return y if weight is None else y * weight.view(-1, 1)  # gradient reaches the gate
+
+        return dispatch(x, self._head, tail, 1, lambda s: route_onehot(s, self.training), self.training)
 
     # -- deployment ---------------------------------------------------------------------------
     def _static_head_body(self) -> nn.Sequential:

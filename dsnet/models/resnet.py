@@ -18,10 +18,9 @@ from torch import nn
 
 from dsnet.gate import AttentionHead, Gate, route_onehot
 from dsnet.layers import DynamicConv2d, DynamicLinear, SplitBatchNorm2d
-from dsnet.models.mobilenet import Classifier
 from dsnet.registry import register_model
 from dsnet.routes import GateSpec, Route, RoutingSpace
-from dsnet.supernet import CostCounter, DynamicOutput, Supernet, static_copy
+from dsnet.supernet import Classifier, CostCounter, DynamicOutput, Supernet, dispatch, static_copy
 
 RATIOS = (0.25, 0.5, 0.75, 1.0)
 
@@ -188,40 +187,29 @@ class DSResNet(Supernet):
         return self._classify(x)
 
     def forward_dynamic(self, x) -> DynamicOutput:
-        """Gate-driven inference (eval: argmax per gate, samples grouped by their choices)."""
-        n = x.shape[0]
-        # A group: (sample indices, features, width of the features).
-        groups = [(torch.arange(n, device=x.device), self._stem(x), self.stem_width)]
-        onehots = [None] * len(self.stages)
-        all_scores = [None] * len(self.stages)
-        for k in range(len(self.stages)):
-            new_groups = []
-            for idx, feats, cin in groups:
-                self.gates[k].set_width(cin)
-                feats, scores = self.gates[k](feats)
-                oh = route_onehot(scores, self.training)
-                if onehots[k] is None:
-                    onehots[k] = oh.new_zeros(n, oh.shape[1])
-                onehots[k] = onehots[k].index_copy(0, idx, oh)
-                if all_scores[k] is None:
-                    all_scores[k] = scores.new_zeros(n, scores.shape[1])
-                all_scores[k] = all_scores[k].index_copy(0, idx, scores)
-                choice = oh.argmax(-1)
-                for c in torch.unique(choice).tolist():
-                    sel = (choice == c).nonzero(as_tuple=True)[0]
-                    cout = self._set_stage(k, cin, c)
-                    y = self._stage(k, feats[sel])
-                    if self.training:
-                        y = y * oh[sel, c].view(-1, 1, 1, 1)
-                    new_groups.append((idx[sel], y, cout))
-            groups = new_groups
-        out = None
-        for idx, feats, cin in groups:
-            self.fc.active_in = cin
-            y = self._classify(feats)
-            out = y.new_zeros(n, y.shape[1]) if out is None else out
-            out = out.index_copy(0, idx, y)
-        return DynamicOutput(out, onehots, all_scores)
+        """Gate-driven inference through :func:`dsnet.supernet.dispatch` (eval: argmax per gate,
+        samples grouped by their choices; training: stage outputs weighted by the straight-through
+        one-hot, so gradients reach every gate)."""
+
+        def head(x):
+            self.gates[0].set_width(self.stem_width)
+            return self.gates[0](self._stem(x))
+
+        def stage(k, key, feats, weight):
+            prev, c = key
+            cin = self.stem_width if prev is None else self.out_widths[k - 1][prev]
+            cout = self._set_stage(k, cin, c)
+            y = self._stage(k, feats)
+            if weight is not None:
+                y = y * weight.view(-1, 1, 1, 1)
+            if k + 1 < len(self.stages):
+                self.gates[k + 1].set_width(cout)
+                return self.gates[k + 1](y)
+            self.fc.active_in = cout
+            return self._classify(y)
+
+        return dispatch(x, head, stage, len(self.stages), lambda s: route_onehot(s, self.training),
+                        self.training)
 
     # -- deployment ---------------------------------------------------------------------------
     def _static_stem(self) -> nn.Module:
