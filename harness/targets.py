@@ -6,9 +6,13 @@ Contract
 checked against :data:`SCHEMA`: an unknown key or a wrong type raises :class:`TargetError` naming
 the file and the key. ``known_targets()`` lists the names. Adding a device is adding a file.
 
+A top-level table named after a backend (``[tvm]``, ``[onnxruntime]``, ...) holds that backend's
+options; the backend owns their schema and meaning (``Backend.OPTIONS``) and checks them on load,
+so the core never reads a backend's options. ``target.options(name)`` returns the table.
+
 Values ``"auto"`` are resolved for the local machine by :meth:`Target.resolve`: the expected
-device name (CPU model), the thread count (``0``: all physical cores) and TVM's ``mcpu`` (the host
-CPU as LLVM names it).
+device name (CPU model) and the thread count (``0``: all physical cores); a backend resolves its
+own (e.g. TVM's ``mcpu``).
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.measure import Protocol
+from harness.measure.protocol import Protocol
+from harness.schema import SchemaError, check_table, type_name
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -28,7 +33,8 @@ else:  # pragma: no cover
 
 TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
 
-# key: (type(s), required). Nested tables have their own schema.
+# key: (type(s), required). Nested tables have their own schema; a table named after a backend is
+# checked by that backend.
 SCHEMA = {
     "name": (str, True),
     "description": (str, False),
@@ -41,10 +47,8 @@ SCHEMA = {
     "batch_sizes": (list, False),
     "input_size": (int, False),
     "threads": (int, False),
-    "tvm": (dict, False),
     "protocol": (dict, False),
 }
-TVM_SCHEMA = {"target": (dict, True), "tune_trials": (int, False), "host": (dict, False)}
 PROTOCOL_SCHEMA = {"warmup_calls": (int, False), "warmup_ms": ((int, float), False),
                    "repeat": (int, False), "min_repeat_ms": ((int, float), False),
                    "cuda_graphs": (bool, False)}
@@ -60,29 +64,6 @@ def known_targets(directory: Path = TARGETS_DIR) -> list[str]:
     return sorted(p.stem for p in directory.glob("*.toml"))
 
 
-def _check(table: dict, schema: dict, where: str) -> None:
-    for key, value in table.items():
-        if key not in schema:
-            raise TargetError(f"{where}: unknown key '{key}' (valid: {', '.join(schema)})")
-        types = schema[key][0]
-        types = types if isinstance(types, tuple) else (types,)
-        if isinstance(value, bool) and bool not in types:  # bool is an int in Python, not here
-            raise TargetError(f"{where}: key '{key}' must be {_type_name(types)}, got bool")
-        if not isinstance(value, types):
-            raise TargetError(f"{where}: key '{key}' must be {_type_name(types)}, "
-                              f"got {type(value).__name__}")
-    for key, (_, required) in schema.items():
-        if required and key not in table:
-            raise TargetError(f"{where}: missing required key '{key}'")
-
-
-def _type_name(types) -> str:
-    types = types if isinstance(types, tuple) else (types,)
-    names = {"str": "a string", "int": "an integer", "float": "a number", "list": "a list",
-             "dict": "a table", "bool": "true or false"}
-    return " or ".join(names.get(t.__name__, t.__name__) for t in types)
-
-
 @dataclass
 class Target:
     name: str
@@ -96,9 +77,13 @@ class Target:
     batch_sizes: list[int] = field(default_factory=lambda: [1])
     input_size: int = 224
     threads: int = 0
-    tvm: dict = field(default_factory=dict)
+    backend_options: dict[str, dict] = field(default_factory=dict)  # {backend: its profile table}
     dynamic_backends: list[str] | None = None
     protocol: Protocol = field(default_factory=Protocol)
+
+    def options(self, backend: str) -> dict:
+        """The profile's table for ``backend`` (a copy; empty when the profile has none)."""
+        return copy.deepcopy(self.backend_options.get(backend, {}))
 
     def resolve(self) -> Target:
         """A copy with the ``auto`` values filled in for this machine."""
@@ -110,12 +95,6 @@ class Target:
                 t.expected_device = env.cpu_model()
             if t.threads <= 0:
                 t.threads = env.physical_cores()
-        tvm_target = t.tvm.get("target")
-        if tvm_target is not None:
-            if tvm_target.get("mcpu") == "auto":
-                tvm_target["mcpu"] = _host_llvm_cpu()
-            if tvm_target.get("num-cores") == 0:
-                tvm_target["num-cores"] = t.threads or env.physical_cores()
         return t
 
     def runs_here(self) -> tuple[bool, str]:
@@ -136,15 +115,6 @@ class Target:
         return True, ""
 
 
-def _host_llvm_cpu() -> str:
-    try:
-        import tvm
-
-        return str(tvm.get_global_func("target.llvm_get_system_cpu")())
-    except Exception:  # TVM missing: the TVM backend reports that itself
-        return "generic"
-
-
 def load_target(name: str, directory: Path = TARGETS_DIR) -> Target:
     path = Path(name) if name.endswith(".toml") else directory / f"{name}.toml"
     if not path.is_file():
@@ -154,10 +124,16 @@ def load_target(name: str, directory: Path = TARGETS_DIR) -> Target:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise TargetError(f"{where}: not valid TOML: {e}") from None
-    _check(data, SCHEMA, where)
-    if "tvm" in data:  # optional table; its own keys are checked when present
-        _check(data["tvm"], TVM_SCHEMA, f"{where} [tvm]")
-    _check(data.get("protocol", {}), PROTOCOL_SCHEMA, f"{where} [protocol]")
+    from harness.backends import backend_class, list_backends
+
+    backend_options = {k: data.pop(k) for k in list(data) if k in list_backends() and isinstance(data[k], dict)}
+    try:
+        check_table(data, SCHEMA, where)
+        check_table(data.get("protocol", {}), PROTOCOL_SCHEMA, f"{where} [protocol]")
+        for name, table in backend_options.items():
+            check_table(table, backend_class(name).OPTIONS, f"{where} [{name}]")
+    except SchemaError as e:
+        raise TargetError(str(e)) from None
     if data["device"] not in DEVICES:
         raise TargetError(f"{where}: key 'device' must be one of {', '.join(DEVICES)}, got '{data['device']}'")
     for key, kind, allowed in (("backends", str, None), ("dynamic_backends", str, None),
@@ -165,7 +141,7 @@ def load_target(name: str, directory: Path = TARGETS_DIR) -> Target:
                                ("batch_sizes", int, None)):
         for v in data.get(key, []):
             if not isinstance(v, kind) or isinstance(v, bool) or (allowed and v not in allowed):
-                valid = f"one of {', '.join(allowed)}" if allowed else _type_name(kind)
+                valid = f"one of {', '.join(allowed)}" if allowed else type_name(kind)
                 raise TargetError(f"{where}: key '{key}' holds {v!r}; each entry must be {valid}")
     if data["name"] != path.stem:
         raise TargetError(f"{where}: key 'name' is '{data['name']}' but the file is named '{path.stem}'")
@@ -173,4 +149,4 @@ def load_target(name: str, directory: Path = TARGETS_DIR) -> Target:
         protocol = Protocol(**data.pop("protocol", {}))
     except ValueError as e:
         raise TargetError(f"{where} [protocol]: {e}") from None
-    return Target(path=where, protocol=protocol, **data)
+    return Target(path=where, protocol=protocol, backend_options=backend_options, **data)

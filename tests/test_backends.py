@@ -8,11 +8,14 @@ import torch
 
 import dsnet
 from conftest import randomize
-from harness.backends import Failure, compile_engine, get_backend, list_backends
+from harness.backends import get_backend, list_backends
 from harness.backends.base import Backend, Engine
-from harness.measure import Protocol
-from harness.store import ResultStore
-from harness.sweep import Sweep, Task, Workload, check_output
+from harness.measure.pipeline import ArtifactKey, check_output, trial, weights_fingerprint
+from harness.measure.protocol import Protocol
+from harness.phases.context import RunContext
+from harness.phases.static import Task, Workload, run_static
+from harness.results.layout import Layout
+from harness.results.store import ResultStore
 from harness.targets import load_target
 
 X86 = load_target("x86").resolve()
@@ -20,7 +23,7 @@ CPU_BACKENDS = ["eager", "torchscript", "onnxruntime", "tvm", "inductor"]
 
 
 def _available(name):
-    why = get_backend(name).unavailable(X86)
+    why = get_backend(name, X86.options(name)).unavailable(X86)
     if why:
         pytest.skip(f"{name} unavailable here: {why}")
 
@@ -40,15 +43,18 @@ def test_engine_matches_eager_and_reloads_from_cache(backend, tiny, tmp_path):
         x = torch.randn(2, 3, 32, 32)
         with torch.no_grad():
             ref = module(x)
-        b = get_backend(backend)
-        engine = compile_engine(b, module, x, X86, "fp32", tmp_path / str(route))
-        assert not isinstance(engine, Failure), engine
-        assert check_output(engine(x), ref, "fp32") is None
+        b = get_backend(backend, X86.options(backend))
+        key = ArtifactKey.of("ds_mbnet_tiny", str(route), b, X86, "fp32", x, weights_fingerprint(module))
+        result = trial(b, module, x, X86, "fp32", key, tmp_path)
+        assert result.ok, result
+        assert check_output(result.engine(x), ref, "fp32") is None
         assert ref.abs().max() > 1e-3  # a meaningful comparison, not zeros against zeros
+        assert result.compile_s > 0 and result.details["cached"] is False
         if b.artifact:
-            assert b.has_artifact(tmp_path / str(route))
-            again = compile_engine(b, module, x, X86, "fp32", tmp_path / str(route))
-            assert check_output(again(x), ref, "fp32") is None
+            assert b.has_artifact(key.directory(tmp_path))
+            again = trial(b, module, x, X86, "fp32", key, tmp_path)
+            assert again.ok and again.details["cached"] is True
+            assert check_output(again.engine(x), ref, "fp32") is None
 
 
 class WrongBackend(Backend):
@@ -72,9 +78,9 @@ FAST = Protocol(warmup_calls=1, warmup_ms=0, repeat=3, min_repeat_ms=0)
 
 def _sweep(tmp_path, backend_obj, protocol=FAST):
     store = ResultStore(tmp_path / "results.sqlite")
-    sweep = Sweep(X86, tmp_path, protocol, store, "cpu", False, "test")
-    sweep._backends[backend_obj.name] = backend_obj
-    return sweep, store
+    ctx = RunContext(X86, Layout(tmp_path), protocol, store, "cpu", False, "test")
+    ctx._backends[backend_obj.name] = backend_obj
+    return ctx, store
 
 
 def _task(tiny, backend):
@@ -95,8 +101,8 @@ def test_wrong_engine_is_recorded_as_failed_and_never_timed(tiny, tmp_path):
         return engine
 
     backend.compile = counting_compile
-    sweep, store = _sweep(tmp_path, backend)
-    [row] = sweep.run([_task(tiny, "wrong")])
+    ctx, store = _sweep(tmp_path, backend)
+    [row] = run_static(ctx, [_task(tiny, "wrong")])
     assert row["status"] == "check_failed"
     assert "output differs from eager: max abs diff" in row["error"]
     assert len(calls) == 1  # the check call only: no timing
@@ -105,9 +111,8 @@ def test_wrong_engine_is_recorded_as_failed_and_never_timed(tiny, tmp_path):
 
 
 def test_compile_failure_is_recorded_and_the_sweep_goes_on(tiny, tmp_path):
-    sweep, store = _sweep(tmp_path, BrokenBackend())
-    sweep._backends["eager"] = get_backend("eager")
-    rows = sweep.run([_task(tiny, "broken"), _task(tiny, "eager")])
+    ctx, store = _sweep(tmp_path, BrokenBackend())
+    rows = run_static(ctx, [_task(tiny, "broken"), _task(tiny, "eager")])
     assert [r["status"] for r in rows] == ["compile_failed", "ok"]
     assert rows[0]["error"].startswith("RuntimeError: unsupported operator aten::frobnicate second line")
     assert "\n" not in rows[0]["error"]
@@ -138,7 +143,8 @@ def test_unknown_backend_lists_valid_ones():
 
 
 def test_importing_the_harness_imports_no_heavy_backend():
-    code = ("import sys, harness, harness.backends, harness.run, harness.sweep, dsnet; "
+    code = ("import sys, harness, harness.backends, harness.run, harness.report, harness.retrain_gate, dsnet, "
+            "harness.phases.static, harness.phases.dynamic, harness.phases.retraining, harness.reporting.tables; "
             "heavy = [m for m in ('tvm', 'onnxruntime', 'torch_tensorrt', 'tensorrt', 'onnx') if m in sys.modules]; "
             "print(heavy); sys.exit(bool(heavy))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -7,8 +7,9 @@ import torch
 import dsnet
 from conftest import randomize, routes_apart
 from harness.backends import get_backend
-from harness.dynamic import DynamicEngine, matched_distribution, stream_routes
-from harness.lut import DYNAMIC_COLUMNS, LatencyLUT, LUTError, route_segment_names
+from harness.deploy.engine import DynamicEngine, stream_routes
+from harness.deploy.lut import LatencyLUT, LUTError, matched_distribution, route_segment_names
+from harness.results.layout import DYNAMIC_COLUMNS
 from harness.targets import load_target
 
 X86 = load_target("x86").resolve()

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from harness.measure import Protocol, WallTimer, measure, measure_interleaved, summarize
+from harness.measure.protocol import Protocol, WallTimer, measure, measure_interleaved, summarize
 
 
 class FakeClock:

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.remote import RemoteError, cross_compiler, parse_tracker
+from harness.backends.tvm import CrossCompileError, cross_compiler
+from harness.measure.remote import parse_tracker
 from harness.targets import load_target
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,7 +101,7 @@ def test_remote_errors_are_one_line(tracker, tmp_path, args, pattern):
 
 def test_missing_cross_compiler_says_what_to_install(monkeypatch):
     monkeypatch.setattr("shutil.which", lambda name: None)
-    with pytest.raises(RemoteError, match="apt-get install g\\+\\+-aarch64-linux-gnu"):
+    with pytest.raises(CrossCompileError, match="apt-get install g\\+\\+-aarch64-linux-gnu"):
         cross_compiler({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})
     assert parse_tracker("10.0.0.2:9190") == ("10.0.0.2", 9190)
 
@@ -114,7 +115,7 @@ def test_cross_compiled_artifact_is_an_aarch64_elf(tmp_path):
 
     target = load_target("arm-cortex-a72").resolve()
     module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
-    path = TVMBackend().export(module, torch.randn(1, 3, 16, 16), target, "fp32", tmp_path)
+    path = TVMBackend(target.options("tvm")).export(module, torch.randn(1, 3, 16, 16), target, "fp32", tmp_path).path
     head = path.read_bytes()[:20]
     assert head[:4] == b"\x7fELF" and head[4] == 2  # 64-bit
     assert int.from_bytes(head[18:20], "little") == 183  # e_machine EM_AARCH64

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from harness import report
-from harness.modes import TABLE2_WAYS
+from harness.phases.table2 import TABLE2_WAYS
+from harness.reporting import tables
 
 ROOT = Path(__file__).resolve().parent.parent
 STORED = ROOT / "results" / "x86"
@@ -58,11 +59,11 @@ def test_table2_ratios_are_computed_from_the_stored_rows():
                          "input_size": 224, "kind": "table2", "name": w, "route": "0-0-0-0", "madds": 1e6,
                          "latency_ms_p50": p50[w], "latency_ms_mean": p50[w], "n": 30, "status": "ok",
                          "error": "", "run_id": "r"} for w in TABLE2_WAYS])
-    table, csv, _ = report.table2(dyn, 224)
+    table, csv, _ = tables.table2(dyn, 224)
     t = table.set_index("way")
     assert t.loc["full", "eager p50 (ms)"] == "8.000" and t.loc["full", "eager / ideal"] == "2.00x"
     assert t.loc["indexing", "eager / ideal"] == "3.00x" and t.loc["ideal", "eager / ideal"] == "1.00x"
     assert t.loc["slicing", "paper / ideal"] == f"{7.9 / 7.2:.2f}x"  # paper columns come from the paper
     assert csv.set_index("way").ratio_to_ideal["masking"] == pytest.approx(9.0 / 4.0)
-    with pytest.raises(report.ReportError, match="no Table 2"):
-        report.table2(dyn, 64)
+    with pytest.raises(tables.ReportError, match="no Table 2"):
+        tables.table2(dyn, 64)

@@ -9,7 +9,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness.gate_report import LARGEST, render
+from harness.reporting.gates import render
+from harness.results.layout import GATE_LARGEST as LARGEST
+from harness.results.layout import Layout
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--model", "ds_mbnet_tiny", "--target", "x86", "--input-size", "32"]
@@ -76,5 +78,5 @@ def test_end_to_end_resume_and_rebuild(tmp_path):
     # the report is rebuilt from the stored files alone, identically
     md2 = (tmp_path / "gate_retraining.md").read_text()
     (tmp_path / "gate_retraining.md").unlink()
-    render(tmp_path)
+    render(Layout(tmp_path))
     assert (tmp_path / "gate_retraining.md").read_text() == md2

@@ -12,8 +12,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from harness import cli as clitools
 from harness import run as runmod
-from harness.store import LUT_COLUMNS
+from harness.backends import get_backend
+from harness.results.layout import LUT_COLUMNS
 from harness.targets import TargetError, known_targets, load_target
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,9 +31,9 @@ def test_shipped_profiles_load():
     for name in known_targets():
         t = load_target(name)
         assert t.name == name and t.backends
-    assert load_target("rtx2080ti").tvm["target"] == {"kind": "cuda", "arch": "sm_75"}
+    assert load_target("rtx2080ti").options("tvm")["target"] == {"kind": "cuda", "arch": "sm_75"}
     x86 = load_target("x86").resolve()
-    assert x86.threads >= 1 and x86.tvm["target"]["mcpu"] != "auto"
+    assert x86.threads >= 1 and get_backend("tvm", x86.options("tvm")).options["target"]["mcpu"] != "auto"
 
 
 @pytest.mark.parametrize("text,message", [
@@ -90,14 +92,14 @@ def test_bad_options_exit_2_with_one_line(tmp_path, capsys):
 
 
 def test_busy_machine_is_refused_under_strict(monkeypatch, tmp_path, capsys):
-    real = runmod.envmod.capture
+    real = clitools.envmod.capture
 
     def busy(device, window_s=0.5):
         env = real(device, window_s=0.05)
         env.update(busy=True, other_processes_cpu_percent=180.0)
         return env
 
-    monkeypatch.setattr(runmod.envmod, "capture", busy)
+    monkeypatch.setattr(clitools.envmod, "capture", busy)
     assert runmod.main(["--target", "x86", "--out", str(tmp_path), "--strict"]) == 3
     assert "machine busy: other processes use 180% of a core" in capsys.readouterr().err
 

@@ -24,7 +24,7 @@ from dsnet.training import (
     train_gate,
     train_supernet,
 )
-from harness.lut import LatencyLUT, LUTError
+from harness.deploy.lut import LatencyLUT, LUTError
 
 
 @pytest.fixture(scope="module")

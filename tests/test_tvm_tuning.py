@@ -4,14 +4,12 @@ Two tiny convolutional networks sharing their first layer stand in for two route
 route takes ~35 s per layer on 2 cores).
 """
 
-import dataclasses
-
 import pytest
 import torch
 from torch import nn
 
-from harness.backends import Failure, compile_engine, get_backend
-from harness.sweep import check_output
+from harness.backends import get_backend
+from harness.measure.pipeline import ArtifactKey, trial, weights_fingerprint
 from harness.targets import load_target
 
 pytestmark = pytest.mark.slow
@@ -25,19 +23,18 @@ def _nets():
 
 
 def test_shared_database_tunes_each_workload_once(tmp_path):
-    backend = get_backend("tvm", tuning_dir=tmp_path / "tvm_tuning")
-    x86 = load_target("x86").resolve()
-    if backend.unavailable(x86):
-        pytest.skip(backend.unavailable(x86))
-    target = dataclasses.replace(x86, tvm={**x86.tvm, "tune_trials": 1})
+    target = load_target("x86").resolve()
+    backend = get_backend("tvm", {**target.options("tvm"), "tune_trials": 1}, workdir=tmp_path / "tvm_tuning")
+    if backend.unavailable(target):
+        pytest.skip(backend.unavailable(target))
     x = torch.randn(1, 3, 16, 16)
 
     def build(module, where):
-        engine = compile_engine(backend, module, x, target, "fp32", tmp_path / where)
-        assert not isinstance(engine, Failure), engine
-        with torch.no_grad():
-            assert check_output(engine(x), module(x), "fp32") is None
-        return backend.last_tuned_tasks, backend.last_task_count
+        key = ArtifactKey.of("net", where, backend, target, "fp32", x, weights_fingerprint(module))
+        result = trial(backend, module, x, target, "fp32", key, tmp_path)
+        assert result.ok, result
+        assert result.details["tune_trials"] == 1
+        return result.details["tuned_tasks"], result.details["tasks"]
 
     first, second = _nets()
     tuned, total = build(first, "a")

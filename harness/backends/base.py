@@ -2,39 +2,45 @@
 
 Contract
 --------
-A :class:`Backend` has a ``name``, the ``devices`` and ``precisions`` it supports, and:
+A :class:`Backend` has a ``name``, the ``devices`` and ``precisions`` it supports, the schema of
+its own profile table (``OPTIONS``: ``{key: (type, required)}``, checked when the profile loads)
+and is built as ``Backend(options, workdir, remote)``: ``options`` the profile's table (resolved
+by :meth:`Backend.resolve_options`), ``workdir`` a folder for state shared by all its artifacts
+(a tuning database), ``remote`` an RPC tracker ``(host, port, key)`` for backends that build for
+boards (``supports_remote``). It provides:
 
 - ``unavailable(target) -> str | None``: why it cannot run for this target (library missing, no
   GPU, ...), or ``None``. Probing never raises.
 - ``compile(module, example, target, precision, artifact_dir) -> Engine``: build an engine and
-  write its artifact into ``artifact_dir`` (may raise: see :func:`compile_engine`).
+  write its artifact into ``artifact_dir`` (may raise; ``harness.measure.pipeline`` turns that
+  into a failed result).
 - ``load(artifact_dir, example, target, precision) -> Engine``: rebuild the engine from a cached
-  artifact (the harness caches artifacts by model, route, backend, target, shape and versions).
+  artifact.
+- ``export(...) -> Exported``: the artifact only, for a board (``supports_remote`` backends).
+- ``cache_key()``: the options that change an artifact (part of the artifact key);
+  ``details()``: the options that change a measured number (recorded with every result).
+
+A backend never modifies the module it is given: :func:`cast` works on a copy.
 
 An :class:`Engine` separates input preparation from the timed call: ``prepare(x)`` converts a
 torch tensor to the backend's native input once, ``run(native)`` is what the protocol times, and
 ``to_torch(out)`` converts the output back: a tensor, or a tuple of tensors for a module with
-several outputs (a deployment head returns features and route scores). Backends know nothing of
-DS-Net.
+several outputs (a deployment head returns features and route scores). ``details`` holds what
+this compile did that changes a number (e.g. TVM: tasks tuned). Backends know nothing of DS-Net.
 """
 
 from __future__ import annotations
 
+import copy
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-
-@dataclass(frozen=True)
-class Failure:
-    """A compile (or load) that did not produce an engine; ``error`` is one line."""
-
-    stage: str
-    error: str
+from harness.schema import check_table
 
 
 def one_line(exc: BaseException) -> str:
@@ -56,8 +62,10 @@ def as_torch_outputs(outputs, convert: Callable[[Any], torch.Tensor] = lambda t:
 
 class Engine:
     def __init__(self, run: Callable[[Any], Any], prepare: Callable[[torch.Tensor], Any] = lambda x: x,
-                 to_torch: Callable[[Any], torch.Tensor] = lambda y: y, sync: Callable[[], None] | None = None):
+                 to_torch: Callable[[Any], torch.Tensor] = lambda y: y, sync: Callable[[], None] | None = None,
+                 details: dict | None = None):
         self.run, self.prepare, self.to_torch, self.sync = run, prepare, to_torch, sync
+        self.details = dict(details or {})
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = self.to_torch(self.run(self.prepare(x)))
@@ -66,11 +74,41 @@ class Engine:
         return out
 
 
+@dataclass(frozen=True)
+class Exported:
+    """An artifact built for another machine: its path and what the build did (``details``)."""
+
+    path: Path
+    details: dict = field(default_factory=dict)
+
+
 class Backend:
     name: str = ""
     devices: tuple[str, ...] = ("cpu",)
     precisions: tuple[str, ...] = ("fp32",)
     artifact: str = ""  # file name inside the artifact directory ("" = nothing to cache)
+    OPTIONS: dict[str, tuple] = {}  # the schema of the profile's [<name>] table
+    supports_remote = False  # can build artifacts that run on a board behind an RPC tracker
+
+    def __init__(self, options: dict | None = None, workdir: Path | None = None,
+                 remote: tuple[str, int, str] | None = None):
+        options = dict(options or {})
+        check_table(options, self.OPTIONS, f"[{self.name}] options")
+        self.options = self.resolve_options(options)
+        self.workdir = None if workdir is None else Path(workdir)
+        self.remote = remote
+
+    def resolve_options(self, options: dict) -> dict:
+        """``options`` with this machine's ``auto`` values filled in."""
+        return options
+
+    def cache_key(self) -> dict:
+        """The options that change the artifact (part of its key)."""
+        return {}
+
+    def details(self) -> dict:
+        """The options that change a measured number (stored with every result)."""
+        return {}
 
     def unavailable(self, target) -> str | None:
         return None
@@ -83,6 +121,10 @@ class Backend:
             return f"{self.name} has no {precision} path (supports {', '.join(self.precisions)})"
         return None
 
+    def notes(self, target) -> list[str]:
+        """Caveats a reader of this backend's figures must know (printed under the summary)."""
+        return []
+
     def compile(self, module: torch.nn.Module, example: torch.Tensor, target, precision: str,
                 artifact_dir: Path) -> Engine:
         raise NotImplementedError
@@ -90,22 +132,16 @@ class Backend:
     def load(self, artifact_dir: Path, example: torch.Tensor, target, precision: str) -> Engine:
         raise NotImplementedError
 
+    def export(self, module: torch.nn.Module, example: torch.Tensor, target, precision: str,
+               artifact_dir: Path) -> Exported:
+        raise NotImplementedError(f"{self.name} cannot build artifacts for a board")
+
+    def check_export(self, target) -> None:
+        """Raise a one-line error now when :meth:`export` cannot work for ``target`` (e.g. a
+        missing cross compiler), before anything is built."""
+
     def has_artifact(self, artifact_dir: Path) -> bool:
         return bool(self.artifact) and (artifact_dir / self.artifact).is_file()
-
-
-def compile_engine(backend: Backend, module, example, target, precision, artifact_dir: Path) -> Engine | Failure:
-    """Load a cached artifact or compile; any exception becomes a :class:`Failure` value."""
-    artifact_dir.mkdir(parents=True, exist_ok=True)
-    if backend.has_artifact(artifact_dir):
-        try:
-            return backend.load(artifact_dir, example, target, precision)
-        except Exception:  # a stale or broken cache entry: rebuild it
-            pass
-    try:
-        return backend.compile(module, example, target, precision, artifact_dir)
-    except Exception as e:  # the sweep records the failure and goes on
-        return Failure("compile", one_line(e))
 
 
 def device_of(target) -> torch.device:
@@ -114,9 +150,10 @@ def device_of(target) -> torch.device:
 
 def cast(module: torch.nn.Module, example: torch.Tensor, target, precision: str,
          device: str | None = None):
-    """Module and input on ``device`` (default: the target's), in the precision (fp16: half casting)."""
+    """A copy of the module and the input on ``device`` (default: the target's), in eval mode and
+    the precision (fp16: half). The caller's module is never modified."""
     dev = torch.device(device) if device else device_of(target)
-    module, example = module.to(dev).eval(), example.to(dev)
+    module, example = copy.deepcopy(module).to(dev).eval(), example.to(dev)
     if precision == "fp16":
         module, example = module.half(), example.half()
     return module, example

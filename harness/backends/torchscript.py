@@ -1,7 +1,9 @@
 """``torchscript``: ``torch.jit.trace`` + ``freeze`` + ``optimize_for_inference``.
 
 TorchScript is deprecated in recent PyTorch (``torch.export`` + AOTInductor is its successor) but
-still works; its deprecation warnings are silenced here.
+still works; its deprecation warnings are silenced here. The artifact is the frozen trace:
+``optimize_for_inference`` runs again on load, because a module saved after it does not load
+("required keyword attribute 'value' is undefined").
 """
 
 from __future__ import annotations
@@ -31,13 +33,16 @@ class TorchScriptBackend(Backend):
         module, example = cast(module, example, target, precision)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            scripted = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(module, example)))
-            torch.jit.save(scripted, str(artifact_dir / self.artifact))
+            frozen = torch.jit.freeze(torch.jit.trace(module, example))
+            torch.jit.save(frozen, str(artifact_dir / self.artifact))
+            scripted = torch.jit.optimize_for_inference(frozen)
         return self._engine(scripted, target, precision)
 
     def load(self, artifact_dir, example, target, precision):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            scripted = torch.jit.load(str(artifact_dir / self.artifact), map_location=example.device
-                                      if target.device == "cpu" else "cuda")
+            frozen = torch.jit.load(str(artifact_dir / self.artifact),
+                                    map_location="cuda" if target.device == "cuda" else "cpu")
+            with torch.no_grad():
+                scripted = torch.jit.optimize_for_inference(frozen)
         return self._engine(scripted, target, precision)

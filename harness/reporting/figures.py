@@ -1,13 +1,13 @@
-"""The comparison plots, drawn from stored results (``harness.report`` calls :func:`build_all`).
+"""The comparison plots, drawn from stored results (``harness.reporting.tables.build`` calls :func:`build_all`).
 
 Each function takes the stored frames, writes one PNG under ``<results>/figures/`` and returns its
-path, or raises :class:`harness.report.ReportError` when the results lack what it draws:
+path, or raises :class:`harness.reporting.common.ReportError` when the results lack what it draws:
 
 - ``latency_vs_madds.png``: per backend, DS-MBNet routes as points, MobileNetV1 widths as a line;
 - ``lut_vs_measured.png``: the compositional LUT's prediction against the end-to-end dynamic engine;
 - ``acceleration.png``: realized against ideal speed-up per backend, beside the paper's;
 - ``table2.png``: DS-Net++ Table 2 as bars (ratio to the ideal network);
-- ``gate_retraining.png``: the retrained gates' route histograms (``harness.gate_report``).
+- ``gate_retraining.png``: the retrained gates' route histograms (``harness.reporting.gates``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from harness.reporting import gates
+from harness.reporting.common import PAPER_ACCELERATION, PAPER_TABLE2_MS, WAY_NOTES, ReportError, acceleration, ok_rows
+from harness.results.layout import Layout
 
 
 def _plt():
@@ -36,9 +40,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def latency_vs_madds(lut: pd.DataFrame, input_size: int, path: Path) -> Path:
-    from harness.report import ReportError, _ok
-
-    d = _ok(lut[(lut.input_size == input_size) & (lut.batch_size == 1) & (lut.precision == "fp32")]) \
+    d = ok_rows(lut[(lut.input_size == input_size) & (lut.batch_size == 1) & (lut.precision == "fp32")]) \
         if len(lut) else lut
     if d.empty:
         raise ReportError("no per-route latencies in lut.csv at this input size")
@@ -69,9 +71,7 @@ def latency_vs_madds(lut: pd.DataFrame, input_size: int, path: Path) -> Path:
 
 
 def lut_vs_measured(dyn: pd.DataFrame, input_size: int, path: Path) -> Path:
-    from harness.report import ReportError, _ok
-
-    d = _ok(dyn[(dyn.input_size == input_size) & dyn.kind.isin(["route", "route_lut"])]) if len(dyn) else dyn
+    d = ok_rows(dyn[(dyn.input_size == input_size) & dyn.kind.isin(["route", "route_lut"])]) if len(dyn) else dyn
     if d.empty:
         raise ReportError("no validated dynamic-engine routes in dynamic.csv at this input size")
     plt = _plt()
@@ -91,8 +91,6 @@ def lut_vs_measured(dyn: pd.DataFrame, input_size: int, path: Path) -> Path:
 
 
 def acceleration_plot(dyn: pd.DataFrame, input_size: int, path: Path) -> Path:
-    from harness.report import PAPER_ACCELERATION, ReportError, acceleration
-
     a = acceleration(dyn, input_size)
     if a.empty:
         raise ReportError("no interleaved acceleration measurement in dynamic.csv at this input size")
@@ -115,9 +113,7 @@ def acceleration_plot(dyn: pd.DataFrame, input_size: int, path: Path) -> Path:
 
 
 def table2_plot(dyn: pd.DataFrame, input_size: int, path: Path) -> Path:
-    from harness.report import PAPER_TABLE2_MS, WAY_NOTES, ReportError, _ok
-
-    d = _ok(dyn[(dyn.kind == "table2") & (dyn.input_size == input_size)]) if len(dyn) else dyn
+    d = ok_rows(dyn[(dyn.kind == "table2") & (dyn.input_size == input_size)]) if len(dyn) else dyn
     if d.empty:
         raise ReportError("no Table 2 measurement in dynamic.csv at this input size")
     ways = list(WAY_NOTES)
@@ -141,22 +137,18 @@ def table2_plot(dyn: pd.DataFrame, input_size: int, path: Path) -> Path:
     return _save(fig, path)
 
 
-def build_all(folder: Path, lut, dyn, input_size: int, skipped: list[str]) -> list[Path]:
-    from harness import gate_report
-    from harness.report import ReportError
-
-    out = folder / "figures"
+def build_all(layout: Layout, lut, dyn, input_size: int, skipped: list[str]) -> list[Path]:
     written = []
     for name, fn in (("latency_vs_madds", lambda p: latency_vs_madds(lut, input_size, p)),
                      ("lut_vs_measured", lambda p: lut_vs_measured(dyn, input_size, p)),
                      ("acceleration", lambda p: acceleration_plot(dyn, input_size, p)),
                      ("table2", lambda p: table2_plot(dyn, input_size, p))):
         try:
-            written.append(fn(out / f"{name}.png"))
+            written.append(fn(layout.figure(name)))
         except ReportError as e:
             skipped.append(f"figure {name}: {e}")
-    if (folder / gate_report.SUMMARY).is_file():
-        written += gate_report.render(folder)
+    if layout.gate_summary.is_file():
+        written += gates.render(layout)
     else:
         skipped.append("gate retraining: no results (run `python -m harness.retrain_gate`)")
     return written

@@ -14,9 +14,10 @@ its channels (0.25 in the paper), with the same seeded weights:
 - ``ideal``: the stand-alone ``resnet50`` at ``width_mult=ratio`` (the paper's ideal row; it has no
   attention heads or gates).
 
-``measure_table2(sweep, backend, precision, input_size)`` compiles each through the backend, checks
-it against its eager module, times all of them interleaved in one run and stores one row per way in
-the store's dynamic table (``kind="table2"``), so a re-run skips what is stored. Compiling a network
+``measure_table2(ctx, backend, precision, input_size)`` puts each through the pipeline (compiled,
+cached under the one artifact key, checked against its eager module), times the ``ok`` ones
+interleaved in one run and stores one row per way in the store's dynamic table
+(``kind="table2"``), so a re-run skips what is stored. Compiling a network
 fixes its weights: a compiler may fold run-time slicing or indexing into constants, so on compiled
 backends those rows measure what the compiler made of them, and the report says so.
 """
@@ -26,9 +27,9 @@ from __future__ import annotations
 import torch
 
 import dsnet
-from harness.backends import Failure, compile_engine
 from harness.backends.base import one_line
-from harness.measure import measure_interleaved
+from harness.measure.protocol import measure_interleaved
+from harness.phases.context import RunContext
 
 TABLE2_MODEL = "ds_resnet50"
 TABLE2_WAYS = ("full", "masking", "indexing", "slicing", "materialized", "ideal")
@@ -61,45 +62,35 @@ def table2_ways(input_size: int, ratio: float = 0.25, seed: int = 0) -> dict:
     return ways
 
 
-def measure_table2(sweep, backend: str, precision: str, input_size: int, progress=None) -> None:
-    from harness.sweep import check_output, weights_fingerprint
-
+def measure_table2(ctx: RunContext, backend: str, precision: str, input_size: int, progress=None) -> None:
     key = lambda way: (TABLE2_MODEL, backend, precision, 1, input_size, "table2", way)
-    done = sweep.store.dynamic_done()
+    done = ctx.store.dynamic_done()
     if all(key(w) in done for w in TABLE2_WAYS):
         return
     x = torch.randn(1, 3, input_size, input_size, generator=torch.Generator().manual_seed(1))
     base = {"model": TABLE2_MODEL, "backend": backend, "precision": precision, "batch_size": 1,
-            "input_size": input_size, "kind": "table2", "run_id": sweep.run_id}
-    fns, meta = {}, {}
+            "input_size": input_size, "kind": "table2", "run_id": ctx.run_id}
+    fns, rows = {}, {}
     for way, (module, route, madds) in table2_ways(input_size).items():
-        row = base | {"name": way, "route": route, "madds": madds}
-        cache = sweep.out_dir / "cache" / backend / "table2" / f"{way}-{input_size}-{weights_fingerprint(module)}"
-        engine = compile_engine(sweep.backend(backend), module, x, sweep.target, precision, cache)
-        if isinstance(engine, Failure):
-            sweep.store.record_dynamic(row | {"status": "compile_failed", "error": engine.error})
+        result = ctx.trial(TABLE2_MODEL, f"table2-{way}", backend, precision, module, x)
+        rows[way] = base | {"name": way, "route": route, "madds": madds, **result.row()}
+        if not result.ok:
+            ctx.store.record_dynamic(rows[way])
             continue
-        with torch.no_grad():
-            ref = module(x)
-        err = check_output(engine(x), ref, precision)
-        if err:
-            sweep.store.record_dynamic(row | {"status": "check_failed", "error": err})
-            continue
-        prepared = engine.prepare(x)
-        fns[way] = lambda engine=engine, prepared=prepared: engine.run(prepared)
-        meta[way] = row
+        prepared = result.engine.prepare(x)
+        fns[way] = lambda engine=result.engine, prepared=prepared: engine.run(prepared)
     if not fns:
         return
     try:
-        res = measure_interleaved(fns, sweep.protocol, sweep.timer())
+        res = measure_interleaved(fns, ctx.protocol, ctx.timer())
     except Exception as e:  # recorded; the run goes on
-        for row in meta.values():
-            sweep.store.record_dynamic(row | {"status": "run_failed", "error": one_line(e)})
+        for way in fns:
+            ctx.store.record_dynamic(rows[way] | {"status": "measure_failed", "error": one_line(e)})
         return
     for way, m in res.items():
         s = m.stats
-        sweep.store.record_dynamic(meta[way] | {
+        ctx.store.record_dynamic(rows[way] | {
             "latency_ms_p50": s.p50, "latency_ms_p90": s.p90, "latency_ms_mean": s.mean, "latency_ms_std": s.std,
-            "n": s.n, "samples_ms": m.samples_ms, "status": "ok", "error": ""})
+            "n": s.n, "samples_ms": m.samples_ms})
         if progress:
             progress(f"table 2 {backend} {way}", f"{s.p50:.3f} ms")

@@ -13,6 +13,9 @@ route's predicted latency (ms); ``tensor(model)`` gives a ``torch`` tensor in th
 model's routing space (``routing_space.all_routes()``, i.e. gate-choice order for a one-gate
 model) for the stage-II penalty. A missing or failed segment is a :class:`LUTError` naming what
 is missing, never a silent zero.
+
+``matched_distribution(route_madds, target_madds)`` mixes two adjacent routes so the expected
+MAdds equal a target (the DS-MBNet-L/M/S rows of Table 7, the acceleration measurement).
 """
 
 from __future__ import annotations
@@ -24,10 +27,7 @@ import pandas as pd
 import torch
 
 from dsnet import DynamicPlan, Route
-
-DYNAMIC_COLUMNS = ["model", "backend", "precision", "batch_size", "input_size", "kind", "name", "route",
-                   "madds", "latency_ms_p50", "latency_ms_p90", "latency_ms_mean", "latency_ms_std", "n",
-                   "predicted_ms", "rel_error", "status", "error", "run_id"]
+from harness.results.layout import Layout, read_csv
 
 
 class LUTError(ValueError):
@@ -56,11 +56,10 @@ class LatencyLUT:
     @classmethod
     def load(cls, results_dir, backend: str, model: str, precision: str = "fp32", batch_size: int = 1,
              input_size: int | None = None) -> LatencyLUT:
-        path = Path(results_dir) / "dynamic.csv"
+        path = Layout(Path(results_dir)).dynamic_csv
         if not path.is_file():
             raise LUTError(f"no LUT at {path}: run `python -m harness.run --target <target>` first")
-        # names stay literal ("null", "NA" are not missing values); empty cells are NaN
-        df = pd.read_csv(path, dtype={"route": str, "name": str}, keep_default_na=False, na_values=[""])
+        df = read_csv(path)
         return cls.from_frame(df, model, backend, precision, batch_size, input_size, source=str(path))
 
     @classmethod
@@ -107,3 +106,18 @@ class LatencyLUT:
             raise LUTError(f"LUT {self.model}/{self.backend} lacks {len(missing)} of {len(routes)} routes "
                            f"of the model: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
         return torch.tensor(values, dtype=torch.float32)
+
+
+def matched_distribution(route_madds: dict, target_madds: float) -> dict:
+    """Two adjacent routes mixed so the expected MAdds equal ``target_madds``."""
+    ordered = sorted(route_madds, key=route_madds.get)
+    lo, hi = route_madds[ordered[0]], route_madds[ordered[-1]]
+    if not lo <= target_madds <= hi:
+        raise ValueError(f"target {target_madds / 1e6:.1f}M MAdds is outside the routes' "
+                         f"{lo / 1e6:.1f}M..{hi / 1e6:.1f}M")
+    for a, b in zip(ordered, ordered[1:]):
+        ma, mb = route_madds[a], route_madds[b]
+        if ma <= target_madds <= mb:
+            w = 0.0 if mb == ma else (target_madds - ma) / (mb - ma)
+            return {a: 1.0 - w, b: w} if w not in (0.0, 1.0) else {b if w else a: 1.0}
+    return {ordered[-1]: 1.0}

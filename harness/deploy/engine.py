@@ -2,9 +2,13 @@
 
 Contract
 --------
-``DynamicEngine(plan, backend, target, precision, cache_dir)`` compiles the head of a
-``dsnet.split`` plan (fixed layers + gate, returning features and route scores) and, on demand, one
-engine per later segment and group size. ``engine(x)`` runs dynamic inference: the gate's argmax
+``DynamicEngine(plan, backend, target, precision, cache_root, input_size, model_name=...)`` compiles
+the head of a ``dsnet.split`` plan (fixed layers + gate, returning features and route scores) and,
+on demand, one engine per later segment and group size, each through
+:func:`harness.measure.pipeline.trial`: cached under the one artifact key and checked against
+its eager segment before use. A part that fails raises :class:`PartError` carrying its
+:class:`~harness.measure.pipeline.Result`; ``engine.parts`` holds every part's result (compile
+time, details). ``engine(x)`` runs dynamic inference: the gate's argmax
 per sample, samples grouped by route, each group through its compiled segment; it returns
 ``(logits, choices)`` like ``DynamicPlan.forward``. ``engine.route_call(x, route)`` is the timed
 batch-1 path for one route: head, gate decision (argmax computed as in real dispatch), hand-off,
@@ -25,37 +29,47 @@ Measurements (all with the one protocol, interleaved where a ratio or difference
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dsnet.deploy import dispatch
-from harness.backends import Failure, compile_engine
-from harness.measure import Protocol, Timer, measure, measure_interleaved
+from dsnet.deploy import dispatch_argmax
+from harness.deploy.lut import route_segment_names
+from harness.measure.pipeline import ArtifactKey, Result, trial, weights_fingerprint
+from harness.measure.protocol import Protocol, Timer, measure, measure_interleaved
+
+
+class PartError(RuntimeError):
+    """A part of the dynamic engine (head or segment) that did not compile or check."""
+
+    def __init__(self, name: str, result: Result):
+        super().__init__(f"{name}: {result.status}: {result.error}")
+        self.name, self.result = name, result
 
 
 class DynamicEngine:
-    def __init__(self, plan, backend, target, precision: str, cache_dir: Path, input_size: int,
-                 batch_size: int = 1, fingerprint: str = ""):
+    def __init__(self, plan, backend, target, precision: str, cache_root: Path, input_size: int,
+                 batch_size: int = 1, model_name: str = "dynamic"):
+        """``model_name`` names the artifacts: make it differ for plans whose parts differ in more
+        than their weights (e.g. a gate restricted to fewer routes)."""
         self.plan, self.backend, self.target, self.precision = plan, backend, target, precision
-        self.cache_dir, self.fingerprint = Path(cache_dir), fingerprint
+        self.cache_root, self.model_name = Path(cache_root), model_name
         self.n_gates = len(plan.stages)
-        example = torch.randn(batch_size, 3, input_size, input_size)
+        self.parts: dict[str, Result] = {}
+        example = torch.randn(batch_size, 3, input_size, input_size, generator=torch.Generator().manual_seed(1))
         self.head = self._compile("head", plan.head, example)
         self._segments: dict[tuple, object] = {}
 
     def _compile(self, name: str, module, example):
         shape = "x".join(map(str, example.shape))
-        digest = hashlib.sha256(json.dumps([self.fingerprint, self.target.name, self.target.tvm,
-                                            self.precision, shape]).encode()).hexdigest()[:12]
-        engine = compile_engine(self.backend, module, example, self.target, self.precision,
-                                self.cache_dir / f"{name}-{self.precision}-{shape}-{digest}")
-        if isinstance(engine, Failure):
-            raise RuntimeError(f"segment {name}: {engine.error}")
-        return engine
+        key = ArtifactKey.of(self.model_name, name, self.backend, self.target, self.precision, example,
+                             weights_fingerprint(module))
+        result = trial(self.backend, module, example, self.target, self.precision, key, self.cache_root)
+        self.parts[f"{name}@{shape}"] = result
+        if not result.ok:
+            raise PartError(name, result)
+        return result.engine
 
     def segment(self, k: int, key: tuple, feats: torch.Tensor):
         """The compiled segment ``key`` of stage ``k`` for inputs shaped like ``feats``."""
@@ -66,7 +80,7 @@ class DynamicEngine:
         return self._segments[cache_key]
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return dispatch(x, self.head, lambda k, key, f: self.segment(k, key, f)(f), self.n_gates)
+        return dispatch_argmax(x, self.head, lambda k, key, f: self.segment(k, key, f)(f), self.n_gates)
 
     def route_call(self, prepared, route):
         """Timed end-to-end call for ``route``: head, gate decision, hand-off, segments."""
@@ -97,8 +111,6 @@ class DynamicEngine:
 
 def covering_routes(plan, routes) -> list:
     """Few routes that together run through every segment of ``plan`` (greedy, in the given order)."""
-    from harness.lut import route_segment_names
-
     wanted = {"head"} | {plan.segment_name(k, key) for k, seg in enumerate(plan.stages) for key in seg}
     cover, seen = [], set()
     for route in routes:
@@ -114,8 +126,6 @@ def covering_routes(plan, routes) -> list:
 def chain_parts(engine: DynamicEngine, route, x: torch.Tensor) -> dict:
     """Timed callables for the head and each segment of ``route``, on the inputs the chain feeds
     them: ``{segment name: fn}`` in chain order."""
-    from harness.lut import route_segment_names
-
     engine.prepare_routes([route], x)
     names = route_segment_names(route)
     prepared = engine.head.prepare(x)
@@ -168,21 +178,6 @@ def _stream_fn(engine: DynamicEngine, prepared, stream):
         return engine.route_call(prepared, route)
 
     return fn
-
-
-def matched_distribution(route_madds: dict, target_madds: float) -> dict:
-    """Two adjacent routes mixed so the expected MAdds equal ``target_madds``."""
-    ordered = sorted(route_madds, key=route_madds.get)
-    lo, hi = route_madds[ordered[0]], route_madds[ordered[-1]]
-    if not lo <= target_madds <= hi:
-        raise ValueError(f"target {target_madds / 1e6:.1f}M MAdds is outside the routes' "
-                         f"{lo / 1e6:.1f}M..{hi / 1e6:.1f}M")
-    for a, b in zip(ordered, ordered[1:]):
-        ma, mb = route_madds[a], route_madds[b]
-        if ma <= target_madds <= mb:
-            w = 0.0 if mb == ma else (target_madds - ma) / (mb - ma)
-            return {a: 1.0 - w, b: w} if w not in (0.0, 1.0) else {b if w else a: 1.0}
-    return {ordered[-1]: 1.0}
 
 
 def measure_stream(engine: DynamicEngine, distribution: dict, lut_ms: dict, x: torch.Tensor,

@@ -1,14 +1,12 @@
-"""The gate-retraining comparison: stored as tidy files, rendered as Markdown and a figure.
+"""The gate-retraining comparison rendered as Markdown and a figure, from stored files alone.
 
 Contract
 --------
-``write_report(job, evals, metas, measured, doc)`` (called by ``harness.retrain_gate``) stores
-``<out>/gate_retraining.csv`` (one row per gate: accuracy, expected MAdds, LUT latency, measured
-latency), ``<out>/gate_retraining_routes.csv`` (route histogram per gate) and
-``<out>/gate_retraining.json`` (settings and environment), then calls :func:`render`.
-
-``render(out)`` rebuilds ``<out>/gate_retraining.md`` and ``<out>/figures/gate_retraining.png``
-from those three files alone, never measuring: every figure in them is read, none typed.
+``render(layout)`` rebuilds ``gate_retraining.md`` and ``figures/gate_retraining.png`` from the
+three files the retraining phase stores (``harness.phases.retraining``): ``gate_retraining.csv``
+(one row per gate: accuracy, expected MAdds, LUT latency, measured latency),
+``gate_retraining_routes.csv`` (route histogram per gate) and ``gate_retraining.json`` (settings
+and environment). It never measures: every figure in them is read, none typed.
 """
 
 from __future__ import annotations
@@ -18,63 +16,21 @@ from pathlib import Path
 
 import pandas as pd
 
-SUMMARY = "gate_retraining.csv"
-ROUTES = "gate_retraining_routes.csv"
-META = "gate_retraining.json"
-LARGEST = "largest route"  # the engine forced to the largest route: no gate, context row
+from harness.reporting.common import md_table
+from harness.results.layout import GATE_LARGEST as LARGEST
+from harness.results.layout import Layout, read_csv
+
 MATCHED_POINTS = 1.0  # accuracies within this many points count as matched (the issue's goal)
 
 
-def write_report(job, evals: dict, metas: dict, measured: dict, doc: dict) -> list[Path]:
-    out = job.out
-    out.mkdir(parents=True, exist_ok=True)
-    args = job.args
-    base = {"model": args.model, "data": job.splits.source, "input_size": args.input_size,
-            "backend": args.backend, "target": job.target.name}
-    rows = []
-    for penalty, e in evals.items():
-        m = measured.get(penalty, {})
-        st = m.get("stats")
-        s = metas[penalty]["settings"]
-        rows.append(base | {
-            "gate": penalty, "val_accuracy": e.accuracy, "n_val": e.n, "expected_madds": e.expected["madds"],
-            "lut_ms": e.expected["lut_ms"], "measured_ms_mean": st.mean if st else None,
-            "measured_ms_p50": st.p50 if st else None, "measured_n": st.n if st else None,
-            "error": m.get("error", ""), "cp_weight": s["cp_weight"], "routes_upto": s["routes_upto"],
-            "cost_target": s["target"], "gate_epochs": s["epochs"], "train_s": metas[penalty].get("train_s")})
-    st = measured.get(LARGEST, {}).get("stats")
-    if st is not None:
-        largest = job.model.routing_space.all_routes()[-1]
-        rows.append(base | {"gate": LARGEST, "val_accuracy": doc["largest_route_accuracy"],
-                            "n_val": len(job.splits.val), "expected_madds": job.route_madds[-1],
-                            "lut_ms": job.route_lut_ms[-1], "measured_ms_mean": st.mean, "measured_ms_p50": st.p50,
-                            "measured_n": st.n, "error": "", "route": str(largest)})
-    route_rows = []
-    routes = job.model.routing_space.all_routes()
-    for penalty, e in evals.items():
-        for r, madds, lut in zip(routes, job.route_madds, job.route_lut_ms):
-            c = e.route_counts[str(r)]
-            route_rows.append(base | {"gate": penalty, "route": str(r),
-                                      "widths": "/".join(map(str, job.model.route_widths(r))),
-                                      "madds": madds, "lut_ms": lut, "count": c, "share": c / e.n})
-    pd.DataFrame(rows).to_csv(out / SUMMARY, index=False)
-    pd.DataFrame(route_rows).to_csv(out / ROUTES, index=False)
-    doc = doc | {"supernet": job.supernet_meta, "gates": metas}
-    with open(out / META, "w") as f:
-        json.dump(doc, f, indent=1, default=str)
-    return [out / SUMMARY, out / ROUTES, out / META] + render(out)
-
-
-def _read(out: Path):
-    missing = [n for n in (SUMMARY, ROUTES, META) if not (out / n).is_file()]
+def _read(layout: Layout):
+    files = (layout.gate_summary, layout.gate_routes, layout.gate_meta)
+    missing = [p.name for p in files if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"{out} has no gate-retraining results ({', '.join(missing)} missing): "
+        raise FileNotFoundError(f"{layout.root} has no gate-retraining results ({', '.join(missing)} missing): "
                                 "run `python -m harness.retrain_gate` first")
-    from harness.report import read_results_csv
-
-    summary, routes = read_results_csv(out / SUMMARY), read_results_csv(out / ROUTES)
-    with open(out / META) as f:
-        meta = json.load(f)
+    summary, routes = read_csv(layout.gate_summary), read_csv(layout.gate_routes)
+    meta = json.loads(layout.gate_meta.read_text())
     return summary, routes, meta
 
 
@@ -128,11 +84,8 @@ def _gate_line(gate: str, m: dict) -> str:
             f"{m.get('train_s')} s.")
 
 
-def render(out) -> list[Path]:
-    from harness.report import md_table
-
-    out = Path(out)
-    summary, routes, meta = _read(out)
+def render(layout: Layout) -> list[Path]:
+    summary, routes, meta = _read(layout)
     first = summary.iloc[0]
     env = meta.get("env", {})
     table = pd.DataFrame({
@@ -158,7 +111,8 @@ def render(out) -> list[Path]:
         f"# Gate retraining: MAdds penalty vs latency penalty ({first.model}, {first.target}, {first.backend})",
         "",
         f"Generated by `python -m harness.retrain_gate` (run {meta.get('run_id')}); rebuilt from "
-        f"`{SUMMARY}`, `{ROUTES}` and `{META}`. Data: {first.data}, {int(first.n_val)} validation images at "
+        f"`{layout.gate_summary.name}`, `{layout.gate_routes.name}` and `{layout.gate_meta.name}`. "
+        f"Data: {first.data}, {int(first.n_val)} validation images at "
         f"{int(first.input_size)}x{int(first.input_size)}. Latency: the dynamic engine compiled through "
         f"{first.backend}, one validation image per call (batch 1), dispatched by its own gate; all rows timed "
         "interleaved in one run; mean per image (a mixture of routes: the p50 is not its mean).",
@@ -185,9 +139,8 @@ def render(out) -> list[Path]:
         f"libraries {json.dumps(env.get('libraries', {}))}",
         "",
     ]
-    md = out / "gate_retraining.md"
-    md.write_text("\n".join(lines))
-    return [md, plot(summary, routes, out / "figures" / "gate_retraining.png")]
+    layout.gate_report.write_text("\n".join(lines))
+    return [layout.gate_report, plot(summary, routes, layout.figure("gate_retraining"))]
 
 
 def plot(summary: pd.DataFrame, routes: pd.DataFrame, path: Path) -> Path:

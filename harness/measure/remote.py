@@ -14,17 +14,14 @@ protocol: a warm-up of at least ``warmup_calls`` calls and ``warmup_ms``, then `
 samples of ``number`` calls, ``number`` grown until a sample lasts ``min_repeat_ms``; the samples
 are summarized by :func:`harness.measure.summarize` like every other measurement.
 
-``cross_compiler(target)``: the ``fcompile`` for ``export_library`` when the profile's TVM
-target is another architecture than this machine (Debian's ``aarch64-linux-gnu-g++``).
+The artifacts come from a backend's ``export`` (cross-compiled by ``harness.backends.tvm``).
 
 Every failure a user can meet is a :class:`RemoteError` with one line saying what to do: tracker
-unreachable, no board under the key, no free board in time, cross compiler missing.
+unreachable, no board under the key, no free board in time.
 """
 
 from __future__ import annotations
 
-import platform
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,40 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harness.measure import Measurement, Protocol
-
-ARCH_OF_TRIPLE = {"aarch64": "aarch64", "arm64": "aarch64", "x86_64": "x86_64"}
-CROSS_COMPILERS = {"aarch64": "aarch64-linux-gnu-g++"}
-INSTALL_HINT = {"aarch64": "install Debian's g++-aarch64-linux-gnu (apt-get install g++-aarch64-linux-gnu)"}
+from harness.measure.protocol import Measurement, Protocol
 
 
 class RemoteError(RuntimeError):
     """A remote set-up problem, one line with what to do."""
-
-
-def host_arch() -> str:
-    m = platform.machine().lower()
-    return {"amd64": "x86_64", "arm64": "aarch64"}.get(m, m)
-
-
-def target_arch(tvm_target: dict) -> str:
-    triple = str(tvm_target.get("mtriple", ""))
-    return ARCH_OF_TRIPLE.get(triple.split("-")[0], host_arch()) if triple else host_arch()
-
-
-def cross_compiler(tvm_target: dict):
-    """``None`` for a native build, else the cross ``fcompile``; :class:`RemoteError` if missing."""
-    arch = target_arch(tvm_target)
-    if arch == host_arch():
-        return None
-    cxx = CROSS_COMPILERS.get(arch)
-    if cxx is None:
-        raise RemoteError(f"no cross compiler known for {arch} (TVM target {tvm_target.get('mtriple')})")
-    if shutil.which(cxx) is None:
-        raise RemoteError(f"cross compiler {cxx} not found: {INSTALL_HINT.get(arch, 'install it')}")
-    from tvm.support import cc
-
-    return cc.cross_compiler(cxx)
 
 
 def parse_tracker(text: str) -> tuple[str, int]:
@@ -196,13 +164,17 @@ def _request(tracker, key: str) -> Board:
         tracker.close()
 
 
-def export_aarch64(mod) -> str:
-    """MetaSchedule builder export for aarch64 boards (runs in the builder's worker processes)."""
-    import os
-    import tempfile
+def board_trial(board: Board, result, example: torch.Tensor, ref, precision: str, protocol: Protocol):
+    """Check an exported artifact (a :class:`harness.measure.pipeline.Result` with ``artifact``)
+    against eager's ``ref`` on ``board`` and time it there: the same statuses as a local trial."""
+    from harness.backends.base import one_line
+    from harness.measure.pipeline import check_output
 
-    from tvm.support import cc
-
-    path = os.path.join(tempfile.mkdtemp(prefix="dsnet-ms-"), "tvm_tmp_mod.so")
-    mod.export_library(path, fcompile=cc.cross_compiler(CROSS_COMPILERS["aarch64"]))
-    return path
+    try:
+        model = board.load(result.artifact)
+        problem = check_output(model.run(example), ref, precision)
+        if problem:
+            return result.replace(status="check_failed", error=problem)
+        return result.replace(measurement=model.measure(example, protocol))
+    except Exception as e:  # recorded; the sweep goes on
+        return result.replace(status="measure_failed", error=one_line(e))

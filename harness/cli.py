@@ -1,0 +1,144 @@
+"""What the command-line tools share: options, profile opening, machine capture, progress, exit codes.
+
+Contract
+--------
+No CLI imports another CLI; each imports this module for:
+
+- :class:`UsageError`: bad input, printed as one line ``error: ...`` with exit code 2 by
+  :func:`run_main`, which also turns Ctrl-C into exit 130 with a line saying what was kept;
+- :func:`add_results_option`: ``--results DIR`` (alias ``--out``), the results folder in every CLI;
+- :func:`open_target`: a resolved profile, threads configured, or a :class:`UsageError` naming
+  the profiles this machine can run;
+- :func:`capture_machine`: the environment, the device name and a mismatch flag, with warnings;
+- :func:`csv_list`, :func:`new_run_id`;
+- :class:`Progress`: a tqdm bar on a terminal, rate-limited plain lines (tqdm's meter) otherwise;
+  called as ``progress(label, text)`` once per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import uuid
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from harness import env as envmod
+from harness.results.layout import Layout
+from harness.targets import TargetError, known_targets, load_target
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line, exit code 2."""
+
+
+def add_results_option(parser: argparse.ArgumentParser, default_help: str = "results/<target>") -> None:
+    parser.add_argument("--results", "--out", dest="results", type=Path, metavar="DIR",
+                        help=f"results folder (default: {default_help}); --out is an alias")
+
+
+def results_layout(results: Path | None, target_name: str, quick: bool = False) -> Layout:
+    return Layout(results) if results is not None else Layout.default(target_name, quick)
+
+
+def csv_list(text: str | None) -> list[str] | None:
+    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+def _runs_here_quietly(name: str) -> bool:
+    try:
+        return load_target(name).runs_here()[0]
+    except TargetError:
+        return False
+
+
+def open_target(name: str, remote: bool = False):
+    """The resolved profile ``name``, threads configured; :class:`UsageError` for an unknown or
+    malformed profile, or one this machine cannot run (naming the profiles that can). ``remote``:
+    measured on boards through an RPC tracker, so the profile's architecture need not be this one's."""
+    try:
+        target = load_target(name)
+    except TargetError as e:
+        raise UsageError(str(e)) from None
+    if remote and target.device != "cpu":
+        raise UsageError(f"--rpc-tracker measures CPU boards; profile '{target.name}' is a {target.device} profile")
+    runnable, why = (True, "") if remote else target.runs_here()
+    if not runnable:
+        here = [n for n in known_targets() if _runs_here_quietly(n)]
+        raise UsageError(f"target '{target.name}' cannot run on this machine: {why}. "
+                         f"Profiles that can run here: {', '.join(here) or 'none'}")
+    target = target.resolve()
+    envmod.configure_threads(target.threads)  # before any backend library loads
+    return target
+
+
+def capture_machine(target, strict: bool = False):
+    """``(env, device name, device mismatch)``, warning on stderr about a mismatched device or a
+    busy machine (an error line under ``strict``: the caller exits 3)."""
+    env = envmod.capture(target.device)
+    device_name = env.get("gpu_name") if target.device == "cuda" else env["cpu_model"]
+    device_mismatch = bool(target.expected_device) and target.expected_device not in (device_name or "")
+    if device_mismatch:
+        print(f"warning: profile '{target.name}' expects '{target.expected_device}' but this is "
+              f"'{device_name}'; results are recorded with device_mismatch=1", file=sys.stderr)
+    if env["busy"]:
+        msg = (f"machine busy: other processes use {env['other_processes_cpu_percent']:.0f}% of a core "
+               f"(load average {env['load_average'][0]}); timings may be inflated")
+        if strict:
+            print(f"error: {msg}; refusing under --strict", file=sys.stderr)
+        else:
+            print(f"warning: {msg}; the run is flagged busy in env.json", file=sys.stderr)
+    return env, device_name, device_mismatch
+
+
+class Progress:
+    """Progress of ``total`` steps on stderr: a tqdm bar on a terminal; elsewhere (a log file, CI)
+    one plain line with tqdm's meter per step, at most one per ``every_s`` seconds (and the last)."""
+
+    def __init__(self, total: int, desc: str = "", every_s: float = 0.0, stream=None):
+        from tqdm import tqdm
+
+        self.stream = stream or sys.stderr  # looked up now, so a replaced stderr is honoured
+        self.total, self.desc, self.every_s = total, desc, every_s
+        self.tty = self.stream.isatty()
+        self.done, self.start, self.last = 0, time.monotonic(), -float("inf")
+        self.bar = tqdm(total=total, desc=desc, file=self.stream, dynamic_ncols=True, leave=True) if self.tty else None
+
+    def __call__(self, label: str, text: str) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{label}: {text}"[:100], refresh=False)
+            self.bar.update(1)
+            if self.done >= self.total:
+                self.bar.close()
+            return
+        now = time.monotonic()
+        if self.done < self.total and now - self.last < self.every_s:
+            return
+        self.last = now
+        from tqdm import tqdm
+
+        meter = tqdm.format_meter(self.done, self.total, now - self.start, ncols=60, prefix=self.desc)
+        self.stream.write(f"{meter}  {label}: {text}\n")
+        self.stream.flush()
+
+
+def run_main(main: Callable[[], int], interrupted: str) -> int:
+    """Run a CLI's body: :class:`UsageError` -> one line and exit 2; Ctrl-C -> ``interrupted`` and
+    exit 130. TorchScript's and torch.export's deprecation notices are not the user's business."""
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        return main()
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {interrupted}", file=sys.stderr)
+        return 130

@@ -1,0 +1,1 @@
+"""Dynamic deployment: the compiled dynamic engine (``engine``) and the latency LUT (``lut``)."""

@@ -1,0 +1,210 @@
+"""The one compile -> check -> time pipeline; every phase of a run goes through it.
+
+Contract
+--------
+Results are values, never exceptions (TVM's ``RunnerResult`` style): a :class:`Result` has a
+``status`` (:data:`~harness.results.layout.STATUSES`), a one-line ``error``, the compile (or
+artifact-load) time ``compile_s``, the backend's ``details`` that change a number, and, when
+``ok``, the checked ``engine`` and, once timed, its ``measurement``.
+
+- :class:`ArtifactKey` is the one key of a compiled artifact: model, route (or part), backend and
+  its artifact options, target and its threads, precision, input shape, library versions and the
+  weights' fingerprint. Two tasks share an artifact only when all of these agree.
+- :func:`trial` loads the cached artifact or compiles it, runs it on the check input and
+  compares it with eager fp32 (:func:`check_output`); a wrong cached artifact is rebuilt once
+  before the trial is declared ``check_failed``. Nothing is timed here.
+- :func:`timed` measures an ``ok`` result with the one protocol (``measure_failed`` if the
+  engine raises); phases that compare engines time several ``ok`` results with
+  :func:`harness.measure.protocol.measure_interleaved` instead.
+- :func:`exported` builds the artifact only, for a board (``harness.measure.remote`` checks and
+  times it there).
+
+The module given is never modified (backends work on copies) and must be in eval mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from harness.backends.base import one_line
+from harness.env import library_versions
+from harness.measure.protocol import CudaEventTimer, Measurement, Protocol, WallTimer, measure
+
+TOLERANCE = {"fp32": (1e-3, 1e-4), "fp16": (2e-2, 2e-2)}  # (rtol, atol) against eager fp32
+
+
+@dataclass(frozen=True)
+class Result:
+    status: str
+    error: str = ""
+    compile_s: float | None = None
+    details: dict = field(default_factory=dict)
+    engine: object = field(default=None, repr=False, compare=False)
+    measurement: Measurement | None = field(default=None, repr=False)
+    artifact: Path | None = None  # set by :func:`exported`
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def replace(self, **changes) -> Result:
+        return dataclasses.replace(self, **changes)
+
+    def row(self) -> dict:
+        """The columns every stored result has: status, error, compile time, backend details and,
+        once timed, the statistics and raw samples."""
+        row = {"status": self.status, "error": self.error, "compile_s": self.compile_s,
+               "backend_details": json.dumps(self.details, sort_keys=True)}
+        if self.measurement is not None:
+            s = self.measurement.stats
+            row.update(latency_ms_p50=s.p50, latency_ms_p90=s.p90, latency_ms_mean=s.mean, latency_ms_std=s.std,
+                       n=s.n, number=self.measurement.number, samples_ms=self.measurement.samples_ms)
+        return row
+
+
+@dataclass(frozen=True)
+class ArtifactKey:
+    model: str
+    route: str  # a route label, or a part's name (a segment, a Table 2 way)
+    backend: str
+    precision: str
+    shape: tuple[int, ...]
+    weights: str  # :func:`weights_fingerprint` of the module
+    target: str
+    threads: int
+    backend_key: str  # the backend's cache_key(), as JSON
+    versions: str  # library versions, as JSON
+
+    @classmethod
+    def of(cls, model: str, route: str, backend, target, precision: str, example: torch.Tensor,
+           weights: str) -> ArtifactKey:
+        return cls(model, str(route), backend.name, precision, tuple(example.shape), weights, target.name,
+                   int(target.threads), json.dumps(backend.cache_key(), sort_keys=True),
+                   json.dumps(library_versions(), sort_keys=True))
+
+    def directory(self, cache_root: Path) -> Path:
+        digest = hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        shape = "x".join(map(str, self.shape))
+        return Path(cache_root) / self.backend / f"{self.model}-{self.route}-{self.precision}-{shape}-{digest}"
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_output(out, ref, precision: str) -> str | None:
+    """None if ``out`` matches ``ref`` within the precision's tolerance, else why (one line).
+
+    Both may be tuples of tensors (a module with several outputs): each is compared."""
+    if isinstance(ref, tuple) or isinstance(out, tuple):
+        if not (isinstance(ref, tuple) and isinstance(out, tuple) and len(ref) == len(out)):
+            return "number of outputs differs from eager"
+        for i, (o, r) in enumerate(zip(out, ref)):
+            problem = check_output(o, r, precision)
+            if problem:
+                return f"output {i}: {problem}"
+        return None
+    out, ref = out.detach().float().cpu(), ref.detach().float().cpu()
+    if out.shape != ref.shape:
+        return f"output shape {tuple(out.shape)} differs from eager {tuple(ref.shape)}"
+    if not torch.isfinite(out).all():
+        return "output has non-finite values"
+    rtol, atol = TOLERANCE[precision]
+    diff = (out - ref).abs()
+    bound = atol + rtol * ref.abs()
+    if (diff > bound).any():
+        return (f"output differs from eager: max abs diff {diff.max().item():.3g} "
+                f"(tolerance {atol:g} + {rtol:g}*|eager|, {precision})")
+    return None
+
+
+def reference(module: torch.nn.Module, example: torch.Tensor):
+    """Eager fp32 on the CPU: what every engine is checked against."""
+    if module.training:
+        raise ValueError("the pipeline takes eval-mode modules (BN statistics would change)")
+    with torch.no_grad():
+        return module(example.float().cpu())
+
+
+def _compile(backend, module, example, target, precision, artifact_dir: Path, use_cache: bool):
+    """``(engine, compile_s, cached)``; raises what the backend raises."""
+    artifact_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if use_cache and backend.has_artifact(artifact_dir):
+        try:
+            return backend.load(artifact_dir, example, target, precision), time.perf_counter() - t0, True
+        except Exception:  # a stale or broken cache entry: rebuild it
+            t0 = time.perf_counter()
+    engine = backend.compile(module, example, target, precision, artifact_dir)
+    return engine, time.perf_counter() - t0, False
+
+
+def trial(backend, module: torch.nn.Module, example: torch.Tensor, target, precision: str, key: ArtifactKey,
+          cache_root: Path, ref=None) -> Result:
+    """Compile (or load) and check one engine; see the module docstring. ``ref``: eager fp32's
+    output on ``example`` when the caller has it (else computed here)."""
+    ref = reference(module, example) if ref is None else ref
+    artifact_dir = key.directory(cache_root)
+    for use_cache in (True, False):
+        try:
+            engine, compile_s, cached = _compile(backend, module, example, target, precision, artifact_dir, use_cache)
+        except Exception as e:  # recorded; the caller goes on
+            return Result("compile_failed", one_line(e), details=backend.details())
+        details = {**backend.details(), **engine.details, "cached": cached}
+        try:
+            problem = check_output(engine(example), ref, precision)
+        except Exception as e:
+            problem = f"engine raised on the check input: {one_line(e)}"
+        if problem is None:
+            return Result("ok", "", round(compile_s, 3), details, engine=engine)
+        if not cached:
+            return Result("check_failed", problem, round(compile_s, 3), details)
+    raise AssertionError("unreachable")
+
+
+def timer_for(target, engine) -> object:
+    """The protocol's clock on ``target``: CUDA events on a GPU, the wall clock on a CPU."""
+    return CudaEventTimer() if target.device == "cuda" else WallTimer(sync=getattr(engine, "sync", None))
+
+
+def timed(result: Result, example: torch.Tensor, protocol: Protocol, target) -> Result:
+    """Time an ``ok`` result's engine (a failed result comes back unchanged)."""
+    if not result.ok:
+        return result
+    engine = result.engine
+    try:
+        prepared = engine.prepare(example)
+        m = measure(lambda: engine.run(prepared), protocol, timer_for(target, engine))
+    except Exception as e:
+        return result.replace(status="measure_failed", error=one_line(e))
+    return result.replace(measurement=m)
+
+
+def exported(backend, module: torch.nn.Module, example: torch.Tensor, target, precision: str, key: ArtifactKey,
+             cache_root: Path) -> Result:
+    """Build (or find cached) the artifact for a board: ``ok`` with ``artifact`` set, or
+    ``compile_failed``. Errors that make every build impossible (a missing cross compiler) are
+    the caller's to check first with ``backend.check_export``."""
+    artifact_dir = key.directory(cache_root)
+    artifact_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if backend.has_artifact(artifact_dir):
+        return Result("ok", "", round(time.perf_counter() - t0, 3), {**backend.details(), "cached": True},
+                      artifact=artifact_dir / backend.artifact)
+    try:
+        out = backend.export(module, example, target, precision, artifact_dir)
+    except Exception as e:
+        return Result("compile_failed", one_line(e), details=backend.details())
+    return Result("ok", "", round(time.perf_counter() - t0, 3), {**backend.details(), **out.details,
+                                                                   "cached": False}, artifact=out.path)

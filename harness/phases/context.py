@@ -1,0 +1,62 @@
+"""What every phase of a run shares: the target, the results folder and store, the protocol, the
+run's identity, the configured backends and (for boards) the farm.
+
+Contract
+--------
+``RunContext(target, layout, protocol, store, device_name, device_mismatch, run_id, farm=None)``.
+``ctx.backend(name)`` is the backend configured from the profile's ``[name]`` table, its
+``workdir`` the results folder's ``<name>_tuning/`` and, with a farm, the tracker's address;
+one instance per name. ``ctx.trial(...)`` is :func:`harness.measure.pipeline.trial` with the
+artifact key built from the context and artifacts cached under ``cache/``. ``ctx.stamp`` holds
+the columns every stored row of the run carries.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from harness.backends import Backend, get_backend
+from harness.measure.pipeline import ArtifactKey, Result, trial, weights_fingerprint
+from harness.measure.protocol import CudaEventTimer, Protocol, Timer, WallTimer
+from harness.results.layout import Layout
+from harness.results.store import ResultStore
+
+
+@dataclass
+class RunContext:
+    target: object
+    layout: Layout
+    protocol: Protocol
+    store: ResultStore
+    device_name: str
+    device_mismatch: bool
+    run_id: str
+    farm: object = None  # harness.measure.remote.Farm: measure on its boards
+    _backends: dict = field(default_factory=dict, repr=False)
+
+    def backend(self, name: str) -> Backend:
+        if name not in self._backends:
+            remote = None if self.farm is None else (self.farm.host, self.farm.port, self.farm.key)
+            self._backends[name] = get_backend(name, options=self.target.options(name),
+                                               workdir=self.layout.tuning_dir(name), remote=remote)
+        return self._backends[name]
+
+    def timer(self) -> Timer:
+        """The clock of the protocol on this target: CUDA events on a GPU, wall clock on a CPU."""
+        return CudaEventTimer() if self.target.device == "cuda" else WallTimer()
+
+    def key(self, model: str, route: str, backend: str, precision: str, example: torch.Tensor,
+            module: torch.nn.Module, weights: str | None = None) -> ArtifactKey:
+        return ArtifactKey.of(model, route, self.backend(backend), self.target, precision, example,
+                              weights or weights_fingerprint(module))
+
+    def trial(self, model: str, route: str, backend: str, precision: str, module: torch.nn.Module,
+              example: torch.Tensor, ref=None, weights: str | None = None) -> Result:
+        key = self.key(model, route, backend, precision, example, module, weights)
+        return trial(self.backend(backend), module, example, self.target, precision, key, self.layout.cache_dir, ref)
+
+    def stamp(self) -> dict:
+        return {"run_id": self.run_id, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

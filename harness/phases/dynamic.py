@@ -1,0 +1,216 @@
+"""The dynamic engine phase: the compositional LUT, its accuracy, dispatch overhead, realized speed-up.
+
+Contract
+--------
+``DynamicPhase(ctx, model_name, backend, precision, input_size, model=None)`` builds the supernet's
+dynamic engine on one backend (every part through the pipeline: cached, checked against eager;
+a part that fails raises :class:`harness.deploy.engine.PartError`, which :func:`run_dynamic`
+records as an ``engine`` row and goes on). ``phase.run(progress, lut_only=False)`` measures what
+the store lacks and stores each result at once (``dynamic`` table, kinds of
+:data:`harness.results.layout.DYNAMIC_KINDS`):
+
+1. ``segment``: every segment timed in context (interleaved in chain order, one call per sample,
+   pooled over routes that cover every segment): the compositional LUT;
+2. ``route`` / ``route_lut``: end to end per validated route against the same-run parts and
+   against the stored LUT;
+3. ``stream``: a uniform route stream against the LUT's expectation;
+4. ``acceleration``: the route mix of matched MAdds against the static x1.0 and x0.5 networks,
+   interleaved (realized against ideal speed-up), when the model has a static counterpart.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+import dsnet
+from harness.backends.base import one_line
+from harness.deploy.engine import (
+    DynamicEngine,
+    PartError,
+    chain_parts,
+    covering_routes,
+    in_context,
+    measure_acceleration,
+    measure_dispatch,
+    measure_stream,
+)
+from harness.deploy.lut import LatencyLUT, matched_distribution, route_segment_names
+from harness.measure.pipeline import Result
+from harness.measure.protocol import measure_interleaved, summarize
+from harness.phases.context import RunContext
+from harness.phases.static import WEIGHT_SEED
+from harness.results.layout import DYNAMIC_KEY
+
+STATIC_COUNTERPART = {"ds_mbnet": "mobilenet_v1", "ds_resnet50": "resnet50"}
+E2E_ROUTES = 16  # routes validated end to end when a model has more
+
+
+def validation_routes(routes: list) -> list:
+    """All routes, or ``E2E_ROUTES`` spread over the MAdds order, smallest and largest included."""
+    if len(routes) <= E2E_ROUTES:
+        return list(routes)
+    idx = sorted({round(i * (len(routes) - 1) / (E2E_ROUTES - 1)) for i in range(E2E_ROUTES)})
+    return [routes[i] for i in idx]
+
+
+class DynamicPhase:
+    """Measures a supernet's dynamic engine on one backend; every result is stored at once."""
+
+    def __init__(self, ctx: RunContext, model_name: str, backend: str, precision: str, input_size: int,
+                 model=None):
+        """``model``: the instance to deploy (default: ``model_name`` with seeded random weights)."""
+        self.ctx, self.model_name, self.backend_name = ctx, model_name, backend
+        self.precision, self.input_size = precision, input_size
+        if model is None:
+            torch.manual_seed(WEIGHT_SEED)
+            model = dsnet.create_model(model_name)
+        self.model = model.eval()
+        self.plan = dsnet.split(self.model)
+        self.engine = DynamicEngine(self.plan, ctx.backend(backend), ctx.target, precision, ctx.layout.cache_dir,
+                                    input_size, model_name=model_name)
+        self.x = torch.randn(1, 3, input_size, input_size, generator=torch.Generator().manual_seed(1))
+        self.done = ctx.store.dynamic_done()
+
+    def steps(self) -> int:
+        """Progress steps of :meth:`run` (segments, validated routes, stream, acceleration)."""
+        return len(self.plan) + len(validation_routes(self.model.routes(self.input_size))) + 2
+
+    def _key(self, kind, name):
+        return (self.model_name, self.backend_name, self.precision, 1, self.input_size, kind, name)
+
+    def _record(self, kind, name, stats=None, samples=None, measured_ms=None, predicted_ms=None, route="",
+                madds=None, status="ok", error="", part: Result | None = None) -> None:
+        """Store one result. ``measured_ms`` (default: p50) is what ``predicted_ms`` is compared with;
+        ``part``: the pipeline result of the engine part the row times (compile time, details)."""
+        row = dict(zip(DYNAMIC_KEY, self._key(kind, name)))
+        row.update(route=route, madds=madds, status=status, error=error, run_id=self.ctx.run_id)
+        if part is not None:
+            row.update(compile_s=part.compile_s, backend_details=json.dumps(part.details, sort_keys=True))
+        if stats is not None:
+            row.update(latency_ms_p50=stats.p50, latency_ms_p90=stats.p90, latency_ms_mean=stats.mean,
+                       latency_ms_std=stats.std, n=stats.n, samples_ms=samples)
+            measured_ms = stats.p50 if measured_ms is None else measured_ms
+        elif measured_ms is not None:  # a derived figure (e.g. dispatch): one value
+            row.update(latency_ms_p50=measured_ms, n=1)
+        if predicted_ms is not None:
+            row.update(predicted_ms=predicted_ms, rel_error=(predicted_ms - measured_ms) / measured_ms)
+        self.ctx.store.record_dynamic(row)
+
+    def _part(self, name: str) -> Result | None:
+        """The pipeline result of part ``name`` at batch 1 (None if not built)."""
+        return next((r for k, r in self.engine.parts.items() if k.split("@")[0] == name), None)
+
+    def run(self, progress=None, lut_only: bool = False) -> None:
+        """Measure what the store lacks; ``lut_only``: the segments (the LUT) and nothing else."""
+        protocol, timer = self.ctx.protocol, self.ctx.timer()
+        # 1. every segment timed in context (interleaved in chain order over routes that cover all
+        #    segments; a segment's samples pooled over the routes it appears in): the compositional LUT
+        cover = covering_routes(self.plan, self.model.routes(self.input_size))
+        remaining: dict[str, int] = {}
+        for route in cover:
+            for name in route_segment_names(route):
+                remaining[name] = remaining.get(name, 0) + 1
+        samples: dict[str, list[float]] = {}
+        for route in cover:
+            names = route_segment_names(route)
+            if all(self._key("segment", n) in self.done for n in names):
+                continue
+            res = measure_interleaved(chain_parts(self.engine, route, self.x), in_context(protocol), timer)
+            for name, m in res.items():
+                samples.setdefault(name, []).extend(m.samples_ms)
+                remaining[name] -= 1
+                if remaining[name] == 0 and self._key("segment", name) not in self.done:
+                    stats = summarize(samples[name])
+                    self._record("segment", name, stats, samples[name], part=self._part(name))
+                    if progress:
+                        progress(f"{self.model_name} {self.backend_name} segment {name}", f"{stats.p50:.3f} ms")
+        if lut_only:
+            return
+        lut = LatencyLUT.from_frame(self.ctx.store.dynamic_frame(), self.model_name, self.backend_name,
+                                    self.precision, 1, self.input_size)
+        # 2. end to end per route, with the route's parts interleaved in the same run. Two errors:
+        #    "route": sum of the same-run parts vs end to end (the composition itself);
+        #    "route_lut": the stored LUT (measured minutes earlier) vs end to end (adds machine drift).
+        routes = validation_routes(self.model.routes(self.input_size))
+        for route in routes:
+            if self._key("route", str(route)) in self.done and self._key("route_lut", str(route)) in self.done:
+                continue
+            d = measure_dispatch(self.engine, route, self.x, protocol, timer)
+            e2e = d["end_to_end"]
+            madds = dsnet.profile(self.model, route, self.input_size).madds
+            self._record("route", str(route), e2e.stats, e2e.samples_ms, predicted_ms=d["parts_ms"],
+                         route=str(route), madds=madds)
+            self._record("route_lut", str(route), e2e.stats, e2e.samples_ms, predicted_ms=lut.latency(route),
+                         route=str(route), madds=madds)
+            if progress:
+                progress(f"{self.model_name} {self.backend_name} route {route}",
+                         f"{e2e.stats.p50:.3f} ms, parts {d['parts_ms']:.3f} ms, LUT {lut.latency(route):.3f} ms")
+        # 3. a stream of routes (uniform over the validated routes) against the LUT's expectation
+        uniform = {r: 1.0 / len(routes) for r in routes}
+        if self._key("stream", "uniform") not in self.done:
+            s = measure_stream(self.engine, uniform, {str(r): lut.latency(r) for r in routes}, self.x, protocol,
+                               timer=timer)
+            # a mix of routes: compare the mean with the expectation (the p50 of a mixture is not its mean)
+            self._record("stream", "uniform", s["measured"], measured_ms=s["measured"].mean,
+                         predicted_ms=s["predicted_ms"])
+            if progress:
+                progress(f"{self.model_name} {self.backend_name} stream", f"{s['measured'].mean:.3f} ms")
+        # 4. realized against ideal acceleration, when the model has a static counterpart
+        static = STATIC_COUNTERPART.get(self.model_name)
+        if static and self._key("acceleration", "dynamic") not in self.done:
+            self._acceleration(static, routes, timer, progress)
+
+    def _acceleration(self, static: str, routes, timer, progress) -> None:
+        """The dynamic model at the route mix whose mean MAdds match the static x0.5 network, against
+        static x1.0 (the paper's realized speed-up) and static x0.5 (the ideal one), interleaved."""
+        engines, madds = {}, {}
+        for label, w in (("largest", 1.0), ("matched", 0.5)):
+            torch.manual_seed(WEIGHT_SEED)
+            model = dsnet.create_model(static, width_mult=w)
+            madds[label] = dsnet.profile(model, None, self.input_size).madds
+            result = self.ctx.trial(static, f"x{w}", self.backend_name, self.precision, dsnet.materialize(model),
+                                    self.x)
+            if not result.ok:
+                self._record("acceleration", "dynamic", status=result.status, error=f"{static} x{w}: {result.error}")
+                return
+            engines[label] = result.engine
+        route_madds = {r: dsnet.profile(self.model, r, self.input_size).madds
+                       for r in self.model.routes(self.input_size)}
+        mix = matched_distribution(route_madds, madds["matched"])
+        self.engine.prepare_routes(list(mix), self.x)
+        res = measure_acceleration(self.engine, mix, engines["largest"], engines["matched"], self.x,
+                                   self.ctx.protocol, timer=timer)
+        label = " + ".join(f"{p:.3f}*route {r}" for r, p in mix.items())
+        mean_madds = sum(p * route_madds[r] for r, p in mix.items())
+        self._record("acceleration", "largest", res["largest"], route=f"{static} x1.0", madds=madds["largest"])
+        self._record("acceleration", "matched", res["matched"], route=f"{static} x0.5", madds=madds["matched"])
+        self._record("acceleration", "dynamic", res["dynamic"], route=label, madds=mean_madds)
+        if progress:
+            progress(f"{self.model_name} {self.backend_name} acceleration",
+                     f"realized {res['realized_speedup']:.2f}x, ideal {res['ideal_speedup']:.2f}x")
+
+
+def record_engine_failure(ctx: RunContext, model: str, backend: str, precision: str, input_size: int,
+                          error: PartError | Exception) -> None:
+    """A dynamic engine that could not be built: one ``engine`` row with the failing part's status."""
+    status = error.result.status if isinstance(error, PartError) else "compile_failed"
+    ctx.store.record_dynamic({"model": model, "backend": backend, "precision": precision, "batch_size": 1,
+                              "input_size": input_size, "kind": "engine", "name": "build", "status": status,
+                              "error": one_line(error) if not isinstance(error, PartError) else str(error),
+                              "run_id": ctx.run_id})
+
+
+def run_dynamic(ctx: RunContext, model: str, backend: str, precision: str, input_size: int,
+                progress_factory=None) -> None:
+    """Measure one supernet's dynamic engine on one backend; a part that fails is recorded."""
+    try:
+        phase = DynamicPhase(ctx, model, backend, precision, input_size)
+    except Exception as e:  # a part that does not compile or check: recorded, the run goes on
+        record_engine_failure(ctx, model, backend, precision, input_size, e)
+        return
+    try:
+        phase.run(progress_factory(phase.steps()) if progress_factory else None)
+    except PartError as e:  # a segment built on demand
+        record_engine_failure(ctx, model, backend, precision, input_size, e)

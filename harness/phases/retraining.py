@@ -1,0 +1,376 @@
+"""Gate retraining for real latency, as stages that return frozen values (``harness.retrain_gate`` is the CLI).
+
+Flow (one direction): :func:`load_splits` -> :func:`stage1` (supernet trained here, or a
+checkpoint) -> :func:`route_costs` (MAdds computed; latency from the target's LUT, measured here
+when missing) -> :func:`stage2` per penalty (``dsnet.training.train_gate``) -> evaluation
+(``dsnet.training.evaluate_gate``) -> :func:`measure_gates` (each retrained gate's dynamic engine
+through the pipeline, checked against the eager dynamic forward, timed on the validation images
+one per call, all gates interleaved) -> :func:`store_outcome` (the three files
+``harness.reporting.gates`` renders).
+
+Every stage caches in the workspace (``Layout.gate_workspace``): ``supernet.pt``,
+``gate-<penalty>-<backend>.pt``, the LUT store; a stage whose settings match is reused, so an
+interrupted run loses at most the stage it was in. A problem with the user's input is a
+:class:`RetrainingError` (one line).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+import dsnet
+from harness.deploy.engine import DynamicEngine, PartError
+from harness.deploy.lut import LatencyLUT, LUTError
+from harness.measure.pipeline import check_output
+from harness.measure.protocol import Stats, measure_interleaved
+from harness.phases.context import RunContext
+from harness.phases.dynamic import DynamicPhase
+from harness.results.layout import GATE_LARGEST as LARGEST
+from harness.results.layout import GATE_ROUTE_COLUMNS, GATE_SUMMARY_COLUMNS, Layout
+
+PENALTIES = ("madds", "latency")
+
+
+class RetrainingError(ValueError):
+    """A problem with the input of a retraining (one line)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the user asked for; ``layout`` is the results folder, ``workspace`` the stage cache."""
+
+    model: str
+    backend: str
+    penalties: tuple[str, ...]
+    data: str
+    input_size: int
+    layout: Layout
+    checkpoint: Path | None = None
+    lut: Path | None = None
+    supernet_epochs: int = 10
+    gate_epochs: int = 6
+    batch_size: int = 64
+    lr: float = 0.05
+    cp_weight: float = 0.5
+    routes_upto: int | None = None
+    latency_target: float | None = None
+    madds_target: float | None = None  # millions
+    seed: int = 0
+
+    @property
+    def workspace(self) -> Layout:
+        data_tag = "digits" if self.data == "digits" else Path(self.data).name
+        return self.layout.gate_workspace(self.model, data_tag, self.input_size)
+
+
+@dataclass(frozen=True)
+class Data:
+    splits: object  # dsnet.data.Splits
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.splits.classes)
+
+
+@dataclass(frozen=True)
+class Supernet:
+    model: torch.nn.Module
+    meta: dict
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Per-route MAdds and LUT latency (ms), routing-space order."""
+
+    route_madds: tuple[int, ...]
+    route_lut_ms: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class RetrainedGate:
+    penalty: str
+    model: torch.nn.Module
+    meta: dict
+
+
+@dataclass(frozen=True)
+class Measured:
+    stats: Stats | None
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Everything :func:`store_outcome` writes."""
+
+    settings: Settings
+    data: Data
+    supernet: Supernet
+    costs: Costs
+    gates: dict[str, RetrainedGate]
+    evaluations: dict  # penalty -> dsnet.training.GateEvaluation
+    measured: dict[str, Measured]
+    doc: dict = field(default_factory=dict)
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def validate(s: Settings, target) -> None:
+    """The checks that need no data or training: fail in seconds, not after stage I."""
+    from harness.backends import get_backend, list_backends
+
+    if s.model not in dsnet.list_models():
+        raise RetrainingError(f"unknown model {s.model!r}; valid: {', '.join(dsnet.list_models())}")
+    if not len(dsnet.create_model(s.model).routing_space.gates):
+        raise RetrainingError(f"model {s.model} is static: it has no gate to retrain")
+    if s.backend not in list_backends():
+        raise RetrainingError(f"unknown backend {s.backend!r}; valid: {', '.join(list_backends())}")
+    why = get_backend(s.backend, target.options(s.backend)).unavailable(target)
+    if why:
+        raise RetrainingError(f"backend {s.backend} cannot run here: {why}")
+    for name in ("supernet_epochs", "gate_epochs", "batch_size"):
+        if getattr(s, name) < 1:
+            raise RetrainingError(f"--{name.replace('_', '-')} must be at least 1")
+    if s.input_size < 32:
+        raise RetrainingError(f"--input-size must be at least 32, got {s.input_size}")
+
+
+def load_splits(s: Settings) -> Data:
+    from dsnet.data import DataError, load_data
+
+    try:
+        splits = load_data(s.data, s.input_size)
+    except DataError as e:
+        raise RetrainingError(str(e)) from None
+    g = torch.Generator().manual_seed(s.seed)
+    train = torch.utils.data.DataLoader(splits.train, batch_size=s.batch_size, shuffle=True, generator=g,
+                                        drop_last=True)
+    if len(train) == 0:
+        raise RetrainingError(f"{len(splits.train)} training images are fewer than one batch of {s.batch_size}")
+    return Data(splits, train, torch.utils.data.DataLoader(splits.val, batch_size=256))
+
+
+def route_accuracy(model, route, loader) -> float:
+    model.eval()
+    correct = n = 0
+    with torch.no_grad():
+        for x, y in loader:
+            correct += int((model._with_route(route, lambda x=x: model(x)).argmax(-1) == y).sum())
+            n += len(y)
+    return correct / max(1, n)
+
+
+def stage1(s: Settings, data: Data, progress_factory) -> Supernet:
+    """Stage I (sandwich rule, in-place distillation), or the given checkpoint; cached."""
+    from dsnet.training import CheckpointError, load_checkpoint, save_checkpoint, train_supernet
+
+    kwargs = {"num_classes": data.num_classes}
+    if s.checkpoint is not None:
+        try:
+            model, _ = load_checkpoint(s.checkpoint)
+        except CheckpointError as e:
+            if "not a dsnet-harness checkpoint" not in str(e):
+                raise RetrainingError(str(e)) from None
+            model = dsnet.create_model(s.model, **kwargs)
+            try:
+                dsnet.load_official_state_dict(model, torch.load(s.checkpoint, map_location="cpu"))
+            except ValueError as e2:
+                raise RetrainingError(f"checkpoint {s.checkpoint}: {str(e2).splitlines()[0]}") from None
+        if model.model_name != s.model:
+            raise RetrainingError(f"checkpoint {s.checkpoint} holds {model.model_name}, not {s.model}")
+        return Supernet(model.eval(), {"source": str(s.checkpoint)})
+    settings = {"model": s.model, "data": data.splits.source, "input_size": s.input_size,
+                "epochs": s.supernet_epochs, "batch_size": s.batch_size, "seed": s.seed}
+    path = s.workspace.root / "supernet.pt"
+    if path.is_file():
+        model, meta = load_checkpoint(path)
+        if meta.get("settings") == settings:
+            print(f"stage I: reusing {path}", file=sys.stderr)
+            return Supernet(model, meta)
+    torch.manual_seed(s.seed)
+    model = dsnet.create_model(s.model, **kwargs)
+    t0 = time.monotonic()
+    train_supernet(model, data.train_loader, s.supernet_epochs, lr=0.1, seed=s.seed,
+                   progress=progress_factory(s.supernet_epochs * len(data.train_loader), "stage I"))
+    acc = {label: route_accuracy(model, route, data.val_loader)
+           for label, route in (("smallest", model.routes()[0]), ("largest", model.routes()[-1]))}
+    meta = {"stage": "I", "settings": settings, "route_accuracy": acc, "train_s": round(time.monotonic() - t0, 1)}
+    save_checkpoint(path, model, kwargs, **meta)
+    print(f"stage I: {time.monotonic() - t0:.0f} s; val accuracy smallest route {acc['smallest']:.3f}, "
+          f"largest {acc['largest']:.3f}; saved {path}", file=sys.stderr)
+    return Supernet(model, meta)
+
+
+def route_costs(s: Settings, data: Data, ctx: RunContext, progress_factory) -> Costs:
+    """Per-route MAdds and LUT latency; the LUT from ``--lut`` or measured once in the workspace.
+    A LUT that cannot price every route is a :class:`RetrainingError`."""
+    torch.manual_seed(s.seed)  # the architecture to price: latency does not depend on weights
+    arch = dsnet.create_model(s.model, num_classes=data.num_classes)
+    routes = arch.routing_space.all_routes()
+    madds = tuple(dsnet.profile(arch, r, s.input_size).madds for r in routes)
+    try:
+        if s.lut is not None:
+            lut = LatencyLUT.load(s.lut, s.backend, s.model, input_size=s.input_size)
+        else:
+            try:
+                lut = LatencyLUT.from_frame(ctx.store.dynamic_frame(), s.model, s.backend, "fp32", 1, s.input_size,
+                                            source=str(ctx.layout.store))
+            except LUTError:
+                print(f"LUT: measuring {s.model} segments on {s.backend} at {s.input_size}px (once; stored in "
+                      f"{ctx.layout.root})", file=sys.stderr)
+                try:
+                    phase = DynamicPhase(ctx, s.model, s.backend, "fp32", s.input_size, model=arch)
+                except PartError as e:
+                    raise RetrainingError(f"the dynamic engine on {s.backend} cannot be built: {e}") from None
+                phase.run(progress_factory(len(phase.plan), "LUT"), lut_only=True)
+                ctx.store.export_dynamic(ctx.layout.dynamic_csv)
+                lut = LatencyLUT.from_frame(ctx.store.dynamic_frame(), s.model, s.backend, "fp32", 1, s.input_size)
+        return Costs(madds, tuple(lut.tensor(arch).tolist()))
+    except LUTError as e:
+        raise RetrainingError(str(e)) from None
+
+
+def stage2(s: Settings, data: Data, supernet: Supernet, costs: Costs, penalty: str, progress_factory) -> RetrainedGate:
+    """Stage II with ``penalty`` on a copy of the supernet; cached."""
+    from dsnet.training import (
+        ComplexityPenalty,
+        LossWeights,
+        load_checkpoint,
+        restrict_routes,
+        save_checkpoint,
+        train_gate,
+    )
+
+    model = copy.deepcopy(supernet.model)
+    try:
+        restrict_routes(model, s.routes_upto)
+    except ValueError as e:
+        raise RetrainingError(f"--routes-upto: {e}") from None
+    if penalty == "latency":
+        cp = ComplexityPenalty.latency(torch.tensor(costs.route_lut_ms), model, s.latency_target)
+    else:
+        cp = ComplexityPenalty.madds(model, s.input_size, None if s.madds_target is None else s.madds_target * 1e6)
+    settings = {"penalty": penalty, "backend": s.backend, "epochs": s.gate_epochs, "lr": s.lr,
+                "cp_weight": s.cp_weight, "routes_upto": s.routes_upto, "target": cp.target,
+                "costs": _digest(cp.costs.tolist()), "seed": s.seed, "supernet": _digest(supernet.meta)}
+    path = s.workspace.root / f"gate-{penalty}-{s.backend}.pt"
+    if path.is_file():
+        cached, meta = load_checkpoint(path)
+        if meta.get("settings") == settings:
+            print(f"stage II ({penalty}): reusing {path}", file=sys.stderr)
+            return RetrainedGate(penalty, cached, meta)
+    t0 = time.monotonic()
+    history = train_gate(model, data.train_loader, cp, s.gate_epochs, lr=s.lr, weights=LossWeights(cp=s.cp_weight),
+                         seed=s.seed, progress=progress_factory(s.gate_epochs * len(data.train_loader),
+                                                                f"stage II {penalty}"))
+    meta = {"stage": "II", "settings": settings, "history": history, "train_s": round(time.monotonic() - t0, 1)}
+    save_checkpoint(path, model, {"num_classes": data.num_classes}, **meta)
+    print(f"stage II ({penalty}): {meta['train_s']:.0f} s; saved {path}", file=sys.stderr)
+    return RetrainedGate(penalty, model, meta)
+
+
+def measure_gates(ctx: RunContext, s: Settings, data: Data, supernet: Supernet, gates: dict[str, RetrainedGate],
+                  check_images: int = 16) -> dict[str, Measured]:
+    """Each retrained gate's dynamic engine on ``s.backend``: checked against the eager dynamic
+    forward on ``check_images`` validation images, then timed over the validation images at batch 1
+    (each call one image, dispatched by the compiled gate), all gates and the largest route
+    interleaved in one run."""
+    from dsnet.training import gates as gate_modules
+
+    images = [x[None] for x, _ in data.splits.val]
+    fns, results = {}, {}
+    for name, gate in gates.items():
+        model = gate.model
+        variant = f"{s.model}-gate-{name}-{'-'.join(str(g.num_allowed) for g in gate_modules(model))}"
+        try:
+            engine = DynamicEngine(dsnet.split(model), ctx.backend(s.backend), ctx.target, "fp32",
+                                   ctx.layout.cache_dir, s.input_size, model_name=variant)
+        except PartError as e:
+            results[name] = Measured(None, str(e))
+            continue
+        err = None
+        with torch.no_grad():
+            model.set_route(None)
+            for x in images[:check_images]:
+                out, choices = engine(x)
+                ref = model.forward_dynamic(x)
+                err = check_output(out, ref.logits, "fp32")
+                if err is None and not torch.equal(choices, torch.stack([o.argmax(-1) for o in ref.onehots], 1)):
+                    err = f"route {choices.tolist()} differs from eager {[int(o.argmax()) for o in ref.onehots]}"
+                if err:
+                    break
+            if not err:
+                for x in images:  # compile every segment the validation set reaches before timing
+                    engine(x)
+        results[name] = Measured(None, err or "")
+        if err:
+            continue
+        state = {"i": 0}
+
+        def call(engine=engine, state=state):
+            x = images[state["i"] % len(images)]
+            state["i"] += 1
+            return engine(x)
+
+        fns[name] = call
+        if LARGEST not in fns:  # context: the same engine forced to the largest route
+            largest = supernet.model.routes(s.input_size)[-1]
+            engine.prepare_routes([largest], images[0])
+            prepared = engine.head.prepare(images[0])
+            fns[LARGEST] = lambda engine=engine, p=prepared, r=largest: engine.route_call(p, r)
+    if fns:
+        for name, m in measure_interleaved(fns, ctx.protocol, ctx.timer()).items():
+            results[name] = Measured(m.stats)
+    return results
+
+
+def store_outcome(o: Outcome) -> list[Path]:
+    """The three files the gate report is rendered from (columns from the layout)."""
+    s, layout = o.settings, o.settings.layout
+    layout.root.mkdir(parents=True, exist_ok=True)
+    base = {"model": s.model, "data": o.data.splits.source, "input_size": s.input_size, "backend": s.backend,
+            "target": o.doc.get("target")}
+    rows = []
+    for penalty, e in o.evaluations.items():
+        m = o.measured.get(penalty, Measured(None))
+        st, gs = m.stats, o.gates[penalty].meta["settings"]
+        rows.append(base | {
+            "gate": penalty, "val_accuracy": e.accuracy, "n_val": e.n, "expected_madds": e.expected["madds"],
+            "lut_ms": e.expected["lut_ms"], "measured_ms_mean": st.mean if st else None,
+            "measured_ms_p50": st.p50 if st else None, "measured_n": st.n if st else None, "error": m.error,
+            "cp_weight": gs["cp_weight"], "routes_upto": gs["routes_upto"], "cost_target": gs["target"],
+            "gate_epochs": gs["epochs"], "train_s": o.gates[penalty].meta.get("train_s")})
+    st = o.measured.get(LARGEST, Measured(None)).stats
+    routes = o.supernet.model.routing_space.all_routes()
+    if st is not None:
+        rows.append(base | {"gate": LARGEST, "val_accuracy": o.doc["largest_route_accuracy"],
+                            "n_val": len(o.data.splits.val), "expected_madds": o.costs.route_madds[-1],
+                            "lut_ms": o.costs.route_lut_ms[-1], "measured_ms_mean": st.mean, "measured_ms_p50": st.p50,
+                            "measured_n": st.n, "error": "", "route": str(routes[-1])})
+    route_rows = []
+    for penalty, e in o.evaluations.items():
+        for r, madds, lut in zip(routes, o.costs.route_madds, o.costs.route_lut_ms):
+            c = e.route_counts[str(r)]
+            route_rows.append(base | {"gate": penalty, "route": str(r),
+                                      "widths": "/".join(map(str, o.supernet.model.route_widths(r))),
+                                      "madds": madds, "lut_ms": lut, "count": c, "share": c / e.n})
+    summary = pd.DataFrame(rows)
+    summary.reindex(columns=[c for c in GATE_SUMMARY_COLUMNS if c in summary.columns]).to_csv(layout.gate_summary,
+                                                                                              index=False)
+    pd.DataFrame(route_rows, columns=GATE_ROUTE_COLUMNS).to_csv(layout.gate_routes, index=False)
+    doc = o.doc | {"supernet": o.supernet.meta, "gates": {p: g.meta for p, g in o.gates.items()}}
+    layout.gate_meta.write_text(json.dumps(doc, indent=1, default=str))
+    return [layout.gate_summary, layout.gate_routes, layout.gate_meta]

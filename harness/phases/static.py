@@ -1,0 +1,178 @@
+"""The static sweep: every (workload x backend x precision x batch) of a target, through the pipeline.
+
+Contract
+--------
+A :class:`Workload` is one static network to measure: a route of a supernet (materialized) or a
+static model at a width multiplier. ``workloads(models, input_size, routes)`` lists them with their
+MAdds and params (computed, never typed). :func:`run_static` runs :class:`Task` s against the
+context's store:
+
+1. the caller leaves out keys the store already holds (resume);
+2. :func:`harness.measure.pipeline.trial`: compile or load the cached artifact, check against
+   eager fp32 (``compile_failed`` / ``check_failed`` recorded, the sweep goes on);
+3. :func:`harness.measure.pipeline.timed`, or with a farm :func:`harness.measure.remote.board_trial`
+   (built here, checked and timed on a board, boards in parallel), and the row stored at once.
+
+Weights are random but deterministic (seeded), so cached artifacts and references agree across
+runs. Models and backends never meet except through the pipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+import dsnet
+from harness.measure.pipeline import Result, exported, reference, timed, weights_fingerprint
+from harness.phases.context import RunContext
+
+STATIC_WIDTHS = (1.0, 0.75, 0.5, 0.25)
+WEIGHT_SEED = 0
+
+
+@dataclass
+class Workload:
+    model: str
+    route: str
+    widths: str
+    madds: int
+    params: int
+    build: Callable[[], torch.nn.Module] = field(repr=False)
+
+
+def workloads(models: list[str], input_size: int, routes: set[str] | None = None) -> list[Workload]:
+    """The networks to measure: every route of a supernet, every width of a static model."""
+    out: list[Workload] = []
+    for name in models:
+        torch.manual_seed(WEIGHT_SEED)
+        probe = dsnet.create_model(name)
+        if len(probe.routing_space.gates):
+            for route in probe.routes(input_size):
+                p = dsnet.profile(probe, route, input_size)
+                out.append(Workload(name, str(route), "/".join(map(str, probe.route_widths(route))),
+                                    p.madds, p.params,
+                                    lambda m=probe, r=route: dsnet.materialize(m, r)))
+        else:
+            for w in STATIC_WIDTHS:
+                torch.manual_seed(WEIGHT_SEED)
+                model = dsnet.create_model(name, width_mult=w)
+                p = dsnet.profile(model, None, input_size)
+                out.append(Workload(name, f"x{w}", "", p.madds, p.params,
+                                    lambda m=model: dsnet.materialize(m)))
+    if routes is not None:
+        out = [w for w in out if w.route in routes]
+    return out
+
+
+@dataclass
+class Task:
+    workload: Workload
+    backend: str
+    precision: str
+    batch_size: int
+    input_size: int
+
+    @property
+    def key(self) -> tuple:
+        return (self.workload.model, self.workload.route, self.backend, self.precision,
+                self.batch_size, self.input_size)
+
+    def label(self) -> str:
+        return (f"{self.workload.model} {self.workload.route} {self.backend} {self.precision} "
+                f"b{self.batch_size}")
+
+    def example(self) -> torch.Tensor:
+        """The check and timing input (seeded)."""
+        g = torch.Generator().manual_seed(1)
+        return torch.randn(self.batch_size, 3, self.input_size, self.input_size, generator=g)
+
+
+def result_row(ctx: RunContext, task: Task, result: Result, device: str | None = None) -> dict:
+    """The stored row of one task: its key, the workload's MAdds, the result, the run's stamp."""
+    w = task.workload
+    return {"model": w.model, "route": w.route, "widths": w.widths, "backend": task.backend,
+            "precision": task.precision, "batch_size": task.batch_size, "input_size": task.input_size,
+            "madds": w.madds, "params": w.params, "device_name": device or ctx.device_name,
+            "device_mismatch": 0 if device else int(ctx.device_mismatch), **ctx.stamp(), **result.row()}
+
+
+def _modules(tasks: list[Task]):
+    """``(task, module, fingerprint)``, each workload materialized once (backends copy, never modify)."""
+    by_workload: dict[int, list[Task]] = {}
+    for t in tasks:
+        by_workload.setdefault(id(t.workload), []).append(t)
+    for group in by_workload.values():
+        module = group[0].workload.build()
+        fingerprint = weights_fingerprint(module)
+        for task in group:
+            yield task, module, fingerprint
+
+
+def run_static(ctx: RunContext, tasks: list[Task], progress=None) -> list[dict]:
+    """Trial and time every task; each row is stored the moment it exists. ``progress(label,
+    text)`` is called once per task."""
+    if ctx.farm is not None:
+        return _run_on_boards(ctx, tasks, progress)
+    rows = []
+    for task, module, fingerprint in _modules(tasks):
+        example = task.example()
+        result = ctx.trial(task.workload.model, task.workload.route, task.backend, task.precision, module,
+                           example, weights=fingerprint)
+        result = timed(result, example, ctx.protocol, ctx.target)
+        rows.append(_store(ctx, task, result_row(ctx, task, result), progress))
+    return rows
+
+
+def _store(ctx: RunContext, task: Task, row: dict, progress) -> dict:
+    ctx.store.record(row)
+    if progress:
+        text = (f"{row['latency_ms_p50']:.3f} ms" if row["status"] == "ok"
+                else f"{row['status']}: {row['error'][:80]}")
+        where = f" on {row['device_name']}" if ctx.farm is not None else ""
+        progress(task.label() + where, text)
+    return row
+
+
+def _run_on_boards(ctx: RunContext, tasks: list[Task], progress) -> list[dict]:
+    """Artifacts are built here, one at a time; each is checked and timed on whichever board is
+    free, boards in parallel; rows are stored from this thread as they come back."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    from harness.measure.remote import board_trial
+
+    farm = ctx.farm
+
+    def on_board(task, result, example, ref):
+        board = farm.acquire()
+        try:
+            return task, result_row(ctx, task, board_trial(board, result, example, ref, task.precision,
+                                                           ctx.protocol), device=board.identity)
+        finally:
+            board.close()
+
+    rows, pending = [], set()
+
+    def collect(futures):
+        for f in futures:
+            task, row = f.result()
+            rows.append(_store(ctx, task, row, progress))
+
+    with ThreadPoolExecutor(len(farm.boards)) as pool:
+        for task, module, fingerprint in _modules(tasks):
+            example = task.example()
+            ref = reference(module, example)
+            key = ctx.key(task.workload.model, task.workload.route, task.backend, task.precision, example, module,
+                          fingerprint)
+            result = exported(ctx.backend(task.backend), module, example, ctx.target, task.precision, key,
+                              ctx.layout.cache_dir)
+            if not result.ok:
+                rows.append(_store(ctx, task, result_row(ctx, task, result), progress))
+                continue
+            pending.add(pool.submit(on_board, task, result, example, ref))
+            if len(pending) >= 2 * len(farm.boards):  # build ahead, but not everything
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                collect(done)
+        collect(pending)
+    return rows

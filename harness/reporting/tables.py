@@ -1,0 +1,233 @@
+"""The papers' tables rebuilt from stored results alone (never measuring); ``harness.report`` is its CLI.
+
+Contract
+--------
+``build(layout, input_size)`` reads the folder's ``lut.csv``, ``dynamic.csv``, ``env.json`` and,
+when present, the gate-retraining files (names and columns from ``harness.results.layout``),
+writes ``tables/{table2,table7,slimmable_table3}.{md,csv}`` and the figures
+(``harness.reporting.figures``), and returns ``(written paths, skipped reasons)``; a folder with
+nothing to build from raises :class:`ReportError` (one line). Paper values appear only in columns
+labelled ``paper``; every other figure is read from the stored measurements. The run's
+environment is printed under each table. Markdown is drawn by pandas (``to_markdown``).
+
+- **Table 2** (DS-Net++): ResNet-50 at 25% channels run six ways (``harness.phases.table2``), p50
+  and the ratio to the ideal network per backend; paper: RTX 2080 Ti, batch 1.
+- **Table 7** (DS-Net++, latency column): MobileNetV1 x1.0/0.75/0.5 and DS-MBNet-L/M/S. DS-MBNet's
+  rows are route mixes whose mean MAdds equal the paper's 565M/319M/153M (two adjacent routes,
+  ``harness.deploy.lut.matched_distribution``), priced with the dynamic engine's end-to-end route
+  latencies. The acceleration lines come from the interleaved ``acceleration`` measurement
+  (x1.0, x0.5 and the dynamic model at x0.5's MAdds in one run).
+- **Slimmable networks Table 3** analogue: MAdds, params and latency of MobileNetV1 x1.0 ... x0.25.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+
+from harness.deploy.lut import matched_distribution
+from harness.reporting.common import (
+    PAPER_ACCELERATION,
+    PAPER_SLIMMABLE,
+    PAPER_TABLE2_MS,
+    PAPER_TABLE7,
+    WAY_NOTES,
+    ReportError,
+    acceleration,
+    md_table,
+    ok_rows,
+)
+from harness.results.layout import DYNAMIC_COLUMNS, LUT_COLUMNS, Layout, read_csv
+
+# Paper values, shown only in columns labelled "paper" (DESIGN.md "Reference numbers").
+COMPILED_NOTE = ("On compiled backends the weights are fixed at compile time, so the compiler may fold run-time "
+                 "slicing, indexing or masking into constants: those rows measure what the compiler made of them "
+                 "(compiling a route materializes it); only eager executes the run-time variants as written.")
+
+
+def load_results(layout: Layout):
+    folder = layout.root
+    if not folder.is_dir():
+        raise ReportError(f"no results folder {folder}: run `python -m harness.run --target <target>` first")
+    lut = read_csv(layout.lut_csv, LUT_COLUMNS) if layout.lut_csv.is_file() else pd.DataFrame()
+    dyn = read_csv(layout.dynamic_csv, DYNAMIC_COLUMNS) if layout.dynamic_csv.is_file() else pd.DataFrame()
+    if lut.empty and dyn.empty:
+        raise ReportError(f"{folder} holds no stored results ({layout.lut_csv.name}, {layout.dynamic_csv.name}): "
+                          "run `python -m harness.run --target <target>` first")
+    env = json.loads(layout.env_json.read_text()) if layout.env_json.is_file() else {}
+    gates = read_csv(layout.gate_routes) if layout.gate_routes.is_file() else pd.DataFrame()
+    return lut, dyn, env, gates
+
+
+def env_line(env: dict) -> str:
+    e = env.get("env", {})
+    libs = ", ".join(f"{k} {v}" for k, v in sorted(e.get("libraries", {}).items()))
+    return (f"Environment: {env.get('device_name', '?')} ({env.get('target', '?')} profile), "
+            f"{env.get('threads', '?')} threads, run {env.get('run_id', '?')}; busy: {e.get('busy')}, other "
+            f"processes {e.get('other_processes_cpu_percent')}% of a core, steal {e.get('cpu_steal_percent')}%; "
+            f"{libs}." + _earlier(env.get("earlier_runs", [])))
+
+
+def _earlier(runs: list[dict]) -> str:
+    if not runs:
+        return ""
+    busy = [r["run_id"] for r in runs if r.get("busy")]
+    return (f" The stored results also include {len(runs)} earlier run(s) on this store "
+            f"({', '.join(r['run_id'] for r in runs)}; busy: {', '.join(busy) or 'none'}); each row's run_id "
+            "is in the CSVs.")
+
+
+def _ms(v) -> str:
+    return "-" if v is None or pd.isna(v) else f"{v:.3f}"
+
+
+# -- tables ----------------------------------------------------------------------------------------
+
+def table2(dyn: pd.DataFrame, input_size: int):
+    rows = ok_rows(dyn[(dyn.kind == "table2") & (dyn.input_size == input_size)]) if len(dyn) else dyn
+    if rows.empty:
+        raise ReportError("no Table 2 measurement (kind table2) at this input size")
+    backends = sorted(set(rows.backend), key=lambda b: (b != "eager", b))
+    t = pd.DataFrame({"way": list(WAY_NOTES), "what runs": list(WAY_NOTES.values())})
+    madds = rows.drop_duplicates("name").set_index("name").madds
+    t["route MAdds (M)"] = [f"{madds[w] / 1e6:.1f}" if w in madds else "-" for w in t.way]
+    csv = []
+    for b in backends:
+        r = rows[rows.backend == b].set_index("name")
+        p50 = r.latency_ms_p50
+        ideal = p50.get("ideal", np.nan)
+        t[f"{b} p50 (ms)"] = [_ms(p50.get(w)) for w in t.way]
+        t[f"{b} / ideal"] = [f"{p50[w] / ideal:.2f}x" if w in p50 and ideal == ideal else "-" for w in t.way]
+        for w in p50.index:
+            csv.append({"backend": b, "way": w, "route": r.route[w], "madds": r.madds[w],
+                        "latency_ms_p50": p50[w], "latency_ms_mean": r.latency_ms_mean[w], "n": r.n[w],
+                        "ratio_to_ideal": p50[w] / ideal, "run_id": r.run_id[w] if "run_id" in r else ""})
+    t["paper ms (RTX 2080 Ti)"] = [f"{PAPER_TABLE2_MS[w]:.1f}" if w in PAPER_TABLE2_MS else "-" for w in t.way]
+    t["paper / ideal"] = [f"{PAPER_TABLE2_MS[w] / PAPER_TABLE2_MS['ideal']:.2f}x" if w in PAPER_TABLE2_MS else "-"
+                          for w in t.way]
+    return t, pd.DataFrame(csv), [COMPILED_NOTE]
+
+
+def _matched_mix(route_madds: dict, target: float) -> dict:
+    """Two adjacent routes whose mean MAdds equal ``target`` (clipped to the routes' range: the
+    paper's 565M lies 0.9M above our largest route's count)."""
+    lo, hi = min(route_madds.values()), max(route_madds.values())
+    return matched_distribution(route_madds, min(max(target, lo), hi))
+
+
+def table7(lut: pd.DataFrame, dyn: pd.DataFrame, input_size: int, gates: pd.DataFrame | None = None):
+    static = ok_rows(lut[(lut.model == "mobilenet_v1") & (lut.input_size == input_size) & (lut.batch_size == 1)
+                     & (lut.precision == "fp32")]) if len(lut) else lut
+    routes = ok_rows(dyn[(dyn.model == "ds_mbnet") & (dyn.kind == "route") & (dyn.input_size == input_size)
+                     & (dyn.precision == "fp32")]) if len(dyn) else dyn
+    if static.empty or routes.empty:
+        raise ReportError("Table 7 needs mobilenet_v1 rows in lut.csv and ds_mbnet route rows in dynamic.csv")
+    backends = sorted(set(routes.backend) & set(static.backend), key=lambda b: (b != "eager", b))
+    if not backends:
+        raise ReportError("no backend measured both mobilenet_v1 and the ds_mbnet dynamic engine")
+    names, madds_col, per_backend, mixes = [], [], {b: [] for b in backends}, []
+    for w in ("1.0", "0.75", "0.5"):
+        r = static[static.route == f"x{w}"]
+        names.append(f"MBNetV1 x{w}")
+        madds_col.append(f"{r.madds.iloc[0] / 1e6:.0f}" if len(r) else "-")
+        mixes.append(f"static x{w}")
+        for b in backends:
+            rb = r[r.backend == b]
+            per_backend[b].append(rb.latency_ms_p50.iloc[0] if len(rb) else np.nan)
+    route_madds = routes.drop_duplicates("route").set_index("route").madds.to_dict()
+    route_ms = {b: routes[routes.backend == b].set_index("route").latency_ms_p50 for b in backends}
+
+    def add_mix(name: str, mix: dict) -> None:
+        """A row priced as a route distribution: expected MAdds and expected end-to-end latency."""
+        names.append(name)
+        madds_col.append(f"{sum(p * route_madds[r] for r, p in mix.items()) / 1e6:.0f}")
+        mixes.append(" + ".join(f"{p:.2f} x route {r}" for r, p in mix.items()))
+        for b, lat in route_ms.items():
+            per_backend[b].append(sum(p * lat[r] for r, p in mix.items()) if all(r in lat for r in mix) else np.nan)
+
+    for label in ("DS-MBNet-L", "DS-MBNet-M", "DS-MBNet-S"):
+        add_mix(label, _matched_mix(route_madds, PAPER_TABLE7[label][0] * 1e6))
+    retrained = gates[(gates.model == "ds_mbnet") & (gates.input_size == input_size)] \
+        if gates is not None and len(gates) else pd.DataFrame()
+    for (gate, backend), g in retrained.groupby(["gate", "backend"]) if len(retrained) else []:
+        add_mix(f"DS-MBNet, gate retrained with the {gate} penalty ({backend} LUT)",
+                {r: p for r, p in zip(g.route, g.share) if p > 0})
+    t = pd.DataFrame({"model": names, "MAdds (M)": madds_col, "route mix": mixes})
+    for b in backends:
+        t[f"{b} latency (ms)"] = [_ms(v) for v in per_backend[b]]
+    t["paper MAdds (M)"] = [PAPER_TABLE7[n][0] if n in PAPER_TABLE7 else "-" for n in names]
+    t["paper latency (ms)"] = [PAPER_TABLE7[n][1] if n in PAPER_TABLE7 else "-" for n in names]
+    csv = pd.DataFrame([{"model": n, "mix": m, "madds": md, "backend": b, "latency_ms": per_backend[b][i]}
+                        for i, (n, m, md) in enumerate(zip(names, mixes, madds_col)) for b in backends])
+    acc = acceleration(dyn, input_size)
+    notes = ["DS-MBNet-L/M/S rows: the stated mix of two adjacent routes whose mean MAdds equal the paper's, "
+             "priced with the dynamic engine's end-to-end p50 per route (dynamic.csv, kind route)"
+             + (", and the route histograms of the gates retrained at this input size." if len(retrained) else
+                "; no gate was retrained at this input size (harness.retrain_gate).")
+             + " Static rows: lut.csv p50. The two come from different phases of the run; for ratios use the "
+               "interleaved acceleration below."]
+    if len(acc):
+        lines = [f"{r.backend}: ideal {r.ideal:.2f}x (x1.0 / x0.5), realized {r.realized:.2f}x (x1.0 / dynamic at "
+                 f"x0.5's MAdds), {r.realized / r.ideal:.2f} of ideal" for r in acc.itertuples()]
+        paper = f"ideal {PAPER_ACCELERATION['ideal']:.2f}x, realized {PAPER_ACCELERATION['realized']:.2f}x"
+        notes.append("Acceleration, interleaved in one run per backend: " + "; ".join(lines) + f". Paper: {paper}.")
+    return t, csv, notes
+
+
+def slimmable_table3(lut: pd.DataFrame, input_size: int):
+    static = ok_rows(lut[(lut.model == "mobilenet_v1") & (lut.input_size == input_size) & (lut.batch_size == 1)
+                     & (lut.precision == "fp32")]) if len(lut) else lut
+    if static.empty:
+        raise ReportError("the slimmable Table 3 needs mobilenet_v1 rows in lut.csv")
+    backends = sorted(set(static.backend), key=lambda b: (b != "eager", b))
+    widths = [w for w in PAPER_SLIMMABLE if (static.route == f"x{w}").any()]
+    t = pd.DataFrame({"switch": [f"x{w}" for w in widths]})
+    first = static.drop_duplicates("route").set_index("route")
+    t["MAdds (M)"] = [f"{first.madds[f'x{w}'] / 1e6:.1f}" for w in widths]
+    t["params (M)"] = [f"{first.params[f'x{w}'] / 1e6:.2f}" for w in widths]
+    for b in backends:
+        r = static[static.backend == b].set_index("route").latency_ms_p50
+        t[f"{b} p50 (ms)"] = [_ms(r.get(f"x{w}")) for w in widths]
+    t["paper MAdds"] = [PAPER_SLIMMABLE[w][0] for w in widths]
+    t["paper params"] = [PAPER_SLIMMABLE[w][1] for w in widths]
+    csv = static[["route", "backend", "madds", "params", "latency_ms_p50", "latency_ms_mean", "n"]]
+    return t, csv.sort_values(["backend", "madds"], ascending=[True, False]), []
+
+
+TABLES = {
+    "table2": ("DS-Net++ Table 2: ResNet-50 at 25% channels, six ways (batch 1, interleaved per backend)",
+               lambda lut, dyn, gates, s: table2(dyn, s)),
+    "table7": ("DS-Net++ Table 7, latency column: MobileNetV1 and DS-MBNet (batch 1)",
+               lambda lut, dyn, gates, s: table7(lut, dyn, s, gates)),
+    "slimmable_table3": ("Slimmable networks Table 3 analogue: MobileNetV1 switches (batch 1)",
+                         lambda lut, dyn, gates, s: slimmable_table3(lut, s)),
+}
+
+
+def build(layout: Layout, input_size: int) -> tuple[list, list[str]]:
+    """Every table and figure that the stored results allow; returns (written paths, skipped reasons)."""
+    from harness.reporting import figures
+
+    lut, dyn, env, gates = load_results(layout)
+    written, skipped = [], []
+    layout.tables_dir.mkdir(exist_ok=True)
+    for name, (title, fn) in TABLES.items():
+        try:
+            table, csv, notes = fn(lut, dyn, gates, input_size)
+        except ReportError as e:
+            skipped.append(f"{name}: {e}")
+            continue
+        md = [f"# {title}", "", f"Input {input_size}x{input_size}. Rebuilt by `python -m harness.report` from "
+              "stored results; paper values only in columns labelled paper.", "", md_table(table), ""]
+        md += [f"{n}\n" for n in notes] + [env_line(env), ""]
+        layout.table(name, "md").write_text("\n".join(md))
+        csv.to_csv(layout.table(name, "csv"), index=False)
+        written += [layout.table(name, "md"), layout.table(name, "csv")]
+    if len(skipped) == len(TABLES):
+        models = sorted(set(lut.model if len(lut) else []) | set(dyn.model if len(dyn) else []))
+        raise ReportError(f"{layout.root} has no result the tables use at input {input_size} (it holds "
+                          f"{', '.join(models) or 'nothing'}): " + "; ".join(skipped))
+    written += figures.build_all(layout, lut, dyn, input_size, skipped)
+    return written, skipped

@@ -1,0 +1,147 @@
+"""The results store: one SQLite file per results folder, written the moment a result exists.
+
+Contract
+--------
+``ResultStore(path)`` opens (or creates) ``results.sqlite``. ``record(row)`` inserts or replaces
+one result and commits at once (WAL journal, synchronous=FULL), so an interrupted run (Ctrl-C,
+kill -9) loses at most the measurement in flight. A row is keyed by (model, route, backend,
+precision, batch_size, input_size); ``done_keys()`` lists the keys already stored so a re-run
+skips them. Raw samples are kept (JSON) beside the statistics. ``record_dynamic`` does the same
+for the dynamic engine's, Table 2's and the acceleration's rows. ``export_lut(path)`` and
+``export_dynamic(path)`` write the tidy CSVs atomically. Tables and columns come from
+``harness.results.layout``; a store written by an older version gains the new columns on open.
+A row whose status is not one of the layout's ``STATUSES`` is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from harness.results.layout import (
+    DYNAMIC_COLUMNS,
+    DYNAMIC_EXTRA_COLUMNS,
+    DYNAMIC_KEY,
+    DYNAMIC_KINDS,
+    LUT_COLUMNS,
+    RESULT_EXTRA_COLUMNS,
+    RESULT_KEY,
+    STATUSES,
+)
+
+# column -> SQL type; the key columns are NOT NULL. Columns come from the layout.
+_TYPES = {"batch_size": "INTEGER", "input_size": "INTEGER", "madds": "INTEGER", "params": "INTEGER",
+          "latency_ms_p50": "REAL", "latency_ms_p90": "REAL", "latency_ms_mean": "REAL", "latency_ms_std": "REAL",
+          "n": "INTEGER", "number": "INTEGER", "device_mismatch": "INTEGER", "predicted_ms": "REAL",
+          "rel_error": "REAL", "compile_s": "REAL"}
+TABLES = {  # table: (key, columns)
+    "results": (RESULT_KEY, list(dict.fromkeys(LUT_COLUMNS + RESULT_EXTRA_COLUMNS))),
+    "dynamic": (DYNAMIC_KEY, list(dict.fromkeys(DYNAMIC_COLUMNS + DYNAMIC_EXTRA_COLUMNS))),
+}
+
+
+_TABLE_TYPES = {"dynamic": {"madds": "REAL"}}  # a route mix has fractional mean MAdds
+
+
+def _type(table: str, column: str) -> str:
+    return _TABLE_TYPES.get(table, {}).get(column) or _TYPES.get(column, "TEXT")
+
+
+def _create(table: str) -> str:
+    key, cols = TABLES[table]
+    body = ", ".join(f"{c} {_type(table, c)}{' NOT NULL' if c in key or c == 'status' else ''}" for c in cols)
+    return f"CREATE TABLE IF NOT EXISTS {table} ({body}, PRIMARY KEY ({', '.join(key)}))"
+
+
+class ResultStore:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        for table, (_, cols) in TABLES.items():
+            self.db.execute(_create(table))
+            have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            for c in cols:  # a store written by an older version: add the new columns, keep the rows
+                if c not in have:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {c} {_type(table, c)}")
+        self.db.execute("CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, env TEXT NOT NULL)")
+        self.db.commit()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def record(self, row: dict) -> None:
+        row = dict(row)
+        if row.get("status") not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {row.get('status')!r}")
+        if isinstance(row.get("samples_ms"), list):
+            row["samples_ms"] = json.dumps(row["samples_ms"])
+        cols = [c for c in TABLES["results"][1] if c in row]
+        missing = [k for k in RESULT_KEY if k not in row]
+        if missing:
+            raise ValueError(f"result row lacks key column(s) {missing}")
+        self.db.execute(f"INSERT OR REPLACE INTO results ({', '.join(cols)}) VALUES "
+                        f"({', '.join('?' * len(cols))})", [row[c] for c in cols])
+        self.db.commit()
+
+    def record_dynamic(self, row: dict) -> None:
+        """One dynamic-engine result (a kind of :data:`~harness.results.layout.DYNAMIC_KINDS`)."""
+        row = dict(row)
+        if row.get("status") not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {row.get('status')!r}")
+        if row.get("kind") not in DYNAMIC_KINDS:
+            raise ValueError(f"kind must be one of {DYNAMIC_KINDS}, got {row.get('kind')!r}")
+        if isinstance(row.get("samples_ms"), list):
+            row["samples_ms"] = json.dumps(row["samples_ms"])
+        cols = [c for c in TABLES["dynamic"][1] if c in row]
+        self.db.execute(f"INSERT OR REPLACE INTO dynamic ({', '.join(cols)}) VALUES "
+                        f"({', '.join('?' * len(cols))})", [row[c] for c in cols])
+        self.db.commit()
+
+    def dynamic_done(self) -> set[tuple]:
+        return {tuple(r) for r in self.db.execute(f"SELECT {', '.join(DYNAMIC_KEY)} FROM dynamic")}
+
+    def dynamic_frame(self) -> pd.DataFrame:
+        return pd.read_sql_query(f"SELECT {', '.join(DYNAMIC_COLUMNS)} FROM dynamic ORDER BY model, backend, "
+                                 "precision, batch_size, input_size, kind, madds, name", self.db)
+
+    def export_dynamic(self, path: Path) -> pd.DataFrame:
+        return _write_atomically(self.dynamic_frame(), path)
+
+    def record_run(self, run_id: str, env: dict) -> None:
+        self.db.execute("INSERT OR REPLACE INTO runs VALUES (?, ?)", (run_id, json.dumps(env)))
+        self.db.commit()
+
+    def runs(self) -> list[dict]:
+        """The environment document of every run that wrote to this store, oldest first."""
+        docs = [json.loads(r[0]) for r in self.db.execute("SELECT env FROM runs")]
+        return sorted(docs, key=lambda d: d.get("run_id", ""))
+
+    def done_keys(self, statuses=STATUSES) -> set[tuple]:
+        q = f"SELECT {', '.join(RESULT_KEY)} FROM results WHERE status IN ({', '.join('?' * len(statuses))})"
+        return {tuple(r) for r in self.db.execute(q, tuple(statuses))}
+
+    def frame(self) -> pd.DataFrame:
+        df = pd.read_sql_query("SELECT * FROM results ORDER BY model, madds, route, backend, precision, "
+                               "batch_size", self.db)
+        return df
+
+    def export_lut(self, path: Path) -> pd.DataFrame:
+        return _write_atomically(self.frame()[LUT_COLUMNS], path)
+
+
+def _write_atomically(df: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """Write a CSV through a temporary file and a rename: a reader never sees half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".csv.tmp")
+    os.close(fd)
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    return df
