@@ -85,7 +85,12 @@ def test_bad_options_exit_2_with_one_line(tmp_path, capsys):
     for args, message in [(["--backends", "tflite"], "unknown backend(s) tflite"),
                           (["--models", "vgg"], "unknown model(s) vgg"),
                           (["--batch-size", "one"], "--batch-size takes integers"),
-                          (["--routes", "99", "--models", "ds_mbnet_tiny"], "no route matches --routes")]:
+                          (["--routes", "99", "--models", "ds_mbnet_tiny"], "no route matches --routes"),
+                          (["--routes", "0,99", "--models", "ds_mbnet_tiny"], "no route matches --routes 99"),
+                          (["--backends", ","], "--backends names nothing"),
+                          (["--backends", "eager,eager"], "--backends names eager more than once"),
+                          (["--models", ""], "--models names nothing"),
+                          (["--input-size", "0"], "--input-size must be at least 32, got 0")]:
         assert runmod.main(["--target", "x86", "--out", str(tmp_path), *args]) == 2, args
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: ") and message in err[-1], (args, err)
