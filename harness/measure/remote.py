@@ -12,7 +12,7 @@ whose ``run(x)`` returns the outputs as torch tensors (for the check against eag
 ``measure(x, protocol)`` times it *on the board* with TVM's ``time_evaluator`` following the one
 protocol: a warm-up of at least ``warmup_calls`` calls and ``warmup_ms``, then ``repeat``
 samples of ``number`` calls, ``number`` grown until a sample lasts ``min_repeat_ms``; the samples
-are summarized by :func:`harness.measure.summarize` like every other measurement.
+are summarized by :func:`harness.measure.protocol.summarize` like every other measurement.
 
 The artifacts come from a backend's ``export`` (cross-compiled by ``harness.backends.tvm``).
 
