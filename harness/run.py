@@ -300,7 +300,8 @@ def summarize(ctx, p: RunPlan, env_doc: dict) -> None:
     try:
         written, _ = build(p.layout, p.input_size)
         print(f"tables and figures: {len(written)} files under {p.layout.tables_dir} and {p.layout.figures_dir} "
-              f"(rebuild with python -m harness.report --target {ctx.target.name})")
+              f"(rebuild with python -m harness.report --target {ctx.target.name} --results {p.layout.root} "
+              f"--input-size {p.input_size})")
     except ReportError as e:
         print(f"tables and figures: none ({e})")
 
