@@ -4,6 +4,11 @@
 every split BN and re-estimates them as a cumulative average over ``loader`` for each route in
 ``routes`` (default: all routes). A statistics slot shared by several routes (DS-ResNet: a stage's
 layers serve every route with that stage ratio) averages over all of them. Weights are untouched.
+
+``reference_statistics(model)`` gives a randomly initialized model BN statistics estimated on
+seeded random images, so that its outputs depend on the input and on the route (the harness's
+reference weights: latency does not depend on trained values, but the check against eager needs
+outputs that tell engines apart).
 """
 
 from __future__ import annotations
@@ -43,3 +48,36 @@ def recalibrate_bn(model, loader, routes=None, max_batches: int | None = None):
     if seen == 0:
         raise ValueError("the data loader yielded no batch: nothing to re-calibrate with")
     return model
+
+
+@torch.no_grad()
+def reference_statistics(model, input_size: int = 64, batches: int = 2, batch_size: int = 8, seed: int = 0):
+    """Give a randomly initialized ``model`` batch-norm statistics under which activations survive.
+
+    With the default initialization and unit running variance, every block shrinks its input
+    (DS-MBNet's logits end up as the classifier bias: inputs and routes give the same output, and a
+    check against eager cannot tell engines apart). Here every batch norm's statistics are
+    estimated on seeded random images, so each layer's output is normalized to unit scale.
+    Supernets are calibrated on the routes where every gate takes the same choice (they cover every
+    statistics slot); weights are untouched. Returns ``model`` in eval mode.
+    """
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.randn(batch_size, 3, input_size, input_size, generator=g) for _ in range(batches)]
+    gates = model.routing_space.gates
+    if len(gates):
+        top = max(len(gate) for gate in gates)
+        routes = sorted({tuple(min(c, len(gate) - 1) for gate in gates) for c in range(top)})
+        return recalibrate_bn(model, images, routes).eval()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average
+    try:
+        model.train()
+        for x in images:
+            model(x)
+    finally:
+        for bn, m in zip(bns, momenta):
+            bn.momentum = m
+    return model.eval()

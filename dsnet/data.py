@@ -67,8 +67,7 @@ class ImageFolder(Dataset):
     """``root/<class>/<image>``: classes sorted by name, labels their index."""
 
     def __init__(self, root: Path, input_size: int, classes: list[str] | None = None):
-        if not root.is_dir():
-            raise DataError(f"data folder {root} does not exist")
+        _check_folder(root)
         found = sorted(p.name for p in root.iterdir() if p.is_dir())
         self.classes = classes if classes is not None else found
         if not self.classes:
@@ -108,9 +107,15 @@ class ImageFolder(Dataset):
         return (a - self.mean) / self.std, label
 
 
-def image_folder(root: Path, input_size: int) -> Splits:
+def _check_folder(root: Path) -> None:
+    if root.exists() and not root.is_dir():
+        raise DataError(f"data folder {root} is a file, not a folder: expected {root}/train/<class>/<image>")
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist")
+
+
+def image_folder(root: Path, input_size: int) -> Splits:
+    _check_folder(root)
     missing = [s for s in ("train", "val") if not (root / s).is_dir()]
     if missing:
         raise DataError(f"data folder {root} lacks {' and '.join(missing)}/: expected the ImageNet layout "

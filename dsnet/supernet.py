@@ -123,6 +123,8 @@ class CostCounter:
     hw: tuple[int, int] = field(init=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.input_size, bool) or not isinstance(self.input_size, int) or self.input_size < 1:
+            raise ValueError(f"input_size must be a positive integer, got {self.input_size!r}")
         self.hw = (self.input_size, self.input_size)
 
     def conv(self, cin: int, cout: int, k: int, stride: int = 1, depthwise: bool = False,

@@ -7,6 +7,8 @@ No CLI imports another CLI; each imports this module for:
 - :class:`UsageError`: bad input, printed as one line ``error: ...`` with exit code 2 by
   :func:`run_main`, which also turns Ctrl-C into exit 130 with a line saying what was kept;
 - :func:`add_results_option`: ``--results DIR`` (alias ``--out``), the results folder in every CLI;
+  :func:`open_results`: the folder created, checked writable, locked against a second run, and
+  its store opened (a corrupt store is one line saying what to do);
 - :func:`open_target`: a resolved profile, threads configured, or a :class:`UsageError` naming
   the profiles this machine can run;
 - :func:`capture_machine`: the environment, the device name and a mismatch flag, with warnings;
@@ -41,6 +43,30 @@ def add_results_option(parser: argparse.ArgumentParser, default_help: str = "res
 
 def results_layout(results: Path | None, target_name: str, quick: bool = False) -> Layout:
     return Layout(results) if results is not None else Layout.default(target_name, quick)
+
+
+def open_results(layout: Layout):
+    """Create the results folder, check it is writable, take its lock and open its store:
+    ``(lock, store)``. A file in the way, no permission, a corrupt store or another run on the same
+    folder is a :class:`UsageError` (one line)."""
+    import os
+
+    from harness.results.store import FolderLock, ResultStore, StoreError
+
+    root = layout.root
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UsageError(f"results folder {root} cannot be created: it or a folder above it is a file") from None
+    except PermissionError:
+        raise UsageError(f"results folder {root} cannot be created: permission denied") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise UsageError(f"results folder {root} is not writable")
+    try:
+        lock = FolderLock(root).acquire()
+        return lock, ResultStore(layout.store)
+    except StoreError as e:
+        raise UsageError(str(e)) from None
 
 
 def csv_list(text: str | None) -> list[str] | None:

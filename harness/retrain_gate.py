@@ -35,6 +35,7 @@ from harness.cli import (
     add_results_option,
     capture_machine,
     new_run_id,
+    open_results,
     open_target,
     results_layout,
     run_main,
@@ -96,13 +97,14 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
+    from dsnet.data import DataError
     from harness.phases import retraining as rt
 
     target = open_target(args.target)
     s = settings_from(args, target)
     try:
         return _run(args, target, s, rt)
-    except rt.RetrainingError as e:
+    except (rt.RetrainingError, DataError) as e:  # DataError: e.g. an image that cannot be read
         raise UsageError(str(e)) from None
 
 
@@ -112,7 +114,6 @@ def _run(args, target, s, rt) -> int:
     from dsnet.training import evaluate_gate
     from harness.phases.context import RunContext
     from harness.reporting.gates import render
-    from harness.results.store import ResultStore
 
     rt.validate(s, target)
     data = rt.load_splits(s)
@@ -120,9 +121,9 @@ def _run(args, target, s, rt) -> int:
     if env["busy"] and args.strict:
         return 3
     ws = s.workspace
-    ws.root.mkdir(parents=True, exist_ok=True)
+    lock, store = open_results(ws)
     t0 = time.monotonic()
-    ctx = RunContext(target, ws, target.protocol, ResultStore(ws.store), device_name, mismatch, new_run_id())
+    ctx = RunContext(target, ws, target.protocol, store, device_name, mismatch, new_run_id())
     try:
         costs = rt.route_costs(s, data, ctx, lambda n, desc: Progress(n, desc))  # before training: fails fast
         supernet = rt.stage1(s, data, _train_progress)
@@ -139,6 +140,7 @@ def _run(args, target, s, rt) -> int:
         measured = rt.measure_gates(ctx, s, data, supernet, gates)
     finally:
         ctx.store.close()
+        lock.release()
     largest = supernet.model.routes(s.input_size)[-1]
     doc = {"largest_route_accuracy": rt.route_accuracy(supernet.model, largest, data.val_loader),
            "run_id": ctx.run_id, "target": target.name, "device_name": device_name, "device_mismatch": mismatch,

@@ -29,6 +29,7 @@ from harness.cli import (
     capture_machine,
     csv_list,
     new_run_id,
+    open_results,
     open_target,
     results_layout,
     run_main,
@@ -39,6 +40,7 @@ from harness.targets import known_targets
 
 DEFAULT_MODELS = ("ds_mbnet", "mobilenet_v1")
 QUICK_INPUT_SIZE = 64
+MAX_INPUT_SIZE = 4096
 QUICK_SLOW_BACKENDS = ("inductor",)  # ~40 s of C++ compile per route on 2 cores
 TABLE2_NEEDS = "ds_resnet50"  # Table 2 runs when this model is measured (or no --models is given)
 
@@ -111,8 +113,8 @@ def plan(args, target) -> RunPlan:
         raise UsageError("--batch-size values must be at least 1")
     input_size = args.input_size if args.input_size is not None else (
         QUICK_INPUT_SIZE if args.quick else target.input_size)
-    if input_size < 32:
-        raise UsageError(f"--input-size must be at least 32, got {input_size}")
+    if not 32 <= input_size <= MAX_INPUT_SIZE:
+        raise UsageError(f"--input-size must be between 32 and {MAX_INPUT_SIZE}, got {input_size}")
     routes = set(csv_list(args.routes)) if args.routes is not None else None
     if routes is not None and not routes:
         raise UsageError("--routes names nothing")
@@ -185,16 +187,16 @@ def open_context(args, target, p: RunPlan, farm):
     """Machine capture, the store, the run's identity: the :class:`RunContext` every phase uses, and
     the run's environment document. ``None`` when the machine is busy under ``--strict``."""
     from harness.phases.context import RunContext
-    from harness.results.store import ResultStore
 
-    p.layout.root.mkdir(parents=True, exist_ok=True)
+    lock, store = open_results(p.layout)
     env, device_name, device_mismatch = capture_machine(target, args.strict)
     if env["busy"] and args.strict:
+        store.close()
+        lock.release()
         return None, None
     if farm is not None:
         device_name, device_mismatch = ", ".join(farm.boards), False
-    ctx = RunContext(target, p.layout, p.protocol, ResultStore(p.layout.store), device_name, device_mismatch,
-                     new_run_id(), farm)
+    ctx = RunContext(target, p.layout, p.protocol, store, device_name, device_mismatch, new_run_id(), farm)
     active = []
     for b in p.backends:
         reason = ctx.backend(b).unavailable(target)

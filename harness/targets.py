@@ -143,6 +143,11 @@ def load_target(name: str, directory: Path = TARGETS_DIR) -> Target:
             if not isinstance(v, kind) or isinstance(v, bool) or (allowed and v not in allowed):
                 valid = f"one of {', '.join(allowed)}" if allowed else type_name(kind)
                 raise TargetError(f"{where}: key '{key}' holds {v!r}; each entry must be {valid}")
+    for key, least in (("threads", 0), ("input_size", 32)):
+        if key in data and data[key] < least:
+            raise TargetError(f"{where}: key '{key}' must be at least {least}, got {data[key]}")
+    if any(b < 1 for b in data.get("batch_sizes", [])):
+        raise TargetError(f"{where}: key 'batch_sizes' holds {min(data['batch_sizes'])}; each entry must be at least 1")
     if data["name"] != path.stem:
         raise TargetError(f"{where}: key 'name' is '{data['name']}' but the file is named '{path.stem}'")
     try:

@@ -11,8 +11,11 @@ artifact-load) time ``compile_s``, the backend's ``details`` that change a numbe
   its artifact options, target and its threads, precision, input shape, library versions and the
   weights' fingerprint. Two tasks share an artifact only when all of these agree.
 - :func:`trial` loads the cached artifact or compiles it, runs it on the check input and
-  compares it with eager fp32 (:func:`check_output`); a wrong cached artifact is rebuilt once
-  before the trial is declared ``check_failed``. Nothing is timed here.
+  compares it with eager fp32 (:func:`check_output`). A wrong cached artifact is rebuilt once (the
+  ``rebuilt`` detail says why); an engine still wrong is ``check_failed`` and its artifact is
+  deleted, so a retry recompiles. Before any engine is trusted, eager's own output must depend on
+  its input (:func:`insensitive`): a module whose activations vanish would let any engine pass.
+  Nothing is timed here.
 - :func:`timed` measures an ``ok`` result with the one protocol (``measure_failed`` if the
   engine raises); phases that compare engines time several ``ok`` results with
   :func:`harness.measure.protocol.measure_interleaved` instead.
@@ -27,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,6 +141,29 @@ def reference(module: torch.nn.Module, example: torch.Tensor):
         return module(example.float().cpu())
 
 
+SENSITIVITY = 1e-4  # smallest relative change of the output between two inputs that makes a check meaningful
+
+
+def _flat(out) -> torch.Tensor:
+    outs = out if isinstance(out, tuple) else (out,)
+    return torch.cat([o.detach().float().cpu().flatten() for o in outs])
+
+
+def insensitive(module: torch.nn.Module, example: torch.Tensor, ref) -> str | None:
+    """Why eager's output cannot tell engines apart (it does not change with the input), or None."""
+    g = torch.Generator().manual_seed(2)
+    x = example.float().cpu()
+    other = torch.randn(x.shape, generator=g) * (x.std() if x.numel() > 1 else 1.0) + x.mean()
+    with torch.no_grad():
+        a, b = _flat(ref), _flat(module(other))
+    change = float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
+    if change < SENSITIVITY:
+        return (f"eager's output hardly depends on the input (relative change {change:.2g} between two inputs): "
+                "activations vanish, so the check could not tell a wrong engine apart; give the model "
+                "reference statistics (dsnet.reference_statistics)")
+    return None
+
+
 def _compile(backend, module, example, target, precision, artifact_dir: Path, use_cache: bool):
     """``(engine, compile_s, cached)``; raises what the backend raises."""
     artifact_dir.mkdir(parents=True, exist_ok=True)
@@ -155,13 +182,19 @@ def trial(backend, module: torch.nn.Module, example: torch.Tensor, target, preci
     """Compile (or load) and check one engine; see the module docstring. ``ref``: eager fp32's
     output on ``example`` when the caller has it (else computed here)."""
     ref = reference(module, example) if ref is None else ref
+    degenerate = insensitive(module, example, ref)
+    if degenerate:
+        return Result("check_failed", degenerate, details=backend.details())
     artifact_dir = key.directory(cache_root)
+    stale = None
     for use_cache in (True, False):
         try:
             engine, compile_s, cached = _compile(backend, module, example, target, precision, artifact_dir, use_cache)
         except Exception as e:  # recorded; the caller goes on
             return Result("compile_failed", one_line(e), details=backend.details())
         details = {**backend.details(), **engine.details, "cached": cached}
+        if stale:
+            details["rebuilt"] = f"the cached artifact failed the check: {stale}"
         try:
             problem = check_output(engine(example), ref, precision)
         except Exception as e:
@@ -169,7 +202,9 @@ def trial(backend, module: torch.nn.Module, example: torch.Tensor, target, preci
         if problem is None:
             return Result("ok", "", round(compile_s, 3), details, engine=engine)
         if not cached:
+            shutil.rmtree(artifact_dir, ignore_errors=True)  # a retry compiles afresh
             return Result("check_failed", problem, round(compile_s, 3), details)
+        stale = problem
     raise AssertionError("unreachable")
 
 

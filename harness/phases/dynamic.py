@@ -40,7 +40,7 @@ from harness.deploy.lut import LatencyLUT, matched_distribution, route_segment_n
 from harness.measure.pipeline import Result
 from harness.measure.protocol import measure_interleaved, summarize
 from harness.phases.context import RunContext
-from harness.phases.static import WEIGHT_SEED
+from harness.phases.static import reference_model
 from harness.results.layout import DYNAMIC_KEY
 
 STATIC_COUNTERPART = {"ds_mbnet": "mobilenet_v1", "ds_resnet50": "resnet50"}
@@ -64,8 +64,7 @@ class DynamicPhase:
         self.ctx, self.model_name, self.backend_name = ctx, model_name, backend
         self.precision, self.input_size = precision, input_size
         if model is None:
-            torch.manual_seed(WEIGHT_SEED)
-            model = dsnet.create_model(model_name)
+            model = reference_model(model_name)
         self.model = model.eval()
         self.plan = dsnet.split(self.model)
         self.engine = DynamicEngine(self.plan, ctx.backend(backend), ctx.target, precision, ctx.layout.cache_dir,
@@ -167,8 +166,7 @@ class DynamicPhase:
         static x1.0 (the paper's realized speed-up) and static x0.5 (the ideal one), interleaved."""
         engines, madds = {}, {}
         for label, w in (("largest", 1.0), ("matched", 0.5)):
-            torch.manual_seed(WEIGHT_SEED)
-            model = dsnet.create_model(static, width_mult=w)
+            model = reference_model(static, width_mult=w)
             madds[label] = dsnet.profile(model, None, self.input_size).madds
             result = self.ctx.trial(static, f"x{w}", self.backend_name, self.precision, dsnet.materialize(model),
                                     self.x)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -144,8 +145,39 @@ def validate(s: Settings, target) -> None:
     for name in ("supernet_epochs", "gate_epochs", "batch_size"):
         if getattr(s, name) < 1:
             raise RetrainingError(f"--{name.replace('_', '-')} must be at least 1")
-    if s.input_size < 32:
-        raise RetrainingError(f"--input-size must be at least 32, got {s.input_size}")
+    if not 32 <= s.input_size <= 4096:
+        raise RetrainingError(f"--input-size must be between 32 and 4096, got {s.input_size}")
+    for name, value, least in (("lr", s.lr, 0.0), ("cp_weight", s.cp_weight, None),
+                               ("latency_target", s.latency_target, 0.0), ("madds_target", s.madds_target, 0.0)):
+        flag = f"--{name.replace('_', '-')}"
+        if value is None:
+            continue
+        if not math.isfinite(value):
+            raise RetrainingError(f"{flag} must be a finite number, got {value}")
+        if least is None and value < 0:
+            raise RetrainingError(f"{flag} must be at least 0, got {value}")
+        if least is not None and value <= least:
+            raise RetrainingError(f"{flag} must be greater than {least:g}, got {value}")
+    if s.routes_upto is not None:
+        try:
+            from dsnet.training import restrict_routes
+
+            restrict_routes(dsnet.create_model(s.model), s.routes_upto)
+        except ValueError as e:
+            raise RetrainingError(f"--routes-upto: {e}") from None
+    if s.checkpoint is not None:
+        _check_checkpoint(s.checkpoint)
+
+
+def _check_checkpoint(path: Path) -> None:
+    """A checkpoint that is missing or not a PyTorch file fails now, with a plain reason."""
+    import zipfile
+
+    if not path.is_file():
+        raise RetrainingError(f"checkpoint {path} does not exist" if not path.exists() else
+                              f"checkpoint {path} is not a file")
+    if not zipfile.is_zipfile(path):
+        raise RetrainingError(f"checkpoint {path} is not a PyTorch checkpoint (torch.save writes a zip archive)")
 
 
 def load_splits(s: Settings) -> Data:
@@ -217,8 +249,10 @@ def stage1(s: Settings, data: Data, progress_factory) -> Supernet:
 def route_costs(s: Settings, data: Data, ctx: RunContext, progress_factory) -> Costs:
     """Per-route MAdds and LUT latency; the LUT from ``--lut`` or measured once in the workspace.
     A LUT that cannot price every route is a :class:`RetrainingError`."""
-    torch.manual_seed(s.seed)  # the architecture to price: latency does not depend on weights
-    arch = dsnet.create_model(s.model, num_classes=data.num_classes)
+    # the architecture to price: latency does not depend on the weights; reference statistics make
+    # the segments' outputs depend on their inputs, so the check against eager means something
+    torch.manual_seed(s.seed)
+    arch = dsnet.reference_statistics(dsnet.create_model(s.model, num_classes=data.num_classes))
     routes = arch.routing_space.all_routes()
     madds = tuple(dsnet.profile(arch, r, s.input_size).madds for r in routes)
     try:

@@ -13,8 +13,9 @@ context's store:
 3. :func:`harness.measure.pipeline.timed`, or with a farm :func:`harness.measure.remote.board_trial`
    (built here, checked and timed on a board, boards in parallel), and the row stored at once.
 
-Weights are random but deterministic (seeded), so cached artifacts and references agree across
-runs. Models and backends never meet except through the pipeline.
+Weights are random but deterministic (:func:`reference_model`: seeded, with BN statistics estimated
+on seeded random images so outputs depend on the input and the route), so cached artifacts and
+references agree across runs. Models and backends never meet except through the pipeline.
 """
 
 from __future__ import annotations
@@ -42,13 +43,21 @@ class Workload:
     build: Callable[[], torch.nn.Module] = field(repr=False)
 
 
+def reference_model(name: str, **kwargs) -> torch.nn.Module:
+    """``name`` with the harness's reference weights: seeded initialization, and batch-norm
+    statistics under which activations survive (``dsnet.reference_statistics``). Latency does not
+    depend on the values; the check against eager needs outputs that tell engines apart."""
+    torch.manual_seed(WEIGHT_SEED)
+    return dsnet.reference_statistics(dsnet.create_model(name, **kwargs))
+
+
 def workloads(models: list[str], input_size: int, routes: set[str] | None = None) -> list[Workload]:
     """The networks to measure: every route of a supernet, every width of a static model."""
     out: list[Workload] = []
     for name in models:
-        torch.manual_seed(WEIGHT_SEED)
         probe = dsnet.create_model(name)
         if len(probe.routing_space.gates):
+            probe = reference_model(name)
             for route in probe.routes(input_size):
                 p = dsnet.profile(probe, route, input_size)
                 out.append(Workload(name, str(route), "/".join(map(str, probe.route_widths(route))),
@@ -56,8 +65,7 @@ def workloads(models: list[str], input_size: int, routes: set[str] | None = None
                                     lambda m=probe, r=route: dsnet.materialize(m, r)))
         else:
             for w in STATIC_WIDTHS:
-                torch.manual_seed(WEIGHT_SEED)
-                model = dsnet.create_model(name, width_mult=w)
+                model = reference_model(name, width_mult=w)
                 p = dsnet.profile(model, None, input_size)
                 out.append(Workload(name, f"x{w}", "", p.madds, p.params,
                                     lambda m=model: dsnet.materialize(m)))

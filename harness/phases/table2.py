@@ -3,7 +3,8 @@
 Contract
 --------
 ``table2_ways(input_size, ratio)`` builds the networks of the table for ResNet-50 at ``ratio`` of
-its channels (0.25 in the paper), with the same seeded weights:
+its channels (0.25 in the paper), with the harness's reference weights
+(:func:`harness.phases.static.reference_model`):
 
 - ``full``: the supernet ``ds_resnet50`` at its largest route (every channel computed);
 - ``masking``: the supernet at the narrow route in ``mask`` mode (full width, unused channels zeroed);
@@ -30,6 +31,7 @@ import dsnet
 from harness.backends.base import one_line
 from harness.measure.protocol import measure_interleaved
 from harness.phases.context import RunContext
+from harness.phases.static import reference_model
 
 TABLE2_MODEL = "ds_resnet50"
 TABLE2_WAYS = ("full", "masking", "indexing", "slicing", "materialized", "ideal")
@@ -40,12 +42,11 @@ def narrow_route(model, ratio: float):
     return model.routing_space.route_for(**{g.name: {"ratio": ratio} for g in model.routing_space.gates})
 
 
-def table2_ways(input_size: int, ratio: float = 0.25, seed: int = 0) -> dict:
+def table2_ways(input_size: int, ratio: float = 0.25) -> dict:
     """``{way: (module, route label, MAdds)}``; each supernet way owns its own copy of the weights."""
     import copy
 
-    torch.manual_seed(seed)
-    supernet = dsnet.create_model(TABLE2_MODEL).eval()
+    supernet = reference_model(TABLE2_MODEL)
     narrow, largest = narrow_route(supernet, ratio), supernet.routes(input_size)[-1]
     ways = {}
     for way in ("full", "masking", "indexing", "slicing"):
@@ -56,8 +57,7 @@ def table2_ways(input_size: int, ratio: float = 0.25, seed: int = 0) -> dict:
                      dsnet.profile(supernet, route, input_size).madds)
     ways["materialized"] = (dsnet.materialize(supernet, narrow), str(narrow),
                             dsnet.profile(supernet, narrow, input_size).madds)
-    torch.manual_seed(seed)
-    ideal = dsnet.create_model("resnet50", width_mult=ratio).eval()
+    ideal = reference_model("resnet50", width_mult=ratio)
     ways["ideal"] = (dsnet.materialize(ideal), f"resnet50 x{ratio}", dsnet.profile(ideal, None, input_size).madds)
     return ways
 

@@ -39,7 +39,7 @@ from harness.reporting.common import (
     md_table,
     ok_rows,
 )
-from harness.results.layout import DYNAMIC_COLUMNS, LUT_COLUMNS, Layout, read_csv
+from harness.results.layout import DYNAMIC_COLUMNS, GATE_ROUTE_COLUMNS, LUT_COLUMNS, Layout, read_csv
 
 # Paper values, shown only in columns labelled "paper" (DESIGN.md "Reference numbers").
 COMPILED_NOTE = ("On compiled backends the weights are fixed at compile time, so the compiler may fold run-time "
@@ -51,14 +51,56 @@ def load_results(layout: Layout):
     folder = layout.root
     if not folder.is_dir():
         raise ReportError(f"no results folder {folder}: run `python -m harness.run --target <target>` first")
-    lut = read_csv(layout.lut_csv, LUT_COLUMNS) if layout.lut_csv.is_file() else pd.DataFrame()
-    dyn = read_csv(layout.dynamic_csv, DYNAMIC_COLUMNS) if layout.dynamic_csv.is_file() else pd.DataFrame()
+    lut = _read(layout.lut_csv, LUT_COLUMNS)
+    dyn = _read(layout.dynamic_csv, DYNAMIC_COLUMNS)
     if lut.empty and dyn.empty:
         raise ReportError(f"{folder} holds no stored results ({layout.lut_csv.name}, {layout.dynamic_csv.name}): "
                           "run `python -m harness.run --target <target>` first")
-    env = json.loads(layout.env_json.read_text()) if layout.env_json.is_file() else {}
-    gates = read_csv(layout.gate_routes) if layout.gate_routes.is_file() else pd.DataFrame()
+    try:
+        env = json.loads(layout.env_json.read_text()) if layout.env_json.is_file() else {}
+        if not isinstance(env, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ReportError(f"{layout.env_json} is not a valid environment file ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:120]}); rebuild it with `python -m harness.run`") from None
+    gates = _read(layout.gate_routes, GATE_ROUTE_COLUMNS)
     return lut, dyn, env, gates
+
+
+# the columns a table or figure reads from each file, and which of them must be numbers
+_NEEDED = {"lut.csv": (["model", "route", "backend", "precision", "batch_size", "input_size", "madds", "status",
+                        "latency_ms_p50"], ["batch_size", "input_size", "madds", "latency_ms_p50"]),
+           "dynamic.csv": (["model", "backend", "precision", "input_size", "kind", "name", "status", "latency_ms_p50"],
+                           ["input_size", "latency_ms_p50"]),
+           "gate_retraining_routes.csv": (["model", "gate", "backend", "input_size", "route", "share"],
+                                          ["input_size", "share"])}
+
+
+def _read(path, columns: list[str]) -> pd.DataFrame:
+    """A stored CSV, or an empty frame when absent; a file the tables cannot read is a :class:`ReportError`."""
+    if not path.is_file():
+        return pd.DataFrame()
+    try:
+        df = read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise ReportError(f"{path} is empty: rebuild it with `python -m harness.run`") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+        raise ReportError(f"{path} is not a results CSV ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:120]})") from None
+    needed, numeric = _NEEDED.get(path.name, ([], []))
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise ReportError(f"{path} lacks column(s) {', '.join(missing)}: not a file written by harness.run")
+    ok = df[df.status == "ok"] if "status" in df.columns else df
+    for c in numeric:
+        bad = pd.to_numeric(ok[c], errors="coerce").isna() & ok[c].notna()
+        if bad.any():
+            raise ReportError(f"{path}: column {c} holds a non-number ({ok[c][bad].iloc[0]!r}, row {bad.idxmax() + 2})")
+        df[c] = pd.to_numeric(df[c], errors="coerce")
+    for c in columns:
+        if c not in df.columns:
+            df[c] = pd.NA
+    return df
 
 
 def env_line(env: dict) -> str:

@@ -58,21 +58,35 @@ def _create(table: str) -> str:
     return f"CREATE TABLE IF NOT EXISTS {table} ({body}, PRIMARY KEY ({', '.join(key)}))"
 
 
+class StoreError(RuntimeError):
+    """A store that cannot be used (corrupt, unreadable, or in use by another run): one line that
+    says what still holds and what to do."""
+
+
 class ResultStore:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        for table, (_, cols) in TABLES.items():
-            self.db.execute(_create(table))
-            have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
-            for c in cols:  # a store written by an older version: add the new columns, keep the rows
-                if c not in have:
-                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {c} {_type(table, c)}")
-        self.db.execute("CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, env TEXT NOT NULL)")
-        self.db.commit()
+        try:
+            self.db = sqlite3.connect(self.path)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            problem = self.db.execute("PRAGMA quick_check").fetchone()[0]
+            if problem != "ok":
+                raise sqlite3.DatabaseError(problem)
+            for table, (_, cols) in TABLES.items():
+                self.db.execute(_create(table))
+                have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+                for c in cols:  # a store written by an older version: add the new columns, keep the rows
+                    if c not in have:
+                        self.db.execute(f"ALTER TABLE {table} ADD COLUMN {c} {_type(table, c)}")
+            self.db.execute("CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, env TEXT NOT NULL)")
+            self.db.commit()
+        except sqlite3.DatabaseError as e:
+            raise StoreError(
+                f"the results store {self.path} is corrupt or not a results store ({' '.join(str(e).split())}); "
+                f"the CSV exports beside it (lut.csv, dynamic.csv) still hold the last finished run's results; "
+                f"move it aside (mv {self.path} {self.path}.corrupt) and re-run to measure again") from None
 
     def close(self) -> None:
         self.db.close()
@@ -143,5 +157,40 @@ def _write_atomically(df: pd.DataFrame, path: Path) -> pd.DataFrame:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".csv.tmp")
     os.close(fd)
     df.to_csv(tmp, index=False)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; an export is as readable as any file written here
     os.replace(tmp, path)
     return df
+
+
+class FolderLock:
+    """One run at a time per results folder: an exclusive ``flock`` on ``<folder>/.lock`` (released
+    by the OS when the process ends, even on kill -9). ``acquire()`` raises :class:`StoreError`
+    naming the process that holds it."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / ".lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> FolderLock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StoreError(f"results folder {self.path.parent} is in use by another run (pid {holder}): wait for "
+                             "it to finish, or give this run another --results folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None

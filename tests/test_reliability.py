@@ -1,0 +1,231 @@
+"""Checks that can fail, and every bad input a clean error: one line, exit 2, no traceback, nothing lost."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import dsnet
+from harness import report as reportmod
+from harness import retrain_gate as retrainmod
+from harness import run as runmod
+from harness.backends import get_backend
+from harness.backends.base import Backend
+from harness.measure.pipeline import ArtifactKey, check_output, trial, weights_fingerprint
+from harness.measure.protocol import Protocol
+from harness.phases.context import RunContext
+from harness.phases.dynamic import run_dynamic
+from harness.phases.static import reference_model
+from harness.results.layout import Layout
+from harness.results.store import FolderLock, ResultStore
+from harness.targets import load_target
+
+X86 = load_target("x86").resolve()
+FAST = Protocol(warmup_calls=1, warmup_ms=0, repeat=3, min_repeat_ms=0)
+
+
+def _one_error_line(capsys, pattern: str) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and lines, err
+    assert lines[-1].startswith("error: ") and pattern in lines[-1], lines
+    return lines[-1]
+
+
+# -- reference weights and the check that guards every figure -------------------------------------------
+
+def _two_outputs(name: str, size: int):
+    model = reference_model(name)
+    g = torch.Generator().manual_seed(0)
+    x1, x2 = torch.randn(1, 3, size, size, generator=g), torch.randn(1, 3, size, size, generator=g)
+    if len(model.routing_space.gates):
+        routes = model.routes(size)
+        first, last = dsnet.materialize(model, routes[0]), dsnet.materialize(model, routes[-1])
+    else:
+        first, last = dsnet.materialize(model), dsnet.materialize(reference_model(name, width_mult=0.5))
+    with torch.no_grad():
+        return first(x1), first(x2), last(x1)
+
+
+def _relative(a, b) -> float:
+    return float((a - b).abs().max() / a.abs().max())
+
+
+@pytest.mark.parametrize("name", dsnet.list_models())
+def test_reference_outputs_depend_on_the_input_and_the_route(name):
+    size = 32 if name.endswith("_tiny") else 64
+    out, other_input, other_route = _two_outputs(name, size)
+    assert torch.isfinite(out).all()
+    assert _relative(out, other_input) > 1e-2, "two inputs give the same output"
+    assert _relative(out, other_route) > 1e-2, "two routes (or widths) give the same output"
+
+
+def test_a_module_whose_output_ignores_its_input_is_never_trusted(tmp_path):
+    module = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4)).eval()
+    with torch.no_grad():
+        module[1].weight.mul_(1e-12)
+        module[1].bias.fill_(1.0)
+    x = torch.randn(1, 3, 8, 8)
+    b = get_backend("eager")
+    result = trial(b, module, x, X86, "fp32", ArtifactKey.of("m", "0", b, X86, "fp32", x, "w"), tmp_path)
+    assert result.status == "check_failed" and "hardly depends on the input" in result.error
+
+
+@pytest.mark.parametrize("name,right,wrong,size", [("ds_mbnet_tiny", 0, -1, 32), ("mobilenet_v1", 1.0, 0.5, 32)])
+def test_a_swapped_artifact_is_caught_and_rebuilt(name, right, wrong, size, tmp_path):
+    def module(which):
+        if name == "mobilenet_v1":
+            return dsnet.materialize(reference_model(name, width_mult=which))
+        model = reference_model(name)
+        return dsnet.materialize(model, model.routes(size)[which])
+
+    b = get_backend("torchscript")
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    good, bad = module(right), module(wrong)
+    keys = {m: ArtifactKey.of(name, str(w), b, X86, "fp32", x, weights_fingerprint(m))
+            for m, w in ((good, right), (bad, wrong))}
+    assert trial(b, bad, x, X86, "fp32", keys[bad], tmp_path).ok
+    shutil.rmtree(keys[good].directory(tmp_path), ignore_errors=True)
+    shutil.copytree(keys[bad].directory(tmp_path), keys[good].directory(tmp_path))  # the wrong artifact in its slot
+    result = trial(b, good, x, X86, "fp32", keys[good], tmp_path)
+    assert "the cached artifact failed the check: output differs from eager" in result.details["rebuilt"]
+    assert result.ok and not result.details["cached"]  # the engine that is timed is the rebuilt one
+    with torch.no_grad():
+        assert check_output(result.engine(x), good(x), "fp32") is None
+
+
+class NaNSegment(Backend):
+    """Eager, except that one segment of the dynamic engine outputs NaN."""
+
+    name = "nanseg"
+
+    def compile(self, module, example, target, precision, artifact_dir):
+        engine = get_backend("eager").compile(module, example, target, precision, artifact_dir)
+        if "s0_inx_c2" in artifact_dir.name:
+            run = engine.run
+            engine.run = lambda x: run(x) * float("nan")
+        return engine
+
+
+def test_a_nan_segment_is_caught_and_never_timed(tmp_path):
+    store = ResultStore(tmp_path / "results.sqlite")
+    ctx = RunContext(X86, Layout(tmp_path), FAST, store, "cpu", False, "test")
+    ctx._backends["nanseg"] = NaNSegment()
+    run_dynamic(ctx, "ds_mbnet_tiny", "nanseg", "fp32", 32)
+    df = store.dynamic_frame()
+    store.close()
+    failed = df[df.status != "ok"]
+    assert list(failed.kind) == ["engine"] and failed.status.iloc[0] == "check_failed"
+    assert "s0_inx_c2" in failed.error.iloc[0] and "non-finite" in failed.error.iloc[0]
+    assert "s0_inx_c2" not in set(df.name) and not (df.kind == "route").any()  # nothing of it timed
+
+
+# -- bad input: one line, exit 2 ----------------------------------------------------------------------------
+
+def _profile(tmp_path, extra: str) -> str:
+    path = tmp_path / "p.toml"
+    path.write_text(f'name = "p"\ndevice = "cpu"\nbackends = ["noop"]\n{extra}\n')
+    return str(path)
+
+
+@pytest.mark.parametrize("extra,pattern", [
+    ("threads = -4", "p.toml: key 'threads' must be at least 0, got -4"),
+    ("batch_sizes = [0]", "p.toml: key 'batch_sizes' holds 0; each entry must be at least 1"),
+    ("input_size = -3", "p.toml: key 'input_size' must be at least 32, got -3"),
+    ("[tvm]\ntune_trials = \"many\"", "p.toml [tvm]: key 'tune_trials' must be an integer, got str"),
+])
+def test_bad_profiles_name_the_file_and_key(tmp_path, capsys, extra, pattern):
+    assert runmod.main(["--target", _profile(tmp_path, extra), "--results", str(tmp_path / "r")]) == 2
+    _one_error_line(capsys, pattern)
+
+
+def test_bad_results_folders(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    base = ["--target", "x86", "--models", "ds_mbnet_tiny", "--backends", "noop"]
+    assert runmod.main([*base, "--results", str(afile)]) == 2
+    _one_error_line(capsys, "it or a folder above it is a file")
+    assert runmod.main([*base, "--results", str(afile / "under")]) == 2
+    _one_error_line(capsys, "it or a folder above it is a file")
+    if os.geteuid() != 0:  # root may write anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
+        assert runmod.main([*base, "--results", str(ro)]) == 2
+        _one_error_line(capsys, "is not writable")
+
+
+def test_a_corrupt_store_says_what_to_do_and_keeps_it(tmp_path, capsys):
+    (tmp_path / "results.sqlite").write_bytes(b"SQLite format 3\x00" + os.urandom(4096))
+    args = ["--target", "x86", "--models", "ds_mbnet_tiny", "--backends", "noop", "--results", str(tmp_path)]
+    assert runmod.main(args) == 2
+    line = _one_error_line(capsys, "is corrupt or not a results store")
+    assert "mv " in line and "results.sqlite.corrupt" in line
+    assert (tmp_path / "results.sqlite").stat().st_size > 4096  # left as it was, for the user to inspect
+
+
+def test_a_second_run_on_the_same_folder_refuses(tmp_path, capsys):
+    lock = FolderLock(tmp_path).acquire()
+    try:
+        args = ["--target", "x86", "--models", "ds_mbnet_tiny", "--backends", "noop", "--results", str(tmp_path)]
+        assert runmod.main(args) == 2
+        _one_error_line(capsys, f"is in use by another run (pid {os.getpid()})")
+    finally:
+        lock.release()
+
+
+def test_exports_are_as_readable_as_env_json(tmp_path):
+    args = ["--target", "x86", "--models", "ds_mbnet_tiny", "--routes", "0", "--backends", "noop", "--quick",
+            "--results", str(tmp_path)]
+    assert runmod.main(args) == 0
+    modes = {p: stat.S_IMODE((tmp_path / p).stat().st_mode) for p in ("lut.csv", "dynamic.csv", "env.json")}
+    assert len(set(modes.values())) == 1, modes
+
+
+@pytest.mark.parametrize("write,pattern", [
+    (lambda d: (d / "lut.csv").write_text(""), "lut.csv is empty"),
+    (lambda d: (d / "lut.csv").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe" * 20), "lut.csv"),
+    (lambda d: (d / "lut.csv").write_text("model,route\nds_mbnet,0\n"), "lacks column(s) backend"),
+    (lambda d: pd.DataFrame([{"model": "mobilenet_v1", "route": "x1.0", "backend": "eager", "precision": "fp32",
+                              "batch_size": 1, "input_size": 224, "madds": 1, "status": "ok",
+                              "latency_ms_p50": "fast"}]).to_csv(d / "lut.csv", index=False),
+     "column latency_ms_p50 holds a non-number ('fast', row 2)"),
+    (lambda d: (shutil.copy("results/x86/lut.csv", d / "lut.csv"), (d / "env.json").write_text("{not json")),
+     "env.json is not a valid environment file"),
+])
+def test_bad_stored_results_give_one_line(tmp_path, capsys, monkeypatch, write, pattern):
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(__file__)))
+    write(tmp_path)
+    assert reportmod.main(["--target", "x86", "--results", str(tmp_path)]) == 2
+    _one_error_line(capsys, pattern)
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["--cp-weight", "nan"], "--cp-weight must be a finite number, got nan"),
+    (["--lr", "-1"], "--lr must be greater than 0, got -1.0"),
+    (["--latency-target", "-1"], "--latency-target must be greater than 0, got -1.0"),
+    (["--routes-upto", "99"], "--routes-upto"),
+    (["--checkpoint", "README.md"], "is not a PyTorch checkpoint"),
+    (["--checkpoint", "nowhere.pt"], "checkpoint nowhere.pt does not exist"),
+    (["--data", "README.md"], "is a file, not a folder"),
+    (["--results", "README.md"], "it or a folder above it is a file"),
+])
+def test_bad_retraining_input_fails_before_any_work(args, pattern, capsys, monkeypatch):
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(__file__)))
+    code = retrainmod.main(["--model", "ds_mbnet_tiny", "--target", "x86", "--backend", "eager",
+                            "--input-size", "32", *args])
+    assert code == 2
+    _one_error_line(capsys, pattern)
+
+
+def test_the_model_api_refuses_nonsense():
+    with pytest.raises(ValueError, match="num_classes must be a positive integer, got 0"):
+        dsnet.create_model("ds_mbnet", num_classes=0)
+    with pytest.raises(ValueError, match="input_size must be a positive integer, got 0"):
+        dsnet.profile(dsnet.create_model("ds_mbnet_tiny"), dsnet.Route((0,)), input_size=0)
