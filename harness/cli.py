@@ -155,11 +155,30 @@ class Progress:
         self.stream.flush()
 
 
+_INTERRUPTED = False
+
+
+def _on_sigint(signum, frame):
+    global _INTERRUPTED
+    _INTERRUPTED = True
+    raise KeyboardInterrupt
+
+
+def check_interrupted() -> None:
+    """Raise ``KeyboardInterrupt`` if Ctrl-C arrived earlier, even where a library swallowed it
+    (an interrupt inside a backend's import can surface as that backend being 'not installed')."""
+    if _INTERRUPTED:
+        raise KeyboardInterrupt
+
+
 def run_main(main: Callable[[], int], interrupted: str) -> int:
     """Run a CLI's body: :class:`UsageError` -> one line and exit 2; Ctrl-C -> ``interrupted`` and
     exit 130. TorchScript's and torch.export's deprecation notices are not the user's business."""
+    import signal
+
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    signal.signal(signal.SIGINT, _on_sigint)
     try:
         return main()
     except UsageError as e:

@@ -27,6 +27,7 @@ from harness.cli import (
     UsageError,
     add_results_option,
     capture_machine,
+    check_interrupted,
     csv_list,
     new_run_id,
     open_results,
@@ -205,6 +206,7 @@ def open_context(args, target, p: RunPlan, farm):
         else:
             active.append(b)
             p.notes += ctx.backend(b).notes(target)
+    check_interrupted()  # a Ctrl-C during a backend's import must not read as "not installed"
     p.backends = active
     env_doc = {"run_id": ctx.run_id, "target": target.name, "profile_path": target.path,
                "device_name": device_name, "expected_device": target.expected_device,

@@ -209,6 +209,7 @@ def test_bad_stored_results_give_one_line(tmp_path, capsys, monkeypatch, write, 
 @pytest.mark.parametrize("args,pattern", [
     (["--cp-weight", "nan"], "--cp-weight must be a finite number, got nan"),
     (["--lr", "-1"], "--lr must be greater than 0, got -1.0"),
+    (["--batch-size", "1"], "--batch-size must be at least 2"),
     (["--latency-target", "-1"], "--latency-target must be greater than 0, got -1.0"),
     (["--routes-upto", "99"], "--routes-upto"),
     (["--checkpoint", "README.md"], "is not a PyTorch checkpoint"),
@@ -229,3 +230,29 @@ def test_the_model_api_refuses_nonsense():
         dsnet.create_model("ds_mbnet", num_classes=0)
     with pytest.raises(ValueError, match="input_size must be a positive integer, got 0"):
         dsnet.profile(dsnet.create_model("ds_mbnet_tiny"), dsnet.Route((0,)), input_size=0)
+
+
+def test_a_corrupt_image_is_one_line(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            d = tmp_path / "data" / split / cls
+            d.mkdir(parents=True)
+            Image.new("RGB", (40, 40), (10, 200, 30)).save(d / "good.png")
+    (tmp_path / "data" / "train" / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    code = retrainmod.main(["--model", "ds_mbnet_tiny", "--target", "x86", "--backend", "eager", "--input-size", "32",
+                            "--data", str(tmp_path / "data"), "--batch-size", "3", "--supernet-epochs", "1",
+                            "--results", str(tmp_path / "out")])
+    assert code == 2
+    _one_error_line(capsys, "broken.png")
+
+
+def test_a_lut_at_another_input_size_names_both_sizes(tmp_path):
+    from harness.deploy.lut import LatencyLUT, LUTError
+
+    pd.DataFrame([{"model": "ds_mbnet_tiny", "backend": "eager", "precision": "fp32", "batch_size": 1,
+                   "input_size": 32, "kind": "segment", "name": "head", "latency_ms_p50": 1.0, "status": "ok",
+                   "error": ""}]).to_csv(tmp_path / "dynamic.csv", index=False)
+    with pytest.raises(LUTError, match=r"at input size 64; it has: ds_mbnet_tiny/eager at 32px"):
+        LatencyLUT.load(tmp_path, "eager", "ds_mbnet_tiny", input_size=64)

@@ -71,9 +71,11 @@ class LatencyLUT:
         if input_size is not None:
             seg = seg[seg.input_size == input_size]
         if seg.empty:
-            have = sorted({f"{m}/{b}" for m, b in zip(df.model, df.backend)})
+            segs = df[df.kind == "segment"]
+            have = sorted({f"{m}/{b} at {int(s)}px" for m, b, s in zip(segs.model, segs.backend, segs.input_size)})
+            at = "" if input_size is None else f" at input size {input_size}"
             raise LUTError(f"{path} has no segments for model {model}, backend {backend}, {precision}, "
-                           f"batch {batch_size}; it has: {', '.join(have) or 'nothing'}")
+                           f"batch {batch_size}{at}; it has: {', '.join(have) or 'nothing'}")
         sizes = sorted(set(seg.input_size))
         if len(sizes) > 1:
             raise LUTError(f"{path} holds {model}/{backend} at input sizes {sizes}: name one with input_size")

@@ -142,9 +142,12 @@ def validate(s: Settings, target) -> None:
     why = get_backend(s.backend, target.options(s.backend)).unavailable(target)
     if why:
         raise RetrainingError(f"backend {s.backend} cannot run here: {why}")
-    for name in ("supernet_epochs", "gate_epochs", "batch_size"):
+    for name in ("supernet_epochs", "gate_epochs"):
         if getattr(s, name) < 1:
             raise RetrainingError(f"--{name.replace('_', '-')} must be at least 1")
+    if s.batch_size < 2:
+        raise RetrainingError(f"--batch-size must be at least 2 (batch norm trains on batch statistics), "
+                              f"got {s.batch_size}")
     if not 32 <= s.input_size <= 4096:
         raise RetrainingError(f"--input-size must be between 32 and 4096, got {s.input_size}")
     for name, value, least in (("lr", s.lr, 0.0), ("cp_weight", s.cp_weight, None),

@@ -26,8 +26,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
-
 RESULTS_DIR = Path("results")
 
 # -- the static sweep: one row per model x route x backend x precision x batch x input size -------
@@ -134,9 +132,11 @@ class Layout:
         return self.root / f"{backend}_tuning"
 
 
-def read_csv(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
+def read_csv(path: Path, columns: list[str] | None = None):
     """A stored CSV: names stay literal ("NA", "null" are not missing values), empty cells are NaN.
     With ``columns``, columns an older export lacks are added empty (in that order, others kept)."""
+    import pandas as pd  # here, not at import time: the CLIs start (and take Ctrl-C) quickly
+
     df = pd.read_csv(path, dtype={"route": str, "name": str}, keep_default_na=False, na_values=[""])
     if columns is not None:
         for c in columns:
