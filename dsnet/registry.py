@@ -38,8 +38,6 @@ def create_model(name: str, **kwargs):
     if "num_classes" in kwargs and (isinstance(kwargs["num_classes"], bool)
                                     or not isinstance(kwargs["num_classes"], int) or kwargs["num_classes"] < 1):
         raise ValueError(f"model {name!r}: num_classes must be a positive integer, got {kwargs['num_classes']!r}")
-    if "width_mult" in kwargs and not (isinstance(kwargs["width_mult"], (int, float)) and kwargs["width_mult"] > 0):
-        raise ValueError(f"model {name!r}: width_mult must be a positive number, got {kwargs['width_mult']!r}")
     model = builder(**kwargs)
     model.model_name = name
     return model

@@ -121,7 +121,7 @@ def plan(args, target) -> RunPlan:
         raise UsageError("--routes names nothing")
     protocol, skipped = target.protocol, {}
     if args.quick:
-        protocol = protocol.replace(warmup_calls=3, warmup_ms=20, repeat=5, min_repeat_ms=10)
+        protocol = protocol.replace(warmup_calls=3, warmup_ms=20, repeat=5, min_repeat_ms=10, budget_s=0)
         if args.backends is None:
             for b in QUICK_SLOW_BACKENDS:
                 if b in backends:
@@ -285,6 +285,7 @@ def finish(ctx, p: RunPlan, env_doc: dict, wall_s: float) -> None:
          "busy": d.get("env", {}).get("busy"), "cpu_steal_percent": d.get("env", {}).get("cpu_steal_percent"),
          "device_name": d.get("device_name")}
         for d in store.runs() if d.get("run_id") != ctx.run_id]
+    env_doc["drift"] = store.drift(ctx.run_id)  # per round phase: the spread of the rounds' speed factors
     p.layout.env_json.write_text(json.dumps(env_doc, indent=1))
     store.close()
 

@@ -51,7 +51,8 @@ SCHEMA = {
 }
 PROTOCOL_SCHEMA = {"warmup_calls": (int, False), "warmup_ms": ((int, float), False),
                    "repeat": (int, False), "min_repeat_ms": ((int, float), False),
-                   "cuda_graphs": (bool, False)}
+                   "cuda_graphs": (bool, False), "max_ci_fraction": ((int, float), False),
+                   "min_measured_ms": ((int, float), False), "budget_s": ((int, float), False)}
 DEVICES = ("cpu", "cuda")
 PRECISIONS = ("fp32", "fp16")
 

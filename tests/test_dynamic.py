@@ -18,7 +18,7 @@ X86 = load_target("x86").resolve()
 @pytest.mark.parametrize("name", ["ds_mbnet_tiny", "ds_resnet50_tiny"])
 @pytest.mark.parametrize("batch", [1, 4])
 def test_dynamic_engine_equals_the_supernet_on_torchscript(name, batch, tmp_path):
-    model = randomize(dsnet.create_model(name))
+    model = dsnet.reference_statistics(randomize(dsnet.create_model(name)))
     x = routes_apart(model, batch)
     plan = dsnet.split(model)
     engine = DynamicEngine(plan, get_backend("torchscript"), X86, "fp32", tmp_path, 32, batch_size=batch)
@@ -34,7 +34,7 @@ def test_dynamic_engine_equals_the_supernet_on_torchscript(name, batch, tmp_path
 
 
 def test_route_call_runs_the_forced_route(tmp_path):
-    model = randomize(dsnet.create_model("ds_resnet50_tiny"))
+    model = dsnet.reference_statistics(randomize(dsnet.create_model("ds_resnet50_tiny")))
     engine = DynamicEngine(dsnet.split(model), get_backend("eager"), X86, "fp32", tmp_path, 32)
     x = torch.randn(1, 3, 32, 32)
     route = dsnet.Route((2, 0, 3, 1))

@@ -3,7 +3,15 @@
 import numpy as np
 import pytest
 
-from harness.measure.protocol import Protocol, WallTimer, measure, measure_interleaved, summarize
+from harness.measure.protocol import (
+    Protocol,
+    WallTimer,
+    measure,
+    measure_interleaved,
+    measure_rounds,
+    median_interval,
+    summarize,
+)
 
 
 class FakeClock:
@@ -75,3 +83,80 @@ def test_protocol_rejects_nonsense():
         Protocol(repeat=0)
     with pytest.raises(ValueError, match="min_repeat_ms must be >= 0"):
         Protocol(min_repeat_ms=-1)
+
+
+def test_rounds_get_the_ranking_right_under_drift_where_sequential_timing_fails():
+    """The machine slows down steadily (a planted drift of 0.3% per call); engine a is truly 3%
+    faster than b. Timed one after the other (b first), a looks slower; in rounds, a wins."""
+    state = {"t": 0.0, "calls": 0}
+
+    def make(true_ms):
+        def fn():
+            state["t"] += true_ms * (1 + 3e-3 * state["calls"]) / 1e3
+            state["calls"] += 1
+        return fn
+
+    clock = WallTimer(clock=lambda: state["t"])
+    p = Protocol(warmup_calls=5, warmup_ms=0, repeat=30, min_repeat_ms=0)
+    a, b = make(1.00), make(1.03)
+    seq_b = measure(b, p, clock).stats.p50
+    seq_a = measure(a, p, clock).stats.p50
+    assert seq_a > seq_b  # sequential timing ranks them wrongly
+    res = measure_rounds({"a": a, "b": b}, p, clock, seed=0)
+    assert res["a"].stats.p50 < res["b"].stats.p50  # rounds rank them rightly
+    assert len(res.factors) == 30 and res.factors[-1] > res.factors[0]  # the drift is visible in the factors
+
+
+def test_every_round_visits_every_engine_once_in_a_fresh_seeded_order():
+    log = []
+    timing = {"on": False}
+
+    def make(name):
+        def fn():
+            if timing["on"]:
+                log.append(name)
+        return fn
+
+    fns = {n: make(n) for n in "abcd"}
+    p = Protocol(warmup_calls=1, warmup_ms=0, repeat=12, min_repeat_ms=0)
+
+    class Timer(WallTimer):
+        def elapsed_ms(self, fn, number):
+            timing["on"] = True
+            super().elapsed_ms(fn, number)
+            timing["on"] = False
+            return 1.0
+
+    res = measure_rounds(fns, p, Timer(), seed=3)
+    assert log[:4] == list("abcd")  # the warm-up: one call each, before any round
+    timed = log[4:]
+    rounds = [timed[i:i + 4] for i in range(0, len(timed), 4)]
+    assert len(rounds) == 12 and all(sorted(r) == list("abcd") for r in rounds)
+    assert len({tuple(r) for r in rounds}) > 1  # the order changes from round to round
+    assert res["a"].rounds == list(range(12))
+    first = list(log)
+    log.clear()
+    measure_rounds(fns, p, Timer(), seed=3)
+    assert log == first  # seeded: the same order again
+
+
+def test_median_interval_and_validity_on_known_samples():
+    assert median_interval(30) == (9, 20)  # the binomial table's 10th and 21st of 30
+    assert median_interval(3) == (0, 2)  # few samples: the whole range
+    s = summarize(list(range(1, 31)), number=1, protocol=Protocol(max_ci_fraction=0.5, min_measured_ms=100))
+    assert (s.ci_low, s.ci_high) == (10.0, 21.0) and s.p50 == 15.5
+    assert s.valid  # half-width 5.5 <= 0.5 * 15.5 and 465 ms measured
+    assert not summarize(list(range(1, 31)), 1, Protocol(max_ci_fraction=0.1, min_measured_ms=100)).valid
+    assert not summarize([10.0] * 30, 1, Protocol(min_measured_ms=1000)).valid  # too little time measured
+    assert summarize([10.0] * 30, 4, Protocol(min_measured_ms=1000)).valid  # 30 samples of 4 calls: 1.2 s
+
+
+def test_a_paired_ratio_cancels_the_drift_between_rounds():
+    from harness.measure.protocol import Measurement, paired_ratio
+
+    drift = [1.0, 1.5, 0.8, 2.0, 1.1]
+    ref = Measurement([10.0 * d for d in drift], 1, rounds=list(range(5)))
+    m = Measurement([4.0 * d for d in drift], 1, rounds=list(range(5)))
+    assert paired_ratio(m, ref) == pytest.approx(0.4)  # exact, although the samples spread 2.5x
+    with pytest.raises(ValueError, match="share no round"):
+        paired_ratio(m, Measurement([1.0], 1, rounds=[9]))

@@ -22,7 +22,7 @@ X86 = load_target("x86").resolve()
 
 @pytest.fixture(scope="module")
 def route_module():
-    model = randomize(dsnet.create_model("ds_mbnet_tiny"))
+    model = dsnet.reference_statistics(randomize(dsnet.create_model("ds_mbnet_tiny")))
     return dsnet.materialize(model, model.routes()[1])
 
 

@@ -67,10 +67,17 @@ class Result:
         row = {"status": self.status, "error": self.error, "compile_s": self.compile_s,
                "backend_details": json.dumps(self.details, sort_keys=True)}
         if self.measurement is not None:
-            s = self.measurement.stats
-            row.update(latency_ms_p50=s.p50, latency_ms_p90=s.p90, latency_ms_mean=s.mean, latency_ms_std=s.std,
-                       n=s.n, number=self.measurement.number, samples_ms=self.measurement.samples_ms)
+            row.update(stats_row(self.measurement))
         return row
+
+
+def stats_row(m) -> dict:
+    """The stored columns of a :class:`~harness.measure.protocol.Measurement`: statistics, the
+    median's interval, validity, raw samples and their rounds."""
+    s = m.stats
+    return {"latency_ms_p50": s.p50, "latency_ms_p90": s.p90, "latency_ms_mean": s.mean, "latency_ms_std": s.std,
+            "n": s.n, "latency_ms_p50_ci_low": s.ci_low, "latency_ms_p50_ci_high": s.ci_high, "valid": int(s.valid),
+            "number": m.number, "samples_ms": m.samples_ms, "rounds": m.rounds}
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,25 @@ Contract
 3. take ``repeat`` samples, each the mean time of ``number`` consecutive calls.
 
 Every raw sample (ms per call) is kept; :func:`summarize` computes p50 (the figure to quote), p90,
-mean, std and n, here and nowhere else. ``measure_interleaved`` times several callables A B A B ...
-in one run, for ratios. A :class:`Timer` abstracts the clock: :class:`WallTimer` (``perf_counter``,
-with an optional device synchronize) and :class:`CudaEventTimer`; tests inject a fake clock.
+mean, std, n, the 95% confidence interval of the median (distribution-free, from the binomial
+order statistics) and whether the cell is ``valid`` (interval half-width within
+``max_ci_fraction`` of the median and at least ``min_measured_ms`` of measured time), here and
+nowhere else.
+
+Several engines are compared in rounds (:func:`measure_rounds`): every engine is warmed up and
+given its ``number`` first, then each round visits every engine once, in a fresh seeded random
+order, one sample each, so slow drift of the machine falls on every engine alike. Each sample
+keeps its round; each round gets a speed factor (the median over its engines of sample / engine
+median), the run's drift. Cells not yet valid get more rounds, up to ``budget_s``.
+``measure_interleaved`` is the same with a fixed order (A B A B ...: parts of one chain timed in
+context). A :class:`Timer` abstracts the clock: :class:`WallTimer` (``perf_counter``, with an
+optional device synchronize) and :class:`CudaEventTimer`; tests inject a fake clock.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -31,14 +42,19 @@ class Protocol:
     repeat: int = 30
     min_repeat_ms: float = 50.0
     cuda_graphs: bool = False
+    max_ci_fraction: float = 0.05  # valid: 95% interval half-width of the median within this fraction of it
+    min_measured_ms: float = 500.0  # valid: at least this much measured time (all samples' calls)
+    budget_s: float = 0.0  # extra rounds for cells not yet valid, within this many seconds per phase
 
     def __post_init__(self) -> None:
         for name in ("warmup_calls", "repeat"):
             if getattr(self, name) < 1:
                 raise ValueError(f"protocol: {name} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_ms", "min_repeat_ms"):
+        for name in ("warmup_ms", "min_repeat_ms", "min_measured_ms", "budget_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"protocol: {name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.max_ci_fraction <= 1:
+            raise ValueError(f"protocol: max_ci_fraction must be in (0, 1], got {self.max_ci_fraction}")
 
     def replace(self, **changes) -> Protocol:
         return Protocol(**{**asdict(self), **changes})
@@ -51,25 +67,55 @@ class Stats:
     mean: float
     std: float
     n: int
+    ci_low: float = math.nan  # 95% confidence interval of the median
+    ci_high: float = math.nan
+    measured_ms: float = math.nan  # time covered by the samples (samples x calls per sample)
+    valid: bool = False
 
 
-def summarize(samples_ms) -> Stats:
-    """Statistics of per-call latencies (ms). ``std`` is the sample standard deviation."""
+def median_interval(n: int, confidence: float = 0.95) -> tuple[int, int]:
+    """0-based indices ``(lo, hi)`` into ``n`` sorted samples bracketing the median with at least
+    ``confidence`` (binomial order statistics, no assumption on the distribution). For few samples
+    the interval is the whole range."""
+    tail = (1 - confidence) / 2
+    cdf, lo = 0.0, 0
+    for k in range(n + 1):  # largest k with P(Bin(n, 1/2) < k) <= tail
+        if cdf + math.comb(n, k) / 2**n > tail:
+            lo = k
+            break
+        cdf += math.comb(n, k) / 2**n
+    lo = max(0, lo - 1) if lo else 0
+    return lo, max(lo, n - 1 - lo)
+
+
+def summarize(samples_ms, number: int = 1, protocol: Protocol | None = None) -> Stats:
+    """Statistics of per-call latencies (ms), each sample the mean of ``number`` calls. ``std`` is
+    the sample standard deviation; validity follows ``protocol`` (default :class:`Protocol`)."""
     a = np.asarray(samples_ms, dtype=float)
     if a.size == 0:
         raise ValueError("no samples to summarize")
-    return Stats(p50=float(np.percentile(a, 50)), p90=float(np.percentile(a, 90)),
-                 mean=float(a.mean()), std=float(a.std(ddof=1)) if a.size > 1 else 0.0, n=int(a.size))
+    protocol = protocol or Protocol()
+    lo, hi = median_interval(a.size)
+    ordered = np.sort(a)
+    p50 = float(np.percentile(a, 50))
+    ci_low, ci_high = float(ordered[lo]), float(ordered[hi])
+    measured = float(a.sum() * max(1, number))
+    valid = bool((ci_high - ci_low) / 2 <= protocol.max_ci_fraction * p50 and measured >= protocol.min_measured_ms)
+    return Stats(p50=p50, p90=float(np.percentile(a, 90)), mean=float(a.mean()),
+                 std=float(a.std(ddof=1)) if a.size > 1 else 0.0, n=int(a.size), ci_low=ci_low, ci_high=ci_high,
+                 measured_ms=measured, valid=valid)
 
 
 @dataclass
 class Measurement:
     samples_ms: list[float]
     number: int
+    rounds: list[int] | None = None  # the round of each sample (measure_rounds)
+    protocol: Protocol | None = field(default=None, repr=False)
     stats: Stats = field(init=False)
 
     def __post_init__(self) -> None:
-        self.stats = summarize(self.samples_ms)
+        self.stats = summarize(self.samples_ms, self.number, self.protocol)
 
 
 class Timer:
@@ -139,16 +185,87 @@ def measure(fn: Callable[[], object], protocol: Protocol, timer: Timer | None = 
     timer = timer or WallTimer()
     number = _number(_warmup(fn, protocol, timer), protocol)
     samples = [timer.elapsed_ms(fn, number) / number for _ in range(protocol.repeat)]
-    return Measurement(samples, number)
+    return Measurement(samples, number, protocol=protocol)
 
 
-def measure_interleaved(fns: dict[str, Callable[[], object]], protocol: Protocol,
-                        timer: Timer | None = None) -> dict[str, Measurement]:
-    """Time several callables in one run, alternating A B A B ... sample by sample."""
+@dataclass
+class Rounds:
+    """What :func:`measure_rounds` returns: a measurement per engine, and each round's speed factor
+    (median over the round's engines of sample / that engine's median: 1.0 = a typical round)."""
+
+    measurements: dict[str, Measurement]
+    factors: list[float]
+
+    def __getitem__(self, name: str) -> Measurement:
+        return self.measurements[name]
+
+    def items(self):
+        return self.measurements.items()
+
+
+def paired_ratio(m: Measurement, ref: Measurement) -> float:
+    """``m`` relative to ``ref`` measured in the same rounds: the median over shared rounds of the
+    two samples' ratio. Drift between rounds cancels in each pair."""
+    ref_by_round = dict(zip(ref.rounds or [], ref.samples_ms))
+    ratios = [s / ref_by_round[r] for r, s in zip(m.rounds or [], m.samples_ms) if ref_by_round.get(r)]
+    if not ratios:
+        raise ValueError("the two measurements share no round")
+    return float(np.median(ratios))
+
+
+def drift_summary(factors: list[float]) -> dict:
+    """Rounds and the spread of their speed factors (1.0: a typical round): the run's drift."""
+    f = np.asarray(factors, dtype=float)
+    if f.size == 0:
+        return {"rounds": 0}
+    return {"rounds": int(f.size), "factor_min": round(float(f.min()), 4), "factor_max": round(float(f.max()), 4),
+            "factor_iqr": round(float(np.percentile(f, 75) - np.percentile(f, 25)), 4)}
+
+
+def measure_rounds(fns: dict[str, Callable[[], object]], protocol: Protocol, timer: Timer | None = None,
+                   seed: int = 0, shuffle: bool = True, on_round: Callable[[int, int], None] | None = None) -> Rounds:
+    """Time several callables in rounds (see the module docstring). ``shuffle=False`` keeps the
+    given order in every round; ``on_round(done, planned)`` reports progress."""
     timer = timer or WallTimer()
     numbers = {k: _number(_warmup(f, protocol, timer), protocol) for k, f in fns.items()}
     samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(protocol.repeat):
-        for k, f in fns.items():
-            samples[k].append(timer.elapsed_ms(f, numbers[k]) / numbers[k])
-    return {k: Measurement(samples[k], numbers[k]) for k in fns}
+    rounds: dict[str, list[int]] = {k: [] for k in fns}
+    rng = random.Random(seed)
+    order = list(fns)
+
+    def one_round(r: int, names: list[str]) -> None:
+        if shuffle:
+            rng.shuffle(names)
+        for k in names:
+            samples[k].append(timer.elapsed_ms(fns[k], numbers[k]) / numbers[k])
+            rounds[k].append(r)
+
+    for r in range(protocol.repeat):
+        one_round(r, order)
+        if on_round:
+            on_round(r + 1, protocol.repeat)
+    r, extra_start = protocol.repeat, time.monotonic()
+    while protocol.budget_s > 0 and time.monotonic() - extra_start < protocol.budget_s:
+        invalid = [k for k in fns if not summarize(samples[k], numbers[k], protocol).valid]
+        if not invalid:
+            break
+        one_round(r, invalid)
+        r += 1
+    measurements = {k: Measurement(samples[k], numbers[k], rounds[k], protocol) for k in fns}
+    return Rounds(measurements, _round_factors(measurements))
+
+
+def _round_factors(measurements: dict[str, Measurement]) -> list[float]:
+    by_round: dict[int, list[float]] = {}
+    for m in measurements.values():
+        p50 = m.stats.p50
+        for r, s in zip(m.rounds or [], m.samples_ms):
+            if p50 > 0:
+                by_round.setdefault(r, []).append(s / p50)
+    return [float(np.median(by_round[r])) for r in sorted(by_round)]
+
+
+def measure_interleaved(fns: dict[str, Callable[[], object]], protocol: Protocol,
+                        timer: Timer | None = None) -> Rounds:
+    """Time several callables in one run, in the given order every round (A B A B ...)."""
+    return measure_rounds(fns, protocol, timer, shuffle=False)

@@ -11,8 +11,9 @@ the store lacks and stores each result at once (``dynamic`` table, kinds of
 
 1. ``segment``: every segment timed in context (interleaved in chain order, one call per sample,
    pooled over routes that cover every segment): the compositional LUT;
-2. ``route`` / ``route_lut``: end to end per validated route against the same-run parts and
-   against the stored LUT;
+2. ``route`` / ``route_lut``: end to end per validated route against the same-run parts, and all
+   validated routes end to end in the same rounds against the stored LUT, both relative to the
+   largest route (the drift since the LUT was measured cancels);
 3. ``stream``: a uniform route stream against the LUT's expectation;
 4. ``acceleration``: the route mix of matched MAdds against the static x1.0 and x0.5 networks,
    interleaved (realized against ideal speed-up), when the model has a static counterpart.
@@ -38,7 +39,7 @@ from harness.deploy.engine import (
 )
 from harness.deploy.lut import LatencyLUT, matched_distribution, route_segment_names
 from harness.measure.pipeline import Result
-from harness.measure.protocol import measure_interleaved, summarize
+from harness.measure.protocol import measure_interleaved, measure_rounds, paired_ratio, summarize
 from harness.phases.context import RunContext
 from harness.phases.static import reference_model
 from harness.results.layout import DYNAMIC_KEY
@@ -74,7 +75,7 @@ class DynamicPhase:
 
     def steps(self) -> int:
         """Progress steps of :meth:`run` (segments, validated routes, stream, acceleration)."""
-        return len(self.plan) + len(validation_routes(self.model.routes(self.input_size))) + 2
+        return len(self.plan) + len(validation_routes(self.model.routes(self.input_size))) + 3
 
     def _key(self, kind, name):
         return (self.model_name, self.backend_name, self.precision, 1, self.input_size, kind, name)
@@ -89,7 +90,8 @@ class DynamicPhase:
             row.update(compile_s=part.compile_s, backend_details=json.dumps(part.details, sort_keys=True))
         if stats is not None:
             row.update(latency_ms_p50=stats.p50, latency_ms_p90=stats.p90, latency_ms_mean=stats.mean,
-                       latency_ms_std=stats.std, n=stats.n, samples_ms=samples)
+                       latency_ms_std=stats.std, n=stats.n, latency_ms_p50_ci_low=stats.ci_low,
+                       latency_ms_p50_ci_high=stats.ci_high, valid=int(stats.valid), samples_ms=samples)
             measured_ms = stats.p50 if measured_ms is None else measured_ms
         elif measured_ms is not None:  # a derived figure (e.g. dispatch): one value
             row.update(latency_ms_p50=measured_ms, n=1)
@@ -121,7 +123,7 @@ class DynamicPhase:
                 samples.setdefault(name, []).extend(m.samples_ms)
                 remaining[name] -= 1
                 if remaining[name] == 0 and self._key("segment", name) not in self.done:
-                    stats = summarize(samples[name])
+                    stats = summarize(samples[name], 1, protocol)
                     self._record("segment", name, stats, samples[name], part=self._part(name))
                     if progress:
                         progress(f"{self.model_name} {self.backend_name} segment {name}", f"{stats.p50:.3f} ms")
@@ -129,23 +131,27 @@ class DynamicPhase:
             return
         lut = LatencyLUT.from_frame(self.ctx.store.dynamic_frame(), self.model_name, self.backend_name,
                                     self.precision, 1, self.input_size)
-        # 2. end to end per route, with the route's parts interleaved in the same run. Two errors:
-        #    "route": sum of the same-run parts vs end to end (the composition itself);
-        #    "route_lut": the stored LUT (measured minutes earlier) vs end to end (adds machine drift).
+        # 2. end to end per route, with the route's parts interleaved in the same run: "route" rows,
+        #    the sum of the same-run parts against end to end (the composition itself)
         routes = validation_routes(self.model.routes(self.input_size))
+        madds = {str(r): dsnet.profile(self.model, r, self.input_size).madds for r in routes}
         for route in routes:
-            if self._key("route", str(route)) in self.done and self._key("route_lut", str(route)) in self.done:
+            if self._key("route", str(route)) in self.done:
                 continue
             d = measure_dispatch(self.engine, route, self.x, protocol, timer)
             e2e = d["end_to_end"]
-            madds = dsnet.profile(self.model, route, self.input_size).madds
             self._record("route", str(route), e2e.stats, e2e.samples_ms, predicted_ms=d["parts_ms"],
-                         route=str(route), madds=madds)
-            self._record("route_lut", str(route), e2e.stats, e2e.samples_ms, predicted_ms=lut.latency(route),
-                         route=str(route), madds=madds)
+                         route=str(route), madds=madds[str(route)])
             if progress:
                 progress(f"{self.model_name} {self.backend_name} route {route}",
                          f"{e2e.stats.p50:.3f} ms, parts {d['parts_ms']:.3f} ms, LUT {lut.latency(route):.3f} ms")
+        # 2b. "route_lut": the stored LUT against every route end to end, all routes in the same rounds,
+        #     both relative to the largest route, so the machine's drift since the LUT was measured
+        #     cancels: predicted = LUT(r) / LUT(largest) x end-to-end(largest)
+        if any(self._key("route_lut", str(r)) not in self.done for r in routes):
+            self._lut_in_rounds(routes, lut, madds, protocol, timer)
+        if progress:
+            progress(f"{self.model_name} {self.backend_name} stored LUT vs end to end", f"{len(routes)} routes")
         # 3. a stream of routes (uniform over the validated routes) against the LUT's expectation
         uniform = {r: 1.0 / len(routes) for r in routes}
         if self._key("stream", "uniform") not in self.done:
@@ -160,6 +166,20 @@ class DynamicPhase:
         static = STATIC_COUNTERPART.get(self.model_name)
         if static and self._key("acceleration", "dynamic") not in self.done:
             self._acceleration(static, routes, timer, progress)
+
+    def _lut_in_rounds(self, routes, lut, madds: dict, protocol, timer) -> None:
+        self.engine.prepare_routes(routes, self.x)
+        prepared = self.engine.head.prepare(self.x)
+        fns = {str(r): (lambda r=r: self.engine.route_call(prepared, r)) for r in routes}
+        res = measure_rounds(fns, in_context(protocol), timer, seed=3)
+        self.ctx.store.record_drift(self.ctx.run_id, f"dynamic {self.model_name} {self.backend_name} routes",
+                                    res.factors)
+        ref = str(routes[-1])
+        ref_ms, ref_lut = res[ref].stats.p50, lut.latency(routes[-1])
+        for r in routes:
+            m = res[str(r)]
+            self._record("route_lut", str(r), m.stats, m.samples_ms, measured_ms=paired_ratio(m, res[ref]) * ref_ms,
+                         predicted_ms=lut.latency(r) / ref_lut * ref_ms, route=str(r), madds=madds[str(r)])
 
     def _acceleration(self, static: str, routes, timer, progress) -> None:
         """The dynamic model at the route mix whose mean MAdds match the static x0.5 network, against
@@ -180,6 +200,8 @@ class DynamicPhase:
         self.engine.prepare_routes(list(mix), self.x)
         res = measure_acceleration(self.engine, mix, engines["largest"], engines["matched"], self.x,
                                    self.ctx.protocol, timer=timer)
+        self.ctx.store.record_drift(self.ctx.run_id, f"acceleration {self.model_name} {self.backend_name}",
+                                    res["factors"])
         label = " + ".join(f"{p:.3f}*route {r}" for r, p in mix.items())
         mean_madds = sum(p * route_madds[r] for r, p in mix.items())
         self._record("acceleration", "largest", res["largest"], route=f"{static} x1.0", madds=madds["largest"])

@@ -32,7 +32,7 @@ import dsnet
 from harness.deploy.engine import DynamicEngine, PartError
 from harness.deploy.lut import LatencyLUT, LUTError
 from harness.measure.pipeline import check_output
-from harness.measure.protocol import Stats, measure_interleaved
+from harness.measure.protocol import Stats, measure_rounds
 from harness.phases.context import RunContext
 from harness.phases.dynamic import DynamicPhase
 from harness.results.layout import GATE_LARGEST as LARGEST
@@ -324,7 +324,7 @@ def measure_gates(ctx: RunContext, s: Settings, data: Data, supernet: Supernet, 
     """Each retrained gate's dynamic engine on ``s.backend``: checked against the eager dynamic
     forward on ``check_images`` validation images, then timed over the validation images at batch 1
     (each call one image, dispatched by the compiled gate), all gates and the largest route
-    interleaved in one run."""
+    interleaved in rounds (a fresh seeded order per round)."""
     from dsnet.training import gates as gate_modules
 
     images = [x[None] for x, _ in data.splits.val]
@@ -369,7 +369,7 @@ def measure_gates(ctx: RunContext, s: Settings, data: Data, supernet: Supernet, 
             prepared = engine.head.prepare(images[0])
             fns[LARGEST] = lambda engine=engine, p=prepared, r=largest: engine.route_call(p, r)
     if fns:
-        for name, m in measure_interleaved(fns, ctx.protocol, ctx.timer()).items():
+        for name, m in measure_rounds(fns, ctx.protocol, ctx.timer(), seed=s.seed).items():
             results[name] = Measured(m.stats)
     return results
 

@@ -8,10 +8,15 @@ MAdds and params (computed, never typed). :func:`run_static` runs :class:`Task` 
 context's store:
 
 1. the caller leaves out keys the store already holds (resume);
-2. :func:`harness.measure.pipeline.trial`: compile or load the cached artifact, check against
-   eager fp32 (``compile_failed`` / ``check_failed`` recorded, the sweep goes on);
-3. :func:`harness.measure.pipeline.timed`, or with a farm :func:`harness.measure.remote.board_trial`
-   (built here, checked and timed on a board, boards in parallel), and the row stored at once.
+2. per model, one round phase: every task of the model goes through
+   :func:`harness.measure.pipeline.trial` first (compile or load the cached artifact, check against
+   eager fp32; ``compile_failed`` / ``check_failed`` stored at once, the sweep goes on), then every
+   checked engine is timed in rounds (:func:`harness.measure.protocol.measure_rounds`: each round
+   visits every engine once in a fresh seeded order), the rows and the rounds' speed factors
+   stored when the model's rounds end. An interrupted model is measured again by the re-run;
+   models already stored are kept;
+3. with a farm, :func:`harness.measure.remote.board_trial` instead (built here, checked and timed
+   on a board, boards in parallel), each row stored at once.
 
 Weights are random but deterministic (:func:`reference_model`: seeded, with BN statistics estimated
 on seeded random images so outputs depend on the input and the route), so cached artifacts and
@@ -20,13 +25,16 @@ references agree across runs. Models and backends never meet except through the 
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 import dsnet
-from harness.measure.pipeline import Result, exported, reference, timed, weights_fingerprint
+from harness.backends.base import one_line
+from harness.measure.pipeline import Result, exported, reference, weights_fingerprint
+from harness.measure.protocol import measure_rounds, paired_ratio
 from harness.phases.context import RunContext
 
 STATIC_WIDTHS = (1.0, 0.75, 0.5, 0.25)
@@ -118,19 +126,74 @@ def _modules(tasks: list[Task]):
             yield task, module, fingerprint
 
 
+def static_steps(ctx: RunContext, tasks: list[Task]) -> int:
+    """Progress steps of :func:`run_static`: one per task, plus one per round of each model."""
+    if ctx.farm is not None:
+        return len(tasks)
+    return len(tasks) + ctx.protocol.repeat * len({t.workload.model for t in tasks})
+
+
 def run_static(ctx: RunContext, tasks: list[Task], progress=None) -> list[dict]:
-    """Trial and time every task; each row is stored the moment it exists. ``progress(label,
-    text)`` is called once per task."""
+    """Trial every task and time the checked engines in rounds, one round phase per model (see the
+    module docstring). ``progress(label, text)`` is called :func:`static_steps` times."""
     if ctx.farm is not None:
         return _run_on_boards(ctx, tasks, progress)
+    by_model: dict[str, list[Task]] = {}
+    for t in tasks:
+        by_model.setdefault(t.workload.model, []).append(t)
     rows = []
+    for model, model_tasks in by_model.items():
+        rows += _round_phase(ctx, model, model_tasks, progress)
+    return rows
+
+
+def _round_phase(ctx: RunContext, model: str, tasks: list[Task], progress) -> list[dict]:
+    rows, ready = [], {}
     for task, module, fingerprint in _modules(tasks):
         example = task.example()
-        result = ctx.trial(task.workload.model, task.workload.route, task.backend, task.precision, module,
-                           example, weights=fingerprint)
-        result = timed(result, example, ctx.protocol, ctx.target)
-        rows.append(_store(ctx, task, result_row(ctx, task, result), progress))
+        result = ctx.trial(model, task.workload.route, task.backend, task.precision, module, example,
+                           weights=fingerprint)
+        if result.ok:
+            try:
+                prepared = result.engine.prepare(example)
+            except Exception as e:
+                result = result.replace(status="measure_failed", error=one_line(e))
+        if not result.ok:
+            rows.append(_store(ctx, task, result_row(ctx, task, result), None))
+        else:
+            ready[task.label()] = (task, result, prepared)
+        if progress:
+            progress(task.label(), "checked" if result.ok else f"{result.status}: {result.error[:80]}")
+    if not ready:
+        return rows
+    fns = {label: (lambda e=r.engine, x=x: e.run(x)) for label, (_, r, x) in ready.items()}
+    on_round = (lambda done, planned: progress(f"{model} round {done}/{planned}", f"{len(fns)} engines")) \
+        if progress else None
+    try:
+        res = measure_rounds(fns, ctx.protocol, ctx.timer(), seed=zlib.crc32(model.encode()), on_round=on_round)
+    except Exception as e:  # recorded for every engine of the phase; the sweep goes on
+        return rows + [_store(ctx, t, result_row(ctx, t, r.replace(status="measure_failed", error=one_line(e))),
+                              None) for t, r, _ in ready.values()]
+    ctx.store.record_drift(ctx.run_id, f"static {model}", res.factors)
+    relative = _relative(ready, res)
+    for label, (task, result, _) in ready.items():
+        row = result_row(ctx, task, result.replace(measurement=res[label])) | relative.get(label, {})
+        rows.append(_store(ctx, task, row, None))
     return rows
+
+
+def _relative(ready: dict, res) -> dict:
+    """Per engine, its latency relative to the largest network of its backend, precision and batch
+    in the same rounds (``latency_rel``, ``latency_rel_to``)."""
+    groups: dict[tuple, list[str]] = {}
+    for label, (task, _, _) in ready.items():
+        groups.setdefault((task.backend, task.precision, task.batch_size), []).append(label)
+    out = {}
+    for labels in groups.values():
+        ref = max(labels, key=lambda lb: ready[lb][0].workload.madds)
+        for lb in labels:
+            out[lb] = {"latency_rel": paired_ratio(res[lb], res[ref]), "latency_rel_to": ready[ref][0].workload.route}
+    return out
 
 
 def _store(ctx: RunContext, task: Task, row: dict, progress) -> dict:

@@ -17,7 +17,7 @@ its channels (0.25 in the paper), with the harness's reference weights
 
 ``measure_table2(ctx, backend, precision, input_size)`` puts each through the pipeline (compiled,
 cached under the one artifact key, checked against its eager module), times the ``ok`` ones
-interleaved in one run and stores one row per way in the store's dynamic table
+in rounds (a fresh seeded order per round) and stores one row per way in the store's dynamic table
 (``kind="table2"``), so a re-run skips what is stored. Compiling a network
 fixes its weights: a compiler may fold run-time slicing or indexing into constants, so on compiled
 backends those rows measure what the compiler made of them, and the report says so.
@@ -29,7 +29,8 @@ import torch
 
 import dsnet
 from harness.backends.base import one_line
-from harness.measure.protocol import measure_interleaved
+from harness.measure.pipeline import stats_row
+from harness.measure.protocol import measure_rounds
 from harness.phases.context import RunContext
 from harness.phases.static import reference_model
 
@@ -82,15 +83,13 @@ def measure_table2(ctx: RunContext, backend: str, precision: str, input_size: in
     if not fns:
         return
     try:
-        res = measure_interleaved(fns, ctx.protocol, ctx.timer())
+        res = measure_rounds(fns, ctx.protocol, ctx.timer(), seed=1)
     except Exception as e:  # recorded; the run goes on
         for way in fns:
             ctx.store.record_dynamic(rows[way] | {"status": "measure_failed", "error": one_line(e)})
         return
+    ctx.store.record_drift(ctx.run_id, f"table2 {backend} {precision}", res.factors)
     for way, m in res.items():
-        s = m.stats
-        ctx.store.record_dynamic(rows[way] | {
-            "latency_ms_p50": s.p50, "latency_ms_p90": s.p90, "latency_ms_mean": s.mean, "latency_ms_std": s.std,
-            "n": s.n, "samples_ms": m.samples_ms})
+        ctx.store.record_dynamic(rows[way] | stats_row(m))
         if progress:
-            progress(f"table 2 {backend} {way}", f"{s.p50:.3f} ms")
+            progress(f"table 2 {backend} {way}", f"{m.stats.p50:.3f} ms")

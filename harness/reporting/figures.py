@@ -4,6 +4,7 @@ Each function takes the stored frames, writes one PNG under ``<results>/figures/
 path, or raises :class:`harness.reporting.common.ReportError` when the results lack what it draws:
 
 - ``latency_vs_madds.png``: per backend, DS-MBNet routes as points, MobileNetV1 widths as a line;
+  cells the protocol marks not valid are ringed in red;
 - ``lut_vs_measured.png``: the compositional LUT's prediction against the end-to-end dynamic engine;
 - ``acceleration.png``: realized against ideal speed-up per backend, beside the paper's;
 - ``table2.png``: DS-Net++ Table 2 as bars (ratio to the ideal network);
@@ -55,10 +56,14 @@ def latency_vs_madds(lut: pd.DataFrame, input_size: int, path: Path) -> Path:
             s = g[g.model == model].sort_values("madds")
             if len(s):
                 ax.plot(s.madds / 1e6, s.latency_ms_p50, style, color="0.35", label=f"{model} widths")
-        for model, marker in (("ds_mbnet", "^"), ("ds_resnet50", "v")):
+        for i, (model, marker) in enumerate((("ds_mbnet", "^"), ("ds_resnet50", "v"))):
             s = g[g.model == model]
             if len(s):
-                ax.scatter(s.madds / 1e6, s.latency_ms_p50, marker=marker, s=22, label=f"{model} routes")
+                ax.scatter(s.madds / 1e6, s.latency_ms_p50, marker=marker, s=22, color=f"C{i}", label=f"{model} routes")
+        invalid = g[pd.to_numeric(g.valid, errors="coerce") == 0] if "valid" in g else g.iloc[:0]
+        if len(invalid):  # cells the protocol could not make valid: ringed
+            ax.scatter(invalid.madds / 1e6, invalid.latency_ms_p50, s=90, facecolors="none", edgecolors="red",
+                       linewidths=0.8, label="not valid (interval too wide)")
         ax.set_title(b)
         ax.set_xlabel("MAdds (M)")
         ax.set_ylabel("latency p50 (ms)")

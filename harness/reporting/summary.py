@@ -20,12 +20,16 @@ def summary_table(df, skipped: dict[str, str], notes: list[str] = ()) -> str:
     if len(ok):
         pivot = ok.pivot_table(index=["model", "route", "madds"], columns=["backend", "precision", "batch_size"],
                                values="latency_ms_p50").sort_index(level=["model", "madds"])
+        valid = ok.assign(valid=pd.to_numeric(ok["valid"], errors="coerce").fillna(1)).pivot_table(
+            index=["model", "route", "madds"], columns=["backend", "precision", "batch_size"],
+            values="valid").reindex(index=pivot.index, columns=pivot.columns)
         cols = [f"{b}/{p}/b{n}" for b, p, n in pivot.columns]
-        body = pd.DataFrame([[m, r, f"{madds / 1e6:.1f}"] + [_ms(v) for v in vals]
-                             for (m, r, madds), vals in zip(pivot.index, pivot.values)],
+        body = pd.DataFrame([[m, r, f"{madds / 1e6:.1f}"] + [_ms(v) + ("" if ok_ != 0 else "*")
+                                                             for v, ok_ in zip(vals, flags)]
+                             for (m, r, madds), vals, flags in zip(pivot.index, pivot.values, valid.values)],
                             columns=["model", "route", "MAdds(M)"] + cols)
-        lines += ["latency p50 (ms)", body.to_markdown(index=False, tablefmt="simple", disable_numparse=True,
-                                                      stralign="right")]
+        lines += ["latency p50 (ms; * not valid: the median's 95% interval too wide or too little measured time)",
+                  body.to_markdown(index=False, tablefmt="simple", disable_numparse=True, stralign="right")]
     failed = df[df.status != "ok"]
     for _, r in failed.iterrows():
         lines.append(f"FAILED {r.model} {r.route} {r.backend} {r.precision} b{r.batch_size}: "

@@ -47,6 +47,13 @@ COMPILED_NOTE = ("On compiled backends the weights are fixed at compile time, so
                  "(compiling a route materializes it); only eager executes the run-time variants as written.")
 
 
+def read_lut(layout: Layout) -> pd.DataFrame:
+    """A folder's ``lut.csv``, checked (:class:`ReportError` when missing or unreadable)."""
+    if not layout.lut_csv.is_file():
+        raise ReportError(f"no {layout.lut_csv}: run `python -m harness.run --target <target>` first")
+    return _read(layout.lut_csv, LUT_COLUMNS)
+
+
 def load_results(layout: Layout):
     folder = layout.root
     if not folder.is_dir():
@@ -109,7 +116,19 @@ def env_line(env: dict) -> str:
     return (f"Environment: {env.get('device_name', '?')} ({env.get('target', '?')} profile), "
             f"{env.get('threads', '?')} threads, run {env.get('run_id', '?')}; busy: {e.get('busy')}, other "
             f"processes {e.get('other_processes_cpu_percent')}% of a core, steal {e.get('cpu_steal_percent')}%; "
-            f"{libs}." + _earlier(env.get("earlier_runs", [])))
+            f"{libs}." + _drift(env.get("drift", {})) + _earlier(env.get("earlier_runs", [])))
+
+
+def _drift(drift: dict) -> str:
+    """The run's drift: how far the rounds' speed factors spread (1.0 = a typical round)."""
+    phases = {p: d for p, d in drift.items() if d.get("rounds")}
+    if not phases:
+        return ""
+    lo = min(d["factor_min"] for d in phases.values())
+    hi = max(d["factor_max"] for d in phases.values())
+    iqr = float(np.median([d["factor_iqr"] for d in phases.values()]))
+    return (f" Drift: over {len(phases)} round phase(s) the rounds' speed factors ranged {lo:.3f}..{hi:.3f} "
+            f"(median interquartile range {iqr:.3f}); env.json has them per phase.")
 
 
 def _earlier(runs: list[dict]) -> str:
@@ -121,8 +140,21 @@ def _earlier(runs: list[dict]) -> str:
             "is in the CSVs.")
 
 
-def _ms(v) -> str:
-    return "-" if v is None or pd.isna(v) else f"{v:.3f}"
+INVALID_MARK = "*"
+INVALID_NOTE = ("* not valid under the protocol: the 95% interval of the median is wider than the profile's "
+                "max_ci_fraction of it, or the samples cover less than min_measured_ms.")
+
+
+def _ms(v, valid=None) -> str:
+    """A latency cell; marked when the stored row says it is not valid (older results have no flag)."""
+    if v is None or pd.isna(v):
+        return "-"
+    return f"{v:.3f}" + (INVALID_MARK if valid is not None and not pd.isna(valid) and not valid else "")
+
+
+def _valid(rows: pd.DataFrame, key):
+    """The stored validity flag of row ``key`` (None when the results predate it)."""
+    return rows["valid"].get(key) if "valid" in rows.columns else None
 
 
 # -- tables ----------------------------------------------------------------------------------------
@@ -140,7 +172,7 @@ def table2(dyn: pd.DataFrame, input_size: int):
         r = rows[rows.backend == b].set_index("name")
         p50 = r.latency_ms_p50
         ideal = p50.get("ideal", np.nan)
-        t[f"{b} p50 (ms)"] = [_ms(p50.get(w)) for w in t.way]
+        t[f"{b} p50 (ms)"] = [_ms(p50.get(w), _valid(r, w)) for w in t.way]
         t[f"{b} / ideal"] = [f"{p50[w] / ideal:.2f}x" if w in p50 and ideal == ideal else "-" for w in t.way]
         for w in p50.index:
             csv.append({"backend": b, "way": w, "route": r.route[w], "madds": r.madds[w],
@@ -230,8 +262,8 @@ def slimmable_table3(lut: pd.DataFrame, input_size: int):
     t["MAdds (M)"] = [f"{first.madds[f'x{w}'] / 1e6:.1f}" for w in widths]
     t["params (M)"] = [f"{first.params[f'x{w}'] / 1e6:.2f}" for w in widths]
     for b in backends:
-        r = static[static.backend == b].set_index("route").latency_ms_p50
-        t[f"{b} p50 (ms)"] = [_ms(r.get(f"x{w}")) for w in widths]
+        r = static[static.backend == b].set_index("route")
+        t[f"{b} p50 (ms)"] = [_ms(r.latency_ms_p50.get(f"x{w}"), _valid(r, f"x{w}")) for w in widths]
     t["paper MAdds"] = [PAPER_SLIMMABLE[w][0] for w in widths]
     t["paper params"] = [PAPER_SLIMMABLE[w][1] for w in widths]
     csv = static[["route", "backend", "madds", "params", "latency_ms_p50", "latency_ms_mean", "n"]]
@@ -263,6 +295,8 @@ def build(layout: Layout, input_size: int) -> tuple[list, list[str]]:
             continue
         md = [f"# {title}", "", f"Input {input_size}x{input_size}. Rebuilt by `python -m harness.report` from "
               "stored results; paper values only in columns labelled paper.", "", md_table(table), ""]
+        if (table.astype(str).apply(lambda c: c.str.endswith(INVALID_MARK))).any().any():
+            notes = [*notes, INVALID_NOTE]
         md += [f"{n}\n" for n in notes] + [env_line(env), ""]
         layout.table(name, "md").write_text("\n".join(md))
         csv.to_csv(layout.table(name, "csv"), index=False)

@@ -31,19 +31,26 @@ RESULTS_DIR = Path("results")
 # -- the static sweep: one row per model x route x backend x precision x batch x input size -------
 RESULT_KEY = ("model", "route", "backend", "precision", "batch_size", "input_size")
 STATUSES = ("ok", "compile_failed", "check_failed", "measure_failed")
-STATS_COLUMNS = ["latency_ms_p50", "latency_ms_p90", "latency_ms_mean", "latency_ms_std", "n"]
+# the median's 95% interval and whether the cell met the protocol's validity rule (harness.measure.protocol)
+STATS_COLUMNS = ["latency_ms_p50", "latency_ms_p90", "latency_ms_mean", "latency_ms_std", "n",
+                 "latency_ms_p50_ci_low", "latency_ms_p50_ci_high", "valid"]
 # compile_s: compile time, or artifact-load time when backend_details says cached; backend_details:
 # JSON of the backend's settings that change a number (e.g. TVM's tuning trials and tuned tasks).
 LUT_COLUMNS = ["model", "route", "widths", "backend", "precision", "batch_size", "input_size", "madds", "params",
-               *STATS_COLUMNS, "status", "error", "run_id", "compile_s", "backend_details"]
-RESULT_EXTRA_COLUMNS = ["number", "samples_ms", "device_name", "device_mismatch", "time_utc"]
+               *STATS_COLUMNS, "latency_rel", "latency_rel_to", "status", "error", "run_id", "compile_s",
+               "backend_details"]
+# latency_rel: the cell's latency over that of latency_rel_to (the model's largest route or width on
+# the same backend, precision and batch), the median of per-round ratios measured in the same rounds.
+RESULT_EXTRA_COLUMNS = ["number", "samples_ms", "rounds", "device_name", "device_mismatch", "time_utc"]
 
 # -- the dynamic engine, Table 2 and acceleration: one row per (... kind, name) ------------------------
 DYNAMIC_KEY = ("model", "backend", "precision", "batch_size", "input_size", "kind", "name")
 DYNAMIC_KINDS = ("segment", "route", "route_lut", "stream", "acceleration", "table2", "engine")
 DYNAMIC_COLUMNS = [*DYNAMIC_KEY, "route", "madds", *STATS_COLUMNS, "predicted_ms", "rel_error", "status", "error",
                    "run_id", "compile_s", "backend_details"]
-DYNAMIC_EXTRA_COLUMNS = ["samples_ms"]
+DYNAMIC_EXTRA_COLUMNS = ["samples_ms", "rounds"]
+# the speed factor of every round of a round phase (sample / engine median, median over the round)
+DRIFT_COLUMNS = ["run_id", "phase", "round", "factor"]
 
 # -- gate retraining -----------------------------------------------------------------------------------
 GATE_SUMMARY_COLUMNS = ["model", "data", "input_size", "backend", "target", "gate", "val_accuracy", "n_val",

@@ -23,7 +23,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness.measure.protocol import drift_summary
 from harness.results.layout import (
+    DRIFT_COLUMNS,
     DYNAMIC_COLUMNS,
     DYNAMIC_EXTRA_COLUMNS,
     DYNAMIC_KEY,
@@ -38,10 +40,13 @@ from harness.results.layout import (
 _TYPES = {"batch_size": "INTEGER", "input_size": "INTEGER", "madds": "INTEGER", "params": "INTEGER",
           "latency_ms_p50": "REAL", "latency_ms_p90": "REAL", "latency_ms_mean": "REAL", "latency_ms_std": "REAL",
           "n": "INTEGER", "number": "INTEGER", "device_mismatch": "INTEGER", "predicted_ms": "REAL",
-          "rel_error": "REAL", "compile_s": "REAL"}
+          "rel_error": "REAL", "compile_s": "REAL", "latency_ms_p50_ci_low": "REAL",
+          "latency_ms_p50_ci_high": "REAL", "valid": "INTEGER", "round": "INTEGER", "factor": "REAL",
+          "latency_rel": "REAL"}
 TABLES = {  # table: (key, columns)
     "results": (RESULT_KEY, list(dict.fromkeys(LUT_COLUMNS + RESULT_EXTRA_COLUMNS))),
     "dynamic": (DYNAMIC_KEY, list(dict.fromkeys(DYNAMIC_COLUMNS + DYNAMIC_EXTRA_COLUMNS))),
+    "drift": (("run_id", "phase", "round"), DRIFT_COLUMNS),
 }
 
 
@@ -95,8 +100,7 @@ class ResultStore:
         row = dict(row)
         if row.get("status") not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {row.get('status')!r}")
-        if isinstance(row.get("samples_ms"), list):
-            row["samples_ms"] = json.dumps(row["samples_ms"])
+        _encode(row)
         cols = [c for c in TABLES["results"][1] if c in row]
         missing = [k for k in RESULT_KEY if k not in row]
         if missing:
@@ -112,12 +116,27 @@ class ResultStore:
             raise ValueError(f"status must be one of {STATUSES}, got {row.get('status')!r}")
         if row.get("kind") not in DYNAMIC_KINDS:
             raise ValueError(f"kind must be one of {DYNAMIC_KINDS}, got {row.get('kind')!r}")
-        if isinstance(row.get("samples_ms"), list):
-            row["samples_ms"] = json.dumps(row["samples_ms"])
+        _encode(row)
         cols = [c for c in TABLES["dynamic"][1] if c in row]
         self.db.execute(f"INSERT OR REPLACE INTO dynamic ({', '.join(cols)}) VALUES "
                         f"({', '.join('?' * len(cols))})", [row[c] for c in cols])
         self.db.commit()
+
+    def record_drift(self, run_id: str, phase: str, factors: list[float]) -> None:
+        """The speed factor of every round of a round phase (see ``harness.measure.protocol``)."""
+        self.db.executemany("INSERT OR REPLACE INTO drift (run_id, phase, round, factor) VALUES (?, ?, ?, ?)",
+                            [(run_id, phase, r, f) for r, f in enumerate(factors)])
+        self.db.commit()
+
+    def drift(self, run_id: str | None = None) -> dict:
+        """Per phase of ``run_id`` (default: every run): rounds and the spread of their factors."""
+        q, args = "SELECT phase, factor FROM drift", ()
+        if run_id is not None:
+            q, args = q + " WHERE run_id = ?", (run_id,)
+        by_phase: dict[str, list[float]] = {}
+        for phase, factor in self.db.execute(q, args):
+            by_phase.setdefault(phase, []).append(factor)
+        return {p: drift_summary(f) for p, f in by_phase.items()}
 
     def dynamic_done(self) -> set[tuple]:
         return {tuple(r) for r in self.db.execute(f"SELECT {', '.join(DYNAMIC_KEY)} FROM dynamic")}
@@ -149,6 +168,12 @@ class ResultStore:
 
     def export_lut(self, path: Path) -> pd.DataFrame:
         return _write_atomically(self.frame()[LUT_COLUMNS], path)
+
+
+def _encode(row: dict) -> None:
+    for c in ("samples_ms", "rounds"):
+        if isinstance(row.get(c), list):
+            row[c] = json.dumps(row[c])
 
 
 def _write_atomically(df: pd.DataFrame, path: Path) -> pd.DataFrame:
