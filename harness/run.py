@@ -221,7 +221,7 @@ def open_context(args, target, p: RunPlan, farm):
 
 def static_phase(ctx, p: RunPlan, all_workloads, retry_failed: bool) -> None:
     """Every workload through every active backend, precision and batch size the store lacks."""
-    from harness.phases.static import Task, run_static
+    from harness.phases.static import Task, run_static, static_steps
 
     done = ctx.store.done_keys(("ok",)) if retry_failed else ctx.store.done_keys()
     tasks = []
@@ -235,7 +235,7 @@ def static_phase(ctx, p: RunPlan, all_workloads, retry_failed: bool) -> None:
                 tasks += [t for t in (Task(w, b, prec, bs, p.input_size) for bs in p.batch_sizes) if t.key not in done]
     print(f"{ctx.target.name}: {len(all_workloads)} networks x {len(p.backends)} backend(s); "
           f"{len(tasks)} to measure, {len(done)} already stored in {p.layout.root}", file=sys.stderr)
-    run_static(ctx, tasks, Progress(len(tasks), "static"))
+    run_static(ctx, tasks, Progress(static_steps(ctx, tasks), "static"))
 
 
 def dynamic_backends(ctx, p: RunPlan, explicit: list[str] | None) -> list[str]:
