@@ -16,9 +16,8 @@ artifact-load) time ``compile_s``, the backend's ``details`` that change a numbe
   deleted, so a retry recompiles. Before any engine is trusted, eager's own output must depend on
   its input (:func:`insensitive`): a module whose activations vanish would let any engine pass.
   Nothing is timed here.
-- :func:`timed` measures an ``ok`` result with the one protocol (``measure_failed`` if the
-  engine raises); phases that compare engines time several ``ok`` results with
-  :func:`harness.measure.protocol.measure_interleaved` instead.
+- Timing is the phases' (``harness.phases``): they time their ``ok`` results together, in rounds
+  (:func:`harness.measure.protocol.measure_rounds`), and store ``result.replace(measurement=...)``.
 - :func:`exported` builds the artifact only, for a board (``harness.measure.remote`` checks and
   times it there).
 
@@ -39,7 +38,7 @@ import torch
 
 from harness.backends.base import one_line
 from harness.env import library_versions
-from harness.measure.protocol import CudaEventTimer, Measurement, Protocol, WallTimer, measure
+from harness.measure.protocol import Measurement
 
 TOLERANCE = {"fp32": (1e-3, 1e-4), "fp16": (2e-2, 2e-2)}  # (rtol, atol) against eager fp32
 
@@ -213,24 +212,6 @@ def trial(backend, module: torch.nn.Module, example: torch.Tensor, target, preci
             return Result("check_failed", problem, round(compile_s, 3), details)
         stale = problem
     raise AssertionError("unreachable")
-
-
-def timer_for(target, engine) -> object:
-    """The protocol's clock on ``target``: CUDA events on a GPU, the wall clock on a CPU."""
-    return CudaEventTimer() if target.device == "cuda" else WallTimer(sync=getattr(engine, "sync", None))
-
-
-def timed(result: Result, example: torch.Tensor, protocol: Protocol, target) -> Result:
-    """Time an ``ok`` result's engine (a failed result comes back unchanged)."""
-    if not result.ok:
-        return result
-    engine = result.engine
-    try:
-        prepared = engine.prepare(example)
-        m = measure(lambda: engine.run(prepared), protocol, timer_for(target, engine))
-    except Exception as e:
-        return result.replace(status="measure_failed", error=one_line(e))
-    return result.replace(measurement=m)
 
 
 def exported(backend, module: torch.nn.Module, example: torch.Tensor, target, precision: str, key: ArtifactKey,
