@@ -180,11 +180,20 @@ class ComplexityPenalty:
         return cls(costs, float(costs.max()), "MAdds", "madds", target or 0.0)
 
     @classmethod
-    def latency(cls, lut_ms: torch.Tensor, model, target_ms: float | None = None) -> ComplexityPenalty:
+    def latency(cls, lut_ms: torch.Tensor, model, target_ms: float | None = None,
+                target_fraction: float | None = None) -> ComplexityPenalty:
+        """The LUT's per-route latency; the target in ms, or as a fraction of the largest route's
+        latency (``target_fraction``). The penalty depends only on the ratios of the LUT's figures
+        (divided by the largest route's), so a fraction needs no absolute time: the machine's
+        drift between measuring the LUT and choosing the target cannot move it."""
         n = len(model.routing_space)
         if lut_ms.dim() != 1 or len(lut_ms) != n:
             raise ValueError(f"the LUT prices {lut_ms.numel()} routes, the model has {n}")
-        return cls(lut_ms.float(), float(lut_ms.max()), "ms", "latency", target_ms or 0.0)
+        if target_ms is not None and target_fraction is not None:
+            raise ValueError("give the latency target in ms or as a fraction of the largest route, not both")
+        largest = float(lut_ms.max())
+        target = target_fraction * largest if target_fraction is not None else target_ms or 0.0
+        return cls(lut_ms.float(), largest, "ms", "latency", target)
 
 
 @dataclass

@@ -65,7 +65,11 @@ def parse_args(argv):
     p.add_argument("--lr", type=float, default=0.05, help="stage-II learning rate (x0.9 per epoch)")
     p.add_argument("--cp-weight", type=float, default=0.5, help="weight of the complexity penalty (paper: 0.5)")
     p.add_argument("--routes-upto", type=int, help="let each gate choose only its first K choices")
-    p.add_argument("--latency-target", type=float, help="latency target (ms) of the latency penalty")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--latency-target", type=float, help="latency target (ms) of the latency penalty")
+    target.add_argument("--latency-fraction", type=float,
+                        help="latency target as a fraction of the largest route's LUT latency (e.g. 0.6): "
+                             "reads only the LUT's ratios, so drift of the machine cannot move it")
     p.add_argument("--madds-target", type=float, help="MAdds target (millions) of the MAdds penalty")
     add_results_option(p)
     p.add_argument("--seed", type=int, default=0)
@@ -82,6 +86,7 @@ def settings_from(args, target):
                     checkpoint=args.checkpoint, lut=args.lut, supernet_epochs=args.supernet_epochs,
                     gate_epochs=args.gate_epochs, batch_size=args.batch_size, lr=args.lr, cp_weight=args.cp_weight,
                     routes_upto=args.routes_upto, latency_target=args.latency_target,
+                    latency_fraction=args.latency_fraction,
                     madds_target=args.madds_target, seed=args.seed)
 
 

@@ -160,3 +160,19 @@ def test_a_paired_ratio_cancels_the_drift_between_rounds():
     assert paired_ratio(m, ref) == pytest.approx(0.4)  # exact, although the samples spread 2.5x
     with pytest.raises(ValueError, match="share no round"):
         paired_ratio(m, Measurement([1.0], 1, rounds=[9]))
+
+
+def test_drift_corrected_statistics_divide_out_each_rounds_speed_factor():
+    """Two engines, every round slowed by a planted factor: the raw samples spread 2.5x, the
+    drift-corrected ones not at all, and the corrected p50 keeps each engine's typical time."""
+    from harness.measure.protocol import Measurement, Rounds, _round_factors
+
+    drift = [1.0, 1.5, 0.8, 2.0, 1.1]
+    ms = {"a": Measurement([10.0 * d for d in drift], 1, rounds=list(range(5))),
+          "b": Measurement([4.0 * d for d in drift], 1, rounds=list(range(5)))}
+    res = Rounds(ms, _round_factors(ms))
+    assert res.factors == pytest.approx([d / 1.1 for d in drift])  # 1.1: the median round
+    a = res.drift_corrected("a")
+    assert a.p50 == pytest.approx(11.0) and a.ci_low == pytest.approx(a.ci_high)
+    assert ms["a"].stats.ci_high / ms["a"].stats.ci_low > 1.2  # the raw interval is wide
+    assert res.drift_corrected("b").p50 / a.p50 == pytest.approx(0.4)

@@ -72,6 +72,13 @@ def test_penalty_value_and_gradient_on_a_hand_made_lut():
     assert torch.allclose(onehot.grad, expected.expand(2, 4))
     with_target = ComplexityPenalty.latency(lut_ms, model, target_ms=2.0)
     assert with_target([onehot.detach()]).item() == pytest.approx(((2.5 - 2.0) / 4) ** 2)
+    # a target as a fraction of the largest route reads only the LUT's ratios: scaling the LUT
+    # (a machine running 1.7x slower) leaves the penalty unchanged
+    for scale in (1.0, 1.7):
+        rel = ComplexityPenalty.latency(lut_ms * scale, model, target_fraction=0.5)
+        assert rel([onehot.detach()]).item() == pytest.approx(((2.5 - 2.0) / 4) ** 2)
+    with pytest.raises(ValueError, match="not both"):
+        ComplexityPenalty.latency(lut_ms, model, target_ms=2.0, target_fraction=0.5)
 
 
 def test_penalty_from_a_lut_frame_and_route_order():

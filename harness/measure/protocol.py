@@ -18,7 +18,8 @@ Several engines are compared in rounds (:func:`measure_rounds`): every engine is
 given its ``number`` first, then each round visits every engine once, in a fresh seeded random
 order, one sample each, so slow drift of the machine falls on every engine alike. Each sample
 keeps its round; each round gets a speed factor (the median over its engines of sample / engine
-median), the run's drift. Cells not yet valid get more rounds, up to ``budget_s``.
+median), the run's drift; :meth:`Rounds.drift_corrected` divides it out. Cells not yet valid
+get more rounds, up to ``budget_s``.
 ``measure_interleaved`` is the same with a fixed order (A B A B ...: parts of one chain timed in
 context). A :class:`Timer` abstracts the clock: :class:`WallTimer` (``perf_counter``, with an
 optional device synchronize) and :class:`CudaEventTimer`; tests inject a fake clock.
@@ -201,6 +202,14 @@ class Rounds:
 
     def items(self):
         return self.measurements.items()
+
+    def drift_corrected(self, name: str) -> Stats:
+        """``name``'s statistics with each sample divided by its round's speed factor: the drift
+        the rounds saw removed (what the machine would have measured at a typical round's speed)."""
+        m = self.measurements[name]
+        rounds = sorted({r for x in self.measurements.values() for r in (x.rounds or [])})
+        factor = dict(zip(rounds, self.factors))
+        return summarize([s / factor[r] for s, r in zip(m.samples_ms, m.rounds or [])], m.number, m.protocol)
 
 
 def paired_ratio(m: Measurement, ref: Measurement) -> float:

@@ -9,8 +9,9 @@ records as an ``engine`` row and goes on). ``phase.run(progress, lut_only=False)
 the store lacks and stores each result at once (``dynamic`` table, kinds of
 :data:`harness.results.layout.DYNAMIC_KINDS`):
 
-1. ``segment``: every segment timed in context (interleaved in chain order, one call per sample,
-   pooled over routes that cover every segment): the compositional LUT;
+1. ``segment``: every segment timed in context (one round phase over routes that together cover
+   every segment, each chain's parts in chain order, one call per sample, a segment's samples
+   pooled over the routes it appears in): the compositional LUT;
 2. ``route`` / ``route_lut``: end to end per validated route against the same-run parts, and all
    validated routes end to end in the same rounds against the stored LUT, both relative to the
    largest route (the drift since the LUT was measured cancels);
@@ -106,27 +107,14 @@ class DynamicPhase:
     def run(self, progress=None, lut_only: bool = False) -> None:
         """Measure what the store lacks; ``lut_only``: the segments (the LUT) and nothing else."""
         protocol, timer = self.ctx.protocol, self.ctx.timer()
-        # 1. every segment timed in context (interleaved in chain order over routes that cover all
-        #    segments; a segment's samples pooled over the routes it appears in): the compositional LUT
-        cover = covering_routes(self.plan, self.model.routes(self.input_size))
-        remaining: dict[str, int] = {}
-        for route in cover:
-            for name in route_segment_names(route):
-                remaining[name] = remaining.get(name, 0) + 1
-        samples: dict[str, list[float]] = {}
-        for route in cover:
-            names = route_segment_names(route)
-            if all(self._key("segment", n) in self.done for n in names):
-                continue
-            res = measure_interleaved(chain_parts(self.engine, route, self.x), in_context(protocol), timer)
-            for name, m in res.items():
-                samples.setdefault(name, []).extend(m.samples_ms)
-                remaining[name] -= 1
-                if remaining[name] == 0 and self._key("segment", name) not in self.done:
-                    stats = summarize(samples[name], 1, protocol)
-                    self._record("segment", name, stats, samples[name], part=self._part(name))
-                    if progress:
-                        progress(f"{self.model_name} {self.backend_name} segment {name}", f"{stats.p50:.3f} ms")
+        # 1. every segment timed in context, in one round phase: each round runs the chains of routes
+        #    that together cover every segment, each chain's parts in chain order; a segment's samples
+        #    are pooled over the routes it appears in. Drift falls on every segment alike (one phase,
+        #    not one per route), so the LUT's ratios hold. An interrupted phase is measured again.
+        names = {n for route in self.model.routes(self.input_size) for n in route_segment_names(route)}
+        if any(self._key("segment", n) not in self.done for n in names):
+            self._segments_in_rounds(covering_routes(self.plan, self.model.routes(self.input_size)),
+                                     protocol, timer, progress)
         if lut_only:
             return
         lut = LatencyLUT.from_frame(self.ctx.store.dynamic_frame(), self.model_name, self.backend_name,
@@ -166,6 +154,25 @@ class DynamicPhase:
         static = STATIC_COUNTERPART.get(self.model_name)
         if static and self._key("acceleration", "dynamic") not in self.done:
             self._acceleration(static, routes, timer, progress)
+
+    def _segments_in_rounds(self, cover, protocol, timer, progress) -> None:
+        fns, owner = {}, {}
+        for i, route in enumerate(cover):
+            for name, fn in chain_parts(self.engine, route, self.x).items():
+                fns[f"{i}:{name}"], owner[f"{i}:{name}"] = fn, name
+        res = measure_interleaved(fns, in_context(protocol), timer)
+        self.ctx.store.record_drift(self.ctx.run_id, f"dynamic {self.model_name} {self.backend_name} segments",
+                                    res.factors)
+        samples: dict[str, list[float]] = {}
+        for key, m in res.items():
+            samples.setdefault(owner[key], []).extend(m.samples_ms)
+        for name, s in samples.items():
+            if self._key("segment", name) in self.done:
+                continue
+            stats = summarize(s, 1, protocol)
+            self._record("segment", name, stats, s, part=self._part(name))
+            if progress:
+                progress(f"{self.model_name} {self.backend_name} segment {name}", f"{stats.p50:.3f} ms")
 
     def _lut_in_rounds(self, routes, lut, madds: dict, protocol, timer) -> None:
         self.engine.prepare_routes(routes, self.x)

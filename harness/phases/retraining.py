@@ -63,7 +63,8 @@ class Settings:
     lr: float = 0.05
     cp_weight: float = 0.5
     routes_upto: int | None = None
-    latency_target: float | None = None
+    latency_target: float | None = None  # ms
+    latency_fraction: float | None = None  # of the largest route's LUT latency
     madds_target: float | None = None  # millions
     seed: int = 0
 
@@ -151,7 +152,8 @@ def validate(s: Settings, target) -> None:
     if not 32 <= s.input_size <= 4096:
         raise RetrainingError(f"--input-size must be between 32 and 4096, got {s.input_size}")
     for name, value, least in (("lr", s.lr, 0.0), ("cp_weight", s.cp_weight, None),
-                               ("latency_target", s.latency_target, 0.0), ("madds_target", s.madds_target, 0.0)):
+                               ("latency_target", s.latency_target, 0.0), ("madds_target", s.madds_target, 0.0),
+                               ("latency_fraction", s.latency_fraction, 0.0)):
         flag = f"--{name.replace('_', '-')}"
         if value is None:
             continue
@@ -297,7 +299,8 @@ def stage2(s: Settings, data: Data, supernet: Supernet, costs: Costs, penalty: s
     except ValueError as e:
         raise RetrainingError(f"--routes-upto: {e}") from None
     if penalty == "latency":
-        cp = ComplexityPenalty.latency(torch.tensor(costs.route_lut_ms), model, s.latency_target)
+        cp = ComplexityPenalty.latency(torch.tensor(costs.route_lut_ms), model, s.latency_target,
+                                       s.latency_fraction)
     else:
         cp = ComplexityPenalty.madds(model, s.input_size, None if s.madds_target is None else s.madds_target * 1e6)
     settings = {"penalty": penalty, "backend": s.backend, "epochs": s.gate_epochs, "lr": s.lr,

@@ -178,6 +178,7 @@ def _round_phase(ctx: RunContext, model: str, tasks: list[Task], progress) -> li
     relative = _relative(ready, res)
     for label, (task, result, _) in ready.items():
         row = result_row(ctx, task, result.replace(measurement=res[label])) | relative.get(label, {})
+        row["latency_ms_p50_drift_corrected"] = res.drift_corrected(label).p50
         rows.append(_store(ctx, task, row, None))
     return rows
 
