@@ -31,6 +31,9 @@ from harness import env as envmod
 from harness.results.layout import Layout
 from harness.targets import TargetError, known_targets, load_target
 
+DEFAULT_MODELS = ("ds_mbnet", "mobilenet_v1")  # what harness.run measures and harness.tune tunes by default
+MAX_INPUT_SIZE = 4096
+
 
 class UsageError(Exception):
     """Bad input: printed as one line, exit code 2."""
@@ -71,6 +74,23 @@ def open_results(layout: Layout):
 
 def csv_list(text: str | None) -> list[str] | None:
     return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
+
+
+def names_option(option: str, text: str | None, valid: list[str], default: list[str]) -> list[str]:
+    """A comma-separated option: the default when absent; an empty list, a duplicate or an unknown
+    name is a :class:`UsageError`."""
+    names = csv_list(text)
+    if names is None:
+        return list(default)
+    if not names:
+        raise UsageError(f"{option} names nothing; valid: {', '.join(valid)}")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise UsageError(f"{option} names {', '.join(dupes)} more than once")
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise UsageError(f"unknown {option.lstrip('-').rstrip('s')}(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    return names
 
 
 def new_run_id() -> str:

@@ -1,7 +1,8 @@
 """``python -m harness.run --target NAME``: compile and measure every route on a target profile.
 
 One function per phase, in the order they run: :func:`plan` (options against the profile),
-:func:`open_context` (machine, store, run identity, optional board farm), :func:`static_phase`
+:func:`open_context` (machine, store, run identity, optional board farm), :func:`tuning_phase`
+(TVM tuned within the profile's ``[tvm] tune_minutes``, as ``harness.tune`` does), :func:`static_phase`
 (every route through every backend), :func:`dynamic_phase` (the dynamic engine and its LUT),
 :func:`table2_phase` (DS-Net++ Table 2), :func:`finish` (exports, summary, tables and figures).
 
@@ -23,12 +24,15 @@ import time
 from dataclasses import dataclass, field
 
 from harness.cli import (
+    DEFAULT_MODELS,
+    MAX_INPUT_SIZE,
     Progress,
     UsageError,
     add_results_option,
     capture_machine,
     check_interrupted,
     csv_list,
+    names_option,
     new_run_id,
     open_results,
     open_target,
@@ -39,9 +43,7 @@ from harness.measure.protocol import Protocol
 from harness.results.layout import Layout
 from harness.targets import known_targets
 
-DEFAULT_MODELS = ("ds_mbnet", "mobilenet_v1")
 QUICK_INPUT_SIZE = 64
-MAX_INPUT_SIZE = 4096
 QUICK_SLOW_BACKENDS = ("inductor",)  # ~40 s of C++ compile per route on 2 cores
 TABLE2_NEEDS = "ds_resnet50"  # Table 2 runs when this model is measured (or no --models is given)
 
@@ -83,29 +85,12 @@ class RunPlan:
     notes: list[str] = field(default_factory=list)
 
 
-def _names(option: str, text: str | None, valid: list[str], default: list[str]) -> list[str]:
-    """A comma-separated option: the default when absent; an empty list, a duplicate or an unknown
-    name is a :class:`UsageError`."""
-    names = csv_list(text)
-    if names is None:
-        return list(default)
-    if not names:
-        raise UsageError(f"{option} names nothing; valid: {', '.join(valid)}")
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise UsageError(f"{option} names {', '.join(dupes)} more than once")
-    unknown = [n for n in names if n not in valid]
-    if unknown:
-        raise UsageError(f"unknown {option.lstrip('-').rstrip('s')}(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
-    return names
-
-
 def plan(args, target) -> RunPlan:
     import dsnet
     from harness.backends import list_backends
 
-    backends = _names("--backends", args.backends, list_backends(), target.backends)
-    models = _names("--models", args.models, dsnet.list_models(), list(DEFAULT_MODELS))
+    backends = names_option("--backends", args.backends, list_backends(), target.backends)
+    models = names_option("--models", args.models, dsnet.list_models(), list(DEFAULT_MODELS))
     try:
         batches = [int(b) for b in csv_list(args.batch_size)] if args.batch_size else list(target.batch_sizes)
     except ValueError:
@@ -219,6 +204,31 @@ def open_context(args, target, p: RunPlan, farm):
     return ctx, env_doc
 
 
+def tuning_phase(ctx, p: RunPlan, quick: bool) -> None:
+    """Tune TVM within the profile's ``tune_minutes`` (a budget over re-runs: a tuned database
+    tunes nothing) before any TVM build, so every route applies the same database. Left out by
+    ``--quick`` and when TVM is not measured."""
+    from harness.phases.tuning import run_tuning
+
+    if "tvm" not in p.backends or ctx.target.device != "cpu":
+        return
+    minutes = float(ctx.target.options("tvm").get("tune_minutes", 0))
+    if quick or minutes <= 0:
+        if quick and minutes > 0:
+            p.notes.append(f"--quick leaves TVM tuning out: tvm uses what {p.layout.tuning_dir('tvm')} holds")
+        return
+    print(f"tvm: tuning {', '.join(p.models)} at {p.input_size}px within {minutes:g} min "
+          f"(the profile's [tvm] tune_minutes; python -m harness.tune tunes more)", file=sys.stderr)
+    try:
+        summary = run_tuning(ctx.backend("tvm"), ctx.target, p.models, p.input_size, minutes * 60,
+                             lambda total, desc: Progress(total, desc))
+    except ValueError as e:  # a database for another target: measured untuned, said so
+        p.notes.append(f"tvm tuning skipped: {e}")
+        return
+    p.notes.append(f"tvm: the tuning database holds {summary['tuned']} of the {summary['tasks']} tasks "
+                   f"({summary['trials_now']} trials tuned in this run)")
+
+
 def static_phase(ctx, p: RunPlan, all_workloads, retry_failed: bool) -> None:
     """Every workload through every active backend, precision and batch size the store lacks."""
     from harness.phases.static import Task, run_static, static_steps
@@ -328,6 +338,7 @@ def _main(args) -> int:
         return 3
     t0, status = time.monotonic(), 0
     try:
+        tuning_phase(ctx, p, args.quick)
         static_phase(ctx, p, all_workloads, args.retry_failed)
         if farm is not None:
             p.skipped["dynamic engine, Table 2"] = "measured on this machine only, not through --rpc-tracker"

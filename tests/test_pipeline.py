@@ -44,7 +44,10 @@ def test_fp16_and_fp32_of_the_same_route_get_different_artifacts(route_module, t
         next(changed.parameters()).add_(1.0)
     assert _key(b, changed).directory(tmp_path) != fp32.directory(tmp_path)
     tvm = X86.options("tvm")
-    untuned, tuned = get_backend("tvm", tvm), get_backend("tvm", {**tvm, "tune_trials": 8})
+    untuned = get_backend("tvm", tvm, workdir=tmp_path / "a")
+    tuned = get_backend("tvm", tvm, workdir=tmp_path / "b")  # a tuning database: other records, other artifact
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "database_tuning_record.json").write_text('["record"]\n')
     assert _key(untuned, route_module).directory(tmp_path) != _key(tuned, route_module).directory(tmp_path)
     # and the same task twice is the same artifact
     assert _key(b, route_module) == fp32

@@ -1,46 +1,146 @@
-"""TVM MetaSchedule tuning: one database shared by networks, each workload tuned once, re-runs tune nothing.
+"""TVM MetaSchedule tuning within a budget: faster than untuned and still correct, resumable after
+kill -9, re-runs tune nothing, honest labels, a database for another target is not applied.
 
-Two tiny convolutional networks sharing their first layer stand in for two routes (tuning a real
-route takes ~35 s per layer on 2 cores).
+Tiny convolutional networks at 16x16 stand in for routes (a real route's layer takes tens of
+seconds of tuning on 2 cores).
 """
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from harness.backends import get_backend
-from harness.measure.pipeline import ArtifactKey, trial, weights_fingerprint
+from harness.measure.pipeline import ArtifactKey, check_output, reference, trial, weights_fingerprint
+from harness.measure.protocol import Protocol, measure_rounds
 from harness.targets import load_target
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def _nets():
+def _net(channels=(8, 16)):
     torch.manual_seed(0)
-    first = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
-    second = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 1), nn.ReLU())
-    return first.eval(), second.eval()
+    layers, c_in = [], 3
+    for c in channels:
+        layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.ReLU()]
+        c_in = c
+    return nn.Sequential(*layers).eval()
 
 
-def test_shared_database_tunes_each_workload_once(tmp_path):
+@pytest.fixture
+def x86(tmp_path):
     target = load_target("x86").resolve()
-    backend = get_backend("tvm", {**target.options("tvm"), "tune_trials": 1}, workdir=tmp_path / "tvm_tuning")
+    backend = get_backend("tvm", target.options("tvm"), workdir=tmp_path / "tvm_tuning")
     if backend.unavailable(target):
         pytest.skip(backend.unavailable(target))
-    x = torch.randn(1, 3, 16, 16)
+    return target, backend
 
-    def build(module, where):
-        key = ArtifactKey.of("net", where, backend, target, "fp32", x, weights_fingerprint(module))
-        result = trial(backend, module, x, target, "fp32", key, tmp_path)
-        assert result.ok, result
-        assert result.details["tune_trials"] == 1
-        return result.details["tuned_tasks"], result.details["tasks"]
 
-    first, second = _nets()
-    tuned, total = build(first, "a")
-    assert tuned == total > 0 and backend.tuning_record_count() > 0
-    records = backend.tuning_record_count()
-    assert build(first, "b") == (0, total)  # compiled again: nothing left to tune
-    assert backend.tuning_record_count() == records
-    tuned, total2 = build(second, "c")  # shares the first layer's workload
-    assert 0 < tuned < total2
+def _build(backend, target, module, x, cache):
+    key = ArtifactKey.of("net", "r", backend, target, "fp32", x, weights_fingerprint(module))
+    result = trial(backend, module, x, target, "fp32", key, cache)
+    assert result.ok, result
+    return result
+
+
+def _tasks(backend, target, module, x):
+    from harness.backends.tvm_tuning import collect_tasks
+
+    mod, tvm_target = backend.relax_module(module, x, target, "fp32")
+    return collect_tasks([mod], tvm_target)
+
+
+def test_tuned_beats_untuned_keeps_the_output_and_a_rerun_tunes_nothing(x86, tmp_path):
+    from harness.backends.tvm_tuning import SearchSettings, tune
+
+    target, backend = x86
+    net, x = _net((16, 32)), torch.randn(1, 3, 32, 32)
+    untuned = _build(backend, target, net, x, tmp_path / "cache")
+    assert untuned.details["tuning"] == "untuned" and untuned.details["tuned_tasks"] == 0
+    tasks = _tasks(backend, target, net, x)
+    db = backend.open_database(target)
+    search = SearchSettings(first_trials=8, trials_per_iter=8, max_trials_per_task=8)
+    done = tune(db, tasks, budget_s=1e6, search=search)  # step 1 only: the plan adds what the budget allows
+    assert done["tuned_now"] >= len(tasks) > 0
+    tuned = _build(backend, target, net, x, tmp_path / "cache")  # the new records change the artifact's key
+    assert tuned.details["cached"] is False
+    assert tuned.details["tuning"] == "tuned" and tuned.details["tuned_tasks"] == tuned.details["tasks"] == len(tasks)
+    assert check_output(tuned.engine(x), reference(net, x), "fp32") is None  # still eager's output
+    a, b = untuned.engine, tuned.engine
+    xa, xb = a.prepare(x), b.prepare(x)
+    res = measure_rounds({"untuned": lambda: a.run(xa), "tuned": lambda: b.run(xb)},
+                         Protocol(warmup_calls=3, warmup_ms=0, repeat=9, min_repeat_ms=5))
+    assert res["tuned"].stats.p50 < 0.8 * res["untuned"].stats.p50  # a generous margin: tuning pays
+    # the same budget again tunes nothing, and the artifact is found in the cache
+    again = tune(backend.open_database(target), tasks, budget_s=1e6, search=search)
+    assert again["tuned_now"] == 0 and again["trials_now"] == 0
+    assert _build(backend, target, net, x, tmp_path / "cache").details["cached"] is True
+
+
+def test_kill_9_keeps_finished_tasks_and_the_rerun_skips_them(x86, tmp_path):
+    from harness.backends.tvm_tuning import LEDGER, SearchSettings, tune
+
+    target, backend = x86
+    workdir = tmp_path / "tvm_tuning"
+    script = textwrap.dedent(f"""
+        import torch
+        from harness.backends import get_backend
+        from harness.backends.tvm_tuning import SearchSettings, tune
+        from harness.targets import load_target
+        from tests.test_tvm_tuning import _net, _tasks
+        target = load_target("x86").resolve()
+        backend = get_backend("tvm", target.options("tvm"), workdir={str(workdir)!r})
+        net, x = _net((8, 16, 24)), torch.randn(1, 3, 16, 16)
+        tune(backend.open_database(target), _tasks(backend, target, net, x), budget_s=1e6,
+             search=SearchSettings(first_trials=4, trials_per_iter=4, max_trials_per_task=4))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ledger = workdir / LEDGER
+    deadline = time.monotonic() + 240
+    finished = {}
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ledger.is_file():
+            finished = {k: v for k, v in json.loads(ledger.read_text())["tasks"].items() if v["trials"] > 0}
+            if finished:
+                break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the tuner and its builder/runner workers
+    proc.wait()
+    assert finished, "the tuner finished no task within 240 s"
+    net, x = _net((8, 16, 24)), torch.randn(1, 3, 16, 16)
+    tasks = _tasks(backend, target, net, x)
+    db = backend.open_database(target)  # the database survives the kill
+    assert all(db.best_ms(t.extracted.dispatched[0]) is not None for t in tasks if t.key in finished)
+    names = []
+    tune(db, tasks, budget_s=1e6, search=SearchSettings(first_trials=4, trials_per_iter=4, max_trials_per_task=4),
+         progress_factory=lambda total, desc: (lambda label, text: names.append((desc, label))))
+    first_pass = [label for desc, label in names if desc.endswith("first pass")]
+    assert len(first_pass) == len(tasks) - len(finished)  # the finished tasks are skipped
+    assert all(db.entry(t.key)["trials"] >= 4 for t in tasks)
+
+
+def test_a_database_tuned_for_another_target_is_not_applied(x86, tmp_path):
+    from harness.backends.tvm_tuning import LEDGER, SearchSettings, tune
+
+    target, backend = x86
+    workdir = tmp_path / "tvm_tuning"
+    workdir.mkdir()
+    (workdir / "database_workload.json").write_text("")
+    (workdir / LEDGER).write_text(json.dumps({"target": "llvm -mcpu=some-other-cpu", "tasks": {}}))
+    notes = backend.notes(target)
+    assert len(notes) == 1 and "was tuned for llvm -mcpu=some-other-cpu" in notes[0] and "not applied" in notes[0]
+    net, x = _net(), torch.randn(1, 3, 16, 16)
+    result = _build(backend, target, net, x, tmp_path / "cache")
+    assert result.details["tuning"] == "untuned"
+    with pytest.raises(ValueError, match="was tuned for llvm -mcpu=some-other-cpu"):
+        tune(backend.open_database(target), _tasks(backend, target, net, x), 10, SearchSettings())

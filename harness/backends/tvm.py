@@ -2,19 +2,25 @@
 
 Options (the profile's ``[tvm]`` table, checked here): ``target``, a TVM 0.27 target dict, e.g.
 ``{"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "auto", "num-cores": 0}`` (``auto``: the
-host CPU as LLVM names it; ``0`` cores: the profile's thread count); ``tune_trials``, MetaSchedule
-trials per task (0: untuned); ``host``, the host target of a GPU build. CPU builds are untuned
-unless ``tune_trials > 0``: then MetaSchedule tunes with a database in the backend's ``workdir``
-(``<results>/tvm_tuning/``), shared by every route, and only workloads the database does not hold
-yet are tuned, so each distinct layer is tuned once and a re-run tunes nothing; the engine's
-``details`` say how many tasks this compile tuned. CUDA builds apply DLight's default GPU
-schedules. ``export`` writes the library only, cross-compiled when the target is another
-architecture (``harness.measure.remote`` runs it on a board); :func:`cross_compiler` finds the
-cross compiler or says what to install.
+host CPU as LLVM names it; ``0`` cores: the profile's thread count); ``tune_minutes``, the tuning
+budget ``harness.run`` spends before measuring (``harness.tune`` takes its own; 0: tune nothing);
+``host``, the host target of a GPU build.
+
+CPU builds apply whatever the MetaSchedule database in the backend's ``workdir``
+(``<results>/tvm_tuning/``, filled by :mod:`harness.backends.tvm_tuning`) holds for their
+functions; functions it lacks keep TVM's default (unscheduled) lowering. A database tuned for
+another TVM target is not applied (said in ``notes``). Each engine's ``details`` label it
+``untuned``, ``partly tuned (k/n)`` or ``tuned`` with the trials spent; the artifact's cache key
+carries the database's digest, so new records rebuild the artifacts. CUDA builds apply DLight's
+default GPU schedules. ``export`` writes the library only, cross-compiled when the target is
+another architecture (``harness.measure.remote`` runs it on a board); :func:`cross_compiler`
+finds the cross compiler or says what to install. :meth:`TVMBackend.search_builder_runner` is how
+candidates are built and run while tuning (on a board through the RPC tracker when remote).
 """
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import shutil
 from pathlib import Path
@@ -83,31 +89,48 @@ class TVMBackend(Backend):
     devices = ("cpu", "cuda")
     precisions = ("fp32", "fp16")
     artifact = "model.so"
-    OPTIONS = {"target": (dict, False), "tune_trials": (int, False), "host": (dict, False)}
+    OPTIONS = {"target": (dict, False), "tune_minutes": ((int, float), False), "host": (dict, False)}
     supports_remote = True
 
     def resolve_options(self, options):
         tvm_target = options.get("target")
         if tvm_target is not None and tvm_target.get("mcpu") == "auto":
             options["target"] = {**tvm_target, "mcpu": _host_llvm_cpu()}
+        if options.get("tune_minutes", 0) < 0:
+            raise ValueError(f"[tvm] tune_minutes must be >= 0, got {options['tune_minutes']}")
         return options
 
     @property
-    def tune_trials(self) -> int:
-        return int(self.options.get("tune_trials", 0))
+    def tune_minutes(self) -> float:
+        return float(self.options.get("tune_minutes", 0))
+
+    def database_digest(self) -> str:
+        """A digest of the tuning records (empty without a database): part of the cache key."""
+        records = None if self.workdir is None else self.workdir / "database_tuning_record.json"
+        if records is None or not records.is_file():
+            return ""
+        stat = records.stat()
+        if getattr(self, "_digest_of", None) != (stat.st_mtime_ns, stat.st_size):
+            self._digest = hashlib.sha1(records.read_bytes()).hexdigest()[:16]
+            self._digest_of = (stat.st_mtime_ns, stat.st_size)
+        return self._digest
 
     def cache_key(self):
         return {"target": self.options.get("target"), "host": self.options.get("host"),
-                "tune_trials": self.tune_trials}
+                "tuning_records": self.database_digest()}
 
     def details(self):
-        return {"tune_trials": self.tune_trials}
+        return {"tune_minutes": self.tune_minutes}
 
     def notes(self, target):
-        if target.device == "cpu" and not self.tune_trials:
-            return ["tvm is untuned (tune_trials = 0 in the profile): untuned CPU convolutions are far slower "
-                    "than tuned ones; set [tvm] tune_trials to tune"]
-        return []
+        if target.device != "cpu":
+            return []
+        db = self.database(target)
+        if db is None:
+            return [f"tvm is untuned (no tuning database in {self.workdir}): untuned CPU convolutions are far "
+                    f"slower than tuned ones; run python -m harness.tune --target {target.name}"]
+        why = db.foreign()
+        return [f"{why}: not applied, tvm is untuned"] if why else []
 
     def tvm_target(self, target) -> dict:
         """The TVM target dict for ``target`` (``num-cores = 0``: the profile's threads)."""
@@ -119,6 +142,51 @@ class TVMBackend(Backend):
     @property
     def tuning_dir(self) -> Path | None:
         return self.workdir
+
+    def database(self, target):
+        """The tuning database of the workdir for ``target`` (None when nothing was tuned there)."""
+        import tvm
+
+        from harness.backends.tvm_tuning import TuningDatabase
+
+        return TuningDatabase.existing(self.tuning_dir, tvm.target.Target(self.tvm_target(target)))
+
+    def open_database(self, target):
+        """The tuning database of the workdir for ``target``, created when missing."""
+        import tvm
+
+        from harness.backends.tvm_tuning import TuningDatabase
+
+        return TuningDatabase(self.tuning_dir, tvm.target.Target(self.tvm_target(target)))
+
+    def search_builder_runner(self, search):
+        """How tuning builds and runs candidates: ``(None, None)`` (local, the defaults of
+        :mod:`harness.backends.tvm_tuning`), or through the RPC tracker on a board."""
+        if self.remote is None:
+            return None, None
+        from tvm.s_tir import meta_schedule as ms
+
+        host, port, key = self.remote
+        runner = ms.runner.RPCRunner(ms.runner.RPCConfig(host, port, key, session_timeout_sec=120),
+                                     evaluator_config=search.evaluator())
+        builder = None
+        arch = target_arch(self.options.get("target") or {})
+        if arch == "aarch64" != host_arch():  # candidates cross-compiled here, run on the board
+            builder = ms.builder.LocalBuilder(f_export=export_aarch64, timeout_sec=search.timeout_s)
+        return builder, runner
+
+    def relax_module(self, module, example, target, precision):
+        """``module`` as a Relax module after the zero pipeline (what tuning extracts tasks from
+        and the database applies to), and the TVM target."""
+        import tvm
+        from tvm import relax
+        from tvm.relax.frontend.torch import from_exported_program
+
+        module, example = cast(module, example, target, precision, device="cpu")  # exported on CPU
+        with torch.no_grad():
+            program = torch.export.export(module, (example,))
+        mod = from_exported_program(program, keep_params_as_input=False)
+        return relax.get_pipeline("zero")(mod), tvm.target.Target(self.tvm_target(target))
 
     def unavailable(self, target):
         try:
@@ -160,72 +228,31 @@ class TVMBackend(Backend):
         sync = dev.sync if target.device == "cuda" else None
         return Engine(main, prepare=prepare, to_torch=to_torch, sync=sync)
 
-    def tuning_record_count(self) -> int:
-        """Tuning records in the shared database (0 when there is none)."""
-        if self.tuning_dir is None or not (self.tuning_dir / "database_tuning_record.json").is_file():
-            return 0
-        with open(self.tuning_dir / "database_tuning_record.json") as f:
-            return sum(1 for line in f if line.strip())
-
-    def _tune(self, mod, tvm_target, trials: int) -> tuple[int, int]:
-        """Tune the workloads of ``mod`` the shared database does not hold yet; returns (tuned, all).
-
-        MetaSchedule lives in ``tvm.s_tir.meta_schedule`` in TVM 0.27. Its XGBoost cost model needs
-        the ``xgboost`` package; without it the search uses the random cost model.
-        """
-        import importlib.util
-
-        from tvm.s_tir import meta_schedule as ms
-        from tvm.s_tir.meta_schedule.relax_integration import extracted_tasks_to_tune_contexts
-
-        self.tuning_dir.mkdir(parents=True, exist_ok=True)
-        database = ms.database.JSONDatabase(work_dir=str(self.tuning_dir))
-        tasks = ms.relax_integration.extract_tasks(mod, tvm_target)
-        todo = [t for t in tasks if not database.has_workload(t.dispatched[0])]
-        if todo:
-            contexts, weights = extracted_tasks_to_tune_contexts(todo, str(self.tuning_dir))
-            builder, runner = "local", "local"
-            if self.remote is not None:  # candidates built here (cross-compiled for a board), run there
-                host, port, key = self.remote
-                runner = ms.runner.RPCRunner(ms.runner.RPCConfig(host, port, key, session_timeout_sec=120))
-                if target_arch(dict(tvm_target.export())) == "aarch64" != host_arch():
-                    builder = ms.builder.LocalBuilder(f_export=export_aarch64)
-            ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(self.tuning_dir),
-                          max_trials_global=trials * len(contexts), max_trials_per_task=trials,
-                          num_trials_per_iter=min(64, trials), database=database, builder=builder,
-                          runner=runner, cost_model="xgb" if importlib.util.find_spec("xgboost") else "random")
-        return len(todo), len(tasks)
-
     def check_export(self, target):
         cross_compiler(self.tvm_target(target))
 
     def export(self, module, example, target, precision, artifact_dir) -> Exported:
-        """Build ``module`` for the profile's TVM target and write the shared library; for another
-        architecture (an ARM board) with the cross compiler."""
+        """Build ``module`` for the profile's TVM target (with the tuning database's schedules on a
+        CPU) and write the shared library; for another architecture with the cross compiler."""
         import tvm
-        from tvm import relax
-        from tvm.relax.frontend.torch import from_exported_program
+
+        from harness.backends.tvm_tuning import module_status
 
         fcompile = cross_compiler(self.tvm_target(target))  # before the build: a missing compiler fails fast
-
-        module, example = cast(module, example, target, precision, device="cpu")  # exported on CPU
-        with torch.no_grad():
-            program = torch.export.export(module, (example,))
-        mod = from_exported_program(program, keep_params_as_input=False)
-        tvm_target = tvm.target.Target(self.tvm_target(target))
-        trials, details = self.tune_trials, {}
+        mod, tvm_target = self.relax_module(module, example, target, precision)
+        details = {}
         if target.device == "cuda":
             from tvm import dlight as dl
 
-            mod = relax.get_pipeline("zero")(mod)
             with tvm_target:
                 mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                               dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
-        elif trials > 0 and self.tuning_dir is not None:
-            mod = relax.get_pipeline("zero")(mod)
-            details["tuned_tasks"], details["tasks"] = self._tune(mod, tvm_target, trials)
-            with tvm_target, tvm.transform.PassContext(opt_level=3):
-                mod = relax.transform.MetaScheduleApplyDatabase(str(self.tuning_dir))(mod)
+        else:
+            db = self.database(target)
+            status = module_status(db, mod, tvm_target)
+            details = status.details()
+            if status.tuned:
+                mod = db.apply(mod)
         lib = tvm.compile(mod, target=tvm_target)
         path = artifact_dir / self.artifact
         lib.export_library(str(path), fcompile=fcompile) if fcompile else lib.export_library(str(path))

@@ -176,11 +176,29 @@ def _compile(backend, module, example, target, precision, artifact_dir: Path, us
     t0 = time.perf_counter()
     if use_cache and backend.has_artifact(artifact_dir):
         try:
-            return backend.load(artifact_dir, example, target, precision), time.perf_counter() - t0, True
+            engine = backend.load(artifact_dir, example, target, precision)
+            engine.details.update(_build_details(artifact_dir))
+            return engine, time.perf_counter() - t0, True
         except Exception:  # a stale or broken cache entry: rebuild it
             t0 = time.perf_counter()
     engine = backend.compile(module, example, target, precision, artifact_dir)
+    _keep_build_details(artifact_dir, engine.details)
     return engine, time.perf_counter() - t0, False
+
+
+BUILD_DETAILS = "build_details.json"  # what the build said of itself (e.g. TVM's tuning label), kept with the artifact
+
+
+def _keep_build_details(artifact_dir: Path, details: dict) -> None:
+    (artifact_dir / BUILD_DETAILS).write_text(json.dumps(details, sort_keys=True))
+
+
+def _build_details(artifact_dir: Path) -> dict:
+    try:
+        details = json.loads((artifact_dir / BUILD_DETAILS).read_text())
+        return details if isinstance(details, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def trial(backend, module: torch.nn.Module, example: torch.Tensor, target, precision: str, key: ArtifactKey,
@@ -223,11 +241,13 @@ def exported(backend, module: torch.nn.Module, example: torch.Tensor, target, pr
     artifact_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if backend.has_artifact(artifact_dir):
-        return Result("ok", "", round(time.perf_counter() - t0, 3), {**backend.details(), "cached": True},
+        return Result("ok", "", round(time.perf_counter() - t0, 3),
+                      {**backend.details(), **_build_details(artifact_dir), "cached": True},
                       artifact=artifact_dir / backend.artifact)
     try:
         out = backend.export(module, example, target, precision, artifact_dir)
     except Exception as e:
         return Result("compile_failed", one_line(e), details=backend.details())
+    _keep_build_details(artifact_dir, out.details)
     return Result("ok", "", round(time.perf_counter() - t0, 3), {**backend.details(), **out.details,
                                                                    "cached": False}, artifact=out.path)

@@ -1,0 +1,353 @@
+"""MetaSchedule tuning of TVM builds within a time budget: one database, resumable, honest labels.
+
+Contract
+--------
+:class:`TuningDatabase` ``(directory, tvm_target)`` is one folder (``<results>/tvm_tuning/``): the
+MetaSchedule JSON database (anchor-block equality, so a record tuned for a convolution with one
+fused epilogue serves the same convolution with another) and ``ledger.json``, written atomically
+after every task: the TVM target the records were tuned for, per task the trials and seconds spent
+and its best measured time, and the budget plan. A database tuned for another TVM target is
+``foreign``: it is neither applied nor extended, and :meth:`TuningDatabase.foreign` says why in
+one line.
+
+:func:`collect_tasks` gathers the distinct tasks of many Relax modules (weights summed over every
+module that uses them). :func:`tune` spends a budget in seconds:
+
+1. every task without records gets ``first_trials`` (one search iteration), largest
+   FLOPs x weight first: an untuned layer dominates a tuned network, so each gets some schedule;
+2. the rest of the budget is spread over the tasks by their share of the networks' latency
+   (weight x best measured time after step 1), converted to trials with the seconds per trial
+   measured so far; the plan is stored, so a re-run with the same budget tunes nothing and a
+   larger budget tunes only the difference.
+
+Each task is tuned by its own ``tune_tasks`` call; MetaSchedule commits records as they are
+measured, so kill -9 keeps them, and a task whose ledger entry was not written is tuned again.
+:func:`module_status` says how many of a module's tasks the database holds (the label of a
+``lut.csv`` row: untuned, partly tuned k/n, tuned).
+
+MetaSchedule lives in ``tvm.s_tir.meta_schedule`` in TVM 0.27. The XGBoost cost model needs the
+``xgboost`` package (``pip install -e ".[tvm-tuning]"``); without it the search uses the random model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LEDGER = "ledger.json"
+EQUALITY = "anchor-block"
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """Search settings sized for a small machine (2 cores): small populations and iterations, one
+    short measurement per candidate. ``first_trials``: step 1's trials per task."""
+
+    first_trials: int = 16
+    trials_per_iter: int = 16
+    max_trials_per_task: int = 256
+    population: int = 128
+    genetic_iters: int = 2
+    number: int = 2  # evaluator: calls per repeat
+    repeat: int = 1
+    min_repeat_ms: int = 20
+    builder_workers: int | None = None  # default: the machine's cores
+    timeout_s: float = 30.0
+
+    def strategy(self):
+        from tvm.s_tir import meta_schedule as ms
+
+        return ms.search_strategy.EvolutionarySearch(population_size=self.population, init_min_unmeasured=16,
+                                                     genetic_num_iters=self.genetic_iters)
+
+    def evaluator(self):
+        from tvm.s_tir import meta_schedule as ms
+
+        return ms.runner.EvaluatorConfig(number=self.number, repeat=self.repeat, min_repeat_ms=self.min_repeat_ms)
+
+
+@dataclass
+class Task:
+    """One distinct tuning task: its database key, a name, the weight summed over all modules that
+    use it, its FLOPs and the extracted task (what MetaSchedule tunes)."""
+
+    key: str
+    name: str
+    weight: int
+    flops: float
+    extracted: object = field(repr=False)
+
+
+@dataclass(frozen=True)
+class TuningStatus:
+    tuned: int
+    tasks: int
+    trials: int
+
+    @property
+    def label(self) -> str:
+        if self.tuned == 0:
+            return "untuned"
+        return "tuned" if self.tuned == self.tasks else f"partly tuned ({self.tuned}/{self.tasks})"
+
+    def details(self) -> dict:
+        return {"tuning": self.label, "tuned_tasks": self.tuned, "tasks": self.tasks, "tune_trials": self.trials}
+
+
+class TuningDatabase:
+    def __init__(self, directory: Path, tvm_target):
+        from tvm.s_tir import meta_schedule as ms
+
+        self.directory, self.target = Path(directory), tvm_target
+        self.target_text = str(tvm_target)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.ms = ms.database.JSONDatabase(work_dir=str(self.directory), module_equality=EQUALITY)
+        self.ledger = self._read_ledger()
+
+    @classmethod
+    def existing(cls, directory: Path | None, tvm_target) -> TuningDatabase | None:
+        """The database in ``directory``, or None when nothing was ever tuned there."""
+        if directory is None or not (Path(directory) / "database_workload.json").is_file():
+            return None
+        return cls(directory, tvm_target)
+
+    def _read_ledger(self) -> dict:
+        path = self.directory / LEDGER
+        if not path.is_file():
+            return {"target": self.target_text, "tasks": {}, "plans": {}}
+        try:
+            ledger = json.loads(path.read_text())
+            if not isinstance(ledger.get("tasks"), dict):
+                raise ValueError("no task table")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"tuning ledger {path} is unreadable ({e}); move the folder away to tune afresh") from None
+        ledger.setdefault("plans", {})
+        return ledger
+
+    def _write_ledger(self) -> None:
+        path = self.directory / LEDGER
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.ledger, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+
+    def foreign(self) -> str | None:
+        """Why the records must not be used for this target (None: they may)."""
+        tuned_for = self.ledger.get("target")
+        if tuned_for and tuned_for != self.target_text:
+            return f"the TVM tuning database in {self.directory} was tuned for {tuned_for}, not {self.target_text}"
+        return None
+
+    def key(self, mod) -> str:
+        """A task's key in the ledger: the anchor-block hash of its workload."""
+        return _probe_key(mod)
+
+    def best_ms(self, mod) -> float | None:
+        """Best measured time of ``mod`` in the database (ms), None without a record."""
+        if not self.ms.has_workload(mod):
+            return None
+        top = self.ms.get_top_k(self.ms.commit_workload(mod), 1)
+        if not top or not top[0].run_secs:
+            return None
+        secs = [float(s) for s in top[0].run_secs]
+        return 1e3 * sum(secs) / len(secs)
+
+    def entry(self, key: str) -> dict:
+        return self.ledger["tasks"].setdefault(key, {"trials": 0, "seconds": 0.0})
+
+    def apply(self, mod):
+        """``mod`` (after the zero pipeline) with every tuned function replaced by its best schedule."""
+        import tvm
+        from tvm import relax
+
+        with self.target, self.ms, tvm.transform.PassContext(opt_level=3):
+            return relax.transform.MetaScheduleApplyDatabase()(mod)
+
+
+def _probe_key(mod) -> str:
+    """The anchor-block hash of a workload the database does not hold yet (an in-memory database)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    return str(ms.database.MemoryDatabase(module_equality=EQUALITY).commit_workload(mod).as_json()[0])
+
+
+def extract(mod, tvm_target) -> list:
+    from tvm.s_tir import meta_schedule as ms
+
+    return list(ms.relax_integration.extract_tasks(mod, tvm_target, module_equality=EQUALITY))
+
+
+def collect_tasks(modules, tvm_target) -> list[Task]:
+    """The distinct tasks of several Relax modules (after the zero pipeline), weights summed."""
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    tasks: dict[str, Task] = {}
+    for mod in modules:
+        for t in extract(mod, tvm_target):
+            key = _probe_key(t.dispatched[0])
+            if key in tasks:
+                tasks[key].weight += int(t.weight)
+            else:
+                try:
+                    flops = float(estimate_tir_flops(t.dispatched[0]))
+                except Exception:  # an op the estimator does not know: counted as tiny
+                    flops = 1.0
+                tasks[key] = Task(key, t.task_name, int(t.weight), flops, t)
+    return list(tasks.values())
+
+
+def module_status(db: TuningDatabase | None, mod, tvm_target) -> TuningStatus:
+    """How many of ``mod``'s tasks ``db`` holds a record for, and the trials spent on them."""
+    tasks = extract(mod, tvm_target)
+    if db is None or db.foreign():
+        return TuningStatus(0, len(tasks), 0)
+    tuned, trials = 0, 0
+    for t in tasks:
+        if db.best_ms(t.dispatched[0]) is not None:
+            tuned += 1
+            trials += int(db.ledger["tasks"].get(db.key(t.dispatched[0]), {}).get("trials", 0))
+    return TuningStatus(tuned, len(tasks), trials)
+
+
+def import_tensor_intrinsics() -> None:
+    """Import TVM's tensor intrinsics (MetaSchedule needs them registered) in a few seconds rather
+    than ~30: their TVMScript parser calls ``inspect.stack()``, and for every frame of the import
+    machinery (``<frozen importlib...>``, no file on disk) ``inspect.getmodule`` scans all of
+    ``sys.modules`` again. Naming those two modules in inspect's own cache ends the scans."""
+    import inspect
+
+    for name in ("importlib._bootstrap", "importlib._bootstrap_external"):
+        inspect.modulesbyfile.setdefault(f"<frozen {name}>", name)
+    import tvm.s_tir.tensor_intrin  # noqa: F401
+
+
+def _build_without_intrinsics():
+    """MetaSchedule's default build minus its import of the tensor intrinsics, which costs each
+    builder worker ~30 s (workers live for one search iteration). A candidate arrives scheduled,
+    tensorized blocks included, so building it needs no registered intrinsic. Nested, so it is
+    pickled by value: the workers never import the harness (or torch)."""
+
+    def build(mod, target, _params):
+        from tvm.driver import build as tvm_build
+        from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+        return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+    return build
+
+
+def local_builder_runner(search: SearchSettings):
+    """This machine's builder and runner, made once per tuning session: the runner's worker pool
+    lives as long as the runner, so tasks do not pay its start-up each."""
+    from tvm.s_tir import meta_schedule as ms
+
+    builder = ms.builder.LocalBuilder(max_workers=search.builder_workers, timeout_sec=search.timeout_s,
+                                      f_build=_build_without_intrinsics())
+    runner = ms.runner.LocalRunner(timeout_sec=search.timeout_s, evaluator_config=search.evaluator())
+    return builder, runner
+
+
+def _tune_one(db: TuningDatabase, task: Task, trials: int, search: SearchSettings, builder, runner) -> float:
+    """Tune ``task`` for ``trials`` more trials; returns the seconds it took."""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.relax_integration import extracted_tasks_to_tune_contexts
+
+    import_tensor_intrinsics()
+    contexts, weights = extracted_tasks_to_tune_contexts([task.extracted], str(db.directory),
+                                                         strategy=search.strategy())
+    if not contexts:  # already scheduled by the frontend: nothing to tune
+        return 0.0
+    cost_model = "xgb" if importlib.util.find_spec("xgboost") else "random"
+    t0 = time.monotonic()
+    ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(db.directory), max_trials_global=trials,
+                  max_trials_per_task=trials, num_trials_per_iter=min(search.trials_per_iter, trials),
+                  database=db.ms, builder=builder, runner=runner, cost_model=cost_model,
+                  module_equality=EQUALITY)
+    return time.monotonic() - t0
+
+
+def _spend(db: TuningDatabase, task: Task, trials: int, search, builder, runner) -> float:
+    seconds = _tune_one(db, task, trials, search, builder, runner)
+    entry = db.entry(task.key)
+    entry.update(name=task.name, trials=entry["trials"] + trials, seconds=entry["seconds"] + seconds,
+                 best_ms=db.best_ms(task.extracted.dispatched[0]))
+    db._write_ledger()
+    return seconds
+
+
+def plan_trials(tasks: list[Task], shares: dict[str, float], trials_total: int, search: SearchSettings) -> dict:
+    """``trials_total`` spread over ``tasks`` by ``shares`` (fractions summing to 1), in whole
+    search iterations, each task capped at ``max_trials_per_task``."""
+    out = {}
+    for t in tasks:
+        n = shares.get(t.key, 0.0) * trials_total
+        n = search.trials_per_iter * round(n / search.trials_per_iter)
+        out[t.key] = int(min(search.max_trials_per_task, max(search.first_trials, n)))
+    return out
+
+
+def tune(db: TuningDatabase, tasks: list[Task], budget_s: float, search: SearchSettings | None = None,
+         builder=None, runner=None, progress_factory: Callable[[int, str], Callable] | None = None) -> dict:
+    """Spend ``budget_s`` seconds in all (this call and earlier ones on the same tasks) tuning
+    ``tasks`` into ``db`` (see the module docstring); returns what this call did: tasks, tasks
+    tuned, trials and seconds spent. ``progress_factory(total, name)`` makes a progress callback
+    ``(label, text)`` per step; a step is one task tuned."""
+    search = search or SearchSettings()
+    why = db.foreign()
+    if why:
+        raise ValueError(f"{why}: tune into another results folder, or move the folder away")
+    db.ledger["target"] = db.target_text
+    if builder is None or runner is None:
+        local_builder, local_runner = local_builder_runner(search)
+        builder, runner = builder or local_builder, runner or local_runner
+    start, done_now, trials_now = time.monotonic(), 0, 0
+    spent_before = sum(db.entry(t.key)["seconds"] for t in tasks)
+    left = lambda: budget_s - spent_before - (time.monotonic() - start)  # noqa: E731
+    # 1. a first iteration for every task without one, largest first
+    first = [t for t in tasks if db.entry(t.key)["trials"] < search.first_trials]
+    first.sort(key=lambda t: -t.flops * t.weight)
+    progress = progress_factory(len(first), "tuning, first pass") if progress_factory and first else None
+    for t in first:
+        if left() <= 0:
+            break
+        _spend(db, t, search.first_trials, search, builder, runner)
+        done_now, trials_now = done_now + 1, trials_now + search.first_trials
+        if progress:
+            progress(t.name, f"{_best(db, t)}, {max(0, left()) / 60:.1f} min left")
+    # 2. the rest of the budget by share of latency, as a stored plan
+    plan_key = f"{round(budget_s)}s:" + ",".join(sorted(t.key for t in tasks))
+    plan = db.ledger["plans"].get(plan_key)
+    if plan is None and all(db.entry(t.key)["trials"] >= search.first_trials for t in tasks):
+        spent = sum(db.entry(t.key)["seconds"] for t in tasks)
+        trials = sum(db.entry(t.key)["trials"] for t in tasks)
+        per_trial = spent / max(1, trials)
+        cost = {t.key: t.weight * (db.entry(t.key).get("best_ms") or 0.0) for t in tasks}
+        total = sum(cost.values()) or 1.0
+        remaining_trials = max(0, int((budget_s - spent) / per_trial)) if per_trial > 0 else 0
+        plan = plan_trials(tasks, {k: v / total for k, v in cost.items()}, trials + remaining_trials, search)
+        db.ledger["plans"] = {plan_key: plan}  # one plan at a time: the newest budget
+        db._write_ledger()
+    if plan:
+        todo = [t for t in tasks if plan.get(t.key, 0) > db.entry(t.key)["trials"]]
+        todo.sort(key=lambda t: -(plan[t.key] - db.entry(t.key)["trials"]))
+        progress = progress_factory(len(todo), "tuning by share") if progress_factory and todo else None
+        for t in todo:
+            if left() <= 0:
+                break
+            more = plan[t.key] - db.entry(t.key)["trials"]
+            _spend(db, t, more, search, builder, runner)
+            done_now, trials_now = done_now + 1, trials_now + more
+            if progress:
+                progress(f"{t.name} +{more} trials", f"{_best(db, t)}, {max(0, left()) / 60:.1f} min left")
+    return {"tasks": len(tasks), "tuned_now": done_now, "trials_now": trials_now,
+            "seconds_now": round(time.monotonic() - start, 1)}
+
+
+def _best(db: TuningDatabase, t: Task) -> str:
+    best = db.entry(t.key).get("best_ms")
+    return f"best {best:.3f} ms" if best is not None and math.isfinite(best) else "no valid schedule yet"

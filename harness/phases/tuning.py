@@ -1,0 +1,72 @@
+"""Tuning a target's TVM builds: every distinct task of the networks a run measures, one budget.
+
+Contract
+--------
+:func:`tuning_modules` lists the networks TVM will build for ``models`` at ``input_size``: every
+static workload (each route of a supernet, each width of a static model) and every part of each
+supernet's dynamic engine (the head and each segment, on the features the chain feeds it).
+:func:`run_tuning` turns them into Relax, collects their distinct tasks and spends the budget on
+them (:func:`harness.backends.tvm_tuning.tune`) into the TVM backend's database under the results
+folder, then reports how many tasks the database holds. The TVM backend applies that database
+to every later build (``harness.run``), so tuning is shared by all routes and all phases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+import dsnet
+from harness.deploy.lut import route_segment_names
+from harness.phases.static import reference_model, workloads
+
+
+def tuning_modules(models: list[str], input_size: int) -> Iterator[tuple[str, torch.nn.Module, torch.Tensor]]:
+    """``(label, module, example input)`` for every network TVM builds for ``models``."""
+    x = torch.randn(1, 3, input_size, input_size, generator=torch.Generator().manual_seed(1))
+    for w in workloads(models, input_size):
+        yield f"{w.model} {w.route}", w.build(), x
+    for name in models:
+        if not len(dsnet.create_model(name).routing_space.gates):
+            continue
+        model = reference_model(name).eval()
+        plan = dsnet.split(model)
+        yield f"{name} head", plan.head, x
+        seen = set()
+        with torch.no_grad():
+            head_feats = plan.head(x)[0]
+            for route in model.routes(input_size):
+                feats, prev = head_feats, None
+                for k, (c, seg_name) in enumerate(zip(route, route_segment_names(route)[1:])):
+                    segment = plan.stages[k][(prev, c)]
+                    if seg_name not in seen:
+                        seen.add(seg_name)
+                        yield f"{name} {seg_name}", segment, feats
+                    out = segment(feats)
+                    feats, prev = (out[0] if isinstance(out, tuple) else out), c
+
+
+def run_tuning(backend, target, models: list[str], input_size: int, budget_s: float,
+               progress_factory: Callable[[int, str], Callable[[str, str], None]] | None = None) -> dict:
+    """Tune the TVM tasks of ``models`` within ``budget_s`` seconds (in total over re-runs) with
+    ``backend`` (the TVM backend, its workdir the database's folder) for ``target``; returns the
+    tuning summary and the database's coverage of the tasks (``tuned`` of ``tasks``)."""
+    from harness.backends.tvm_tuning import SearchSettings, collect_tasks, tune
+
+    precision = "fp32"
+    mods, tvm_target = [], None
+    modules = list(tuning_modules(models, input_size))
+    extract = progress_factory(len(modules), "tasks") if progress_factory else None
+    for label, module, example in modules:
+        mod, tvm_target = backend.relax_module(module, example, target, precision)
+        mods.append(mod)
+        if extract:
+            extract(label, "extracted")
+    tasks = collect_tasks(mods, tvm_target)
+    db = backend.open_database(target)
+    search = SearchSettings()
+    builder, runner = backend.search_builder_runner(search)
+    summary = tune(db, tasks, budget_s, search, builder, runner, progress_factory)
+    have = sum(1 for t in tasks if db.best_ms(t.extracted.dispatched[0]) is not None)
+    return summary | {"networks": len(modules), "tuned": have, "database": str(db.directory)}

@@ -1,0 +1,110 @@
+"""``python -m harness.tune --target NAME``: tune TVM for the networks a run measures, within a budget.
+
+Collects every distinct TVM task of the target's networks (all routes, all widths, the dynamic
+engine's parts) at the profile's input size and tunes them with MetaSchedule into the results
+folder's database (``<results>/tvm_tuning/``), which every later ``harness.run`` build applies.
+The budget (``--minutes``, default the profile's ``[tvm] tune_minutes``, else
+:data:`DEFAULT_MINUTES`) counts over re-runs: an interrupted run keeps its records and the next
+one tunes only what is missing; a re-run with the same budget tunes nothing. Exit codes: 0 done;
+2 bad input (one line on stderr); 130 interrupted (records kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from harness.cli import (
+    DEFAULT_MODELS,
+    MAX_INPUT_SIZE,
+    Progress,
+    UsageError,
+    add_results_option,
+    names_option,
+    open_target,
+    results_layout,
+    run_main,
+)
+from harness.targets import known_targets
+
+DEFAULT_MINUTES = 30.0
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m harness.tune", description=__doc__.split("\n")[0])
+    p.add_argument("--target", required=True, help=f"target profile: {', '.join(known_targets())}")
+    p.add_argument("--models", help=f"comma-separated models (default: {','.join(DEFAULT_MODELS)})")
+    p.add_argument("--minutes", type=float, help="tuning budget in minutes, over re-runs (default: the profile's "
+                                                 f"[tvm] tune_minutes, else {DEFAULT_MINUTES:g})")
+    p.add_argument("--input-size", type=int, help="square input resolution (default: the profile's)")
+    add_results_option(p)
+    p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="tune on boards through TVM's RPC tracker")
+    p.add_argument("--rpc-key", help="the boards' key at the tracker (with --rpc-tracker)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return run_main(lambda: _main(args), "the tuning records measured so far are kept; re-run to go on")
+
+
+def _main(args) -> int:
+    import dsnet
+    from harness.backends import get_backend
+    from harness.measure.remote import RemoteError, parse_tracker
+    from harness.phases.tuning import run_tuning
+    from harness.results.store import FolderLock, StoreError
+
+    if bool(args.rpc_tracker) != bool(args.rpc_key):
+        raise UsageError("--rpc-tracker and --rpc-key go together")
+    target = open_target(args.target, remote=bool(args.rpc_tracker))
+    if "tvm" not in target.backends and not target.options("tvm"):
+        raise UsageError(f"target '{target.name}' has no [tvm] table: nothing to tune")
+    models = names_option("--models", args.models, dsnet.list_models(), list(DEFAULT_MODELS))
+    input_size = args.input_size if args.input_size is not None else target.input_size
+    if not 32 <= input_size <= MAX_INPUT_SIZE:
+        raise UsageError(f"--input-size must be between 32 and {MAX_INPUT_SIZE}, got {input_size}")
+    minutes = args.minutes if args.minutes is not None else (target.options("tvm").get("tune_minutes")
+                                                             or DEFAULT_MINUTES)
+    if not minutes > 0:
+        raise UsageError(f"--minutes must be greater than 0, got {minutes:g}")
+    remote = None
+    if args.rpc_tracker:
+        try:
+            host, port = parse_tracker(args.rpc_tracker)
+        except RemoteError as e:
+            raise UsageError(str(e)) from None
+        remote = (host, port, args.rpc_key)
+    layout = results_layout(args.results, target.name)
+    try:
+        backend = get_backend("tvm", target.options("tvm"), workdir=layout.tuning_dir("tvm"), remote=remote)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    why = backend.unavailable(target)
+    if why:
+        raise UsageError(f"tvm: {why}")
+    if target.device != "cpu":
+        raise UsageError(f"target '{target.name}' builds TVM for {target.device} with DLight's default schedules; "
+                         "harness.tune tunes CPU targets")
+    try:
+        layout.root.mkdir(parents=True, exist_ok=True)
+        lock = FolderLock(layout.root).acquire()
+    except (OSError, StoreError) as e:
+        raise UsageError(f"results folder {layout.root}: {e}") from None
+    try:
+        print(f"tuning {', '.join(models)} at {input_size}px for {target.name} within {minutes:g} min "
+              f"into {layout.tuning_dir('tvm')}", file=sys.stderr)
+        try:
+            summary = run_tuning(backend, target, models, input_size, minutes * 60,
+                                 lambda total, desc: Progress(total, desc))
+        except ValueError as e:  # a database tuned for another target, an unreadable ledger
+            raise UsageError(str(e)) from None
+    finally:
+        lock.release()
+    print(f"tuned {summary['tuned_now']} task(s) now ({summary['trials_now']} trials, {summary['seconds_now']:.0f} s); "
+          f"the database holds {summary['tuned']} of the {summary['tasks']} tasks of {summary['networks']} networks")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
