@@ -67,3 +67,24 @@ def test_table2_ratios_are_computed_from_the_stored_rows():
     assert csv.set_index("way").ratio_to_ideal["masking"] == pytest.approx(9.0 / 4.0)
     with pytest.raises(tables.ReportError, match="no Table 2"):
         tables.table2(dyn, 64)
+
+
+def test_untuned_and_partly_tuned_tvm_cells_are_marked():
+    def row(backend, width, ms, details):
+        return {"model": "mobilenet_v1", "route": f"x{width}", "backend": backend, "precision": "fp32",
+                "batch_size": 1, "input_size": 224, "madds": width * 1e8, "params": width * 1e6,
+                "latency_ms_p50": ms, "latency_ms_mean": ms, "n": 30, "valid": 1, "status": "ok", "error": "",
+                "backend_details": details}
+
+    tuned = '{"tuning": "tuned", "tuned_tasks": 9, "tasks": 9}'
+    lut = pd.DataFrame([row("eager", 1.0, 10.0, "{}"), row("eager", 0.5, 4.0, "{}"),
+                        row("tvm", 1.0, 400.0, '{"tuning": "untuned", "tuned_tasks": 0, "tasks": 9}'),
+                        row("tvm", 0.5, 30.0, '{"tuning": "partly tuned (5/9)", "tuned_tasks": 5, "tasks": 9}')])
+    t, _, notes = tables.slimmable_table3(lut, 224)
+    t = t.set_index("switch")
+    assert t.loc["x1.0", "tvm p50 (ms)"] == "400.000†" and t.loc["x0.5", "tvm p50 (ms)"] == "30.000‡"
+    assert t.loc["x1.0", "eager p50 (ms)"] == "10.000"  # other backends carry no mark
+    assert len(notes) == 1 and "untuned" in notes[0]
+    lut.loc[lut.backend == "tvm", "backend_details"] = tuned
+    t, _, notes = tables.slimmable_table3(lut, 224)
+    assert t.set_index("switch").loc["x1.0", "tvm p50 (ms)"] == "400.000" and notes == []

@@ -5,6 +5,8 @@ interleaved acceleration ratios. Imports no other reporting module.
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 
 PAPER_TABLE2_MS = {"full": 12.2, "masking": 12.4, "indexing": 16.6, "slicing": 7.9, "ideal": 7.2}
@@ -44,3 +46,18 @@ def acceleration(dyn: pd.DataFrame, input_size: int) -> pd.DataFrame:
         if {"largest", "matched", "dynamic"} <= set(t.index):
             rows.append({"backend": b, "ideal": t["largest"] / t["matched"], "realized": t["largest"] / t["dynamic"]})
     return pd.DataFrame(rows)
+
+
+TUNING_MARKS = {"untuned": "†", "partly tuned": "‡"}
+TUNING_NOTE = ("† TVM untuned (no MetaSchedule record applies: operators left unscheduled); ‡ TVM partly tuned "
+               "(some tasks without a record). python -m harness.tune tunes them.")
+
+
+def tuning_label(details) -> str:
+    """``untuned``, ``partly tuned`` or ``tuned`` from a row's ``backend_details`` ('' when the
+    backend does not tune)."""
+    try:
+        label = json.loads(details).get("tuning", "") if isinstance(details, str) and details else ""
+    except ValueError:
+        return ""
+    return "partly tuned" if label.startswith("partly") else label

@@ -19,7 +19,15 @@ import numpy as np
 import pandas as pd
 
 from harness.reporting import gates
-from harness.reporting.common import PAPER_ACCELERATION, PAPER_TABLE2_MS, WAY_NOTES, ReportError, acceleration, ok_rows
+from harness.reporting.common import (
+    PAPER_ACCELERATION,
+    PAPER_TABLE2_MS,
+    WAY_NOTES,
+    ReportError,
+    acceleration,
+    ok_rows,
+    tuning_label,
+)
 from harness.results.layout import Layout
 
 
@@ -64,7 +72,8 @@ def latency_vs_madds(lut: pd.DataFrame, input_size: int, path: Path) -> Path:
         if len(invalid):  # cells the protocol could not make valid: ringed
             ax.scatter(invalid.madds / 1e6, invalid.latency_ms_p50, s=90, facecolors="none", edgecolors="red",
                        linewidths=0.8, label="not valid (interval too wide)")
-        ax.set_title(b)
+        labels = {tuning_label(v) for v in g.backend_details} - {""} if "backend_details" in g else set()
+        ax.set_title(b if not labels or labels == {"tuned"} else f"{b} ({', '.join(sorted(labels))})")
         ax.set_xlabel("MAdds (M)")
         ax.set_ylabel("latency p50 (ms)")
         ax.grid(alpha=0.3)

@@ -33,11 +33,14 @@ from harness.reporting.common import (
     PAPER_SLIMMABLE,
     PAPER_TABLE2_MS,
     PAPER_TABLE7,
+    TUNING_MARKS,
+    TUNING_NOTE,
     WAY_NOTES,
     ReportError,
     acceleration,
     md_table,
     ok_rows,
+    tuning_label,
 )
 from harness.results.layout import DYNAMIC_COLUMNS, GATE_ROUTE_COLUMNS, LUT_COLUMNS, Layout, read_csv
 
@@ -157,6 +160,15 @@ def _valid(rows: pd.DataFrame, key):
     return rows["valid"].get(key) if "valid" in rows.columns else None
 
 
+def _latency(rows: pd.DataFrame, key) -> str:
+    """A latency cell of ``rows`` (indexed by route or way): the value, its validity mark and, for a
+    TVM row, its tuning mark."""
+    cell = _ms(rows.latency_ms_p50.get(key), _valid(rows, key))
+    if cell != "-" and "backend_details" in rows.columns and key in rows.index:
+        cell += TUNING_MARKS.get(tuning_label(rows.backend_details.get(key)), "")
+    return cell
+
+
 # -- tables ----------------------------------------------------------------------------------------
 
 def table2(dyn: pd.DataFrame, input_size: int):
@@ -263,11 +275,12 @@ def slimmable_table3(lut: pd.DataFrame, input_size: int):
     t["params (M)"] = [f"{first.params[f'x{w}'] / 1e6:.2f}" for w in widths]
     for b in backends:
         r = static[static.backend == b].set_index("route")
-        t[f"{b} p50 (ms)"] = [_ms(r.latency_ms_p50.get(f"x{w}"), _valid(r, f"x{w}")) for w in widths]
+        t[f"{b} p50 (ms)"] = [_latency(r, f"x{w}") for w in widths]
     t["paper MAdds"] = [PAPER_SLIMMABLE[w][0] for w in widths]
     t["paper params"] = [PAPER_SLIMMABLE[w][1] for w in widths]
     csv = static[["route", "backend", "madds", "params", "latency_ms_p50", "latency_ms_mean", "n"]]
-    return t, csv.sort_values(["backend", "madds"], ascending=[True, False]), []
+    marked = any(m in str(v) for m in TUNING_MARKS.values() for c in t.columns for v in t[c])
+    return t, csv.sort_values(["backend", "madds"], ascending=[True, False]), [TUNING_NOTE] if marked else []
 
 
 TABLES = {
