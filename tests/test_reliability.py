@@ -15,6 +15,7 @@ import dsnet
 from harness import report as reportmod
 from harness import retrain_gate as retrainmod
 from harness import run as runmod
+from harness import tune as tunemod
 from harness.backends import get_backend
 from harness.backends.base import Backend
 from harness.measure.pipeline import ArtifactKey, check_output, trial, weights_fingerprint
@@ -257,3 +258,30 @@ def test_a_lut_at_another_input_size_names_both_sizes(tmp_path):
                    "error": ""}]).to_csv(tmp_path / "dynamic.csv", index=False)
     with pytest.raises(LUTError, match=r"at input size 64; it has: ds_mbnet_tiny/eager at 32px"):
         LatencyLUT.load(tmp_path, "eager", "ds_mbnet_tiny", input_size=64)
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["--minutes", "0"], "--minutes must be greater than 0, got 0"),
+    (["--models", "nope"], "unknown model(s) nope"),
+    (["--input-size", "8"], "--input-size must be between 32 and"),
+    (["--rpc-tracker", "h:1"], "--rpc-tracker and --rpc-key go together"),
+])
+def test_bad_tuning_input_is_one_line(args, pattern, capsys, tmp_path):
+    assert tunemod.main(["--target", "x86", "--results", str(tmp_path), *args]) == 2
+    _one_error_line(capsys, pattern)
+
+
+def test_tuning_into_a_database_of_another_target_is_refused(capsys, tmp_path):
+    pytest.importorskip("tvm")
+    workdir = tmp_path / "tvm_tuning"
+    workdir.mkdir()
+    (workdir / "database_workload.json").write_text("")
+    (workdir / "ledger.json").write_text('{"target": "llvm -mcpu=another-cpu", "tasks": {}}')
+    code = tunemod.main(["--target", "x86", "--models", "ds_mbnet_tiny", "--input-size", "32", "--minutes", "1",
+                         "--results", str(tmp_path)])
+    assert code == 2
+    _one_error_line(capsys, "was tuned for llvm -mcpu=another-cpu")
+    (workdir / "ledger.json").write_text("{not json")
+    assert tunemod.main(["--target", "x86", "--models", "ds_mbnet_tiny", "--input-size", "32", "--minutes", "1",
+                         "--results", str(tmp_path)]) == 2
+    _one_error_line(capsys, "tuning ledger")

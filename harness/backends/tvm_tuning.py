@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import os
 import time
@@ -107,8 +108,13 @@ class TuningDatabase:
         self.directory, self.target = Path(directory), tvm_target
         self.target_text = str(tvm_target)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.ms = ms.database.JSONDatabase(work_dir=str(self.directory), module_equality=EQUALITY)
         self.ledger = self._read_ledger()
+        try:
+            self.ms = ms.database.JSONDatabase(work_dir=str(self.directory), module_equality=EQUALITY)
+        except Exception as e:  # a truncated or foreign file: TVM raises its own error types
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"tuning database in {self.directory} is unreadable ({first}); "
+                             "move the folder away to tune afresh") from None
 
     @classmethod
     def existing(cls, directory: Path | None, tvm_target) -> TuningDatabase | None:
@@ -299,6 +305,11 @@ def _tune_one(db: TuningDatabase, task: Task, trials: int, search: SearchSetting
     from tvm.s_tir.meta_schedule.relax_integration import extracted_tasks_to_tune_contexts
 
     import_tensor_intrinsics()
+    # MetaSchedule's console handler takes the level its logger has when tuning starts: WARNING
+    # keeps per-trial tables off stdout (the run's summary); the logs/ files keep everything
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    if ms_logger.level in (logging.NOTSET, logging.DEBUG):
+        ms_logger.setLevel(logging.WARNING)
     contexts, weights = extracted_tasks_to_tune_contexts([task.extracted], str(db.directory),
                                                          strategy=search.strategy())
     if not contexts:  # already scheduled by the frontend: nothing to tune
