@@ -310,6 +310,9 @@ def _tune_one(db: TuningDatabase, task: Task, trials: int, search: SearchSetting
     ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
     if ms_logger.level in (logging.NOTSET, logging.DEBUG):
         ms_logger.setLevel(logging.WARNING)
+    # its set-up names the logger's handlers in a dictConfig: an unnamed one (a capture handler
+    # pytest leaves behind) makes it fail, so only named handlers stay on MetaSchedule's own logger
+    ms_logger.handlers = [h for h in ms_logger.handlers if h.get_name()]
     contexts, weights = extracted_tasks_to_tune_contexts([task.extracted], str(db.directory),
                                                          strategy=search.strategy())
     if not contexts:  # already scheduled by the frontend: nothing to tune
