@@ -99,6 +99,10 @@ def _main(args) -> int:
                                  lambda total, desc: Progress(total, desc))
         except ValueError as e:  # a database tuned for another target, an unreadable ledger
             raise UsageError(str(e)) from None
+        except (RuntimeError, OSError) as e:  # a network TVM cannot import, a worker that died
+            from harness.backends.base import one_line
+
+            raise UsageError(f"tuning failed: {one_line(e)} (the records measured so far are kept)") from None
     finally:
         lock.release()
     print(f"tuned {summary['tuned_now']} task(s) now ({summary['trials_now']} trials, {summary['seconds_now']:.0f} s); "

@@ -144,3 +144,30 @@ def test_a_database_tuned_for_another_target_is_not_applied(x86, tmp_path):
     assert result.details["tuning"] == "untuned"
     with pytest.raises(ValueError, match="was tuned for llvm -mcpu=some-other-cpu"):
         tune(backend.open_database(target), _tasks(backend, target, net, x), 10, SearchSettings())
+
+
+def test_the_run_tunes_within_the_profiles_budget_and_labels_its_rows(x86, tmp_path, capsys):
+    """``harness.run`` with ``[tvm] tune_minutes``: the budget (2 s here) ends after the first task,
+    so the rows say partly tuned, the summary says how tuned, and a re-run tunes nothing more."""
+    import pandas as pd
+
+    from harness import run as runmod
+
+    profile = tmp_path / "tvm-test.toml"
+    profile.write_text('name = "tvm-test"\ndevice = "cpu"\nbackends = ["tvm"]\ninput_size = 32\n'
+                       '[tvm]\ntarget = { kind = "llvm", mcpu = "auto", num-cores = 0 }\ntune_minutes = 0.03\n'
+                       '[protocol]\nwarmup_calls = 2\nwarmup_ms = 10\nrepeat = 3\nmin_repeat_ms = 5\n')
+    args = ["--target", str(profile), "--models", "ds_mbnet_tiny", "--routes", "0", "--out", str(tmp_path / "out")]
+    assert runmod.main(args) == 0
+    out = capsys.readouterr()
+    assert "tvm: tuning ds_mbnet_tiny at 32px within 0.03 min" in out.err
+    rows = pd.read_csv(tmp_path / "out" / "lut.csv")
+    details = json.loads(rows.backend_details[0])
+    assert rows.status[0] == "ok" and details["tuning"].startswith("partly tuned") and 0 < details["tuned_tasks"]
+    assert "tvm rows: 1 partly tuned" in out.out
+    ledger = json.loads((tmp_path / "out" / "tvm_tuning" / "ledger.json").read_text())
+    spent = sum(t["trials"] for t in ledger["tasks"].values())
+    code = runmod.main([*args, "--retry-failed"])
+    assert code == 0, capsys.readouterr().err  # the budget is spent: nothing more is tuned
+    ledger = json.loads((tmp_path / "out" / "tvm_tuning" / "ledger.json").read_text())
+    assert sum(t["trials"] for t in ledger["tasks"].values()) == spent

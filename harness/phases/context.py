@@ -3,7 +3,8 @@ run's identity, the configured backends and (for boards) the farm.
 
 Contract
 --------
-``RunContext(target, layout, protocol, store, device_name, device_mismatch, run_id, farm=None)``.
+``RunContext(target, layout, protocol, store, device_name, device_mismatch, run_id, farm=None, lock=None)``;
+``ctx.close()`` closes the store and releases the results folder's lock.
 ``ctx.backend(name)`` is the backend configured from the profile's ``[name]`` table, its
 ``workdir`` the results folder's ``<name>_tuning/`` and, with a farm, the tracker's address;
 one instance per name. ``ctx.trial(...)`` is :func:`harness.measure.pipeline.trial` with the
@@ -35,6 +36,7 @@ class RunContext:
     device_mismatch: bool
     run_id: str
     farm: object = None  # harness.measure.remote.Farm: measure on its boards
+    lock: object = None  # harness.results.store.FolderLock held on the results folder, released by close()
     _backends: dict = field(default_factory=dict, repr=False)
 
     def backend(self, name: str) -> Backend:
@@ -57,6 +59,12 @@ class RunContext:
               example: torch.Tensor, ref=None, weights: str | None = None) -> Result:
         key = self.key(model, route, backend, precision, example, module, weights)
         return trial(self.backend(backend), module, example, self.target, precision, key, self.layout.cache_dir, ref)
+
+    def close(self) -> None:
+        """Close the store and give the results folder back to other runs."""
+        self.store.close()
+        if self.lock is not None:
+            self.lock.release()
 
     def stamp(self) -> dict:
         return {"run_id": self.run_id, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
