@@ -10,6 +10,13 @@ from dsnet.gate import Gate
 from dsnet.layers import SplitBatchNorm2d
 
 
+@pytest.fixture(autouse=True)
+def _seeded_torch():
+    """Every test starts from the same global RNG state (weights' default initialization), so a
+    failure in CI is a failure here too, whatever ran before it."""
+    torch.manual_seed(0)
+
+
 def randomize(model, seed: int = 0):
     """Give every BN statistics slot and affine its own random values, so that reading the wrong
     slot or slice changes the output; make gates route different inputs to different choices."""

@@ -33,6 +33,22 @@ def test_dynamic_engine_equals_the_supernet_on_torchscript(name, batch, tmp_path
         assert len({tuple(c) for c in choices.tolist()}) > 1
 
 
+def test_a_segment_first_seen_on_all_zero_features_compiles_and_checks(tmp_path):
+    """A narrow slice of one image's features can be all zero after ReLU; the segment's check must
+    not then compare eager with itself on a constant (it failed as 'activations vanish')."""
+    model = dsnet.reference_statistics(randomize(dsnet.create_model("ds_resnet50_tiny")))
+    plan = dsnet.split(model)
+    engine = DynamicEngine(plan, get_backend("torchscript"), X86, "fp32", tmp_path, 32)
+    key = next(iter(plan.stages[1]))
+    cin = plan.stages[1][key].body[0].conv1.in_channels
+    zeros = torch.zeros(1, cin, 8, 8)
+    segment = engine.segment(1, key, zeros)
+    with torch.no_grad():
+        ref = plan.stages[1][key](zeros)
+    out = segment(zeros)
+    assert all((a - b).abs().max() <= 1e-4 for a, b in zip(out, ref))
+
+
 def test_route_call_runs_the_forced_route(tmp_path):
     model = dsnet.reference_statistics(randomize(dsnet.create_model("ds_resnet50_tiny")))
     engine = DynamicEngine(dsnet.split(model), get_backend("eager"), X86, "fp32", tmp_path, 32)
