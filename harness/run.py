@@ -217,6 +217,7 @@ def tuning_phase(ctx, p: RunPlan, quick: bool) -> None:
         if quick and minutes > 0:
             p.notes.append(f"--quick leaves TVM tuning out: tvm uses what {p.layout.tuning_dir('tvm')} holds")
         return
+    stale = ctx.backend("tvm").notes(ctx.target)  # e.g. "untuned": said before the database grew
     print(f"tvm: tuning {', '.join(p.models)} at {p.input_size}px within {minutes:g} min "
           f"(the profile's [tvm] tune_minutes; python -m harness.tune tunes more)", file=sys.stderr)
     try:
@@ -230,6 +231,7 @@ def tuning_phase(ctx, p: RunPlan, quick: bool) -> None:
 
         p.notes.append(f"tvm tuning failed ({one_line(e)}); tvm measured with what the database holds")
         return
+    p.notes = [n for n in p.notes if n not in stale] + ctx.backend("tvm").notes(ctx.target)
     p.notes.append(f"tvm: the tuning database holds {summary['tuned']} of the {summary['tasks']} tasks "
                    f"({summary['trials_now']} trials tuned in this run)")
 
