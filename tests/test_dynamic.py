@@ -9,6 +9,7 @@ from conftest import randomize, routes_apart
 from harness.backends import get_backend
 from harness.deploy.engine import DynamicEngine, stream_routes
 from harness.deploy.lut import LatencyLUT, LUTError, matched_distribution, route_segment_names
+from harness.measure.pipeline import check_output
 from harness.results.layout import DYNAMIC_COLUMNS
 from harness.targets import load_target
 
@@ -26,7 +27,7 @@ def test_dynamic_engine_equals_the_supernet_on_torchscript(name, batch, tmp_path
         model.set_route(None)
         ref, onehots, _ = model.forward_dynamic(x)
         out, choices = engine(x)
-    assert (out - ref).abs().max() <= 1e-4
+    assert check_output(out, ref, "fp32") is None  # the pipeline's fp32 tolerance (logits reach ~45)
     expected = torch.stack(onehots, 1).argmax(-1)
     assert torch.equal(choices, expected)
     if batch > 1:
