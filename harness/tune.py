@@ -1,12 +1,12 @@
 """``python -m harness.tune --target NAME``: tune TVM for the networks a run measures, within a budget.
 
 Collects every distinct TVM task of the target's networks (all routes, all widths, the dynamic
-engine's parts) at the profile's input size and tunes them with MetaSchedule into the results
-folder's database (``<results>/tvm_tuning/``), which every later ``harness.run`` build applies.
-The budget (``--minutes``, default the profile's ``[tvm] tune_minutes``, else
-:data:`DEFAULT_MINUTES`) counts over re-runs: an interrupted run keeps its records and the next
-one tunes only what is missing; a re-run with the same budget tunes nothing. Exit codes: 0 done;
-2 bad input (one line on stderr); 130 interrupted (records kept).
+engine's parts where the profile's ``dynamic_backends`` name tvm) at the profile's input size and
+tunes them with MetaSchedule into the results folder's database (``<results>/tvm_tuning/``),
+which every later ``harness.run`` build applies. The budget (``--minutes``, default the profile's
+``[tvm] tune_minutes``, else :data:`DEFAULT_MINUTES`) counts over re-runs: an interrupted run
+keeps its records and the next one tunes only what is missing; a re-run with the same budget
+tunes nothing. Exit codes: 0 done; 2 bad input (one line on stderr); 130 interrupted (records kept).
 """
 
 from __future__ import annotations

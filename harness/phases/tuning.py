@@ -3,11 +3,13 @@
 Contract
 --------
 :func:`tuning_modules` lists the networks TVM will build for ``models`` at ``input_size``: every
-static workload (each route of a supernet, each width of a static model) and every part of each
-supernet's dynamic engine (the head and each segment, on the features the chain feeds it).
-:func:`run_tuning` turns them into Relax, collects their distinct tasks and spends the budget on
-them (:func:`harness.backends.tvm_tuning.tune`) into the TVM backend's database under the results
-folder, then reports how many tasks the database holds. The TVM backend applies that database
+static workload (each route of a supernet, each width of a static model) and, where the profile
+measures the dynamic engine on TVM (its ``dynamic_backends``), every part of each supernet's
+dynamic engine (the head and each segment, on the features the chain feeds it).
+:func:`tuning_tasks` turns them into Relax and collects their distinct tasks; :func:`tune_tasks`
+spends a budget on them (:func:`harness.backends.tvm_tuning.tune`) into the TVM backend's
+database under the results folder, then reports how many tasks the database holds;
+:func:`run_tuning` is the two in one. The TVM backend applies that database
 to every later build (``harness.run``), so tuning is shared by all routes and all phases.
 """
 
@@ -22,12 +24,14 @@ from harness.deploy.lut import route_segment_names
 from harness.phases.static import reference_model, workloads
 
 
-def tuning_modules(models: list[str], input_size: int) -> Iterator[tuple[str, torch.nn.Module, torch.Tensor]]:
-    """``(label, module, example input)`` for every network TVM builds for ``models``."""
+def tuning_modules(models: list[str], input_size: int,
+                   dynamic: bool = True) -> Iterator[tuple[str, torch.nn.Module, torch.Tensor]]:
+    """``(label, module, example input)`` for every network TVM builds for ``models`` (the dynamic
+    engine's parts only with ``dynamic``)."""
     x = torch.randn(1, 3, input_size, input_size, generator=torch.Generator().manual_seed(1))
     for w in workloads(models, input_size):
         yield f"{w.model} {w.route}", w.build(), x
-    for name in models:
+    for name in models if dynamic else ():
         if not len(dsnet.create_model(name).routing_space.gates):
             continue
         model = reference_model(name).eval()
@@ -47,26 +51,44 @@ def tuning_modules(models: list[str], input_size: int) -> Iterator[tuple[str, to
                     feats, prev = (out[0] if isinstance(out, tuple) else out), c
 
 
-def run_tuning(backend, target, models: list[str], input_size: int, budget_s: float,
-               progress_factory: Callable[[int, str], Callable[[str, str], None]] | None = None) -> dict:
-    """Tune the TVM tasks of ``models`` within ``budget_s`` seconds (in total over re-runs) with
-    ``backend`` (the TVM backend, its workdir the database's folder) for ``target``; returns the
-    tuning summary and the database's coverage of the tasks (``tuned`` of ``tasks``)."""
-    from harness.backends.tvm_tuning import SearchSettings, collect_tasks, tune
+def tuning_tasks(backend, target, models: list[str], input_size: int,
+                 progress_factory: Callable[[int, str], Callable[[str, str], None]] | None = None) -> tuple[list, int]:
+    """``(tasks, networks)``: the distinct MetaSchedule tasks of every network TVM builds for
+    ``models`` on ``target`` (:func:`tuning_modules`), and how many networks they came from."""
+    from harness.backends.tvm_tuning import collect_tasks
 
-    precision = "fp32"
     mods, tvm_target = [], None
-    modules = list(tuning_modules(models, input_size))
+    # the dynamic engine's parts only where the run builds them on TVM (the profile's dynamic_backends)
+    dynamic = "tvm" in (target.dynamic_backends or target.backends)
+    modules = list(tuning_modules(models, input_size, dynamic))
     extract = progress_factory(len(modules), "tasks") if progress_factory else None
     for label, module, example in modules:
-        mod, tvm_target = backend.relax_module(module, example, target, precision)
+        mod, tvm_target = backend.relax_module(module, example, target, "fp32")
         mods.append(mod)
         if extract:
             extract(label, "extracted")
-    tasks = collect_tasks(mods, tvm_target)
+    return collect_tasks(mods, tvm_target), len(modules)
+
+
+def tune_tasks(backend, target, tasks: list, budget_s: float,
+               progress_factory: Callable[[int, str], Callable[[str, str], None]] | None = None) -> dict:
+    """Spend ``budget_s`` seconds (in total over re-runs) tuning ``tasks`` into ``backend``'s
+    database (its workdir) for ``target``; the tuning summary and the database's coverage of the
+    tasks (``tuned`` of ``tasks``)."""
+    from harness.backends.tvm_tuning import SearchSettings, tune
+
     db = backend.open_database(target)
     search = SearchSettings()
     builder, runner = backend.search_builder_runner(search)
     summary = tune(db, tasks, budget_s, search, builder, runner, progress_factory)
     have = sum(1 for t in tasks if db.best_ms(t.extracted.dispatched[0]) is not None)
-    return summary | {"networks": len(modules), "tuned": have, "database": str(db.directory)}
+    return summary | {"tuned": have, "database": str(db.directory)}
+
+
+def run_tuning(backend, target, models: list[str], input_size: int, budget_s: float,
+               progress_factory: Callable[[int, str], Callable[[str, str], None]] | None = None) -> dict:
+    """Tune the TVM tasks of ``models`` within ``budget_s`` seconds (in total over re-runs) with
+    ``backend`` (the TVM backend, its workdir the database's folder) for ``target``: the summary
+    of :func:`tune_tasks` and how many ``networks`` the tasks came from."""
+    tasks, networks = tuning_tasks(backend, target, models, input_size, progress_factory)
+    return tune_tasks(backend, target, tasks, budget_s, progress_factory) | {"networks": networks}
