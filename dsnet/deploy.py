@@ -73,7 +73,8 @@ def materialize(model, route=None, fold_bn: bool = False) -> nn.Module:
     model = _check_model(model)
     if route is None:
         if len(model.routing_space.gates):
-            raise ValueError(f"{model.model_name or type(model).__name__} is dynamic: name a route; "
+            kind = "dynamic: name a route" if model.dynamic else "slimmable: name a switch"
+            raise ValueError(f"{model.model_name or type(model).__name__} is {kind}; "
                              f"{model.routing_space.describe()}")
         route = Route(())
     route = model.validate_route(route)
@@ -117,9 +118,9 @@ def dispatch_argmax(x: torch.Tensor, head, run_segment, n_stages: int) -> tuple[
 def split(model, fold_bn: bool = False) -> DynamicPlan:
     """The segments of ``model``'s dynamic deployment, each a static network."""
     model = _check_model(model)
-    if not len(model.routing_space.gates):
-        raise ValueError(f"{model.model_name or type(model).__name__} is static: it has no gates "
-                         "to split at; use dsnet.materialize")
+    if not model.dynamic:
+        raise ValueError(f"{model.model_name or type(model).__name__} has no gates to split at (a static "
+                         "or slimmable network); use dsnet.materialize")
     head, stages = model.deployment_segments()
     _finish(head, fold_bn)
     for seg in stages:

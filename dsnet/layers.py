@@ -105,6 +105,49 @@ class DynamicConv2d(nn.Conv2d, _Dynamic):
         return conv
 
 
+class GroupSlicedConv2d(nn.Conv2d, _Dynamic):
+    """Convolution whose output channels form ``groups`` blocks, each run at a prefix of its width
+    (ShuffleNet's group convolutions, as slimmable networks slice them: one slimmable conv per group).
+
+    ``grouped_input``: the input is split into the same blocks and each block sees only its own
+    (``groups=groups``); otherwise every block sees the whole (prefix-sliced) input. ``active_in`` and
+    ``active_out`` are totals (divisible by ``groups``). Only ``slice`` and ``full`` execution exist:
+    the kept channels are a prefix of each block, not of the tensor, so ``mask`` and ``index`` (which
+    keep a prefix) are refused.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, groups: int, stride: int = 1,
+                 grouped_input: bool = True):
+        if out_channels % groups or (grouped_input and in_channels % groups):
+            raise ValueError(f"{in_channels} -> {out_channels} channels do not split into {groups} groups")
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2,
+                         groups=groups if grouped_input else 1, bias=False)
+        self.blocks, self.grouped_input = groups, grouped_input
+        self.active_in, self.active_out = in_channels, out_channels
+
+    def _sliced(self) -> torch.Tensor:
+        g, k = self.blocks, self.kernel_size
+        cin = self.active_in // g if self.grouped_input else self.active_in
+        w = self.weight.view(g, self.out_channels // g, self.weight.shape[1], *k)
+        return w[:, : self.active_out // g, :cin].reshape(self.active_out, cin, *k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.exec_mode == "full":
+            return super().forward(x)
+        if self.exec_mode != "slice":
+            raise ValueError(f"execution mode {self.exec_mode!r} is not defined for a group-sliced convolution "
+                             "(ShuffleNet): its kept channels are a prefix of each group, not of the tensor")
+        return F.conv2d(x, self._sliced(), None, self.stride, self.padding, 1, self.groups)
+
+    def to_static(self) -> nn.Conv2d:
+        w = self._sliced()
+        conv = nn.Conv2d(w.shape[1] * self.groups, self.active_out, self.kernel_size, self.stride, self.padding,
+                         groups=self.groups, bias=False)
+        with torch.no_grad():
+            conv.weight.copy_(w)
+        return conv
+
+
 class DynamicLinear(nn.Linear, _Dynamic):
     """Linear layer that runs any narrower input and/or output width."""
 
@@ -142,29 +185,38 @@ class SplitBatchNorm2d(nn.Module, _Dynamic):
     """Batch norm with one set of running statistics per width (split BN, DS-Net++ eq. 14).
 
     ``widths`` lists the widths the layer can run; statistics slot ``i`` belongs to ``widths[i]``
-    and the affine ``weight``/``bias`` are shared (sliced). Running statistics are stored padded in
-    ``running_mean``/``running_var`` of shape ``(len(widths), max(widths))``.
+    and the affine ``weight``/``bias`` are shared (sliced), or with ``private_affine`` one per slot,
+    shape ``(len(widths), max(widths))`` (slimmable networks' switchable BN privatizes both).
+    Running statistics are stored padded in ``running_mean``/``running_var`` of shape
+    ``(len(widths), max(widths))``.
 
     ``momentum=None`` gives a cumulative average, the re-calibration setting
     (:func:`dsnet.recalibrate_bn`).
     """
 
-    def __init__(self, widths: Sequence[int], eps: float = 1e-5, momentum: float | None = 0.1):
+    def __init__(self, widths: Sequence[int], eps: float = 1e-5, momentum: float | None = 0.1,
+                 private_affine: bool = False):
         super().__init__()
-        widths = tuple(int(w) for w in widths)
-        if not widths or list(widths) != sorted(set(widths)):
-            raise ValueError(f"widths must be strictly increasing, got {widths}")
-        self.widths = widths
+        self.widths = widths = self._checked(widths)
         c = widths[-1]
         self.num_features = c
         self.eps = eps
         self.momentum = momentum
-        self.weight = nn.Parameter(torch.ones(c))
-        self.bias = nn.Parameter(torch.zeros(c))
+        self.private_affine = private_affine
+        shape = (len(widths), c) if private_affine else (c,)
+        self.weight = nn.Parameter(torch.ones(shape))
+        self.bias = nn.Parameter(torch.zeros(shape))
         self.register_buffer("running_mean", torch.zeros(len(widths), c))
         self.register_buffer("running_var", torch.ones(len(widths), c))
         self.register_buffer("num_batches_tracked", torch.zeros(len(widths), dtype=torch.long))
         self.active_out = c
+
+    @staticmethod
+    def _checked(widths: Sequence[int]) -> tuple[int, ...]:
+        widths = tuple(int(w) for w in widths)
+        if not widths or list(widths) != sorted(set(widths)):
+            raise ValueError(f"widths must be strictly increasing, got {widths}")
+        return widths
 
     @property
     def active_in(self) -> int:  # a norm layer keeps its width
@@ -181,6 +233,12 @@ class SplitBatchNorm2d(nn.Module, _Dynamic):
         except ValueError:
             raise ValueError(f"SplitBatchNorm2d has no statistics for width {self.active_out}; "
                              f"widths: {list(self.widths)}") from None
+
+    def _affine(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The full-width affine vectors that slot ``slot`` uses."""
+        if self.private_affine:
+            return self.weight[slot], self.bias[slot]
+        return self.weight, self.bias
 
     def reset_running_stats(self) -> None:
         self.running_mean.zero_()
@@ -201,12 +259,13 @@ class SplitBatchNorm2d(nn.Module, _Dynamic):
             slot, c = len(self.widths) - 1, self.num_features
         else:
             slot, c = self.slot, self.active_out
+        weight, bias = self._affine(slot)
         if mode in ("mask", "full"):
             # Full-width compute with the slot's (padded) statistics.
             if self.training and mode == "mask":
                 raise RuntimeError("mask execution is an inference mode; train in slice mode")
-            out = F.batch_norm(x, self.running_mean[slot], self.running_var[slot], self.weight,
-                               self.bias, self.training, self._momentum(slot), self.eps)
+            out = F.batch_norm(x, self.running_mean[slot], self.running_var[slot], weight,
+                               bias, self.training, self._momentum(slot), self.eps)
             return out if mode == "full" else _zero_channels_from(out, c)
         if mode == "index":
             if self.training:
@@ -214,26 +273,54 @@ class SplitBatchNorm2d(nn.Module, _Dynamic):
             idx = self._index(c, x.device)
             return F.batch_norm(x, self.running_mean[slot].index_select(0, idx),
                                 self.running_var[slot].index_select(0, idx),
-                                self.weight.index_select(0, idx), self.bias.index_select(0, idx),
+                                weight.index_select(0, idx), bias.index_select(0, idx),
                                 False, 0.0, self.eps)
         # slice: the views share storage, so training updates the slot's statistics in place.
         return F.batch_norm(x, self.running_mean[slot, :c], self.running_var[slot, :c],
-                            self.weight[:c], self.bias[:c], self.training,
+                            weight[:c], bias[:c], self.training,
                             self._momentum(slot), self.eps)
 
     def to_static(self) -> nn.BatchNorm2d:
         slot, c = self.slot, self.active_out
         bn = nn.BatchNorm2d(c, eps=self.eps)
+        weight, bias = self._affine(slot)
         with torch.no_grad():
-            bn.weight.copy_(self.weight[:c])
-            bn.bias.copy_(self.bias[:c])
+            bn.weight.copy_(weight[:c])
+            bn.bias.copy_(bias[:c])
             bn.running_mean.copy_(self.running_mean[slot, :c])
             bn.running_var.copy_(self.running_var[slot, :c])
             bn.num_batches_tracked.copy_(self.num_batches_tracked[slot])
         return bn.train(self.training)
 
     def extra_repr(self) -> str:
-        return f"widths={list(self.widths)}, eps={self.eps}, momentum={self.momentum}"
+        private = ", private_affine=True" if self.private_affine else ""
+        return f"widths={list(self.widths)}, eps={self.eps}, momentum={self.momentum}{private}"
+
+
+class SwitchableBatchNorm2d(SplitBatchNorm2d):
+    """Slimmable networks' switchable BN: one private batch norm (statistics and affine) per switch.
+
+    ``widths[i]`` is the width at switch ``i``; widths may repeat (MobileNet v2's stem is 16 wide at
+    both x0.35 and x0.5), so the slot is the switch the owner sets (``switch``), not the width.
+    """
+
+    def __init__(self, widths: Sequence[int], eps: float = 1e-5, momentum: float | None = 0.1):
+        super().__init__(widths, eps, momentum, private_affine=True)
+        self.switch = len(self.widths) - 1
+
+    @staticmethod
+    def _checked(widths: Sequence[int]) -> tuple[int, ...]:
+        widths = tuple(int(w) for w in widths)
+        if not widths or widths[0] < 1 or any(b < a for a, b in zip(widths, widths[1:])):
+            raise ValueError(f"widths must be positive and non-decreasing, got {widths}")
+        return widths
+
+    @property
+    def slot(self) -> int:
+        if self.widths[self.switch] != self.active_out:
+            raise ValueError(f"SwitchableBatchNorm2d: switch {self.switch} is {self.widths[self.switch]} wide, "
+                             f"not {self.active_out}")
+        return self.switch
 
 
 def dynamic_layers(module: nn.Module):

@@ -12,7 +12,8 @@ provides:
   MAdds and params analytically, without tensors;
 - ``static_sequence(route)``: the route as plain modules (used by ``dsnet.materialize``);
 - ``deployment_segments()``: the pieces of dynamic deployment (used by ``dsnet.split``);
-- ``forward_dynamic(x)`` (supernets): gate-driven inference, a :class:`DynamicOutput`.
+- ``forward_dynamic(x)`` (supernets whose ``dynamic`` is true): gate-driven inference, a
+  :class:`DynamicOutput`. Slimmable networks have routes (switches) but no gate: not dynamic.
 
 MAdds convention: multiply-adds of convolutions and fully connected layers (attention heads
 included), per image; pooling, activations, normalization and the attention product are not
@@ -128,11 +129,11 @@ class CostCounter:
         self.hw = (self.input_size, self.input_size)
 
     def conv(self, cin: int, cout: int, k: int, stride: int = 1, depthwise: bool = False,
-             bias: bool = False, bn: bool = True) -> None:
+             bias: bool = False, bn: bool = True, groups: int = 1) -> None:
         pad = k // 2
         h, w = ((d + 2 * pad - k) // stride + 1 for d in self.hw)
         self.hw = (h, w)
-        per_out = (1 if depthwise else cin) * k * k
+        per_out = (1 if depthwise else cin // groups) * k * k
         self.madds += cout * h * w * per_out
         self.params += cout * per_out + (cout if bias else 0) + (2 * cout if bn else 0)
 
@@ -167,6 +168,12 @@ class Supernet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.active_route: Route | None = None
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether gates in the network pick the route per input (a slimmable network's switch is
+        the deployer's pick: routes, but not dynamic)."""
+        return bool(len(self.routing_space.gates))
 
     # -- routes -------------------------------------------------------------------------------
     def routes(self, input_size: int = 224) -> list[Route]:

@@ -45,7 +45,6 @@ from harness.targets import known_targets
 
 QUICK_INPUT_SIZE = 64
 QUICK_SLOW_BACKENDS = ("inductor",)  # ~40 s of C++ compile per route on 2 cores
-TABLE2_NEEDS = "ds_resnet50"  # Table 2 runs when this model is measured (or no --models is given)
 
 
 def parse_args(argv):
@@ -271,7 +270,7 @@ def dynamic_phase(ctx, p: RunPlan, backends: list[str]) -> None:
     import dsnet
     from harness.phases.dynamic import run_dynamic
 
-    for model in [m for m in p.models if len(dsnet.create_model(m).routing_space.gates)]:
+    for model in [m for m in p.models if dsnet.create_model(m).dynamic]:
         for backend in backends:
             for precision in ctx.target.precisions:
                 if not ctx.backend(backend).unsupported(ctx.target, precision):
@@ -279,14 +278,18 @@ def dynamic_phase(ctx, p: RunPlan, backends: list[str]) -> None:
                                 lambda n, m=model, b=backend: Progress(n, f"dynamic {m} {b}"))
 
 
-def table2_phase(ctx, p: RunPlan, backends: list[str]) -> None:
-    """DS-Net++ Table 2 (ResNet-50 at 25% channels six ways) on the dynamic backends."""
-    from harness.phases.table2 import TABLE2_WAYS, measure_table2
+def table2_phase(ctx, p: RunPlan, backends: list[str], default_models: bool) -> None:
+    """DS-Net++ Table 2 (ResNet-50 at 25% channels six ways) on the dynamic backends, for each of
+    its supernets among the models; the default run measures the paper's (``s_resnet50``)."""
+    from harness.phases.table2 import TABLE2_MODELS, TABLE2_WAYS, measure_table2
 
-    for backend in backends:
-        for precision in ctx.target.precisions:
-            if not ctx.backend(backend).unsupported(ctx.target, precision):
-                measure_table2(ctx, backend, precision, p.input_size, Progress(len(TABLE2_WAYS), f"table 2 {backend}"))
+    models = [m for m in TABLE2_MODELS if m in p.models] or (list(TABLE2_MODELS[:1]) if default_models else [])
+    for model in models:
+        for backend in backends:
+            for precision in ctx.target.precisions:
+                if not ctx.backend(backend).unsupported(ctx.target, precision):
+                    measure_table2(ctx, backend, precision, p.input_size, model,
+                                   Progress(len(TABLE2_WAYS), f"table 2 {model} {backend}"))
 
 
 def finish(ctx, p: RunPlan, env_doc: dict, wall_s: float) -> None:
@@ -363,8 +366,7 @@ def _main(args) -> int:
         else:
             backends = dynamic_backends(ctx, p, csv_list(args.backends))
             dynamic_phase(ctx, p, backends)
-            if args.models is None or TABLE2_NEEDS in p.models:
-                table2_phase(ctx, p, backends)
+            table2_phase(ctx, p, backends, default_models=args.models is None)
     except KeyboardInterrupt:
         status = 130
         print("\ninterrupted: results measured so far are stored; re-run the same command to resume",

@@ -25,11 +25,13 @@ def test_rebuilds_the_committed_tables_identically(tmp_path, capsys):
         shutil.copy(STORED / name, tmp_path / name)
     assert report.main(["--target", "x86", "--results", str(tmp_path)]) == 0
     committed = sorted((STORED / "tables").iterdir())
-    assert {p.name for p in committed} >= {"table2.md", "table7.md", "slimmable_table3.md", "table2.csv"}
+    assert {p.name for p in committed} >= {"table2.md", "table2_ds_resnet50.md", "table7.md", "slimmable_table3.md",
+                                           "table2.csv"}
     for p in committed:
         assert (tmp_path / "tables" / p.name).read_text() == p.read_text(), p.name
     assert (tmp_path / "gate_retraining.md").read_text() == (STORED / "gate_retraining.md").read_text()
-    for fig in ("latency_vs_madds", "lut_vs_measured", "acceleration", "table2", "gate_retraining"):
+    for fig in ("latency_vs_madds", "lut_vs_measured", "acceleration", "table2", "table2_ds_resnet50",
+                "gate_retraining"):
         assert (tmp_path / "figures" / f"{fig}.png").stat().st_size > 10_000
 
 
@@ -55,8 +57,8 @@ def test_results_of_another_model(tmp_path, capsys):
 
 def test_table2_ratios_are_computed_from_the_stored_rows():
     p50 = {"full": 8.0, "masking": 9.0, "indexing": 12.0, "slicing": 5.0, "materialized": 4.5, "ideal": 4.0}
-    dyn = pd.DataFrame([{"model": "ds_resnet50", "backend": "eager", "precision": "fp32", "batch_size": 1,
-                         "input_size": 224, "kind": "table2", "name": w, "route": "0-0-0-0", "madds": 1e6,
+    dyn = pd.DataFrame([{"model": "s_resnet50", "backend": "eager", "precision": "fp32", "batch_size": 1,
+                         "input_size": 224, "kind": "table2", "name": w, "route": "0", "madds": 1e6,
                          "latency_ms_p50": p50[w], "latency_ms_mean": p50[w], "n": 30, "status": "ok",
                          "error": "", "run_id": "r"} for w in TABLE2_WAYS])
     table, csv, _ = tables.table2(dyn, 224)
@@ -67,6 +69,8 @@ def test_table2_ratios_are_computed_from_the_stored_rows():
     assert csv.set_index("way").ratio_to_ideal["masking"] == pytest.approx(9.0 / 4.0)
     with pytest.raises(tables.ReportError, match="no Table 2"):
         tables.table2(dyn, 64)
+    with pytest.raises(tables.ReportError, match="no Table 2 measurement .* of ds_resnet50"):
+        tables.table2(dyn, 224, "ds_resnet50")  # each supernet's rows make their own table
 
 
 def test_untuned_and_partly_tuned_tvm_cells_are_marked():

@@ -136,8 +136,8 @@ def validate(s: Settings, target) -> None:
 
     if s.model not in dsnet.list_models():
         raise RetrainingError(f"unknown model {s.model!r}; valid: {', '.join(dsnet.list_models())}")
-    if not len(dsnet.create_model(s.model).routing_space.gates):
-        raise RetrainingError(f"model {s.model} is static: it has no gate to retrain")
+    if not dsnet.create_model(s.model).dynamic:
+        raise RetrainingError(f"model {s.model} has no gate to retrain (a static or slimmable network)")
     if s.backend not in list_backends():
         raise RetrainingError(f"unknown backend {s.backend!r}; valid: {', '.join(list_backends())}")
     why = get_backend(s.backend, target.options(s.backend)).unavailable(target)

@@ -60,7 +60,8 @@ def reference_model(name: str, **kwargs) -> torch.nn.Module:
 
 
 def workloads(models: list[str], input_size: int, routes: set[str] | None = None) -> list[Workload]:
-    """The networks to measure: every route of a supernet, every width of a static model."""
+    """The networks to measure: every route of a supernet, every switch of a slimmable network,
+    every width of a static model."""
     out: list[Workload] = []
     for name in models:
         probe = dsnet.create_model(name)
@@ -68,7 +69,9 @@ def workloads(models: list[str], input_size: int, routes: set[str] | None = None
             probe = reference_model(name)
             for route in probe.routes(input_size):
                 p = dsnet.profile(probe, route, input_size)
-                out.append(Workload(name, str(route), "/".join(map(str, probe.route_widths(route))),
+                # a slimmable network's switch is labelled by its width, as the static widths are
+                label = str(route) if probe.dynamic else f"x{probe.routing_space.options(route)[0]['width_mult']}"
+                out.append(Workload(name, label, "/".join(map(str, probe.route_widths(route))),
                                     p.madds, p.params,
                                     lambda m=probe, r=route: dsnet.materialize(m, r)))
         else:

@@ -2,20 +2,23 @@
 
 Contract
 --------
-``table2_ways(input_size, ratio)`` builds the networks of the table for ResNet-50 at ``ratio`` of
-its channels (0.25 in the paper), with the harness's reference weights
-(:func:`harness.phases.static.reference_model`):
+``table2_ways(input_size, ratio, model)`` builds the networks of the table for ResNet-50 at
+``ratio`` of its channels (0.25 in the paper), with the harness's reference weights
+(:func:`harness.phases.static.reference_model`). ``model`` is the supernet that is sliced:
+``s_resnet50``, the paper's "ResNet-50 with 25% channels" (the slimmable ResNet-50 at its 0.25
+switch: every layer at 25%, the same architecture as the ideal network, so its ratios measure
+slicing alone), or ``ds_resnet50`` (DS-ResNet's route at ratio 0.25 in every stage: full-width
+stem, gates and attention heads, so its ratios also measure the architecture):
 
-- ``full``: the supernet ``ds_resnet50`` at its largest route (every channel computed);
+- ``full``: the supernet at its largest route (every channel computed);
 - ``masking``: the supernet at the narrow route in ``mask`` mode (full width, unused channels zeroed);
 - ``indexing``: ``index`` mode (the kept weights gathered with an index tensor at run time);
 - ``slicing``: ``slice`` mode (weight views ``W[:c_out, :c_in]`` at run time);
 - ``materialized``: ``dsnet.materialize`` of the narrow route (contiguous copies, same structure as
-  the supernet's route: attention heads and gates included);
-- ``ideal``: the stand-alone ``resnet50`` at ``width_mult=ratio`` (the paper's ideal row; it has no
-  attention heads or gates).
+  the supernet's route: for DS-ResNet, attention heads and gates included);
+- ``ideal``: the stand-alone ``resnet50`` at ``width_mult=ratio`` (the paper's ideal row).
 
-``measure_table2(ctx, backend, precision, input_size)`` puts each through the pipeline (compiled,
+``measure_table2(ctx, backend, precision, input_size, model)`` puts each through the pipeline (compiled,
 cached under the one artifact key, checked against its eager module), times the ``ok`` ones
 in rounds (a fresh seeded order per round) and stores one row per way in the store's dynamic table
 (``kind="table2"``), so a re-run skips what is stored. Compiling a network
@@ -34,20 +37,24 @@ from harness.measure.protocol import measure_rounds
 from harness.phases.context import RunContext
 from harness.phases.static import reference_model
 
-TABLE2_MODEL = "ds_resnet50"
+TABLE2_MODELS = ("s_resnet50", "ds_resnet50")  # the paper's network first
 TABLE2_WAYS = ("full", "masking", "indexing", "slicing", "materialized", "ideal")
 EXEC_MODE = {"full": "slice", "masking": "mask", "indexing": "index", "slicing": "slice"}
 
 
 def narrow_route(model, ratio: float):
+    """The route running ResNet-50 at ``ratio`` of its channels: a slimmable network's switch, or
+    DS-ResNet's route with that ratio at every gate."""
+    if not model.dynamic:
+        return model.switch(ratio)
     return model.routing_space.route_for(**{g.name: {"ratio": ratio} for g in model.routing_space.gates})
 
 
-def table2_ways(input_size: int, ratio: float = 0.25) -> dict:
+def table2_ways(input_size: int, ratio: float = 0.25, model: str = TABLE2_MODELS[0]) -> dict:
     """``{way: (module, route label, MAdds)}``; each supernet way owns its own copy of the weights."""
     import copy
 
-    supernet = reference_model(TABLE2_MODEL)
+    supernet = reference_model(model)
     narrow, largest = narrow_route(supernet, ratio), supernet.routes(input_size)[-1]
     ways = {}
     for way in ("full", "masking", "indexing", "slicing"):
@@ -63,17 +70,18 @@ def table2_ways(input_size: int, ratio: float = 0.25) -> dict:
     return ways
 
 
-def measure_table2(ctx: RunContext, backend: str, precision: str, input_size: int, progress=None) -> None:
-    key = lambda way: (TABLE2_MODEL, backend, precision, 1, input_size, "table2", way)
+def measure_table2(ctx: RunContext, backend: str, precision: str, input_size: int, model: str = TABLE2_MODELS[0],
+                   progress=None) -> None:
+    key = lambda way: (model, backend, precision, 1, input_size, "table2", way)
     done = ctx.store.dynamic_done()
     if all(key(w) in done for w in TABLE2_WAYS):
         return
     x = torch.randn(1, 3, input_size, input_size, generator=torch.Generator().manual_seed(1))
-    base = {"model": TABLE2_MODEL, "backend": backend, "precision": precision, "batch_size": 1,
+    base = {"model": model, "backend": backend, "precision": precision, "batch_size": 1,
             "input_size": input_size, "kind": "table2", "run_id": ctx.run_id}
     fns, rows = {}, {}
-    for way, (module, route, madds) in table2_ways(input_size).items():
-        result = ctx.trial(TABLE2_MODEL, f"table2-{way}", backend, precision, module, x)
+    for way, (module, route, madds) in table2_ways(input_size, model=model).items():
+        result = ctx.trial(model, f"table2-{way}", backend, precision, module, x)
         rows[way] = base | {"name": way, "route": route, "madds": madds, **result.row()}
         if not result.ok:
             ctx.store.record_dynamic(rows[way])
@@ -88,8 +96,8 @@ def measure_table2(ctx: RunContext, backend: str, precision: str, input_size: in
         for way in fns:
             ctx.store.record_dynamic(rows[way] | {"status": "measure_failed", "error": one_line(e)})
         return
-    ctx.store.record_drift(ctx.run_id, f"table2 {backend} {precision}", res.factors)
+    ctx.store.record_drift(ctx.run_id, f"table2 {model} {backend} {precision}", res.factors)
     for way, m in res.items():
         ctx.store.record_dynamic(rows[way] | stats_row(m))
         if progress:
-            progress(f"table 2 {backend} {way}", f"{m.stats.p50:.3f} ms")
+            progress(f"table 2 {model} {backend} {way}", f"{m.stats.p50:.3f} ms")

@@ -32,7 +32,7 @@ def tuning_modules(models: list[str], input_size: int,
     for w in workloads(models, input_size):
         yield f"{w.model} {w.route}", w.build(), x
     for name in models if dynamic else ():
-        if not len(dsnet.create_model(name).routing_space.gates):
+        if not dsnet.create_model(name).dynamic:
             continue
         model = reference_model(name).eval()
         plan = dsnet.split(model)

@@ -14,14 +14,30 @@ PAPER_TABLE7 = {  # row: (MAdds in M, latency ms)
     "MBNetV1 x1.0": (569, 63), "MBNetV1 x0.75": (317, 48), "MBNetV1 x0.5": (150, 33),
     "DS-MBNet-L": (565, 69), "DS-MBNet-M": (319, 54), "DS-MBNet-S": (153, 39)}
 PAPER_ACCELERATION = {"ideal": 63 / 33, "realized": 63 / 39}
-PAPER_SLIMMABLE = {1.0: ("569M", "4.2M"), 0.75: ("317M", "2.6M"), 0.5: ("150M", "1.3M"), 0.25: ("41M", "0.5M")}
+# Slimmable networks Table 3: network -> (slimmable model, static model, {width: (FLOPs, params)})
+PAPER_SLIMMABLE = {
+    "MobileNet v1": ("s_mobilenet_v1", "mobilenet_v1", {1.0: ("569M", "4.2M"), 0.75: ("317M", "2.6M"),
+                                                        0.5: ("150M", "1.3M"), 0.25: ("41M", "0.5M")}),
+    "MobileNet v2": ("s_mobilenet_v2", "mobilenet_v2", {1.0: ("301M", "3.5M"), 0.75: ("209M", "2.6M"),
+                                                        0.5: ("97M", "2.0M"), 0.35: ("59M", "1.7M")}),
+    "ShuffleNet": ("s_shufflenet", "shufflenet", {2.0: ("524M", "5.4M"), 1.0: ("138M", "1.8M"), 0.5: ("38M", "0.7M")}),
+    "ResNet-50": ("s_resnet50", "resnet50", {1.0: ("4.1G", "25.5M"), 0.75: ("2.3G", "14.7M"),
+                                             0.5: ("1.1G", "6.9M"), 0.25: ("278M", "2.0M")}),
+}
 WAY_NOTES = {
     "full": "supernet, largest route",
     "masking": "supernet, full width, unused channels zeroed",
     "indexing": "supernet, kept weights gathered at run time",
     "slicing": "supernet, weight views W[:c_out, :c_in] at run time",
-    "materialized": "the route's weights copied out (same structure, attention and gates)",
-    "ideal": "stand-alone resnet50 x0.25 (no attention, no gates)",
+    "materialized": "the route's weights copied out (the supernet's structure at that route)",
+    "ideal": "stand-alone resnet50 x0.25",
+}
+# Table 2's sliced supernet: the paper's (slimmable ResNet-50, every layer at 25%) and DS-ResNet's route
+TABLE2_VARIANTS = {
+    "table2": ("s_resnet50", "ResNet-50 at 25% channels (the slimmable ResNet-50's x0.25 switch: the "
+                             "ideal network's architecture, so the ratios measure slicing alone)"),
+    "table2_ds_resnet50": ("ds_resnet50", "DS-ResNet at ratio 0.25 in every stage (full-width stem, gates and "
+                                          "attention heads: the ratios also measure that architecture)"),
 }
 class ReportError(Exception):
     """Nothing to build from the folder: one line, exit code 2."""

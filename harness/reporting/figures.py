@@ -22,6 +22,7 @@ from harness.reporting import gates
 from harness.reporting.common import (
     PAPER_ACCELERATION,
     PAPER_TABLE2_MS,
+    TABLE2_VARIANTS,
     WAY_NOTES,
     ReportError,
     acceleration,
@@ -126,10 +127,11 @@ def acceleration_plot(dyn: pd.DataFrame, input_size: int, path: Path) -> Path:
     return _save(fig, path)
 
 
-def table2_plot(dyn: pd.DataFrame, input_size: int, path: Path) -> Path:
-    d = ok_rows(dyn[(dyn.kind == "table2") & (dyn.input_size == input_size)]) if len(dyn) else dyn
+def table2_plot(dyn: pd.DataFrame, input_size: int, path: Path, model: str = "s_resnet50") -> Path:
+    d = ok_rows(dyn[(dyn.kind == "table2") & (dyn.input_size == input_size) & (dyn.model == model)]) \
+        if len(dyn) else dyn
     if d.empty:
-        raise ReportError("no Table 2 measurement in dynamic.csv at this input size")
+        raise ReportError(f"no Table 2 measurement of {model} in dynamic.csv at this input size")
     ways = list(WAY_NOTES)
     series = {}
     for b, g in d.groupby("backend"):
@@ -146,7 +148,7 @@ def table2_plot(dyn: pd.DataFrame, input_size: int, path: Path) -> Path:
     ax.axhline(1.0, color="0.4", lw=0.8)
     ax.set_xticks(x, ways)
     ax.set_ylabel("latency / ideal (x)")
-    ax.set_title("DS-Net++ Table 2: ResNet-50 at 25% channels, batch 1")
+    ax.set_title(f"DS-Net++ Table 2: ResNet-50 at 25% channels, sliced from {model}, batch 1")
     ax.legend(fontsize=7)
     return _save(fig, path)
 
@@ -156,7 +158,8 @@ def build_all(layout: Layout, lut, dyn, input_size: int, skipped: list[str]) -> 
     for name, fn in (("latency_vs_madds", lambda p: latency_vs_madds(lut, input_size, p)),
                      ("lut_vs_measured", lambda p: lut_vs_measured(dyn, input_size, p)),
                      ("acceleration", lambda p: acceleration_plot(dyn, input_size, p)),
-                     ("table2", lambda p: table2_plot(dyn, input_size, p))):
+                     *((name, lambda p, m=model: table2_plot(dyn, input_size, p, m))
+                       for name, (model, _) in TABLE2_VARIANTS.items())):
         try:
             written.append(fn(layout.figure(name)))
         except ReportError as e:

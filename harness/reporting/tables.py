@@ -11,13 +11,16 @@ labelled ``paper``; every other figure is read from the stored measurements. The
 environment is printed under each table. Markdown is drawn by pandas (``to_markdown``).
 
 - **Table 2** (DS-Net++): ResNet-50 at 25% channels run six ways (``harness.phases.table2``), p50
-  and the ratio to the ideal network per backend; paper: RTX 2080 Ti, batch 1.
+  and the ratio to the ideal network per backend; paper: RTX 2080 Ti, batch 1. ``table2`` slices
+  the paper's network (``s_resnet50``), ``table2_ds_resnet50`` DS-ResNet's route.
 - **Table 7** (DS-Net++, latency column): MobileNetV1 x1.0/0.75/0.5 and DS-MBNet-L/M/S. DS-MBNet's
   rows are route mixes whose mean MAdds equal the paper's 565M/319M/153M (two adjacent routes,
   ``harness.deploy.lut.matched_distribution``), priced with the dynamic engine's end-to-end route
   latencies. The acceleration lines come from the interleaved ``acceleration`` measurement
   (x1.0, x0.5 and the dynamic model at x0.5's MAdds in one run).
-- **Slimmable networks Table 3** analogue: MAdds, params and latency of MobileNetV1 x1.0 ... x0.25.
+- **Slimmable networks Table 3** analogue: MAdds, params and latency of each family's widths
+  (MobileNet v1 and v2, ResNet-50), measured as the slimmable network's switches where the folder
+  holds them, else as the static models at those widths.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from harness.reporting.common import (
     PAPER_SLIMMABLE,
     PAPER_TABLE2_MS,
     PAPER_TABLE7,
+    TABLE2_VARIANTS,
     TUNING_MARKS,
     TUNING_NOTE,
     WAY_NOTES,
@@ -171,10 +175,11 @@ def _latency(rows: pd.DataFrame, key) -> str:
 
 # -- tables ----------------------------------------------------------------------------------------
 
-def table2(dyn: pd.DataFrame, input_size: int):
-    rows = ok_rows(dyn[(dyn.kind == "table2") & (dyn.input_size == input_size)]) if len(dyn) else dyn
+def table2(dyn: pd.DataFrame, input_size: int, model: str = "s_resnet50"):
+    rows = ok_rows(dyn[(dyn.kind == "table2") & (dyn.input_size == input_size) & (dyn.model == model)]) \
+        if len(dyn) else dyn
     if rows.empty:
-        raise ReportError("no Table 2 measurement (kind table2) at this input size")
+        raise ReportError(f"no Table 2 measurement (kind table2) of {model} at this input size")
     backends = sorted(set(rows.backend), key=lambda b: (b != "eager", b))
     t = pd.DataFrame({"way": list(WAY_NOTES), "what runs": list(WAY_NOTES.values())})
     madds = rows.drop_duplicates("name").set_index("name").madds
@@ -263,32 +268,47 @@ def table7(lut: pd.DataFrame, dyn: pd.DataFrame, input_size: int, gates: pd.Data
 
 
 def slimmable_table3(lut: pd.DataFrame, input_size: int):
-    static = ok_rows(lut[(lut.model == "mobilenet_v1") & (lut.input_size == input_size) & (lut.batch_size == 1)
-                     & (lut.precision == "fp32")]) if len(lut) else lut
-    if static.empty:
-        raise ReportError("the slimmable Table 3 needs mobilenet_v1 rows in lut.csv")
-    backends = sorted(set(static.backend), key=lambda b: (b != "eager", b))
-    widths = [w for w in PAPER_SLIMMABLE if (static.route == f"x{w}").any()]
-    t = pd.DataFrame({"switch": [f"x{w}" for w in widths]})
-    first = static.drop_duplicates("route").set_index("route")
-    t["MAdds (M)"] = [f"{first.madds[f'x{w}'] / 1e6:.1f}" for w in widths]
-    t["params (M)"] = [f"{first.params[f'x{w}'] / 1e6:.2f}" for w in widths]
-    for b in backends:
-        r = static[static.backend == b].set_index("route")
-        t[f"{b} p50 (ms)"] = [_latency(r, f"x{w}") for w in widths]
-    t["paper MAdds"] = [PAPER_SLIMMABLE[w][0] for w in widths]
-    t["paper params"] = [PAPER_SLIMMABLE[w][1] for w in widths]
-    csv = static[["route", "backend", "madds", "params", "latency_ms_p50", "latency_ms_mean", "n"]]
+    """Every family of slimmable Table 3 with rows in ``lut``: each width's MAdds, params and p50 per
+    backend, from the slimmable network's switch where it was measured, else the static model."""
+    rows = ok_rows(lut[(lut.input_size == input_size) & (lut.batch_size == 1) & (lut.precision == "fp32")]) \
+        if len(lut) else lut
+    cells, parts = [], []
+    backends = sorted(set(rows.backend), key=lambda b: (b != "eager", b)) if len(rows) else []
+    for family, (slimmable, static, paper) in PAPER_SLIMMABLE.items():
+        for model in (slimmable, static):
+            found = rows[rows.model == model]
+            widths = [w for w in paper if (found.route == f"x{w}").any()]
+            if widths:
+                break
+        if not widths:
+            continue
+        parts.append(found)
+        first = found.drop_duplicates("route").set_index("route")
+        for w in widths:
+            cell = {"network": family, "switch": f"x{w}", "measured as": model,
+                    "MAdds (M)": f"{first.madds[f'x{w}'] / 1e6:.1f}",
+                    "params (M)": f"{first.params[f'x{w}'] / 1e6:.2f}"}
+            for b in backends:
+                cell[f"{b} p50 (ms)"] = _latency(found[found.backend == b].set_index("route"), f"x{w}")
+            cells.append(cell | {"paper MAdds": paper[w][0], "paper params": paper[w][1]})
+    if not cells:
+        raise ReportError("the slimmable Table 3 needs rows of "
+                          + ", ".join(f"{s} or {m}" for s, m, _ in PAPER_SLIMMABLE.values()) + " in lut.csv")
+    t = pd.DataFrame(cells)
+    found = pd.concat(parts)
+    csv = found[["model", "route", "backend", "madds", "params", "latency_ms_p50", "latency_ms_mean", "n"]]
     marked = any(m in str(v) for m in TUNING_MARKS.values() for c in t.columns for v in t[c])
-    return t, csv.sort_values(["backend", "madds"], ascending=[True, False]), [TUNING_NOTE] if marked else []
+    return t, csv.sort_values(["model", "backend", "madds"], ascending=[True, True, False]), \
+        [TUNING_NOTE] if marked else []
 
 
 TABLES = {
-    "table2": ("DS-Net++ Table 2: ResNet-50 at 25% channels, six ways (batch 1, interleaved per backend)",
-               lambda lut, dyn, gates, s: table2(dyn, s)),
+    **{name: (f"DS-Net++ Table 2: {what}, six ways (batch 1, interleaved per backend)",
+              lambda lut, dyn, gates, s, model=model: table2(dyn, s, model))
+       for name, (model, what) in TABLE2_VARIANTS.items()},
     "table7": ("DS-Net++ Table 7, latency column: MobileNetV1 and DS-MBNet (batch 1)",
                lambda lut, dyn, gates, s: table7(lut, dyn, s, gates)),
-    "slimmable_table3": ("Slimmable networks Table 3 analogue: MobileNetV1 switches (batch 1)",
+    "slimmable_table3": ("Slimmable networks Table 3 analogue: each family's switches (batch 1)",
                          lambda lut, dyn, gates, s: slimmable_table3(lut, s)),
 }
 

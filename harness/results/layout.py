@@ -61,8 +61,8 @@ GATE_LARGEST = "largest route"  # the gate column of the context row: the engine
 GATE_ROUTE_COLUMNS = ["model", "data", "input_size", "backend", "target", "gate", "route", "widths", "madds",
                       "lut_ms", "count", "share"]
 
-TABLES = ("table2", "table7", "slimmable_table3")
-FIGURES = ("latency_vs_madds", "lut_vs_measured", "acceleration", "table2", "gate_retraining")
+TABLES = ("table2", "table2_ds_resnet50", "table7", "slimmable_table3")
+FIGURES = ("latency_vs_madds", "lut_vs_measured", "acceleration", "table2", "table2_ds_resnet50", "gate_retraining")
 
 
 @dataclass(frozen=True)
