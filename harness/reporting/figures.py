@@ -61,14 +61,21 @@ def latency_vs_madds(lut: pd.DataFrame, input_size: int, path: Path) -> Path:
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
     for ax, b in zip(axes.flat, backends):
         g = d[d.backend == b]
-        for model, style in (("mobilenet_v1", "-o"), ("resnet50", "-s")):
+        # a line per family of widths (static models, slimmable switches: routes labelled xW),
+        # the routes of each dynamic supernet as points
+        widths = {m for m in set(g.model) if g[g.model == m].route.astype(str).str.startswith("x").all()}
+        for j, model in enumerate(sorted(widths)):
             s = g[g.model == model].sort_values("madds")
-            if len(s):
-                ax.plot(s.madds / 1e6, s.latency_ms_p50, style, color="0.35", label=f"{model} widths")
-        for i, (model, marker) in enumerate((("ds_mbnet", "^"), ("ds_resnet50", "v"))):
+            slimmable = model.startswith("s_")
+            ax.plot(s.madds / 1e6, s.latency_ms_p50, "--D" if slimmable else "-o", ms=4, color=f"C{j % 10}",
+                    label=f"{model} {'switches' if slimmable else 'widths'}")
+        for i, model in enumerate(sorted(set(g.model) - widths)):
             s = g[g.model == model]
-            if len(s):
-                ax.scatter(s.madds / 1e6, s.latency_ms_p50, marker=marker, s=22, color=f"C{i}", label=f"{model} routes")
+            ax.scatter(s.madds / 1e6, s.latency_ms_p50, marker="^v<>"[i % 4], s=22,
+                       color="0.3" if i == 0 else f"C{9 - i}", label=f"{model} routes")
+        if g.madds.max() > 20 * g.madds.min():  # families from 40M to 4G MAdds: log axes
+            ax.set_xscale("log")
+            ax.set_yscale("log")
         invalid = g[pd.to_numeric(g.valid, errors="coerce") == 0] if "valid" in g else g.iloc[:0]
         if len(invalid):  # cells the protocol could not make valid: ringed
             ax.scatter(invalid.madds / 1e6, invalid.latency_ms_p50, s=90, facecolors="none", edgecolors="red",
