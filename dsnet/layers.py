@@ -58,9 +58,13 @@ class _Dynamic:
 
 
 class DynamicConv2d(nn.Conv2d, _Dynamic):
-    """Conv2d (regular, or depthwise when ``depthwise=True``) that runs any narrower width.
+    """Conv2d (regular, or depthwise when ``depthwise=True``) that runs any narrower width and, for
+    DS-Net++'s compound routing, any smaller odd kernel (``active_kernel``).
 
-    Padding is ``k // 2`` (same-size for stride 1), as in MobileNet and ResNet.
+    Padding is ``k // 2`` for the active kernel ``k`` (same-size for stride 1), as in MobileNet and
+    ResNet. A smaller kernel is the centre ``k x k`` crop of the stored largest kernel (DS-Net++
+    Fig. 4): ``slice`` takes a view of it, ``index`` gathers its rows and columns at run time and
+    ``mask`` runs the largest kernel with the outer ring zeroed (the same numbers).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
@@ -73,33 +77,54 @@ class DynamicConv2d(nn.Conv2d, _Dynamic):
         self.depthwise = depthwise
         self.active_in = in_channels
         self.active_out = out_channels
+        self.active_kernel = kernel_size
+
+    def _check_kernel(self) -> tuple[int, int]:
+        """``(k, offset)`` of the active kernel inside the stored one."""
+        k, big = self.active_kernel, self.kernel_size[0]
+        if not (0 < k <= big and k % 2 == big % 2):
+            raise ValueError(f"active kernel {k} must be positive, at most {big} and of its parity")
+        return k, (big - k) // 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mode = self.exec_mode
         if mode == "full":
             return super().forward(x)
+        k, off = self._check_kernel()
         if mode == "mask":
-            return _zero_channels_from(super().forward(x), self.active_out)
+            w = self.weight
+            if off:
+                ring = torch.zeros_like(w[:1, :1])
+                ring[..., off:off + k, off:off + k] = 1
+                w = w * ring
+            out = F.conv2d(x, w, self.bias, self.stride, self.padding, 1, self.groups)
+            return _zero_channels_from(out, self.active_out)
         cout = self.active_out
         cin = cout if self.depthwise else self.active_in
         if mode == "slice":
             w = self.weight[:cout] if self.depthwise else self.weight[:cout, :cin]
+            w = w[..., off:off + k, off:off + k] if off else w
             b = self.bias[:cout] if self.bias is not None else None
         else:  # index
             idx_out = self._index(cout, x.device)
             w = self.weight.index_select(0, idx_out)
             if not self.depthwise:
                 w = w.index_select(1, self._index(cin, x.device))
+            if off:
+                taps = self._index(k, x.device) + off
+                w = w.index_select(2, taps).index_select(3, taps)
             b = self.bias.index_select(0, idx_out) if self.bias is not None else None
-        return F.conv2d(x, w, b, self.stride, self.padding, 1, cout if self.depthwise else 1)
+        return F.conv2d(x, w, b, self.stride, k // 2, 1, cout if self.depthwise else 1)
 
     def to_static(self) -> nn.Conv2d:
+        k, off = self._check_kernel()
         cout = self.active_out
         cin = cout if self.depthwise else self.active_in
-        conv = nn.Conv2d(cin, cout, self.kernel_size, self.stride, self.padding,
+        conv = nn.Conv2d(cin, cout, k, self.stride, k // 2,
                          groups=cout if self.depthwise else 1, bias=self.bias is not None)
         with torch.no_grad():
-            conv.weight.copy_(self.weight[:cout] if self.depthwise else self.weight[:cout, :cin])
+            w = self.weight[:cout] if self.depthwise else self.weight[:cout, :cin]
+            conv.weight.copy_(w[..., off:off + k, off:off + k])
             if self.bias is not None:
                 conv.bias.copy_(self.bias[:cout])
         return conv
@@ -321,6 +346,27 @@ class SwitchableBatchNorm2d(SplitBatchNorm2d):
             raise ValueError(f"SwitchableBatchNorm2d: switch {self.switch} is {self.widths[self.switch]} wide, "
                              f"not {self.active_out}")
         return self.switch
+
+
+class DynamicDepth(nn.Sequential, _Dynamic):
+    """A stage of blocks of which the first ``active_depth`` run (DS-Net++'s dynamic depth: the
+    later blocks are skipped, as residual stages allow). ``full`` runs every block;
+    :func:`dsnet.supernet.static_copy` keeps only the active ones."""
+
+    def __init__(self, *blocks: nn.Module):
+        super().__init__(*blocks)
+        self.active_depth = len(blocks)
+
+    @property
+    def active_blocks(self) -> list[nn.Module]:
+        if not 1 <= self.active_depth <= len(self):
+            raise ValueError(f"active depth {self.active_depth} outside 1..{len(self)}")
+        return list(self)[: self.active_depth]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in (list(self) if self.exec_mode == "full" else self.active_blocks):
+            x = block(x)
+        return x
 
 
 def dynamic_layers(module: nn.Module):

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from dsnet.layers import _Dynamic, set_exec_mode
+from dsnet.layers import DynamicDepth, _Dynamic, set_exec_mode
 from dsnet.routes import Route, RoutingSpace
 
 
@@ -100,6 +100,8 @@ def static_copy(module: nn.Module) -> nn.Module:
 
     Parameters and buffers are cloned, so the copy shares no storage with the original.
     """
+    if isinstance(module, DynamicDepth):  # only the blocks that run
+        return nn.Sequential(*(static_copy(b) for b in module.active_blocks))
     if isinstance(module, _Dynamic) or hasattr(module, "to_static"):
         return module.to_static()
     new = copy.copy(module)

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from dsnet.gate import AttentionHead, Gate, delta, route_onehot
-from dsnet.layers import DynamicConv2d, DynamicLinear, SplitBatchNorm2d, set_exec_mode
+from dsnet.layers import DynamicConv2d, DynamicDepth, DynamicLinear, SplitBatchNorm2d, set_exec_mode
+from dsnet.supernet import static_copy
 
 
 def _run(layer, x, mode):
@@ -131,3 +132,49 @@ def test_gate_shares_first_fc_and_routes():
                                                                                torch.ones(5))
     (onehot * torch.arange(4.0)).sum().backward()
     assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_kernel_sliced_conv_is_a_plain_conv_with_the_centre_cropped_weights(depthwise, stride):
+    """DS-Net++ Fig. 4: kernel k of a 7x7 supernet conv is the centre k x k of its weights, with
+    padding k // 2; slice, mask and index compute it, and the static copy is that plain conv."""
+    conv = DynamicConv2d(8, 8, 7, stride, depthwise=depthwise).eval()
+    x = torch.randn(2, 8, 13, 13)
+    for k in (3, 5, 7):
+        conv.active_kernel, conv.active_in, conv.active_out = k, 6, 6
+        off = (7 - k) // 2
+        w = conv.weight[:6, :1 if depthwise else 6, off:off + k, off:off + k]
+        ref = nn.functional.conv2d(x[:, :6], w, None, stride, k // 2, 1, 6 if depthwise else 1)
+        with torch.no_grad():
+            for mode in ("slice", "index"):
+                conv.exec_mode = mode
+                torch.testing.assert_close(conv(x[:, :6]), ref, msg=f"k={k} {mode}")
+            conv.exec_mode = "mask"  # full width in and out, the inactive channels zero
+            masked = torch.cat([x[:, :6], torch.zeros_like(x[:, 6:])], 1)
+            torch.testing.assert_close(conv(masked)[:, :6], ref, msg=f"k={k} mask")
+            assert conv(masked)[:, 6:].abs().max() == 0
+            conv.exec_mode = "slice"
+            plain = conv.to_static()
+            assert plain.kernel_size == (k, k) and plain.padding == (k // 2, k // 2)
+            torch.testing.assert_close(plain(x[:, :6]), ref)
+    conv.active_kernel = 4
+    with pytest.raises(ValueError, match="active kernel 4 must be positive, at most 7 and of its parity"):
+        conv(x[:, :6])
+
+
+def test_dynamic_depth_runs_and_copies_only_the_first_blocks():
+    blocks = [nn.Linear(4, 4) for _ in range(3)]
+    stage = DynamicDepth(*blocks)
+    x = torch.randn(2, 4)
+    stage.active_depth = 2
+    with torch.no_grad():
+        ref = blocks[1](blocks[0](x))
+        assert torch.equal(stage(x), ref)
+        copy = static_copy(stage)
+        assert type(copy) is nn.Sequential and len(copy) == 2 and torch.equal(copy(x), ref)
+        stage.exec_mode = "full"
+        assert torch.equal(stage(x), blocks[2](ref))
+    stage.exec_mode, stage.active_depth = "slice", 4
+    with pytest.raises(ValueError, match="active depth 4 outside 1..3"):
+        stage(x)
