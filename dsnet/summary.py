@@ -16,18 +16,23 @@ from dsnet.registry import create_model, list_models
 
 
 def route_rows(model, input_size: int) -> list[dict]:
+    """One row per route: its label, widths, stage depths (compound routing spaces), MAdds, params."""
     rows = []
     for route in model.routes(input_size):
         p = profile(model, route, input_size)
+        options = model.routing_space.options(route)
+        depths = [d for o in options for d in o.get("depths", ())]
         rows.append({"route": str(route), "widths": "/".join(map(str, model.route_widths(route))),
+                     **({"depths": "/".join(map(str, depths))} if depths else {}),
                      "madds": p.madds, "params": p.params})
     return rows
 
 
 def _table(rows: list[dict]) -> str:
-    headers = ["route", "widths", "MAdds (M)", "params (M)"]
-    body = [[r["route"] or "-", r["widths"], f"{r['madds'] / 1e6:.1f}", f"{r['params'] / 1e6:.2f}"]
-            for r in rows]
+    extra = ["depths"] if "depths" in rows[0] else []
+    headers = ["route", "widths", *extra, "MAdds (M)", "params (M)"]
+    body = [[r["route"] or "-", r["widths"], *(r[k] for k in extra), f"{r['madds'] / 1e6:.1f}",
+             f"{r['params'] / 1e6:.2f}"] for r in rows]
     cols = [max(len(str(x)) for x in col) for col in zip(headers, *body)]
     line = lambda vals: "  ".join(str(v).ljust(w) for v, w in zip(vals, cols)).rstrip()  # noqa: E731
     return "\n".join([line(headers), line(["-" * w for w in cols])] + [line(b) for b in body])

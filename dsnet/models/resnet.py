@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from dsnet.gate import AttentionHead, Gate, route_onehot
-from dsnet.layers import DynamicConv2d, DynamicLinear, SplitBatchNorm2d
+from dsnet.layers import DynamicConv2d, DynamicDepth, DynamicLinear, SplitBatchNorm2d
 from dsnet.registry import register_model
 from dsnet.routes import GateSpec, Route, RoutingSpace
 from dsnet.supernet import Classifier, CostCounter, DynamicOutput, Supernet, dispatch, static_copy
@@ -321,6 +321,151 @@ class ResNet(Supernet):
         return static_copy(self.features)
 
 
+# DS-Net++ Table 5, lower half: per stage, the output widths and depths one gate chooses from
+PP_STAGES = ((tuple(range(128, 257, 32)), (2, 3)), (tuple(range(256, 513, 32)), (2, 3, 4)),
+             (tuple(range(512, 1025, 64)), (5, 6, 7, 8)), (tuple(range(1024, 2049, 128)), (2, 3)))
+
+
+def spread(values, n: int) -> list:
+    """``values`` spread over ``n`` routes in order: route ``i`` takes the value at the position
+    nearest ``i / (n - 1)`` of the list (halves round up)."""
+    last = len(values) - 1
+    return [values[(2 * i * last + (n - 1)) // (2 * (n - 1))] for i in range(n)]
+
+
+class DSResNetPP(Supernet):
+    """DS-ResNet++ (DS-Net++ Table 5, lower half): one gate, on the stem's output at the start of
+    the first residual block, picks the width and the depth of all four stages (9 routes).
+
+    The table lists each stage's candidate output widths (five for the first stage, nine for the
+    others) and depths, but not which route takes which: here route ``i`` of ``n`` takes, in every
+    stage, the candidate nearest ``i / (n - 1)`` along its list (:func:`spread`), so widths and
+    depths grow together and MAdds increase strictly with the route. Depth slicing runs a stage's
+    first blocks (:class:`dsnet.layers.DynamicDepth`). As in DS-ResNet, every block after a
+    stage's first carries an attention head, and the later stages' inputs an attention head (the
+    double-headed gate with its routing head disabled); bottlenecks are a quarter of the output.
+    """
+
+    def __init__(self, stem: int = 64, stages=PP_STAGES, n_routes: int = 9, num_classes: int = 1000,
+                 attn_ratio: float = 0.25):
+        super().__init__()
+        self.num_classes, self.stem_width = num_classes, stem
+        self.widths = [spread(w, n_routes) for w, _ in stages]  # [stage][route]
+        self.depths = [spread(d, n_routes) for _, d in stages]
+        self.strides = (1,) + (2,) * (len(stages) - 1)
+
+        def hidden(c: int) -> int:
+            return max(1, round(c * attn_ratio))
+
+        self.conv_stem = DynamicConv2d(3, stem, 7, 2)
+        self.bn_stem = SplitBatchNorm2d((stem,))
+        self.gate = Gate(stem, hidden(stem), n_routes)
+        self.attns = nn.ModuleList()
+        self.stages = nn.ModuleList()
+        in_widths = (stem,)
+        for k, ((outs, depths), stride) in enumerate(zip(stages, self.strides)):
+            mids = tuple(o // 4 for o in outs)
+            if k:
+                self.attns.append(AttentionHead(in_widths[-1], hidden(in_widths[-1])))
+            blocks = [Bottleneck(in_widths, mids, outs, stride, project=True)]
+            blocks += [Bottleneck(outs, mids, outs, 1, project=False, attn_hidden=hidden(outs[-1]))
+                       for _ in range(max(depths) - 1)]
+            self.stages.append(DynamicDepth(*blocks))
+            in_widths = outs
+        self.fc = DynamicLinear(in_widths[-1], num_classes)
+        options = tuple({"widths": tuple(w[i] for w in self.widths), "depths": tuple(d[i] for d in self.depths)}
+                        for i in range(n_routes))
+        self.routing_space = RoutingSpace((GateSpec("compound", options),))
+        self.set_route(Route((n_routes - 1,)))
+
+    # -- routes -------------------------------------------------------------------------------
+    def _apply_route(self, route: Route) -> None:
+        i, cin = route[0], self.stem_width
+        self.gate.set_width(cin)
+        for k, stage in enumerate(self.stages):
+            if k:
+                self.attns[k - 1].set_width(cin)
+            cout = self.widths[k][i]
+            stage.active_depth = self.depths[k][i]
+            for block in stage:
+                block.set_widths(cin, cout // 4, cout)
+                cin = cout
+        self.fc.active_in = cin
+
+    def count(self, counter: CostCounter, route: Route) -> None:
+        i, cin = route[0], self.stem_width
+        counter.conv(3, cin, 7, 2)
+        counter.pool(3, 2, 1)
+        counter.attention(cin, self.gate.fc1.out_features)
+        for k, stage in enumerate(self.stages):
+            if k:
+                counter.attention(cin, self.attns[k - 1].fc1.out_features)
+            cout = self.widths[k][i]
+            for bi in range(self.depths[k][i]):
+                hid = stage[bi].attn.fc1.out_features if stage[bi].attn is not None else 0
+                _count_bottleneck(counter, cin, cout // 4, cout, self.strides[k] if bi == 0 else 1, bi == 0, hid)
+                cin = cout
+        counter.linear(cin, self.num_classes)
+
+    # -- forward ------------------------------------------------------------------------------
+    def _stem(self, x):
+        return nn.functional.max_pool2d(torch.relu(self.bn_stem(self.conv_stem(x))), 3, 2, 1)
+
+    def _stages_and_classify(self, x):
+        for k, stage in enumerate(self.stages):
+            if k:
+                x = self.attns[k - 1](x)
+            x = stage(x)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+    def forward(self, x):
+        if self.active_route is None:
+            return self.forward_dynamic(x)[0]
+        x, _ = self.gate(self._stem(x))
+        return self._stages_and_classify(x)
+
+    def forward_dynamic(self, x) -> DynamicOutput:
+        """Gate-driven inference through :func:`dsnet.supernet.dispatch` (one gate)."""
+
+        def head(x):
+            self.gate.set_width(self.stem_width)
+            return self.gate(self._stem(x))
+
+        def tail(k, key, feats, weight):
+            self._apply_route(Route((key[1],)))
+            y = self._stages_and_classify(feats)
+            return y if weight is None else y * weight.view(-1, 1)
+
+        return dispatch(x, head, tail, 1, lambda s: route_onehot(s, self.training), self.training)
+
+    # -- deployment ---------------------------------------------------------------------------
+    def _static_tail(self) -> nn.Sequential:
+        parts: list[tuple[str, nn.Module]] = []
+        for k, stage in enumerate(self.stages):
+            if k:
+                parts.append((f"attn{k + 1}", static_copy(self.attns[k - 1])))
+            parts.append((f"stage{k + 1}", static_copy(stage)))
+        parts.append(("classifier", Classifier(static_copy(self.fc))))
+        return nn.Sequential(OrderedDict(parts))
+
+    def _static_stem(self) -> nn.Module:
+        return _StaticStem(static_copy(self.conv_stem), static_copy(self.bn_stem))
+
+    def static_sequence(self, route: Route) -> nn.Module:
+        def build():
+            return nn.Sequential(OrderedDict([("stem", self._static_stem()),
+                                              ("gate", _GateOutput(static_copy(self.gate))),
+                                              ("tail", self._static_tail())]))
+
+        return self._with_route(route, build)
+
+    def deployment_segments(self):
+        n = len(self.routing_space.gates[0])
+        head = self._with_route(Route((n - 1,)), lambda: _StageThenGate(self._static_stem(),
+                                                                        self.gate.to_static_gate()))
+        return head, [{(None, c): self._with_route(Route((c,)), self._static_tail) for c in range(n)}]
+
+
 @register_model
 def ds_resnet50(num_classes: int = 1000) -> DSResNet:
     """DS-ResNet-50: Table 5 routing space, 4 gates x 4 ratios = 256 routes."""
@@ -331,6 +476,19 @@ def ds_resnet50(num_classes: int = 1000) -> DSResNet:
 def ds_resnet50_tiny(num_classes: int = 10) -> DSResNet:
     """A few-channel DS-ResNet for fast tests: same structure, 256 routes."""
     return DSResNet(stem=8, mids=(4, 8, 8, 16), depths=(1, 2, 1, 1), num_classes=num_classes)
+
+
+@register_model
+def ds_resnet50_pp(num_classes: int = 1000) -> DSResNetPP:
+    """DS-ResNet++: Table 5 (lower half) compound routing space, one gate, 9 routes of width and depth."""
+    return DSResNetPP(num_classes=num_classes)
+
+
+@register_model
+def ds_resnet50_pp_tiny(num_classes: int = 10) -> DSResNetPP:
+    """A few-channel DS-ResNet++ for fast tests: same structure, 5 routes of width and depth."""
+    stages = (((8, 12, 16), (1, 2)), ((16, 24, 32), (1, 2)), ((32, 40, 48), (1, 2, 3)), ((48, 64), (1, 2)))
+    return DSResNetPP(stem=8, stages=stages, n_routes=5, num_classes=num_classes)
 
 
 @register_model

@@ -1,0 +1,56 @@
+"""DS-Net++'s compound routing: DS-ResNet++ (one gate picks width and depth of every stage)."""
+
+import pytest
+import torch
+
+import dsnet
+from conftest import randomize, routes_apart
+from dsnet.profile import count_by_hooks, profile
+
+
+def test_ds_resnet50_pp_has_9_routes_spanning_s_to_l():
+    """Table 5 (lower half): 9 routes, MAdds strictly increasing, spanning DS-ResNet-S++ .. -L++
+    (the paper's gated averages 1.2G .. 3.1G at 224x224)."""
+    model = dsnet.create_model("ds_resnet50_pp")
+    routes = model.routes()
+    assert len(routes) == 9 and routes == [dsnet.Route((i,)) for i in range(9)]
+    madds = [profile(model, r).madds for r in routes]
+    assert all(a < b for a, b in zip(madds, madds[1:])), madds
+    assert madds[0] <= 1.2e9 and madds[-1] >= 3.1e9
+    first, last = (model.routing_space.options(r)[0] for r in (routes[0], routes[-1]))
+    assert first == {"widths": (128, 256, 512, 1024), "depths": (2, 2, 5, 2)}
+    assert last == {"widths": (256, 512, 1024, 2048), "depths": (3, 4, 8, 3)}
+    assert count_by_hooks(dsnet.materialize(model, routes[4]), 224) == profile(model, routes[4], 224)
+
+
+def test_every_tiny_route_materializes_exactly_with_only_its_blocks():
+    model = randomize(dsnet.create_model("ds_resnet50_pp_tiny"))
+    x = torch.randn(2, 3, 32, 32)
+    for route in model.routes(32):
+        static = dsnet.materialize(model, route)
+        depths = model.routing_space.options(route)[0]["depths"]
+        assert [len(getattr(static.tail, f"stage{k + 1}")) for k in range(4)] == list(depths)
+        assert count_by_hooks(static, 32) == profile(model, route, 32)
+        with torch.no_grad():
+            model.set_route(route, "slice")
+            ref = model(x)
+            torch.testing.assert_close(static(x), ref, rtol=1e-4, atol=1e-5)
+            for mode in ("mask", "index"):
+                model.set_route(route, mode)
+                torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5, msg=f"{route} {mode}")
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_split_equals_the_dynamic_forward(batch):
+    model = randomize(dsnet.create_model("ds_resnet50_pp_tiny"))
+    x = routes_apart(model, batch)
+    plan = dsnet.split(model)
+    assert len(plan) == 1 + 5
+    with torch.no_grad():
+        model.set_route(None)
+        ref, onehots, _ = model.forward_dynamic(x)
+        out, choices = plan(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert torch.equal(choices, torch.stack([o.argmax(-1) for o in onehots], 1))
+    if batch > 1:
+        assert len({tuple(c) for c in choices.tolist()}) > 1
