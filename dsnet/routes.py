@@ -132,3 +132,14 @@ class RoutingSpace:
                                  f"{[dict(o) for o in g.options]}")
             choices.append(matches[0])
         return Route(tuple(choices))
+
+
+def spread(values: Sequence[Any], n: int) -> list:
+    """``values`` spread over ``n`` routes in order: route ``i`` takes the value at the position
+    nearest ``i / (n - 1)`` of the list (halves round up). DS-Net++ lists each dimension's
+    candidates of a compound routing space but not which route takes which; this reading makes
+    every dimension grow with the route index."""
+    if n < 2:
+        return [values[-1]] * n
+    last = len(values) - 1
+    return [values[(2 * i * last + (n - 1)) // (2 * (n - 1))] for i in range(n)]

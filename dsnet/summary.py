@@ -16,20 +16,23 @@ from dsnet.registry import create_model, list_models
 
 
 def route_rows(model, input_size: int) -> list[dict]:
-    """One row per route: its label, widths, stage depths (compound routing spaces), MAdds, params."""
+    """One row per route: its label, widths, stage depths and kernel size (compound routing
+    spaces), MAdds, params."""
     rows = []
     for route in model.routes(input_size):
         p = profile(model, route, input_size)
         options = model.routing_space.options(route)
         depths = [d for o in options for d in o.get("depths", ())]
+        kernels = [o["kernel"] for o in options if "kernel" in o]
         rows.append({"route": str(route), "widths": "/".join(map(str, model.route_widths(route))),
                      **({"depths": "/".join(map(str, depths))} if depths else {}),
+                     **({"kernel": "/".join(map(str, kernels))} if kernels else {}),
                      "madds": p.madds, "params": p.params})
     return rows
 
 
 def _table(rows: list[dict]) -> str:
-    extra = ["depths"] if "depths" in rows[0] else []
+    extra = [k for k in ("depths", "kernel") if k in rows[0]]
     headers = ["route", "widths", *extra, "MAdds (M)", "params (M)"]
     body = [[r["route"] or "-", r["widths"], *(r[k] for k in extra), f"{r['madds'] / 1e6:.1f}",
              f"{r['params'] / 1e6:.2f}"] for r in rows]

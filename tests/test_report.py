@@ -92,3 +92,26 @@ def test_untuned_and_partly_tuned_tvm_cells_are_marked():
     lut.loc[lut.backend == "tvm", "backend_details"] = tuned
     t, _, notes = tables.slimmable_table3(lut, 224)
     assert t.set_index("switch").loc["x1.0", "tvm p50 (ms)"] == "400.000" and notes == []
+
+
+def test_table7_prices_ds_mbnet_pp_rows_and_says_when_the_paper_lies_outside_its_routes():
+    def lut_row(w, ms):
+        return {"model": "mobilenet_v1", "route": f"x{w}", "backend": "eager", "precision": "fp32", "batch_size": 1,
+                "input_size": 224, "madds": w * 569e6, "params": 1, "latency_ms_p50": ms, "status": "ok", "error": ""}
+
+    def route_row(model, route, madds, ms):
+        return {"model": model, "backend": "eager", "precision": "fp32", "batch_size": 1, "input_size": 224,
+                "kind": "route", "name": f"route {route}", "route": str(route), "madds": madds,
+                "latency_ms_p50": ms, "status": "ok", "error": ""}
+
+    lut = pd.DataFrame([lut_row(1.0, 20.0), lut_row(0.75, 15.0), lut_row(0.5, 10.0)])
+    dyn = pd.DataFrame([route_row("ds_mbnet", 0, 132e6, 8.0), route_row("ds_mbnet", 1, 564e6, 20.0),
+                        route_row("ds_mbnet_pp", 0, 183e6, 9.0), route_row("ds_mbnet_pp", 1, 603e6, 25.0)])
+    t, _, notes = tables.table7(lut, dyn, 224)
+    t = t.set_index("model")
+    share = (570e6 - 183e6) / (603e6 - 183e6)  # L++: the mix of the two routes at 570M
+    assert t.loc["DS-MBNet-L++", "eager latency (ms)"] == f"{(1 - share) * 9.0 + share * 25.0:.3f}"
+    assert t.loc["DS-MBNet-L++", "paper latency (ms)"] == 73
+    assert t.loc["DS-MBNet-S++", "eager latency (ms)"] == "-"
+    assert t.loc["DS-MBNet-S++", "route mix"] == "outside ds_mbnet_pp's routes (183M..603M)"
+    assert any("DS-MBNet-S++: the paper's 156M MAdds lie outside" in n for n in notes)

@@ -21,7 +21,7 @@ from torch import nn
 from dsnet.gate import AttentionHead, Gate, route_onehot
 from dsnet.layers import DynamicConv2d, DynamicLinear, SplitBatchNorm2d
 from dsnet.registry import register_model
-from dsnet.routes import GateSpec, Route, RoutingSpace
+from dsnet.routes import GateSpec, Route, RoutingSpace, spread
 from dsnet.supernet import Classifier, CostCounter, DynamicOutput, Supernet, dispatch, static_copy
 
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "swish": nn.SiLU}
@@ -59,10 +59,10 @@ class DSBlock(nn.Module):
     Works with dynamic layers (supernet) and, after :func:`static_copy`, with plain ones.
     """
 
-    def __init__(self, in_widths, out_widths, stride, hidden, act, gate_choices=0):
+    def __init__(self, in_widths, out_widths, stride, hidden, act, gate_choices=0, kernel: int = 3):
         super().__init__()
         cin, cout = in_widths[-1], out_widths[-1]
-        self.conv_dw = DynamicConv2d(cin, cin, 3, stride, depthwise=True)
+        self.conv_dw = DynamicConv2d(cin, cin, kernel, stride, depthwise=True)
         self.bn1 = SplitBatchNorm2d(in_widths)
         self.act1 = make_act(act)
         self.attn = Gate(cin, hidden, gate_choices) if gate_choices else AttentionHead(cin, hidden)
@@ -274,6 +274,135 @@ class DSMobileNetV1(Supernet):
         return head, [tails]
 
 
+class DSMobileNetPP(Supernet):
+    """DS-MBNet++ (DS-Net++ Table 4, lower half): DS-MBNet's layers with 5x5 depthwise kernels in
+    the fixed blocks and one gate, on the fifth block's output, that picks the width and the kernel
+    size of the eight blocks after it (12 routes).
+
+    The gate sits *before* the sixth block (DS-MBNet's sits after that block's depthwise conv,
+    whose kernel the route now chooses). Table 4 lists the candidate widths ([288:640:32] and
+    [800:1152:32], one index shared as in DS-MBNet) and kernels {3, 5, 7} but not which route takes
+    which kernel: route ``i`` takes the ``i``-th widths and the kernel nearest ``i / 11`` along
+    (3, 5, 7) (:func:`dsnet.routes.spread`: 3 for routes 0-2, 5 for 3-8, 7 for 9-11), padding
+    ``k // 2``; MAdds increase with the route. Every block keeps its attention head.
+    """
+
+    def __init__(self, stem: int = 16, fixed: tuple[MBStage, ...] = (), gated: tuple[MBStage, ...] = (),
+                 fixed_kernel: int = 5, kernels=(3, 5, 7), num_classes: int = 1000, act: str = "silu",
+                 attn_ratio: float = 0.25):
+        super().__init__()
+        n = len(gated[0].widths)
+        if any(len(s.widths) != n for s in gated) or any(len(s.widths) != 1 for s in fixed):
+            raise ValueError("the gated stages share one width index; the fixed stages have one width")
+        self.num_classes, self.act = num_classes, act
+        self.stages_cfg, self.n_fixed = fixed + gated, len(fixed)
+        self.kernels = spread(tuple(kernels), n)
+
+        def hidden(c: int) -> int:
+            return max(1, round(c * attn_ratio))
+
+        self.conv_stem = DynamicConv2d(3, stem, 3, 2)
+        self.bn1 = SplitBatchNorm2d((stem,))
+        self.act1 = make_act(act)
+        self.blocks = nn.ModuleList()
+        in_widths = (stem,)
+        for si, s in enumerate(self.stages_cfg):
+            if si == self.n_fixed:
+                self.gate = Gate(in_widths[-1], hidden(in_widths[-1]), n)
+            kernel = fixed_kernel if si < self.n_fixed else max(kernels)
+            for bi in range(s.n):
+                self.blocks.append(DSBlock(in_widths, s.widths, s.stride if bi == 0 else 1, hidden(in_widths[-1]),
+                                           act, kernel=kernel))
+                in_widths = s.widths
+        self.n_head_blocks = sum(s.n for s in fixed)
+        self.classifier = DynamicLinear(in_widths[-1], num_classes)
+        options = tuple({"widths": tuple(s.widths[i] for s in gated), "kernel": self.kernels[i]} for i in range(n))
+        self.routing_space = RoutingSpace((GateSpec("compound", options),))
+        self.set_route(Route((n - 1,)))
+
+    # -- routes -------------------------------------------------------------------------------
+    def _block_plan(self, route: Route):
+        """``(cin, cout, kernel, stride)`` of every block on ``route``."""
+        i, cin, plan = route[0], self.conv_stem.out_channels, []
+        for si, s in enumerate(self.stages_cfg):
+            cout = s.widths[0] if si < self.n_fixed else s.widths[i]
+            for block in self.blocks[len(plan): len(plan) + s.n]:
+                kernel = block.conv_dw.kernel_size[0] if si < self.n_fixed else self.kernels[i]
+                plan.append((cin, cout, kernel, block.conv_dw.stride[0]))
+                cin = cout
+        return plan
+
+    def _apply_route(self, route: Route) -> None:
+        for block, (cin, cout, kernel, _) in zip(self.blocks, self._block_plan(route)):
+            block.set_widths(cin, cout)
+            block.conv_dw.active_kernel = kernel
+        self.gate.set_width(self.blocks[self.n_head_blocks].conv_dw.in_channels)
+        self.classifier.active_in = self._block_plan(route)[-1][1]
+
+    def count(self, counter: CostCounter, route: Route) -> None:
+        counter.conv(3, self.conv_stem.out_channels, 3, 2)
+        for bi, (cin, cout, kernel, stride) in enumerate(self._block_plan(route)):
+            if bi == self.n_head_blocks:
+                counter.attention(cin, self.gate.fc1.out_features)
+            counter.conv(cin, cin, kernel, stride, depthwise=True)
+            counter.attention(cin, self.blocks[bi].attn.fc1.out_features)
+            counter.conv(cin, cout, 1)
+        counter.linear(self._block_plan(route)[-1][1], self.num_classes)
+
+    # -- forward ------------------------------------------------------------------------------
+    def _head(self, x):
+        x = self.act1(self.bn1(self.conv_stem(x)))
+        for block in self.blocks[: self.n_head_blocks]:
+            x = block(x)
+        return self.gate(x)
+
+    def _tail(self, x):
+        for block in self.blocks[self.n_head_blocks:]:
+            x = block(x)
+        return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+    def forward(self, x):
+        if self.active_route is None:
+            return self.forward_dynamic(x)[0]
+        return self._tail(self._head(x)[0])
+
+    def forward_dynamic(self, x) -> DynamicOutput:
+        """Gate-driven inference (one gate) through :func:`dsnet.supernet.dispatch`."""
+
+        def tail(k, key, feats, weight):
+            self._apply_route(Route((key[1],)))
+            y = self._tail(feats)
+            return y if weight is None else y * weight.view(-1, 1)
+
+        return dispatch(x, self._head, tail, 1, lambda s: route_onehot(s, self.training), self.training)
+
+    # -- deployment ---------------------------------------------------------------------------
+    def _static_head_body(self) -> nn.Sequential:
+        parts: list[tuple[str, nn.Module]] = [
+            ("stem", nn.Sequential(static_copy(self.conv_stem), static_copy(self.bn1), static_copy(self.act1)))]
+        parts += [(f"block{bi}", static_copy(b)) for bi, b in enumerate(self.blocks[: self.n_head_blocks])]
+        return nn.Sequential(OrderedDict(parts))
+
+    def _static_tail(self) -> nn.Sequential:
+        parts: list[tuple[str, nn.Module]] = [
+            (f"block{bi}", static_copy(b)) for bi, b in enumerate(self.blocks) if bi >= self.n_head_blocks]
+        parts.append(("classifier", Classifier(static_copy(self.classifier))))
+        return nn.Sequential(OrderedDict(parts))
+
+    def static_sequence(self, route: Route) -> nn.Module:
+        def build():
+            return nn.Sequential(OrderedDict([("head", self._static_head_body()), ("attn", static_copy(self.gate)),
+                                              ("tail", self._static_tail())]))
+
+        return self._with_route(route, build)
+
+    def deployment_segments(self):
+        n = len(self.routing_space.gates[0])
+        head = self._with_route(Route((0,)), lambda: HeadWithGate(self._static_head_body(),
+                                                                  self.gate.to_static_gate()))
+        return head, [{(None, c): self._with_route(Route((c,)), self._static_tail) for c in range(n)}]
+
+
 class MobileNetV1(Supernet):
     """Static MobileNetV1 (Howard et al. 2017) at a width multiplier; ReLU, no attention."""
 
@@ -348,6 +477,22 @@ def ds_mbnet_tiny(num_classes: int = 10, act: str = "silu") -> DSMobileNetV1:
     stages = (MBStage((8,), 1, 1), MBStage((12,), 1, 2), MBStage((16,), 1, 2),
               MBStage((16, 20, 24, 32), 2, 2), MBStage((24, 32, 40, 48), 1, 2))
     return DSMobileNetV1(8, None, stages, 3, num_classes, act)
+
+
+@register_model
+def ds_mbnet_pp(num_classes: int = 1000, act: str = "silu") -> DSMobileNetPP:
+    """DS-MBNet++: Table 4 (lower half) compound routing space, 12 routes of width and kernel size."""
+    fixed = (MBStage((32,), 1, 1), MBStage((48,), 2, 2), MBStage((96,), 2, 2))
+    gated = (MBStage(tuple(range(288, 641, 32)), 6, 2), MBStage(tuple(range(800, 1153, 32)), 2, 2))
+    return DSMobileNetPP(16, fixed, gated, 5, (3, 5, 7), num_classes, act)
+
+
+@register_model
+def ds_mbnet_pp_tiny(num_classes: int = 10, act: str = "silu") -> DSMobileNetPP:
+    """A few-channel DS-MBNet++ for fast tests: same structure, 4 routes over kernels {3, 5, 7}."""
+    fixed = (MBStage((8,), 1, 1), MBStage((12,), 1, 2), MBStage((16,), 1, 2))
+    gated = (MBStage((16, 20, 24, 32), 2, 2), MBStage((24, 32, 40, 48), 1, 2))
+    return DSMobileNetPP(8, fixed, gated, 5, (3, 5, 7), num_classes, act)
 
 
 @register_model

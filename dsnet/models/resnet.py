@@ -19,7 +19,7 @@ from torch import nn
 from dsnet.gate import AttentionHead, Gate, route_onehot
 from dsnet.layers import DynamicConv2d, DynamicDepth, DynamicLinear, SplitBatchNorm2d
 from dsnet.registry import register_model
-from dsnet.routes import GateSpec, Route, RoutingSpace
+from dsnet.routes import GateSpec, Route, RoutingSpace, spread
 from dsnet.supernet import Classifier, CostCounter, DynamicOutput, Supernet, dispatch, static_copy
 
 RATIOS = (0.25, 0.5, 0.75, 1.0)
@@ -326,20 +326,13 @@ PP_STAGES = ((tuple(range(128, 257, 32)), (2, 3)), (tuple(range(256, 513, 32)), 
              (tuple(range(512, 1025, 64)), (5, 6, 7, 8)), (tuple(range(1024, 2049, 128)), (2, 3)))
 
 
-def spread(values, n: int) -> list:
-    """``values`` spread over ``n`` routes in order: route ``i`` takes the value at the position
-    nearest ``i / (n - 1)`` of the list (halves round up)."""
-    last = len(values) - 1
-    return [values[(2 * i * last + (n - 1)) // (2 * (n - 1))] for i in range(n)]
-
-
 class DSResNetPP(Supernet):
     """DS-ResNet++ (DS-Net++ Table 5, lower half): one gate, on the stem's output at the start of
     the first residual block, picks the width and the depth of all four stages (9 routes).
 
     The table lists each stage's candidate output widths (five for the first stage, nine for the
     others) and depths, but not which route takes which: here route ``i`` of ``n`` takes, in every
-    stage, the candidate nearest ``i / (n - 1)`` along its list (:func:`spread`), so widths and
+    stage, the candidate nearest ``i / (n - 1)`` along its list (:func:`dsnet.routes.spread`), so widths and
     depths grow together and MAdds increase strictly with the route. Depth slicing runs a stage's
     first blocks (:class:`dsnet.layers.DynamicDepth`). As in DS-ResNet, every block after a
     stage's first carries an attention head, and the later stages' inputs an attention head (the

@@ -12,7 +12,8 @@ import pandas as pd
 PAPER_TABLE2_MS = {"full": 12.2, "masking": 12.4, "indexing": 16.6, "slicing": 7.9, "ideal": 7.2}
 PAPER_TABLE7 = {  # row: (MAdds in M, latency ms)
     "MBNetV1 x1.0": (569, 63), "MBNetV1 x0.75": (317, 48), "MBNetV1 x0.5": (150, 33),
-    "DS-MBNet-L": (565, 69), "DS-MBNet-M": (319, 54), "DS-MBNet-S": (153, 39)}
+    "DS-MBNet-L": (565, 69), "DS-MBNet-M": (319, 54), "DS-MBNet-S": (153, 39),
+    "DS-MBNet-L++": (570, 73), "DS-MBNet-M++": (325, 57), "DS-MBNet-S++": (156, 41)}
 PAPER_ACCELERATION = {"ideal": 63 / 33, "realized": 63 / 39}
 # Slimmable networks Table 3: network -> (slimmable model, static model, {width: (FLOPs, params)})
 PAPER_SLIMMABLE = {
