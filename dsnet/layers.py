@@ -62,18 +62,20 @@ class DynamicConv2d(nn.Conv2d, _Dynamic):
     DS-Net++'s compound routing, any smaller odd kernel (``active_kernel``).
 
     Padding is ``k // 2`` for the active kernel ``k`` (same-size for stride 1), as in MobileNet and
-    ResNet. A smaller kernel is the centre ``k x k`` crop of the stored largest kernel (DS-Net++
-    Fig. 4): ``slice`` takes a view of it, ``index`` gathers its rows and columns at run time and
+    ResNet, unless ``padding`` fixes it (a transformer's non-overlapping patch projection: 0). A
+    smaller kernel is the centre ``k x k`` crop of the stored largest kernel (DS-Net++ Fig. 4):
+    ``slice`` takes a view of it, ``index`` gathers its rows and columns at run time and
     ``mask`` runs the largest kernel with the outer ring zeroed (the same numbers).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 depthwise: bool = False, bias: bool = False):
+                 depthwise: bool = False, bias: bool = False, padding: int | None = None):
         if depthwise and in_channels != out_channels:
             raise ValueError("a depthwise convolution has as many outputs as inputs")
         super().__init__(in_channels, out_channels, kernel_size, stride=stride,
-                         padding=kernel_size // 2, groups=in_channels if depthwise else 1,
-                         bias=bias)
+                         padding=kernel_size // 2 if padding is None else padding,
+                         groups=in_channels if depthwise else 1, bias=bias)
+        self.same_padding = padding is None  # padding k // 2 of the active kernel, else fixed
         self.depthwise = depthwise
         self.active_in = in_channels
         self.active_out = out_channels
@@ -114,13 +116,16 @@ class DynamicConv2d(nn.Conv2d, _Dynamic):
                 taps = self._index(k, x.device) + off
                 w = w.index_select(2, taps).index_select(3, taps)
             b = self.bias.index_select(0, idx_out) if self.bias is not None else None
-        return F.conv2d(x, w, b, self.stride, k // 2, 1, cout if self.depthwise else 1)
+        return F.conv2d(x, w, b, self.stride, self._padding(k), 1, cout if self.depthwise else 1)
+
+    def _padding(self, k: int) -> int:
+        return k // 2 if self.same_padding else self.padding[0]
 
     def to_static(self) -> nn.Conv2d:
         k, off = self._check_kernel()
         cout = self.active_out
         cin = cout if self.depthwise else self.active_in
-        conv = nn.Conv2d(cin, cout, k, self.stride, k // 2,
+        conv = nn.Conv2d(cin, cout, k, self.stride, self._padding(k),
                          groups=cout if self.depthwise else 1, bias=self.bias is not None)
         with torch.no_grad():
             w = self.weight[:cout] if self.depthwise else self.weight[:cout, :cin]

@@ -41,8 +41,8 @@ def count_by_hooks(module: nn.Module, input_size: int = 224) -> Profile:
         if isinstance(m, nn.Conv2d):
             per_out = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
             madds += output[0].numel() * per_out
-        elif isinstance(m, nn.Linear):
-            madds += m.in_features * m.out_features
+        elif isinstance(m, nn.Linear):  # once per token of a sequence (a transformer's), per image
+            madds += output[0].numel() * m.in_features
 
     handles = [m.register_forward_hook(hook) for m in module.modules()
                if isinstance(m, (nn.Conv2d, nn.Linear))]

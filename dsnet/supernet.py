@@ -131,8 +131,8 @@ class CostCounter:
         self.hw = (self.input_size, self.input_size)
 
     def conv(self, cin: int, cout: int, k: int, stride: int = 1, depthwise: bool = False,
-             bias: bool = False, bn: bool = True, groups: int = 1) -> None:
-        pad = k // 2
+             bias: bool = False, bn: bool = True, groups: int = 1, padding: int | None = None) -> None:
+        pad = k // 2 if padding is None else padding
         h, w = ((d + 2 * pad - k) // stride + 1 for d in self.hw)
         self.hw = (h, w)
         per_out = (1 if depthwise else cin // groups) * k * k
@@ -142,8 +142,9 @@ class CostCounter:
     def pool(self, k: int, stride: int, pad: int) -> None:
         self.hw = tuple((d + 2 * pad - k) // stride + 1 for d in self.hw)  # type: ignore[assignment]
 
-    def linear(self, cin: int, cout: int, bias: bool = True) -> None:
-        self.madds += cin * cout
+    def linear(self, cin: int, cout: int, bias: bool = True, tokens: int = 1) -> None:
+        """A fully connected layer, applied to each of ``tokens`` vectors (a transformer's sequence)."""
+        self.madds += tokens * cin * cout
         self.params += cin * cout + (cout if bias else 0)
 
     def attention(self, c: int, hidden: int) -> None:

@@ -1,4 +1,4 @@
-"""DS-Net++'s compound routing: DS-ResNet++ (width and depth) and DS-MBNet++ (width and kernel size)."""
+"""DS-Net++'s compound routing: DS-ResNet++ (width, depth), DS-MBNet++ (width, kernel), DS-ViT++ (every dimension)."""
 
 import pytest
 import torch
@@ -86,6 +86,48 @@ def test_every_ds_mbnet_pp_tiny_route_materializes_exactly_and_splits():
             for mode in ("mask", "index"):
                 model.set_route(route, mode)
                 torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5, msg=f"{route} {mode}")
+    x = routes_apart(model, 4)
+    plan = dsnet.split(model)
+    with torch.no_grad():
+        model.set_route(None)
+        ref, onehots, _ = model.forward_dynamic(x)
+        out, choices = plan(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert torch.equal(choices, torch.stack([o.argmax(-1) for o in onehots], 1))
+    assert len({tuple(c) for c in choices.tolist()}) > 1
+
+
+def test_ds_vit_pp_routes_grow_in_every_dimension():
+    """Table 6: embedding 192..416, Q-K-V 192..384 (48 per head), heads 4..8, MLP ratio 3..4,
+    depth 12..14; MAdds strictly increasing; the largest route near Table 3's 5.6G for the
+    efficient stem's network; analytic counts equal the hooks'."""
+    model = dsnet.create_model("ds_vit_pp")
+    routes = model.routes()
+    assert len(routes) == 8 and routes == [dsnet.Route((i,)) for i in range(8)]
+    opts = [model.routing_space.options(r)[0] for r in routes]
+    assert (opts[0]["embed_dim"], opts[0]["qkv_dim"], opts[0]["heads"], opts[0]["mlp_ratio"], opts[0]["depths"]) \
+        == (192, 192, 4, 3.0, (12,))
+    assert (opts[-1]["embed_dim"], opts[-1]["qkv_dim"], opts[-1]["heads"], opts[-1]["mlp_ratio"], opts[-1]["depths"]) \
+        == (416, 384, 8, 4.0, (14,))
+    assert all(o["qkv_dim"] // o["heads"] == 48 for o in opts)
+    madds = [profile(model, r).madds for r in routes]
+    assert all(a < b for a, b in zip(madds, madds[1:])), madds
+    assert madds[-1] == pytest.approx(5.6e9, rel=0.05)
+    assert count_by_hooks(dsnet.materialize(model, routes[-1]), 224) == profile(model, routes[-1], 224)
+
+
+def test_every_ds_vit_pp_tiny_route_materializes_exactly_and_splits():
+    model = randomize(dsnet.create_model("ds_vit_pp_tiny"))
+    x = torch.randn(2, 3, 32, 32)  # a 2x2 patch grid: the position embedding is interpolated
+    for route in model.routes(32):
+        static = dsnet.materialize(model, route)
+        assert count_by_hooks(static, 32) == profile(model, route, 32)
+        with torch.no_grad():
+            model.set_route(route, "slice")
+            torch.testing.assert_close(static(x), model(x), rtol=1e-4, atol=1e-5)
+    model.set_route(model.routes(32)[0], "mask")
+    with pytest.raises(ValueError, match="not defined for a transformer's"):
+        model(x)
     x = routes_apart(model, 4)
     plan = dsnet.split(model)
     with torch.no_grad():

@@ -16,7 +16,8 @@ from harness.targets import load_target
 X86 = load_target("x86").resolve()
 
 
-@pytest.mark.parametrize("name", ["ds_mbnet_tiny", "ds_resnet50_tiny", "ds_resnet50_pp_tiny", "ds_mbnet_pp_tiny"])
+@pytest.mark.parametrize("name", ["ds_mbnet_tiny", "ds_resnet50_tiny", "ds_resnet50_pp_tiny", "ds_mbnet_pp_tiny",
+                                  "ds_vit_pp_tiny"])
 @pytest.mark.parametrize("batch", [1, 4])
 def test_dynamic_engine_equals_the_supernet_on_torchscript(name, batch, tmp_path):
     model = dsnet.reference_statistics(randomize(dsnet.create_model(name)))
