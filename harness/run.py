@@ -296,18 +296,38 @@ def finish(ctx, p: RunPlan, env_doc: dict, wall_s: float) -> None:
     """Exports (``lut.csv``, ``dynamic.csv``, ``env.json``) from the store; always runs, even after
     an interruption, so what was measured is never lost."""
     store = ctx.store
-    store.export_lut(p.layout.lut_csv)
-    store.export_dynamic(p.layout.dynamic_csv)
+    previous = _previous_runs(p.layout.env_json)  # read before the exports and env.json are rewritten
+    lut = store.export_lut(p.layout.lut_csv)
+    dyn = store.export_dynamic(p.layout.dynamic_csv)
     env_doc["wall_time_s"] = round(wall_s, 1)
     # the stored results may come from several runs (a resumed run measures only what is missing)
+    in_store = {d.get("run_id") for d in store.runs()}
+    exported = set(lut.get("run_id", [])) | set(dyn.get("run_id", []))
     env_doc["earlier_runs"] = [
         {"run_id": d.get("run_id"), "time_utc": d.get("env", {}).get("time_utc"),
          "busy": d.get("env", {}).get("busy"), "cpu_steal_percent": d.get("env", {}).get("cpu_steal_percent"),
          "device_name": d.get("device_name")}
-        for d in store.runs() if d.get("run_id") != ctx.run_id]
+        for d in store.runs() if d.get("run_id") != ctx.run_id] + [
+        r for r in previous if r.get("run_id") not in in_store and r.get("run_id") in exported]
     env_doc["drift"] = store.drift(ctx.run_id)  # per round phase: the spread of the rounds' speed factors
     p.layout.env_json.write_text(json.dumps(env_doc, indent=1))
     ctx.close()
+
+
+def _previous_runs(env_json) -> list[dict]:
+    """The runs the previous ``env.json`` describes (itself and its earlier runs), as earlier-run
+    entries; nothing when it is absent or unreadable."""
+    try:
+        doc = json.loads(env_json.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(doc, dict):
+        return []
+    env = doc.get("env", {}) if isinstance(doc.get("env"), dict) else {}
+    own = {"run_id": doc.get("run_id"), "time_utc": env.get("time_utc"), "busy": env.get("busy"),
+           "cpu_steal_percent": env.get("cpu_steal_percent"), "device_name": doc.get("device_name")}
+    earlier = [r for r in doc.get("earlier_runs", []) if isinstance(r, dict)]
+    return [own] + earlier
 
 
 def summarize(ctx, p: RunPlan, env_doc: dict) -> None:

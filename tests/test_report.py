@@ -115,3 +115,11 @@ def test_table7_prices_ds_mbnet_pp_rows_and_says_when_the_paper_lies_outside_its
     assert t.loc["DS-MBNet-S++", "eager latency (ms)"] == "-"
     assert t.loc["DS-MBNet-S++", "route mix"] == "outside ds_mbnet_pp's routes (183M..603M)"
     assert any("DS-MBNet-S++: the paper's 156M MAdds lie outside" in n for n in notes)
+
+
+def test_the_run_summary_leaves_out_models_with_only_table2_rows():
+    from harness.reporting.summary import dynamic_summary
+
+    dyn = pd.DataFrame([{"model": "s_resnet50", "backend": "eager", "precision": "fp32", "kind": "table2",
+                         "name": w, "status": "ok", "error": ""} for w in TABLE2_WAYS])
+    assert dynamic_summary(dyn).splitlines()[1:] == []

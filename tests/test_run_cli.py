@@ -168,3 +168,22 @@ def test_killed_run_loses_nothing_and_the_rerun_measures_only_what_is_missing(tm
     # a third run finds everything done
     again = cli(*args)
     assert "0 to measure, 8 already stored" in again.stderr
+
+
+def test_a_run_into_a_folder_of_exports_without_a_store_keeps_their_rows(tmp_path):
+    """A clone of committed results has lut.csv, dynamic.csv and env.json but no results.sqlite:
+    a run of another model adds its rows and keeps the others (and names their run)."""
+    out = tmp_path / "out"
+    profile = _profile(tmp_path, repeat=2)
+    assert runmod.main(["--target", profile, "--models", "ds_mbnet_tiny", "--routes", "0", "--backends", "noop",
+                        "--out", str(out)]) == 0
+    first = json.loads((out / "env.json").read_text())["run_id"]
+    for name in ("results.sqlite", "results.sqlite-wal", "results.sqlite-shm"):  # as in a fresh clone
+        (out / name).unlink(missing_ok=True)
+    assert runmod.main(["--target", profile, "--models", "ds_resnet50_tiny", "--routes", "0-0-0-0",
+                        "--backends", "noop", "--out", str(out)]) == 0
+    lut = pd.read_csv(out / "lut.csv")
+    assert set(lut.model) == {"ds_mbnet_tiny", "ds_resnet50_tiny"}
+    assert "ds_mbnet_tiny" in set(pd.read_csv(out / "dynamic.csv").model)
+    env = json.loads((out / "env.json").read_text())
+    assert first in {r["run_id"] for r in env["earlier_runs"]}

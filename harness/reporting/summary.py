@@ -44,6 +44,9 @@ def dynamic_summary(dyn) -> str:
     """Per model and backend: LUT error, dispatch overhead, stream error, realized vs ideal speed-up."""
     lines = ["dynamic engine (LUT = sum of measured segments; error = (LUT - end to end) / end to end)"]
     for (model, backend, precision), g in dyn.groupby(["model", "backend", "precision"]):
+        g = g[g.kind != "table2"]  # Table 2's rows (no dynamic engine) have their own table
+        if g.empty:
+            continue
         bad = g[g.status != "ok"]
         if len(bad):
             lines.append(f"  {model} {backend} {precision}: FAILED {bad.iloc[0].error}")

@@ -8,9 +8,10 @@ kill -9) loses at most the measurement in flight. A row is keyed by (model, rout
 precision, batch_size, input_size); ``done_keys()`` lists the keys already stored so a re-run
 skips them. Raw samples are kept (JSON) beside the statistics. ``record_dynamic`` does the same
 for the dynamic engine's, Table 2's and the acceleration's rows. ``export_lut(path)`` and
-``export_dynamic(path)`` write the tidy CSVs atomically. Tables and columns come from
-``harness.results.layout``; a store written by an older version gains the new columns on open.
-A row whose status is not one of the layout's ``STATUSES`` is refused.
+``export_dynamic(path)`` write the tidy CSVs atomically, keeping the rows of the previous export
+whose key this store does not hold (results of runs whose store is gone, e.g. committed exports).
+Tables and columns come from ``harness.results.layout``; a store written by an older version
+gains the new columns on open. A row whose status is not one of the layout's ``STATUSES`` is refused.
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ class ResultStore:
                                  "precision, batch_size, input_size, kind, madds, name", self.db)
 
     def export_dynamic(self, path: Path) -> pd.DataFrame:
-        return _write_atomically(self.dynamic_frame(), path)
+        return _write_atomically(_with_rows_kept(self.dynamic_frame(), path, DYNAMIC_KEY), path)
 
     def record_run(self, run_id: str, env: dict) -> None:
         self.db.execute("INSERT OR REPLACE INTO runs VALUES (?, ?)", (run_id, json.dumps(env)))
@@ -167,13 +168,31 @@ class ResultStore:
         return df
 
     def export_lut(self, path: Path) -> pd.DataFrame:
-        return _write_atomically(self.frame()[LUT_COLUMNS], path)
+        return _write_atomically(_with_rows_kept(self.frame()[LUT_COLUMNS], path, RESULT_KEY), path)
 
 
 def _encode(row: dict) -> None:
     for c in ("samples_ms", "rounds"):
         if isinstance(row.get(c), list):
             row[c] = json.dumps(row[c])
+
+
+def _with_rows_kept(df: pd.DataFrame, path: Path, key) -> pd.DataFrame:
+    """``df`` plus the rows of the export already at ``path`` whose key the store does not hold:
+    results measured into this folder by runs whose store is gone (a clone of committed results
+    has the CSVs but no ``results.sqlite``) are kept, not overwritten. An unreadable old export
+    is replaced."""
+    try:
+        old = pd.read_csv(path, keep_default_na=False, na_values=[""]) if path.is_file() else None
+    except (OSError, ValueError, pd.errors.ParserError, UnicodeDecodeError):
+        return df
+    if old is None or old.empty or any(c not in old.columns for c in key):
+        return df
+    have = set(map(tuple, df[list(key)].astype(str).itertuples(index=False)))
+    kept = old[[k not in have for k in map(tuple, old[list(key)].astype(str).itertuples(index=False))]]
+    if kept.empty:
+        return df
+    return pd.concat([df, kept.reindex(columns=df.columns)], ignore_index=True)
 
 
 def _write_atomically(df: pd.DataFrame, path: Path) -> pd.DataFrame:
