@@ -43,7 +43,8 @@ def test_lut_of_another_model(tmp_path):
 
 
 @pytest.mark.parametrize("args,pattern", [
-    (["--model", "mobilenet_v1", "--target", "x86", "--backend", "eager"], "static: it has no gate"),
+    (["--model", "mobilenet_v1", "--target", "x86", "--backend", "eager"], "mobilenet_v1 has no gate to retrain"),
+    (["--model", "s_resnet50_tiny", "--target", "x86", "--backend", "eager"], "(a static or slimmable network)"),
     (["--model", "ds_mbnet_tiny", "--target", "x86", "--backend", "nope"], "unknown backend 'nope'"),
     (["--model", "ds_mbnet_tiny", "--target", "nowhere", "--backend", "eager"], "nowhere"),
 ])
