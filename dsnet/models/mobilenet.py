@@ -333,21 +333,23 @@ class DSMobileNetPP(Supernet):
         return plan
 
     def _apply_route(self, route: Route) -> None:
-        for block, (cin, cout, kernel, _) in zip(self.blocks, self._block_plan(route)):
+        plan = self._block_plan(route)
+        for block, (cin, cout, kernel, _) in zip(self.blocks, plan):
             block.set_widths(cin, cout)
             block.conv_dw.active_kernel = kernel
         self.gate.set_width(self.blocks[self.n_head_blocks].conv_dw.in_channels)
-        self.classifier.active_in = self._block_plan(route)[-1][1]
+        self.classifier.active_in = plan[-1][1]
 
     def count(self, counter: CostCounter, route: Route) -> None:
         counter.conv(3, self.conv_stem.out_channels, 3, 2)
-        for bi, (cin, cout, kernel, stride) in enumerate(self._block_plan(route)):
+        plan = self._block_plan(route)
+        for bi, (cin, cout, kernel, stride) in enumerate(plan):
             if bi == self.n_head_blocks:
                 counter.attention(cin, self.gate.fc1.out_features)
             counter.conv(cin, cin, kernel, stride, depthwise=True)
             counter.attention(cin, self.blocks[bi].attn.fc1.out_features)
             counter.conv(cin, cout, 1)
-        counter.linear(self._block_plan(route)[-1][1], self.num_classes)
+        counter.linear(plan[-1][1], self.num_classes)
 
     # -- forward ------------------------------------------------------------------------------
     def _head(self, x):

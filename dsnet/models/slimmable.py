@@ -214,17 +214,16 @@ class SMobileNetV2(SlimmableNet):
         _count_mbv2(counter, self.stem[i], [(b[0][i], b[1][i], b[2], b[3]) for b in self.blocks], self.num_classes)
 
 
-class MobileNetV2(Supernet):
-    """Static MobileNet v2 at a width multiplier (<= 1): a slimmable one's single switch, materialized."""
+class SingleSwitch(Supernet):
+    """A static model: one slimmable network's only switch, materialized (same layers, MAdds and
+    params as that switch). ``count_plan(counter)`` counts it from plain widths, so no copy of the
+    slimmable network is kept."""
 
-    def __init__(self, width_mult: float = 1.0, num_classes: int = 1000):
+    def __init__(self, slimmable: SlimmableNet, count_plan):
         super().__init__()
-        if not width_mult > 0:
-            raise ValueError(f"width_mult must be positive, got {width_mult}")
-        self.width_mult, self.num_classes = width_mult, num_classes
-        self.features = SMobileNetV2((width_mult,), num_classes).static_sequence(Route((0,)))
-        stem, blocks = _mbv2_plan((width_mult,))
-        self._plan = stem[0], [(b[0][0], b[1][0], b[2], b[3]) for b in blocks]
+        self.width_mult, self.num_classes = slimmable.width_mults[0], slimmable.num_classes
+        self.features = slimmable.static_sequence(Route((0,)))
+        self._count_plan = count_plan
         self.routing_space = RoutingSpace(())
         self.active_route = Route(())
 
@@ -235,10 +234,22 @@ class MobileNetV2(Supernet):
         return self.features(x)
 
     def count(self, counter: CostCounter, route: Route) -> None:
-        _count_mbv2(counter, *self._plan, self.num_classes)
+        self._count_plan(counter)
 
     def static_sequence(self, route: Route) -> nn.Module:
         return static_copy(self.features)
+
+
+class MobileNetV2(SingleSwitch):
+    """Static MobileNet v2 at a width multiplier (<= 1)."""
+
+    def __init__(self, width_mult: float = 1.0, num_classes: int = 1000):
+        if not width_mult > 0:
+            raise ValueError(f"width_mult must be positive, got {width_mult}")
+        stem, blocks = _mbv2_plan((width_mult,))
+        plan = stem[0], [(b[0][0], b[1][0], b[2], b[3]) for b in blocks]
+        super().__init__(SMobileNetV2((width_mult,), num_classes),
+                         lambda counter: _count_mbv2(counter, *plan, num_classes))
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,31 +405,16 @@ class SShuffleNet(SlimmableNet):
                           self.num_classes)
 
 
-class ShuffleNet(Supernet):
-    """Static ShuffleNet v1 (g = 3) at a width multiplier: a slimmable one's single switch, materialized."""
+class ShuffleNet(SingleSwitch):
+    """Static ShuffleNet v1 (g = 3) at a width multiplier."""
 
     def __init__(self, width_mult: float = 1.0, num_classes: int = 1000, groups: int = 3):
-        super().__init__()
         if not width_mult > 0:
             raise ValueError(f"width_mult must be positive, got {width_mult}")
-        self.width_mult, self.num_classes, self.groups = width_mult, num_classes, groups
-        self.features = SShuffleNet((width_mult,), num_classes, groups).static_sequence(Route((0,)))
         stem, units = _shufflenet_plan((width_mult,), groups)
-        self._plan = stem[0], [(u[0][0], u[1][0], u[2]) for u in units]
-        self.routing_space = RoutingSpace(())
-        self.active_route = Route(())
-
-    def _apply_route(self, route: Route) -> None:
-        pass
-
-    def forward(self, x):
-        return self.features(x)
-
-    def count(self, counter: CostCounter, route: Route) -> None:
-        _count_shufflenet(counter, *self._plan, self.groups, self.num_classes)
-
-    def static_sequence(self, route: Route) -> nn.Module:
-        return static_copy(self.features)
+        plan = stem[0], [(u[0][0], u[1][0], u[2]) for u in units]
+        super().__init__(SShuffleNet((width_mult,), num_classes, groups),
+                         lambda counter: _count_shufflenet(counter, *plan, groups, num_classes))
 
 
 # --------------------------------------------------------------------------------------------
