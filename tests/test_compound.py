@@ -8,6 +8,32 @@ from conftest import randomize, routes_apart
 from dsnet.profile import count_by_hooks, profile
 
 
+def _check_modes(model, route, static, x):
+    """The materialized route, and the supernet in mask and index mode, equal slice mode."""
+    with torch.no_grad():
+        model.set_route(route, "slice")
+        ref = model(x)
+        torch.testing.assert_close(static(x), ref, rtol=1e-4, atol=1e-5)
+        for mode in ("mask", "index"):
+            model.set_route(route, mode)
+            torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5, msg=f"{route} {mode}")
+
+
+def _check_split(model, batch: int):
+    """``dsnet.split(model)`` equals the gate-driven forward on inputs routed apart; returns the plan."""
+    x = routes_apart(model, batch)
+    plan = dsnet.split(model)
+    with torch.no_grad():
+        model.set_route(None)
+        ref, onehots, _ = model.forward_dynamic(x)
+        out, choices = plan(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert torch.equal(choices, torch.stack([o.argmax(-1) for o in onehots], 1))
+    if batch > 1:
+        assert len({tuple(c) for c in choices.tolist()}) > 1
+    return plan
+
+
 def test_ds_resnet50_pp_has_9_routes_spanning_s_to_l():
     """Table 5 (lower half): 9 routes, MAdds strictly increasing, spanning DS-ResNet-S++ .. -L++
     (the paper's gated averages 1.2G .. 3.1G at 224x224)."""
@@ -31,29 +57,13 @@ def test_every_tiny_route_materializes_exactly_with_only_its_blocks():
         depths = model.routing_space.options(route)[0]["depths"]
         assert [len(getattr(static.tail, f"stage{k + 1}")) for k in range(4)] == list(depths)
         assert count_by_hooks(static, 32) == profile(model, route, 32)
-        with torch.no_grad():
-            model.set_route(route, "slice")
-            ref = model(x)
-            torch.testing.assert_close(static(x), ref, rtol=1e-4, atol=1e-5)
-            for mode in ("mask", "index"):
-                model.set_route(route, mode)
-                torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5, msg=f"{route} {mode}")
+        _check_modes(model, route, static, x)
 
 
 @pytest.mark.parametrize("batch", [1, 4])
 def test_split_equals_the_dynamic_forward(batch):
     model = randomize(dsnet.create_model("ds_resnet50_pp_tiny"))
-    x = routes_apart(model, batch)
-    plan = dsnet.split(model)
-    assert len(plan) == 1 + 5
-    with torch.no_grad():
-        model.set_route(None)
-        ref, onehots, _ = model.forward_dynamic(x)
-        out, choices = plan(x)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
-    assert torch.equal(choices, torch.stack([o.argmax(-1) for o in onehots], 1))
-    if batch > 1:
-        assert len({tuple(c) for c in choices.tolist()}) > 1
+    assert len(_check_split(model, batch)) == 1 + 5
 
 
 def test_ds_mbnet_pp_has_12_routes_over_width_and_kernel():
@@ -79,22 +89,8 @@ def test_every_ds_mbnet_pp_tiny_route_materializes_exactly_and_splits():
     for route in model.routes(32):
         static = dsnet.materialize(model, route)
         assert count_by_hooks(static, 32) == profile(model, route, 32)
-        with torch.no_grad():
-            model.set_route(route, "slice")
-            ref = model(x)
-            torch.testing.assert_close(static(x), ref, rtol=1e-4, atol=1e-5)
-            for mode in ("mask", "index"):
-                model.set_route(route, mode)
-                torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5, msg=f"{route} {mode}")
-    x = routes_apart(model, 4)
-    plan = dsnet.split(model)
-    with torch.no_grad():
-        model.set_route(None)
-        ref, onehots, _ = model.forward_dynamic(x)
-        out, choices = plan(x)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
-    assert torch.equal(choices, torch.stack([o.argmax(-1) for o in onehots], 1))
-    assert len({tuple(c) for c in choices.tolist()}) > 1
+        _check_modes(model, route, static, x)
+    _check_split(model, 4)
 
 
 def test_ds_vit_pp_routes_grow_in_every_dimension():
@@ -128,12 +124,4 @@ def test_every_ds_vit_pp_tiny_route_materializes_exactly_and_splits():
     model.set_route(model.routes(32)[0], "mask")
     with pytest.raises(ValueError, match="not defined for a transformer's"):
         model(x)
-    x = routes_apart(model, 4)
-    plan = dsnet.split(model)
-    with torch.no_grad():
-        model.set_route(None)
-        ref, onehots, _ = model.forward_dynamic(x)
-        out, choices = plan(x)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
-    assert torch.equal(choices, torch.stack([o.argmax(-1) for o in onehots], 1))
-    assert len({tuple(c) for c in choices.tolist()}) > 1
+    _check_split(model, 4)
