@@ -121,6 +121,8 @@ def open_target(name: str, remote: bool = False):
                          f"Profiles that can run here: {', '.join(here) or 'none'}")
     target = target.resolve()
     envmod.configure_threads(target.threads)  # before any backend library loads
+    if target.device == "cuda":
+        envmod.strict_fp32()
     return target
 
 

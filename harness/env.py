@@ -68,6 +68,19 @@ def cpu_load_sample(window_s: float = 0.5) -> tuple[float, float | None]:
     return max(0.0, total - me.cpu_percent(None)), steal
 
 
+def strict_fp32() -> None:
+    """fp32 on a GPU means IEEE fp32: TensorFloat-32 off for cuDNN convolutions and matmuls.
+
+    PyTorch lets cuDNN use TF32 for fp32 convolutions by default; on Ampere and later GPUs that is
+    a 10-bit mantissa (measured on an H100: DS-MBNet logits 0.02-0.05 off fp32 at 224x224, where
+    the fp32 check allows 1e-4), so "fp32" rows would time a different arithmetic than they
+    claim, and than the paper's RTX 2080 Ti (no TF32) ran."""
+    import torch
+
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def gpu_info() -> dict:
     info: dict = {}
     try:
@@ -76,7 +89,9 @@ def gpu_info() -> dict:
         if torch.cuda.is_available():
             props = torch.cuda.get_device_properties(0)
             info = {"gpu_name": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 1),
-                    "cuda": torch.version.cuda, "gpu_capability": f"{props.major}.{props.minor}"}
+                    "cuda": torch.version.cuda, "gpu_capability": f"{props.major}.{props.minor}",
+                    "tf32": {"cudnn": torch.backends.cudnn.allow_tf32,
+                             "matmul": torch.backends.cuda.matmul.allow_tf32}}
     except Exception as e:  # a broken CUDA install is recorded, not fatal
         info = {"gpu_error": str(e)}
     try:

@@ -65,3 +65,13 @@ def _center_gates(model, x):
         model.forward_dynamic(x)
         h.remove()
         gate.fc1.bias -= torch.cat(outs).mean(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` skip, saying why, where torch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -125,6 +125,11 @@ def test_check_output_tolerances():
     assert check_output(ref + 1e-5, ref, "fp32") is None
     assert "max abs diff" in check_output(ref + 1e-2, ref, "fp32")
     assert check_output(ref + 1e-2, ref, "fp16") is None
+    # fp16 is judged against the output's scale: a small logit may be off by 3% of the largest one
+    logits = torch.tensor([[40.0, 0.01, -5.0]])
+    assert check_output(logits + torch.tensor([[0.0, 0.5, 0.0]]), logits, "fp16") is None
+    assert "max|eager|" in check_output(logits * 1.1, logits, "fp16")  # a wrong engine is off by the scale
+    assert "max|eager|" in check_output(logits + torch.tensor([[0.0, 2.0, 0.0]]), logits, "fp16")
     assert "shape" in check_output(ref[:, :2], ref, "fp32")
     assert "non-finite" in check_output(ref * float("nan"), ref, "fp32")
 

@@ -89,6 +89,9 @@ class Backend:
     artifact: str = ""  # file name inside the artifact directory ("" = nothing to cache)
     OPTIONS: dict[str, tuple] = {}  # the schema of the profile's [<name>] table
     supports_remote = False  # can build artifacts that run on a board behind an RPC tracker
+    # its engines launch their CUDA work on torch's current stream, so a CUDA graph can capture a
+    # call (TVM and ONNX Runtime launch on streams of their own)
+    graph_capturable = False
 
     def __init__(self, options: dict | None = None, workdir: Path | None = None,
                  remote: tuple[str, int, str] | None = None):
@@ -151,8 +154,13 @@ def device_of(target) -> torch.device:
 def cast(module: torch.nn.Module, example: torch.Tensor, target, precision: str,
          device: str | None = None):
     """A copy of the module and the input on ``device`` (default: the target's), in eval mode and
-    the precision (fp16: half). The caller's module is never modified."""
+    the precision (fp16: half). The caller's module is never modified. On a GPU, TF32 is turned
+    off (:func:`harness.env.strict_fp32`)."""
     dev = torch.device(device) if device else device_of(target)
+    if dev.type == "cuda":
+        from harness.env import strict_fp32
+
+        strict_fp32()  # fp32 is fp32, not TF32 (also for callers that did not open the target)
     module, example = copy.deepcopy(module).to(dev).eval(), example.to(dev)
     if precision == "fp16":
         module, example = module.half(), example.half()
@@ -172,3 +180,21 @@ def input_caster(target, precision: str, device: str | None = None) -> Callable[
 
 def cuda_sync(target) -> Callable[[], None] | None:
     return torch.cuda.synchronize if target.device == "cuda" else None
+
+
+def capture_cuda_graph(call: Callable[[], Any], warmup: int = 3) -> tuple[Callable[[], None], Any]:
+    """``call`` captured into a CUDA graph: ``(replay, output)``, where ``replay()`` re-runs the
+    captured kernels on the same input and output memory (``output`` holds the result after each
+    replay). Warm-up runs on a side stream first, as capture requires (cuBLAS/cuDNN workspaces and
+    lazy initialisation happen outside the graph). Raises what the capture raises."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.inference_mode():
+        for _ in range(warmup):
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.inference_mode():
+        output = call()
+    torch.cuda.synchronize()
+    return graph.replay, output

@@ -11,6 +11,7 @@ class EagerBackend(Backend):
     name = "eager"
     devices = ("cpu", "cuda")
     precisions = ("fp32", "fp16")
+    graph_capturable = True
 
     def compile(self, module, example, target, precision, artifact_dir):
         module, _ = cast(module, example, target, precision)

@@ -11,6 +11,7 @@ class InductorBackend(Backend):
     name = "inductor"
     devices = ("cpu", "cuda")
     precisions = ("fp32", "fp16")
+    graph_capturable = True
     artifact = "model.pt2"
 
     def unavailable(self, target):

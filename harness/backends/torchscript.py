@@ -19,6 +19,7 @@ class TorchScriptBackend(Backend):
     name = "torchscript"
     devices = ("cpu", "cuda")
     precisions = ("fp32", "fp16")
+    graph_capturable = True
     artifact = "model.ts"
 
     def _engine(self, scripted, target, precision):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from harness.backends import Backend, get_backend
-from harness.measure.pipeline import ArtifactKey, Result, trial, weights_fingerprint
+from harness.measure.pipeline import ArtifactKey, Result, timed_call, trial, weights_fingerprint
 from harness.measure.protocol import CudaEventTimer, Protocol, Timer, WallTimer
 from harness.results.layout import Layout
 from harness.results.store import ResultStore
@@ -49,6 +49,13 @@ class RunContext:
     def timer(self) -> Timer:
         """The clock of the protocol on this target: CUDA events on a GPU, wall clock on a CPU."""
         return CudaEventTimer() if self.target.device == "cuda" else WallTimer()
+
+    def timed(self, backend: str, result: Result, native) -> tuple:
+        """``(fn, result)``: what the protocol times for an ``ok`` result (a CUDA graph's replay when
+        the profile's ``cuda_graphs`` is on and the target is a GPU; see
+        :func:`harness.measure.pipeline.timed_call`)."""
+        graphs = self.protocol.cuda_graphs and self.target.device == "cuda"
+        return timed_call(self.backend(backend), result, native, graphs)
 
     def key(self, model: str, route: str, backend: str, precision: str, example: torch.Tensor,
             module: torch.nn.Module, weights: str | None = None) -> ArtifactKey:

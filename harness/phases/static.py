@@ -158,18 +158,18 @@ def _round_phase(ctx: RunContext, model: str, tasks: list[Task], progress) -> li
                            weights=fingerprint)
         if result.ok:
             try:
-                prepared = result.engine.prepare(example)
+                fn, result = ctx.timed(task.backend, result, result.engine.prepare(example))
             except Exception as e:
                 result = result.replace(status="measure_failed", error=one_line(e))
         if not result.ok:
             rows.append(_store(ctx, task, result_row(ctx, task, result), None))
         else:
-            ready[task.label()] = (task, result, prepared)
+            ready[task.label()] = (task, result, fn)
         if progress:
             progress(task.label(), "checked" if result.ok else f"{result.status}: {result.error[:80]}")
     if not ready:
         return rows
-    fns = {label: (lambda e=r.engine, x=x: e.run(x)) for label, (_, r, x) in ready.items()}
+    fns = {label: fn for label, (_, _, fn) in ready.items()}
     on_round = (lambda done, planned: progress(f"{model} round {done}/{planned}", f"{len(fns)} engines")) \
         if progress else None
     try:

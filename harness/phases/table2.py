@@ -82,12 +82,14 @@ def measure_table2(ctx: RunContext, backend: str, precision: str, input_size: in
     fns, rows = {}, {}
     for way, (module, route, madds) in table2_ways(input_size, model=model).items():
         result = ctx.trial(model, f"table2-{way}", backend, precision, module, x)
+        if result.ok:
+            try:
+                fns[way], result = ctx.timed(backend, result, result.engine.prepare(x))
+            except Exception as e:
+                result = result.replace(status="measure_failed", error=one_line(e))
         rows[way] = base | {"name": way, "route": route, "madds": madds, **result.row()}
         if not result.ok:
             ctx.store.record_dynamic(rows[way])
-            continue
-        prepared = result.engine.prepare(x)
-        fns[way] = lambda engine=result.engine, prepared=prepared: engine.run(prepared)
     if not fns:
         return
     try:
