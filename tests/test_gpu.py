@@ -5,6 +5,7 @@ the device-mismatch flag, and a caller's module that never moves to the GPU.
 """
 
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -136,14 +137,15 @@ def test_a_run_on_another_gpu_records_the_real_device_and_the_mismatch(tmp_path)
     env = json.loads((tmp_path / "env.json").read_text())
     assert env["device_name"] == name and env["device_mismatch"] is True
     lut = pd.read_csv(tmp_path / "lut.csv")
-    assert set(lut["device_mismatch"]) == {1} and set(lut["device_name"]) == {name}
     assert set(lut["status"]) == {"ok"}
+    with sqlite3.connect(tmp_path / "results.sqlite") as db:  # every stored row carries the flag
+        assert set(db.execute("SELECT device_name, device_mismatch FROM results")) == {(name, 1)}
 
 
 def test_a_gpu_run_with_cuda_graphs_measures_static_and_dynamic_engines(tmp_path):
     """A profile asking for CUDA graphs: static rows say the replay was timed; the dynamic engine
     (its segments, its LUT check) runs on the GPU in fp32 and fp16."""
-    profile = tmp_path / "h100-graphs.toml"
+    profile = tmp_path / "h100.toml"  # a profile's file is named after its name
     profile.write_text((ROOT / "targets" / "h100.toml").read_text().replace("cuda_graphs = false",
                                                                           "cuda_graphs = true"))
     out = tmp_path / "results"
