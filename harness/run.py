@@ -275,7 +275,7 @@ def dynamic_phase(ctx, p: RunPlan, backends: list[str]) -> None:
             for precision in ctx.target.precisions:
                 if not ctx.backend(backend).unsupported(ctx.target, precision):
                     run_dynamic(ctx, model, backend, precision, p.input_size,
-                                lambda n, m=model, b=backend: Progress(n, f"dynamic {m} {b}"))
+                                lambda n, m=model, b=backend, p=precision: Progress(n, f"dynamic {m} {b} {p}"))
 
 
 def table2_phase(ctx, p: RunPlan, backends: list[str], default_models: bool) -> None:
@@ -289,7 +289,7 @@ def table2_phase(ctx, p: RunPlan, backends: list[str], default_models: bool) -> 
             for precision in ctx.target.precisions:
                 if not ctx.backend(backend).unsupported(ctx.target, precision):
                     measure_table2(ctx, backend, precision, p.input_size, model,
-                                   Progress(len(TABLE2_WAYS), f"table 2 {model} {backend}"))
+                                   Progress(len(TABLE2_WAYS), f"table 2 {model} {backend} {precision}"))
 
 
 def finish(ctx, p: RunPlan, env_doc: dict, wall_s: float) -> None:
@@ -350,6 +350,11 @@ def summarize(ctx, p: RunPlan, env_doc: dict) -> None:
               f"--input-size {p.input_size})")
     except ReportError as e:
         print(f"tables and figures: none ({e})")
+    except Exception as e:  # a report bug must not read as a failed run: the results are stored
+        from harness.backends.base import one_line
+
+        print(f"tables and figures: failed ({one_line(e)}); the results are stored in {p.layout.root}",
+              file=sys.stderr)
 
 
 def _tuning_note(tvm_rows) -> list[str]:

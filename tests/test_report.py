@@ -73,6 +73,25 @@ def test_table2_ratios_are_computed_from_the_stored_rows():
         tables.table2(dyn, 224, "ds_resnet50")  # each supernet's rows make their own table
 
 
+def test_table2_keeps_each_precision_apart_with_the_papers_ratios():
+    """A GPU run stores fp32 and fp16 rows of every way: each precision gets its own columns (they
+    were once looked up together and the report crashed), and the note gives the three ratios."""
+    p50 = {"fp32": {"full": 8.0, "masking": 9.0, "indexing": 12.0, "slicing": 5.0, "materialized": 4.5, "ideal": 4.0},
+           "fp16": {"full": 4.0, "masking": 6.0, "indexing": 4.0, "slicing": 2.2, "materialized": 2.0, "ideal": 2.0}}
+    dyn = pd.DataFrame([{"model": "s_resnet50", "backend": "eager", "precision": prec, "batch_size": 1,
+                         "input_size": 224, "kind": "table2", "name": w, "route": "0", "madds": 1e6,
+                         "latency_ms_p50": p50[prec][w], "latency_ms_mean": p50[prec][w], "n": 30, "status": "ok",
+                         "error": "", "run_id": "r"} for prec in p50 for w in TABLE2_WAYS])
+    table, csv, notes = tables.table2(dyn, 224)
+    t = table.set_index("way")
+    assert t.loc["slicing", "eager / ideal"] == "1.25x" and t.loc["slicing", "eager fp16 / ideal"] == "1.10x"
+    assert set(csv.precision) == {"fp32", "fp16"} and len(csv) == 12
+    ratios = notes[-1]
+    assert "eager: slicing/ideal 1.25 (paper 1.10), masking/full 1.12 (paper 1.02), indexing/ideal 3.00 " \
+           "(paper 2.31)" in ratios
+    assert "eager fp16: slicing/ideal 1.10" in ratios and "masking/full 1.50" in ratios
+
+
 def test_untuned_and_partly_tuned_tvm_cells_are_marked():
     def row(backend, width, ms, details):
         return {"model": "mobilenet_v1", "route": f"x{width}", "backend": backend, "precision": "fp32",

@@ -141,10 +141,10 @@ def table2_plot(dyn: pd.DataFrame, input_size: int, path: Path, model: str = "s_
         raise ReportError(f"no Table 2 measurement of {model} in dynamic.csv at this input size")
     ways = list(WAY_NOTES)
     series = {}
-    for b, g in d.groupby("backend"):
+    for (b, prec), g in d.groupby(["backend", "precision"]):
         p50 = g.set_index("name").latency_ms_p50
         if "ideal" in p50:
-            series[b] = [p50.get(w, np.nan) / p50["ideal"] for w in ways]
+            series[b if prec == "fp32" else f"{b} {prec}"] = [p50.get(w, np.nan) / p50["ideal"] for w in ways]
     series["paper (RTX 2080 Ti)"] = [PAPER_TABLE2_MS.get(w, np.nan) / PAPER_TABLE2_MS["ideal"] for w in ways]
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 3.8))
