@@ -125,3 +125,27 @@ def test_a_store_of_an_older_version_gains_the_new_columns(tmp_path):
         store.record({"model": "m", "route": "1", "backend": "eager", "precision": "fp32", "batch_size": 1,
                       "input_size": 32, "status": "run_failed"})
     store.close()
+
+
+def test_timed_call_falls_back_to_the_plain_call_and_says_why(route_module, tmp_path):
+    """CUDA graphs are asked for only by GPU profiles; wherever a graph cannot be used the plain call
+    is timed and the row says why (here: a backend with its own streams, and no CUDA at all)."""
+    from harness.measure.pipeline import timed_call
+
+    b = get_backend("eager")
+    x = torch.randn(1, 3, 32, 32)
+    result = trial(b, route_module, x, X86, "fp32", _key(b, route_module, x=x), tmp_path)
+    assert result.ok
+    native = result.engine.prepare(x)
+    fn, same = timed_call(b, result, native)
+    assert same is result and torch.equal(fn(), result.engine.run(native))
+
+    class OwnStreams(Backend):
+        name = "ownstreams"
+
+    _, said = timed_call(OwnStreams(), result, native, cuda_graphs=True)
+    assert said.details["cuda_graph"] == "not captured: ownstreams launches on streams of its own"
+    if not torch.cuda.is_available():
+        fn, said = timed_call(b, result, native, cuda_graphs=True)  # capturable, but no GPU to capture on
+        assert said.details["cuda_graph"].startswith("not captured: ")
+        assert torch.equal(fn(), result.engine.run(native))
