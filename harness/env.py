@@ -73,8 +73,8 @@ def strict_fp32() -> None:
 
     PyTorch lets cuDNN use TF32 for fp32 convolutions by default; on Ampere and later GPUs that is
     a 10-bit mantissa (measured on an H100: DS-MBNet and MobileNetV1 logits 0.01-0.05 off fp32 at
-    224x224, failing the fp32 check of 1e-4 + 1e-3 * |eager|), so "fp32" rows would time a different arithmetic than they
-    claim, and than the paper's RTX 2080 Ti (no TF32) ran."""
+    224x224, failing the fp32 check of 1e-4 + 1e-3 * |eager|), so "fp32" rows would time a
+    different arithmetic than they claim, and than the paper's RTX 2080 Ti (no TF32) ran."""
     import torch
 
     torch.backends.cudnn.allow_tf32 = False

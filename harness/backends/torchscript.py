@@ -4,6 +4,10 @@ TorchScript is deprecated in recent PyTorch (``torch.export`` + AOTInductor is i
 still works; its deprecation warnings are silenced here. The artifact is the frozen trace:
 ``optimize_for_inference`` runs again on load, because a module saved after it does not load
 ("required keyword attribute 'value' is undefined").
+
+A module with data-dependent control flow (the one-graph dynamic network) provides
+``to_torchscript(example)`` and is compiled through it: tracing records only the branch the
+example takes.
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ class TorchScriptBackend(Backend):
         module, example = cast(module, example, target, precision)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            frozen = torch.jit.freeze(torch.jit.trace(module, example))
+            scripted = module.to_torchscript(example) if hasattr(module, "to_torchscript") \
+                else torch.jit.trace(module, example)
+            frozen = torch.jit.freeze(scripted)
             torch.jit.save(frozen, str(artifact_dir / self.artifact))
             scripted = torch.jit.optimize_for_inference(frozen)
         return self._engine(scripted, target, precision)
