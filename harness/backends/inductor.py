@@ -50,7 +50,7 @@ class InductorBackend(Backend):
         return self._engine(_load_package(path, example, target), target, precision)
 
     def load(self, artifact_dir, example, target, precision):
-        example = cast(torch.nn.Identity(), example, target, precision)[1]
+        example = input_caster(target, precision)(example)  # the child runs it as the engine would
         return self._engine(_load_package(str(artifact_dir / self.artifact), example, target), target, precision)
 
 
