@@ -83,7 +83,9 @@ def dispatch(x: torch.Tensor, head, run_segment, n_stages: int, decide, training
             choice = oh.argmax(-1)
             for c in torch.unique(choice).tolist():
                 sel = (choice == c).nonzero(as_tuple=True)[0]
-                y = run_segment(k, (prev, c), f[sel].contiguous(), oh[sel, c] if training else None)
+                # the whole group on one choice (always so at batch 1): no gather, no copy of its features
+                fs = f if len(sel) == len(idx) else f[sel].contiguous()
+                y = run_segment(k, (prev, c), fs, oh[sel, c] if training else None)
                 if k + 1 < n_stages:
                     new_groups.append((idx[sel], y[0], y[1], c))
                 else:

@@ -130,6 +130,11 @@ def test_check_output_tolerances():
     assert check_output(logits + torch.tensor([[0.0, 0.5, 0.0]]), logits, "fp16") is None
     assert "max|eager|" in check_output(logits * 1.1, logits, "fp16")  # a wrong engine is off by the scale
     assert "max|eager|" in check_output(logits + torch.tensor([[0.0, 2.0, 0.0]]), logits, "fp16")
+    # fp32: a near-zero element among large ones may carry 1e-5 of the scale (rounding of the large
+    # sums), not more; an engine off by a thousandth of the scale still fails
+    big = torch.tensor([[86.0, 0.0, -40.0]])
+    assert check_output(big + torch.tensor([[0.0, 2.5e-4, 0.0]]), big, "fp32") is None
+    assert "max|eager|" in check_output(big + torch.tensor([[0.0, 0.09, 0.0]]), big, "fp32")
     assert "shape" in check_output(ref[:, :2], ref, "fp32")
     assert "non-finite" in check_output(ref * float("nan"), ref, "fp32")
 

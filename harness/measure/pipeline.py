@@ -50,6 +50,10 @@ from harness.measure.protocol import Measurement
 # eager fp16 on a CPU and 0.5 in TorchScript fp16 on an H100, where BN folded into half weights),
 # while a wrong engine (a wrong slice, a wrong statistic) is off by the scale itself.
 TOLERANCE = {"fp32": (1e-3, 1e-4), "fp16": (3e-2, 2e-2)}
+# fp32 also allows this fraction of max|eager| on every element: an element near zero among large
+# ones carries the rounding of the large sums (measured: a DS-MBNet segment's logits up to 86 on
+# seeded features, TorchScript's folded convs 2.5e-4 off on a near-zero logit: 3e-6 of the scale)
+FP32_SCALE_RTOL = 1e-5
 
 
 @dataclass(frozen=True)
@@ -141,10 +145,13 @@ def check_output(out, ref, precision: str) -> str | None:
         return "output has non-finite values"
     rtol, atol = TOLERANCE[precision]
     diff = (out - ref).abs()
-    scale, what = (ref.abs().max(), "max|eager|") if precision == "fp16" else (ref.abs(), "|eager|")
-    if (diff > atol + rtol * scale).any():
-        return (f"output differs from eager: max abs diff {diff.max().item():.3g} "
-                f"(tolerance {atol:g} + {rtol:g}*{what}, {precision})")
+    if precision == "fp16":
+        bound, what = atol + rtol * ref.abs().max(), f"{atol:g} + {rtol:g}*max|eager|"
+    else:
+        bound = atol + rtol * ref.abs() + FP32_SCALE_RTOL * ref.abs().max()
+        what = f"{atol:g} + {rtol:g}*|eager| + {FP32_SCALE_RTOL:g}*max|eager|"
+    if (diff > bound).any():
+        return f"output differs from eager: max abs diff {diff.max().item():.3g} (tolerance {what}, {precision})"
     return None
 
 
