@@ -4,11 +4,12 @@ artifact (head, every gate's argmax, every route; control flow inside the graph;
 The network is :func:`dsnet.one_graph.one_graph` of the model (the harness's reference weights, or
 ``--checkpoint``), built by the backend's own compile path and checked, before anything is
 written, against the eager one-graph network on the compile example and on ``--check-inputs`` more
-inputs (the routes they take are listed). What can hold it: ``torchscript`` (scripted dispatch,
-traced parts; ``torch.jit.load``), ``onnxruntime`` (``If`` nodes from ``torch.cond``; one
-``InferenceSession``), ``inductor`` (``torch.export`` with ``torch.cond``, AOTInductor package;
-``torch._inductor.aoti_load_package``). Any other backend, or one whose compiler cannot express the
-branches (TVM 0.27's Relax frontend has no ``torch.cond``), is a one-line refusal with exit 2.
+inputs (the routes they take are listed). What can hold it (the backends whose ``one_artifact``
+is set): ``torchscript`` (scripted dispatch, traced parts; ``torch.jit.load``), ``onnxruntime``
+(``If`` nodes from ``torch.cond``; one ``InferenceSession``), ``inductor`` (``torch.export`` with
+``torch.cond``, AOTInductor package; ``torch._inductor.aoti_load_package``) and ``tvm`` (Relax's
+frontend turns ``torch.cond`` into branches; ``relax.VirtualMachine``). Any other backend is a
+one-line refusal with exit 2.
 The artifact returns ``(logits, route)``, ``route`` an int64 tensor ``(1, gates)``.
 """
 
@@ -87,14 +88,14 @@ def _main(args) -> int:
     import torch
 
     from dsnet.one_graph import one_graph
-    from harness.backends import get_backend, list_backends
+    from harness.backends import backend_class, get_backend, list_backends
     from harness.measure.pipeline import ArtifactKey, check_output, trial, weights_fingerprint
 
     if args.backend not in list_backends():
         raise UsageError(f"unknown backend '{args.backend}'; known: {', '.join(list_backends())}")
-    if args.backend not in LOADERS:
-        raise UsageError(f"{args.backend} cannot hold the one-graph network as one artifact; "
-                         f"backends that can: {', '.join(LOADERS)}")
+    if not backend_class(args.backend).one_artifact:
+        raise UsageError(f"{args.backend} cannot hold the one-graph network as one artifact; backends that can: "
+                         f"{', '.join(b for b in list_backends() if backend_class(b).one_artifact)}")
     if not 32 <= args.input_size <= 1024:
         raise UsageError(f"--input-size must be between 32 and 1024, got {args.input_size}")
     target = open_target(args.target)

@@ -92,6 +92,9 @@ class Backend:
     # its engines launch their CUDA work on torch's current stream, so a CUDA graph can capture a
     # call (TVM and ONNX Runtime launch on streams of their own)
     graph_capturable = False
+    # can compile dsnet.one_graph's network (gate and every route, control flow in the graph) into one
+    # artifact: harness.export writes it, the dynamic phase times it beside the Python dispatcher
+    one_artifact = False
 
     def __init__(self, options: dict | None = None, workdir: Path | None = None,
                  remote: tuple[str, int, str] | None = None):

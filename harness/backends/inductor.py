@@ -25,6 +25,7 @@ class InductorBackend(Backend):
     precisions = ("fp32", "fp16")
     graph_capturable = True
     artifact = "model.pt2"
+    one_artifact = True
 
     def unavailable(self, target):
         import shutil

@@ -22,6 +22,7 @@ class OnnxRuntimeBackend(Backend):
     devices = ("cpu", "cuda")
     precisions = ("fp32",)
     artifact = "model.onnx"
+    one_artifact = True
 
     def unavailable(self, target):
         try:

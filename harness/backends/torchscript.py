@@ -25,6 +25,7 @@ class TorchScriptBackend(Backend):
     precisions = ("fp32", "fp16")
     graph_capturable = True
     artifact = "model.ts"
+    one_artifact = True
 
     def _engine(self, scripted, target, precision):
         def run(x):

@@ -92,6 +92,7 @@ class TVMBackend(Backend):
     # NormCheckDtypeAndShape sees fp32 data beside fp16 gamma), seen on CPU and on an H100
     precisions = ("fp32",)
     artifact = "model.so"
+    one_artifact = True
     OPTIONS = {"target": (dict, False), "tune_minutes": ((int, float), False), "host": (dict, False)}
     supports_remote = True
 

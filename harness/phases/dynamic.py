@@ -17,7 +17,13 @@ the store lacks and stores each result at once (``dynamic`` table, kinds of
    largest route (the drift since the LUT was measured cancels);
 3. ``stream``: a uniform route stream against the LUT's expectation;
 4. ``acceleration``: the route mix of matched MAdds against the static x1.0 and x0.5 networks,
-   interleaved (realized against ideal speed-up), when the model has a static counterpart.
+   interleaved (realized against ideal speed-up), when the model has a static counterpart;
+5. ``one_graph`` / ``dispatcher``: on backends that hold the whole network as one artifact
+   (``Backend.one_artifact``; :mod:`dsnet.one_graph`), per validated route, the one artifact and the
+   Python dispatcher (``engine(x)``: head, argmax, grouping, segments) on an input crafted to take
+   the route, beside the route's own static engine, all in the same rounds. ``predicted_ms`` is the
+   static engine's p50: ``latency_ms_p50 - predicted_ms`` is the dispatch overhead (gate included).
+   Plain calls, no CUDA graphs: a graph would freeze the route the artifact chose when captured.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from harness.deploy.engine import (
     measure_stream,
 )
 from harness.deploy.lut import LatencyLUT, matched_distribution, route_segment_names
-from harness.measure.pipeline import Result
+from harness.measure.pipeline import Result, check_output
 from harness.measure.protocol import measure_interleaved, measure_rounds, paired_ratio, summarize
 from harness.phases.context import RunContext
 from harness.phases.static import reference_model
@@ -76,7 +82,7 @@ class DynamicPhase:
 
     def steps(self) -> int:
         """Progress steps of :meth:`run` (segments, validated routes, stream, acceleration)."""
-        return len(self.plan) + len(validation_routes(self.model.routes(self.input_size))) + 3
+        return len(self.plan) + len(validation_routes(self.model.routes(self.input_size))) + 4
 
     def _key(self, kind, name):
         return (self.model_name, self.backend_name, self.precision, 1, self.input_size, kind, name)
@@ -154,6 +160,10 @@ class DynamicPhase:
         static = STATIC_COUNTERPART.get(self.model_name)
         if static and self._key("acceleration", "dynamic") not in self.done:
             self._acceleration(static, routes, timer, progress)
+        # 5. the one artifact and the Python dispatcher against each route's static engine
+        if self.ctx.backend(self.backend_name).one_artifact and \
+                any(self._key(k, str(r)) not in self.done for r in routes for k in ("one_graph", "dispatcher")):
+            self._one_artifact(routes, madds, timer, progress)
 
     def _segments_in_rounds(self, cover, protocol, timer, progress) -> None:
         fns, owner = {}, {}
@@ -217,6 +227,68 @@ class DynamicPhase:
         if progress:
             progress(f"{self.model_name} {self.backend_name} acceleration",
                      f"realized {res['realized_speedup']:.2f}x, ideal {res['ideal_speedup']:.2f}x")
+
+    def _one_artifact(self, routes, madds: dict, timer, progress) -> None:
+        """Step 5 (module docstring): compile the one-graph network (cached, checked against eager on
+        the example), craft an input per route, check the artifact takes the route and matches eager
+        there, then time artifact, dispatcher and static engine of every route in one round phase."""
+        from dsnet.one_graph import input_for_route, one_graph
+
+        graph = one_graph(self.plan, self.x)
+        artifact = self.ctx.trial(self.model_name, "one_graph", self.backend_name, self.precision, graph, self.x)
+        fns = {}
+        for r in routes:
+            name, why = str(r), None
+            if not artifact.ok:
+                status, why = artifact.status, f"one artifact: {artifact.error}"
+            else:
+                status, why, xr, static = self._one_artifact_route(graph, artifact, r, input_for_route)
+            if why:
+                for kind in ("one_graph", "dispatcher"):
+                    self._record(kind, name, route=name, madds=madds[name], status=status, error=why, part=artifact)
+                continue
+            one_in, static_in = artifact.engine.prepare(xr), static.engine.prepare(xr)
+            fns[f"static {name}"] = lambda e=static.engine, i=static_in: e.run(i)
+            fns[f"one_graph {name}"] = lambda e=artifact.engine, i=one_in: e.run(i)
+            fns[f"dispatcher {name}"] = lambda xr=xr: self.engine(xr)
+        if fns:
+            res = measure_rounds(fns, self.ctx.protocol, timer, seed=4)
+            self.ctx.store.record_drift(self.ctx.run_id, f"one artifact {self.model_name} {self.backend_name}",
+                                        res.factors)
+            for r in routes:
+                name = str(r)
+                if f"static {name}" not in fns:
+                    continue
+                static_ms = res[f"static {name}"].stats.p50
+                for kind in ("one_graph", "dispatcher"):
+                    m = res[f"{kind} {name}"]
+                    self._record(kind, name, m.stats, m.samples_ms, predicted_ms=static_ms, route=name,
+                                 madds=madds[name], part=artifact if kind == "one_graph" else None)
+        if progress:
+            ok = [r for r in routes if f"static {r}" in fns]
+            progress(f"{self.model_name} {self.backend_name} one artifact",
+                     f"{len(ok)}/{len(routes)} routes timed beside the dispatcher and static engines")
+
+    def _one_artifact_route(self, graph, artifact: Result, route, input_for_route):
+        """``(status, why, input, static result)`` for one route: why is None when it can be timed."""
+        try:
+            xr = input_for_route(self.plan, route, self.x)
+        except ValueError as e:  # e.g. a choice the gate's scores never rank first
+            return "measure_failed", f"{one_line(e)} (the gate may never choose it)", None, None
+        with torch.no_grad():
+            ref = graph(xr)
+        out = artifact.engine(xr)
+        taken = [int(c) for c in torch.as_tensor(out[1]).reshape(-1).tolist()]
+        if taken != [int(c) for c in route]:
+            return "check_failed", f"the one artifact took route {taken} on the input crafted for {route}", None, None
+        problem = check_output(out, ref, self.precision)
+        if problem:
+            return "check_failed", f"one artifact on route {route}: {problem}", None, None
+        static = self.ctx.trial(self.model_name, str(route), self.backend_name, self.precision,
+                                dsnet.materialize(self.model, route), self.x)
+        if not static.ok:
+            return static.status, f"static engine of route {route}: {static.error}", None, None
+        return "ok", None, xr, static
 
 
 def record_engine_failure(ctx: RunContext, model: str, backend: str, precision: str, input_size: int,

@@ -40,6 +40,24 @@ def summary_table(df, skipped: dict[str, str], notes: list[str] = ()) -> str:
     return "\n".join(lines)
 
 
+def dispatch_overhead(g) -> str:
+    """The one artifact's and the Python dispatcher's overhead over each route's static engine (same
+    rounds), median over routes and as a share of the smallest route's static engine; "" if unmeasured."""
+    parts = []
+    for kind, label in (("one_graph", "one artifact"), ("dispatcher", "Python dispatcher")):
+        rows = g[(g.kind == kind) & (g.status == "ok")]
+        if rows.empty:
+            continue
+        overhead = rows.latency_ms_p50 - rows.predicted_ms
+        smallest = rows.sort_values("madds").iloc[0].predicted_ms
+        parts.append(f"{label} {overhead.median() * 1e3:.0f} us ({100 * overhead.median() / smallest:.1f}%)")
+    if not parts:
+        return ""
+    n = int(((g.kind == "one_graph") & (g.status == "ok")).sum())
+    return (f"overhead over the route's static engine, median over {n} routes (% of the smallest route): "
+            + ", ".join(parts) + ";")
+
+
 def dynamic_summary(dyn) -> str:
     """Per model and backend: LUT error, dispatch overhead, stream error, realized vs ideal speed-up."""
     lines = ["dynamic engine (LUT = sum of measured segments; error = (LUT - end to end) / end to end)"]
@@ -48,9 +66,12 @@ def dynamic_summary(dyn) -> str:
         if g.empty:
             continue
         bad = g[g.status != "ok"]
-        if len(bad):
+        if (bad.kind == "engine").any() or len(bad) == len(g):
             lines.append(f"  {model} {backend} {precision}: FAILED {bad.iloc[0].error}")
             continue
+        failed = [f"{len(bad)} row(s) failed, first {bad.iloc[0].kind} {bad.iloc[0]['name']}: {bad.iloc[0].error};"] \
+            if len(bad) else []
+        g = g[g.status == "ok"]
         routes, stored = g[g.kind == "route"], g[g.kind == "route_lut"]
         parts = [f"  {model} {backend} {precision}:"]
         if len(routes):
@@ -62,6 +83,9 @@ def dynamic_summary(dyn) -> str:
                          f"stored LUT vs end to end median {lut_err.median():.1f}% max {lut_err.max():.1f}% "
                          f"over {len(routes)} routes; dispatch median {overhead.median() * 1e3:.0f} us "
                          f"({100 * overhead.median() / smallest.latency_ms_p50:.1f}% of the smallest route);")
+        one = dispatch_overhead(g)
+        if one:
+            parts.append(one)
         st = g[g.kind == "stream"]
         if len(st):
             parts.append(f"uniform stream error {100 * st.rel_error.iloc[0]:+.1f}%;")
@@ -71,5 +95,5 @@ def dynamic_summary(dyn) -> str:
             ideal, realized = t["largest"] / t["matched"], t["largest"] / t["dynamic"]
             parts.append(f"speed-up over x1.0: realized {realized:.2f}x vs ideal {ideal:.2f}x "
                          f"({realized / ideal:.2f} of ideal)")
-        lines.append(" ".join(parts))
+        lines.append(" ".join(parts + failed))
     return "\n".join(lines)

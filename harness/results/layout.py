@@ -46,7 +46,8 @@ RESULT_EXTRA_COLUMNS = ["number", "samples_ms", "rounds", "device_name", "device
 
 # -- the dynamic engine, Table 2 and acceleration: one row per (... kind, name) ------------------------
 DYNAMIC_KEY = ("model", "backend", "precision", "batch_size", "input_size", "kind", "name")
-DYNAMIC_KINDS = ("segment", "route", "route_lut", "stream", "acceleration", "table2", "engine")
+DYNAMIC_KINDS = ("segment", "route", "route_lut", "stream", "acceleration", "table2", "engine", "one_graph",
+                 "dispatcher")
 DYNAMIC_COLUMNS = [*DYNAMIC_KEY, "route", "madds", *STATS_COLUMNS, "predicted_ms", "rel_error", "status", "error",
                    "run_id", "compile_s", "backend_details"]
 DYNAMIC_EXTRA_COLUMNS = ["samples_ms", "rounds"]
@@ -56,7 +57,9 @@ DRIFT_COLUMNS = ["run_id", "phase", "round", "factor"]
 # -- gate retraining -----------------------------------------------------------------------------------
 GATE_SUMMARY_COLUMNS = ["model", "data", "input_size", "backend", "target", "gate", "val_accuracy", "n_val",
                         "expected_madds", "lut_ms", "measured_ms_mean", "measured_ms_p50", "measured_n", "error",
-                        "cp_weight", "routes_upto", "cost_target", "gate_epochs", "train_s", "route"]
+                        "cp_weight", "routes_upto", "cost_target", "gate_epochs", "train_s", "route", "penalty",
+                        "budget", "budget_fraction", "calibration_lambda", "measured_ms_ci_low",
+                        "measured_ms_ci_high"]
 GATE_LARGEST = "largest route"  # the gate column of the context row: the engine forced to the largest route
 GATE_ROUTE_COLUMNS = ["model", "data", "input_size", "backend", "target", "gate", "route", "widths", "madds",
                       "lut_ms", "count", "share"]
