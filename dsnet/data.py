@@ -8,6 +8,9 @@ Contract
 - ``source="digits"``: scikit-learn's handwritten digits (1797 real 8x8 scans of 10 digits, shipped
   inside the scikit-learn package), upsampled bilinearly to ``S`` and repeated over 3 channels; a
   fixed stratified 80/20 split. The demo and test data.
+- ``source="digits-hard"``: the same images and split, each corrupted at its own severity so that
+  easy and hard images both exist and a narrow route is clearly less accurate than a wide one
+  (the data where routing matters): :func:`corrupt` (deterministic: the image's index seeds it).
 - ``source=<folder>``: an ImageFolder in ImageNet layout, ``<folder>/train/<class>/*.jpg`` and
   ``<folder>/val/<class>/*.jpg``: shorter side resized to ``S / 0.875``, centre crop ``S``,
   ImageNet mean/std normalisation. Images are read lazily, one at a time.
@@ -45,22 +48,66 @@ class Splits:
 def load_data(source: str | Path, input_size: int) -> Splits:
     if str(source) == "digits":
         return digits(input_size)
+    if str(source) == "digits-hard":
+        return digits(input_size, hard=True)
     return image_folder(Path(source), input_size)
 
 
-def digits(input_size: int, val_fraction: float = 0.2, seed: int = 0) -> Splits:
+HARD_SEED = 2024  # seeds every image's severity and corruption (with the image's index)
+
+
+def severity(index: int) -> float:
+    """The corruption severity of digit ``index`` in [0, 1]: a third of the images clean (0), the
+    rest spread uniformly over (0, 1] (seeded by the index alone)."""
+    u = torch.rand(2, generator=torch.Generator().manual_seed(HARD_SEED * 100003 + index))
+    return 0.0 if u[0] < 1 / 3 else float(u[1])
+
+
+def corrupt(image: torch.Tensor, s: float, index: int) -> torch.Tensor:
+    """``image`` (1, 8, 8) in [0, 1] at severity ``s``, at the scan's own 8x8 resolution, before the
+    upsampling: each of the five corruptions applies with probability ``s`` and strength ``s``.
+    Down-scaling (to 8 * (1 - s/2) px and back), blur (3x3 box, weight ``s``), a shift (up to 2 px
+    each way), an occluding square (up to 4x4 px, set to the background) and Gaussian noise
+    (sigma ``0.5 s``); clipped to [0, 1]. Seeded by ``index``: the same image, the same corruption."""
+    if s <= 0:
+        return image
+    g = torch.Generator().manual_seed(HARD_SEED + 7919 * index)
+    on = torch.rand(5, generator=g) < s
+    x = image[None]  # (1, 1, 8, 8)
+    if on[0]:
+        small = max(2, round(8 * (1 - s / 2)))
+        x = F.interpolate(F.interpolate(x, size=(small, small), mode="area"), size=(8, 8), mode="bilinear",
+                          align_corners=False)
+    if on[1]:
+        x = (1 - s) * x + s * F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    if on[2]:
+        dy, dx = (torch.randint(-2, 3, (2,), generator=g) * s).round().long().tolist()
+        x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+    if on[3]:
+        k = max(1, round(4 * s))
+        y0, x0 = torch.randint(0, 9 - k, (2,), generator=g).tolist()
+        x = x.clone()
+        x[..., y0:y0 + k, x0:x0 + k] = 0.0
+    if on[4]:
+        x = x + 0.5 * s * torch.randn(x.shape, generator=g)
+    return x[0].clamp(0, 1)
+
+
+def digits(input_size: int, val_fraction: float = 0.2, seed: int = 0, hard: bool = False) -> Splits:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     d = load_digits()
     x = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]  # (N, 1, 8, 8) in [0, 1]
+    if hard:
+        x = torch.stack([corrupt(img, severity(i), i) for i, img in enumerate(x)])
     x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False)
     x = ((x - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()
     y = torch.from_numpy(d.target.astype(np.int64))
     tr, va = train_test_split(np.arange(len(y)), test_size=val_fraction, stratify=d.target, random_state=seed)
     tr, va = torch.from_numpy(np.sort(tr)), torch.from_numpy(np.sort(va))
     return Splits(TensorDataset(x[tr], y[tr]), TensorDataset(x[va], y[va]),
-                  [str(c) for c in d.target_names], "digits")
+                  [str(c) for c in d.target_names], "digits-hard" if hard else "digits")
 
 
 class ImageFolder(Dataset):

@@ -14,7 +14,9 @@ straight-through Gumbel-softmax in training, deterministic argmax in eval.
 ``gate.num_allowed`` restricts the routing space to the first choices (the paper trains its -S
 gate on the first routes only): the other choices score ``-inf``, in training, in eval and in the
 deployed ``StaticGate``. The routing head (``gate.route``) is what stage II trains; the attention
-head and the shared first FC belong to the supernet (stage I).
+head and the shared first FC belong to the supernet (stage I). ``gate.score_bias`` (a buffer, zero
+unless a budget calibration set it: ``dsnet.training.calibrate_to_budget``) is added to the
+routing scores; the deployed gate carries it as its routing FC's bias.
 
 ``to_static()`` gives the attention head alone as plain layers (the routing head is dropped: a
 materialized route has no gate); ``to_static_gate()`` keeps both heads, for a deployment segment
@@ -101,6 +103,7 @@ class Gate(AttentionHead):
         self.num_choices = num_choices
         self.num_allowed = num_choices
         self.route = nn.Linear(hidden, num_choices, bias=False)  # routing head (W2)
+        self.register_buffer("score_bias", torch.zeros(num_choices))  # budget calibration, not the paper's
 
     def restrict(self, num_allowed: int | None) -> None:
         """Allow only choices ``0 .. num_allowed - 1`` (``None``: all)."""
@@ -111,15 +114,18 @@ class Gate(AttentionHead):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         h = self._hidden(x)
-        return self._attend(x, h), restrict_scores(self.route(h), self.num_allowed)
+        return self._attend(x, h), restrict_scores(self.route(h) + self.score_bias, self.num_allowed)
 
     def to_static(self) -> StaticAttention:
         return StaticAttention(self.fc1.to_static(), self.fc2.to_static())
 
     def to_static_gate(self) -> StaticGate:
-        route = nn.Linear(self.route.in_features, self.num_choices, bias=False)
+        calibrated = bool(self.score_bias.any())  # an uncalibrated gate deploys exactly as before
+        route = nn.Linear(self.route.in_features, self.num_choices, bias=calibrated)
         with torch.no_grad():
             route.weight.copy_(self.route.weight)
+            if calibrated:
+                route.bias.copy_(self.score_bias)
         return StaticGate(self.fc1.to_static(), self.fc2.to_static(), route, self.num_allowed)
 
 

@@ -24,6 +24,11 @@ SGD (momentum 0.9), lr 0.05 decayed x0.9 per epoch, no weight decay. :func:`rest
 limits the gates to their first choices (the paper's -S gate). :func:`evaluate_gate` reports
 accuracy, the route histogram and expected costs. :func:`save_checkpoint` / :func:`load_checkpoint`
 round-trip a model with its gate restriction and metadata.
+
+After stage II, :func:`calibrate_to_budget` (not the paper's) shifts each gate's scores by
+``-lambda * cost`` of each choice (``Gate.score_bias``), ``lambda`` found by bisection on given
+images so that the mean cost of the routes the gates choose meets a budget: how a gate trained
+with either penalty is made to meet a deployment budget on the target.
 """
 
 from __future__ import annotations
@@ -295,6 +300,73 @@ def evaluate_gate(model, loader, costs: dict[str, torch.Tensor] | None = None) -
     return GateEvaluation(correct / n, n, {str(r): int(c) for r, c in zip(routes, counts)}, expected)
 
 
+# -- budget calibration -----------------------------------------------------------------------------
+
+@torch.no_grad()
+def calibrate_to_budget(model, images: torch.Tensor, costs: torch.Tensor, budget: float,
+                        iters: int = 40) -> dict:
+    """Set each gate's ``score_bias`` to ``-lambda * c_k``, ``c_k[j]`` the mean cost of the routes
+    that take choice ``j`` at gate ``k`` over the largest route's cost, with the smallest ``lambda``
+    (bisection, ``iters`` steps) for which the mean per-image cost of the chosen routes on
+    ``images`` is at most ``budget``; a negative ``lambda`` spends a budget the trained gate leaves
+    unused. ``costs``: per route, routing-space order, the unit of ``budget``. Returns
+    ``{"lambda", "mean_cost", "budget", "images"}``; raises ``ValueError`` when no ``lambda`` meets
+    the budget (below the cheapest allowed route). Eval-mode decisions, as deployed."""
+    from dsnet.deploy import split
+
+    gs = gates(model)
+    for g in gs:
+        g.score_bias.zero_()
+    model.eval()
+    plan = split(model)  # uncalibrated: its gates emit raw scores
+    routes = [tuple(r) for r in model.routing_space.all_routes()]
+    index = {r: i for i, r in enumerate(routes)}
+    costs = costs.double()
+    if len(costs) != len(routes):
+        raise ValueError(f"{len(costs)} costs for {len(routes)} routes")
+    choice_cost = [torch.tensor([float(costs[[i for i, r in enumerate(routes) if r[k] == j]].mean() / costs.max())
+                                 for j in range(g.num_choices)]) for k, g in enumerate(gs)]
+    cache = {(): plan.head(images)}
+
+    def scores_after(prefix: tuple):
+        """(features, next gate's raw scores) of every image after the choices ``prefix``."""
+        if prefix not in cache:
+            feats, _ = scores_after(prefix[:-1])
+            k = len(prefix) - 1
+            cache[prefix] = plan.stages[k][(prefix[-2] if k else None, prefix[-1])](feats)
+        return cache[prefix]
+
+    def mean_cost(lam: float) -> float:
+        groups = {(): torch.arange(len(images))}
+        for k in range(len(gs)):
+            nxt = {}
+            for prefix, idx in groups.items():
+                c = (scores_after(prefix)[1][idx].double() - lam * choice_cost[k]).argmax(-1)
+                for j in c.unique().tolist():
+                    nxt[prefix + (j,)] = idx[c == j]
+            groups = nxt
+        return float(sum(costs[index[r]] * len(idx) for r, idx in groups.items()) / len(images))
+
+    hi = 1.0
+    while mean_cost(hi) > budget:
+        hi *= 2
+        if hi > 1e6:
+            raise ValueError(f"no calibration meets the budget {budget:.4g}: the cheapest allowed route "
+                             f"costs {float(costs.min()):.4g}")
+    lo = -1.0
+    while mean_cost(lo) <= budget and lo > -1e6:
+        lo *= 2
+    if mean_cost(lo) <= budget:  # every image on the most expensive choices is within budget
+        hi = lo
+    else:
+        for _ in range(iters):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if mean_cost(mid) <= budget else (mid, hi)
+    for g, cc in zip(gs, choice_cost):
+        g.score_bias.copy_((-hi * cc).to(g.score_bias.dtype))
+    return {"lambda": hi, "mean_cost": mean_cost(hi), "budget": budget, "images": len(images)}
+
+
 # -- checkpoints -----------------------------------------------------------------------------------
 
 class CheckpointError(ValueError):
@@ -331,9 +403,13 @@ def load_checkpoint(path):
                               "layout use dsnet.load_official_state_dict)")
     model = dsnet.create_model(doc["model"], **doc["model_kwargs"])
     try:
-        model.load_state_dict(doc["state_dict"])
+        missing, unexpected = model.load_state_dict(doc["state_dict"], strict=False)
     except RuntimeError as e:
         raise CheckpointError(f"{path} does not fit model {doc['model']}: {str(e).splitlines()[0]}") from None
+    missing = [k for k in missing if not k.endswith("score_bias")]  # older checkpoints: uncalibrated gates
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not fit model {doc['model']}: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
     for g, k in zip(gates(model), doc["num_allowed"]):
         g.restrict(k)
     return model.eval(), doc["meta"]

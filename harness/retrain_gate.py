@@ -53,7 +53,8 @@ def parse_args(argv):
     p.add_argument("--penalty", default="both", choices=PENALTIES + ("both",),
                    help="complexity penalty: MAdds (the paper), LUT latency, or both side by side (default)")
     p.add_argument("--data", default="digits",
-                   help="'digits' (scikit-learn's digits, shipped, the default) or an ImageFolder with train/ and val/")
+                   help="'digits' (scikit-learn's digits, shipped, the default), 'digits-hard' (the same, each image "
+                        "corrupted at its own severity: where routing matters) or an ImageFolder with train/ and val/")
     p.add_argument("--input-size", type=int, default=DEFAULT_INPUT_SIZE, help="square input resolution")
     p.add_argument("--checkpoint", type=Path, help="stage-I supernet to start from (skips stage I): a "
                                                    "dsnet-harness checkpoint or an official DS-Net state dict")
@@ -71,6 +72,12 @@ def parse_args(argv):
                         help="latency target as a fraction of the largest route's LUT latency (e.g. 0.6): "
                              "reads only the LUT's ratios, so drift of the machine cannot move it")
     p.add_argument("--madds-target", type=float, help="MAdds target (millions) of the MAdds penalty")
+    p.add_argument("--latency-budget", metavar="B[,B...]",
+                   help="latency budget(s): 0.6x (of the largest route's LUT latency), 3.0 or 3ms. Trains one gate "
+                        "per budget and penalty (latency toward the budget, MAdds toward the same fraction of the "
+                        "largest route's MAdds), calibrates each to its budget, measures all in one run")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="with --latency-budget: keep the trained gates as they are (no score calibration)")
     add_results_option(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--strict", action="store_true", help="refuse to measure on a busy machine")
@@ -78,7 +85,7 @@ def parse_args(argv):
 
 
 def settings_from(args, target):
-    from harness.phases.retraining import Settings
+    from harness.phases.retraining import Settings, parse_budgets
 
     return Settings(model=args.model, backend=args.backend,
                     penalties=PENALTIES if args.penalty == "both" else (args.penalty,), data=args.data,
@@ -87,7 +94,9 @@ def settings_from(args, target):
                     gate_epochs=args.gate_epochs, batch_size=args.batch_size, lr=args.lr, cp_weight=args.cp_weight,
                     routes_upto=args.routes_upto, latency_target=args.latency_target,
                     latency_fraction=args.latency_fraction,
-                    madds_target=args.madds_target, seed=args.seed)
+                    madds_target=args.madds_target, seed=args.seed,
+                    budgets=parse_budgets(args.latency_budget) if args.latency_budget else (),
+                    calibrate=not args.no_calibrate)
 
 
 def _train_progress(total: int, desc: str):
@@ -106,8 +115,8 @@ def _main(args) -> int:
     from harness.phases import retraining as rt
 
     target = open_target(args.target)
-    s = settings_from(args, target)
     try:
+        s = settings_from(args, target)
         return _run(args, target, s, rt)
     except (rt.RetrainingError, DataError) as e:  # DataError: e.g. an image that cannot be read
         raise UsageError(str(e)) from None
@@ -135,11 +144,13 @@ def _run(args, target, s, rt) -> int:
         gates, evals = {}, {}
         as_tensor = {"madds": torch.tensor(costs.route_madds, dtype=torch.float64),
                      "lut_ms": torch.tensor(costs.route_lut_ms, dtype=torch.float64)}
-        for penalty in s.penalties:
-            gates[penalty] = rt.stage2(s, data, supernet, costs, penalty, _train_progress)
-            e = evals[penalty] = evaluate_gate(gates[penalty].model, data.val_loader, as_tensor)
-            print(f"{penalty} gate: val accuracy {e.accuracy:.3f}, expected {e.expected['madds'] / 1e6:.2f}M MAdds, "
-                  f"LUT {e.expected['lut_ms']:.3f} ms", file=sys.stderr)
+        for budget in s.budgets or (None,):
+            for penalty in s.penalties:
+                name = rt.gate_name(penalty, budget)
+                gates[name] = rt.stage2(s, data, supernet, costs, penalty, _train_progress, budget)
+                e = evals[name] = evaluate_gate(gates[name].model, data.val_loader, as_tensor)
+                print(f"{name} gate: val accuracy {e.accuracy:.3f}, expected {e.expected['madds'] / 1e6:.2f}M MAdds, "
+                      f"LUT {e.expected['lut_ms']:.3f} ms", file=sys.stderr)
         print(f"measuring the dynamic engine on {s.backend} over {len(data.splits.val)} validation images",
               file=sys.stderr)
         measured = rt.measure_gates(ctx, s, data, supernet, gates)

@@ -81,3 +81,31 @@ def test_end_to_end_resume_and_rebuild(tmp_path):
     (tmp_path / "gate_retraining.md").unlink()
     render(Layout(tmp_path))
     assert (tmp_path / "gate_retraining.md").read_text() == md2
+
+    # a budget sweep on the same workspace: stage I and the LUT reused, one calibrated gate per budget
+    # and penalty, all measured in one run, the report per budget
+    # (a hand-made LUT: on eager at 32 px the tiny routes take about the same time, and a budget
+    # below the smallest route is refused)
+    (tmp_path / "lut").mkdir()
+    pd.DataFrame([{"model": "ds_mbnet_tiny", "backend": "eager", "precision": "fp32", "batch_size": 1,
+                   "input_size": 32, "kind": "segment", "name": name, "latency_ms_p50": ms, "status": "ok", "error": ""}
+                  for name, ms in (("head", 0.5), ("s0_inx_c0", 0.5), ("s0_inx_c1", 1.0), ("s0_inx_c2", 1.5),
+                                   ("s0_inx_c3", 2.0))]).to_csv(tmp_path / "lut" / "dynamic.csv", index=False)
+    args = [*args, "--lut", str(tmp_path / "lut")]
+    r3 = cli(*args, "--latency-budget", "0.7x,0.9x")
+    assert r3.returncode == 0, r3.stderr
+    assert "stage I: reusing" in r3.stderr and "LUT: measuring" not in r3.stderr
+    summary = pd.read_csv(tmp_path / "gate_retraining.csv")
+    assert list(summary.gate) == ["madds@0.7x", "latency@0.7x", "madds@0.9x", "latency@0.9x", LARGEST]
+    sweep = summary[summary.budget.notna()]
+    assert (sweep.calibration_lambda.notna()).all() and (sweep.measured_ms_mean > 0).all()
+    lut = sweep[sweep.penalty == "latency"]
+    largest_lut = summary.set_index("gate").lut_ms[LARGEST]
+    assert (lut.lut_ms <= lut.budget_fraction * largest_lut + 1e-9).all()  # calibrated: the LUT meets the budget
+    md3 = (tmp_path / "gate_retraining.md").read_text()
+    assert "## Budget 0.7x" in md3 and "## Budget 0.9x" in md3 and "Noise floor" in md3
+    (tmp_path / "gate_retraining.md").unlink()
+    render(Layout(tmp_path))
+    assert (tmp_path / "gate_retraining.md").read_text() == md3
+    bad = cli(*args, "--latency-budget", "0.3x")
+    _one_error_line(bad, "the smallest feasible budget is 1.000 ms (0.40x)")

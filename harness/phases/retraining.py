@@ -8,6 +8,13 @@ through the pipeline, checked against the eager dynamic forward, timed on the va
 one per call, all gates interleaved) -> :func:`store_outcome` (the three files
 ``harness.reporting.gates`` renders).
 
+With latency budgets (:func:`parse_budgets`: ``0.6x`` of the largest route's LUT latency, or ``3ms``)
+stage II trains one gate per budget and penalty: the latency penalty toward the budget on the LUT,
+the MAdds penalty toward the same fraction of the largest route's MAdds, at least the smallest
+route's (what a MAdds-only user would pick for that budget); each gate is then calibrated
+(``dsnet.training.calibrate_to_budget``, both penalties alike, on training images, never the
+validation images it is evaluated on) so that its expected cost meets its own budget.
+
 Every stage caches in the workspace (``Layout.gate_workspace``): ``supernet.pt``,
 ``gate-<penalty>-<backend>.pt``, the LUT store; a stage whose settings match is reused, so an
 interrupted run loses at most the stage it was in. A problem with the user's input is a
@@ -39,10 +46,64 @@ from harness.results.layout import GATE_LARGEST as LARGEST
 from harness.results.layout import GATE_ROUTE_COLUMNS, GATE_SUMMARY_COLUMNS, Layout
 
 PENALTIES = ("madds", "latency")
+REPEAT = "repeat"  # measure_gates' second timing of one engine (the noise floor)
 
 
 class RetrainingError(ValueError):
     """A problem with the input of a retraining (one line)."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A latency budget: ``value`` times the largest route's latency (``unit`` "x") or in ms."""
+
+    value: float
+    unit: str  # "x" or "ms"
+
+    @property
+    def label(self) -> str:
+        return f"{self.value:g}{self.unit}"
+
+    def fraction(self, largest_ms: float) -> float:
+        """The budget as a fraction of the largest route's latency ``largest_ms``."""
+        return self.value if self.unit == "x" else self.value / largest_ms
+
+
+def parse_budgets(text: str) -> tuple[Budget, ...]:
+    """``"0.4x,0.6x"``, ``"3.0"`` or ``"3ms"`` (ms) -> budgets, in the given order; a bad item is a
+    :class:`RetrainingError` naming it."""
+    out = []
+    for item in (t.strip() for t in str(text).split(",")):
+        unit = "x" if item.lower().endswith("x") else "ms"
+        number = item[:-1] if unit == "x" else (item[:-2] if item.lower().endswith("ms") else item)
+        try:
+            value = float(number)
+        except ValueError:
+            value = float("nan")
+        if not (math.isfinite(value) and value > 0):
+            raise RetrainingError(f"--latency-budget: {item!r} is not a budget; give e.g. 0.6x (a fraction of the "
+                                  "largest route's latency), 3.0 or 3ms")
+        if unit == "x" and value > 1:
+            raise RetrainingError(f"--latency-budget: {item} is more than the largest route's latency (1x)")
+        out.append(Budget(value, unit))
+    if len({b.label for b in out}) != len(out):
+        raise RetrainingError(f"--latency-budget: {text} names a budget twice")
+    return tuple(out)
+
+
+def check_budgets(budgets, lut_ms) -> None:
+    """Every budget between the cheapest and the largest route's LUT latency, else one line naming
+    the feasible range."""
+    largest, cheapest = max(lut_ms), min(lut_ms)
+    for b in budgets:
+        ms = b.fraction(largest) * largest
+        if ms < cheapest:
+            raise RetrainingError(f"latency budget {b.label} ({ms:.3f} ms) is below the smallest route's latency on "
+                                  f"the LUT; the smallest feasible budget is {cheapest:.3f} ms "
+                                  f"({cheapest / largest:.2f}x)")
+        if ms > largest * (1 + 1e-9):
+            raise RetrainingError(f"latency budget {b.label} is above the largest route's latency on the LUT "
+                                  f"({largest:.3f} ms): every image fits it on the largest route")
 
 
 @dataclass(frozen=True)
@@ -67,6 +128,8 @@ class Settings:
     latency_fraction: float | None = None  # of the largest route's LUT latency
     madds_target: float | None = None  # millions
     seed: int = 0
+    budgets: tuple = ()  # Budget: one gate per budget and penalty, calibrated to it
+    calibrate: bool = True  # with budgets: calibrate each gate's scores to its budget
 
     @property
     def workspace(self) -> Layout:
@@ -163,6 +226,9 @@ def validate(s: Settings, target) -> None:
             raise RetrainingError(f"{flag} must be at least 0, got {value}")
         if least is not None and value <= least:
             raise RetrainingError(f"{flag} must be greater than {least:g}, got {value}")
+    if s.budgets and any(v is not None for v in (s.latency_target, s.latency_fraction, s.madds_target)):
+        raise RetrainingError("--latency-budget sets both penalties' targets: leave out --latency-target, "
+                              "--latency-fraction and --madds-target")
     if s.routes_upto is not None:
         try:
             from dsnet.training import restrict_routes
@@ -277,16 +343,29 @@ def route_costs(s: Settings, data: Data, ctx: RunContext, progress_factory) -> C
                 phase.run(progress_factory(len(phase.plan), "LUT"), lut_only=True)
                 ctx.store.export_dynamic(ctx.layout.dynamic_csv)
                 lut = LatencyLUT.from_frame(ctx.store.dynamic_frame(), s.model, s.backend, "fp32", 1, s.input_size)
-        return Costs(madds, tuple(lut.tensor(arch).tolist()))
+        costs = Costs(madds, tuple(lut.tensor(arch).tolist()))
+        check_budgets(s.budgets, costs.route_lut_ms)
+        return costs
     except LUTError as e:
         raise RetrainingError(str(e)) from None
 
 
-def stage2(s: Settings, data: Data, supernet: Supernet, costs: Costs, penalty: str, progress_factory) -> RetrainedGate:
-    """Stage II with ``penalty`` on a copy of the supernet; cached."""
+def gate_name(penalty: str, budget: Budget | None) -> str:
+    """A retrained gate's name in the report: the penalty, and its budget in a sweep."""
+    return penalty if budget is None else f"{penalty}@{budget.label}"
+
+
+CALIBRATION_IMAGES = 512  # the first training images: what calibration decides on
+
+
+def stage2(s: Settings, data: Data, supernet: Supernet, costs: Costs, penalty: str, progress_factory,
+           budget: Budget | None = None) -> RetrainedGate:
+    """Stage II with ``penalty`` on a copy of the supernet (toward ``budget`` when given, then
+    calibrated to it when ``s.calibrate``); cached."""
     from dsnet.training import (
         ComplexityPenalty,
         LossWeights,
+        calibrate_to_budget,
         load_checkpoint,
         restrict_routes,
         save_checkpoint,
@@ -298,27 +377,43 @@ def stage2(s: Settings, data: Data, supernet: Supernet, costs: Costs, penalty: s
         restrict_routes(model, s.routes_upto)
     except ValueError as e:
         raise RetrainingError(f"--routes-upto: {e}") from None
+    lut = torch.tensor(costs.route_lut_ms)
+    fraction = None if budget is None else budget.fraction(float(lut.max()))
     if penalty == "latency":
-        cp = ComplexityPenalty.latency(torch.tensor(costs.route_lut_ms), model, s.latency_target,
-                                       s.latency_fraction)
+        cp = ComplexityPenalty.latency(lut, model, s.latency_target, s.latency_fraction if budget is None else fraction)
     else:
-        cp = ComplexityPenalty.madds(model, s.input_size, None if s.madds_target is None else s.madds_target * 1e6)
+        madds_target = None if s.madds_target is None else s.madds_target * 1e6
+        if budget is not None:  # the same fraction of the largest route's MAdds (at least the smallest route's)
+            madds_target = max(fraction * max(costs.route_madds), min(costs.route_madds))
+        cp = ComplexityPenalty.madds(model, s.input_size, madds_target)
+    calibrate = budget is not None and s.calibrate
     settings = {"penalty": penalty, "backend": s.backend, "epochs": s.gate_epochs, "lr": s.lr,
                 "cp_weight": s.cp_weight, "routes_upto": s.routes_upto, "target": cp.target,
-                "costs": _digest(cp.costs.tolist()), "seed": s.seed, "supernet": _digest(supernet.meta)}
-    path = s.workspace.root / f"gate-{penalty}-{s.backend}.pt"
+                "costs": _digest(cp.costs.tolist()), "seed": s.seed, "supernet": _digest(supernet.meta),
+                "budget": None if budget is None else budget.label, "budget_fraction": fraction,
+                "calibrated": calibrate}
+    suffix = "" if budget is None else f"-{budget.label}"
+    path = s.workspace.root / f"gate-{penalty}-{s.backend}{suffix}.pt"
     if path.is_file():
         cached, meta = load_checkpoint(path)
         if meta.get("settings") == settings:
-            print(f"stage II ({penalty}): reusing {path}", file=sys.stderr)
+            print(f"stage II ({gate_name(penalty, budget)}): reusing {path}", file=sys.stderr)
             return RetrainedGate(penalty, cached, meta)
     t0 = time.monotonic()
     history = train_gate(model, data.train_loader, cp, s.gate_epochs, lr=s.lr, weights=LossWeights(cp=s.cp_weight),
                          seed=s.seed, progress=progress_factory(s.gate_epochs * len(data.train_loader),
                                                                 f"stage II {penalty}"))
     meta = {"stage": "II", "settings": settings, "history": history, "train_s": round(time.monotonic() - t0, 1)}
+    name = gate_name(penalty, budget)
+    if calibrate:
+        images = torch.stack([x for x, _ in (data.splits.train[i] for i in
+                                             range(min(CALIBRATION_IMAGES, len(data.splits.train))))])
+        try:
+            meta["calibration"] = calibrate_to_budget(model, images, cp.costs, max(cp.target, float(cp.costs.min())))
+        except ValueError as e:
+            raise RetrainingError(f"calibrating the {name} gate: {e}") from None
     save_checkpoint(path, model, {"num_classes": data.num_classes}, **meta)
-    print(f"stage II ({penalty}): {meta['train_s']:.0f} s; saved {path}", file=sys.stderr)
+    print(f"stage II ({name}): {meta['train_s']:.0f} s; saved {path}", file=sys.stderr)
     return RetrainedGate(penalty, model, meta)
 
 
@@ -334,7 +429,9 @@ def measure_gates(ctx: RunContext, s: Settings, data: Data, supernet: Supernet, 
     fns, results = {}, {}
     for name, gate in gates.items():
         model = gate.model
-        variant = f"{s.model}-gate-{name}-{'-'.join(str(g.num_allowed) for g in gate_modules(model))}"
+        # parts differ between gates by their weights only (the head): one name per gate restriction
+        # lets every gate share the compiled segments
+        variant = f"{s.model}-gate-{'-'.join(str(g.num_allowed) for g in gate_modules(model))}"
         try:
             engine = DynamicEngine(dsnet.split(model), ctx.backend(s.backend), ctx.target, "fp32",
                                    ctx.layout.cache_dir, s.input_size, model_name=variant)
@@ -366,6 +463,10 @@ def measure_gates(ctx: RunContext, s: Settings, data: Data, supernet: Supernet, 
             return engine(x)
 
         fns[name] = call
+        if REPEAT not in fns:  # the noise floor: the first gate's engine timed a second time, interleaved
+            again = {"i": 0}
+            fns[REPEAT] = lambda engine=engine, state=again: call(engine, state)
+            results[REPEAT + " of"] = name
         if LARGEST not in fns:  # context: the same engine forced to the largest route
             largest = supernet.model.routes(s.input_size)[-1]
             engine.prepare_routes([largest], images[0])
@@ -375,6 +476,17 @@ def measure_gates(ctx: RunContext, s: Settings, data: Data, supernet: Supernet, 
         for name, m in measure_rounds(fns, ctx.protocol, ctx.timer(), seed=s.seed).items():
             results[name] = Measured(m.stats)
     return results
+
+
+def noise_floor(measured: dict) -> dict | None:
+    """The same engine timed twice in the same rounds (:func:`measure_gates`): the gap between the
+    two means is what no difference between gates can be told from."""
+    gate, again = measured.get(REPEAT + " of"), measured.get(REPEAT)
+    first = measured.get(gate)
+    if gate is None or again is None or again.stats is None or first is None or first.stats is None:
+        return None
+    a, b = first.stats.mean, again.stats.mean
+    return {"gate": gate, "mean_ms": [a, b], "relative": abs(b - a) / a}
 
 
 def store_outcome(o: Outcome) -> list[Path]:
@@ -392,14 +504,18 @@ def store_outcome(o: Outcome) -> list[Path]:
             "lut_ms": e.expected["lut_ms"], "measured_ms_mean": st.mean if st else None,
             "measured_ms_p50": st.p50 if st else None, "measured_n": st.n if st else None, "error": m.error,
             "cp_weight": gs["cp_weight"], "routes_upto": gs["routes_upto"], "cost_target": gs["target"],
-            "gate_epochs": gs["epochs"], "train_s": o.gates[penalty].meta.get("train_s")})
+            "gate_epochs": gs["epochs"], "train_s": o.gates[penalty].meta.get("train_s"),
+            "penalty": gs["penalty"], "budget": gs.get("budget"), "budget_fraction": gs.get("budget_fraction"),
+            "calibration_lambda": o.gates[penalty].meta.get("calibration", {}).get("lambda"),
+            "measured_ms_ci_low": st.ci_low if st else None, "measured_ms_ci_high": st.ci_high if st else None})
     st = o.measured.get(LARGEST, Measured(None)).stats
     routes = o.supernet.model.routing_space.all_routes()
     if st is not None:
         rows.append(base | {"gate": LARGEST, "val_accuracy": o.doc["largest_route_accuracy"],
                             "n_val": len(o.data.splits.val), "expected_madds": o.costs.route_madds[-1],
                             "lut_ms": o.costs.route_lut_ms[-1], "measured_ms_mean": st.mean, "measured_ms_p50": st.p50,
-                            "measured_n": st.n, "error": "", "route": str(routes[-1])})
+                            "measured_n": st.n, "error": "", "route": str(routes[-1]),
+                            "measured_ms_ci_low": st.ci_low, "measured_ms_ci_high": st.ci_high})
     route_rows = []
     for penalty, e in o.evaluations.items():
         for r, madds, lut in zip(routes, o.costs.route_madds, o.costs.route_lut_ms):
@@ -411,6 +527,7 @@ def store_outcome(o: Outcome) -> list[Path]:
     summary.reindex(columns=[c for c in GATE_SUMMARY_COLUMNS if c in summary.columns]).to_csv(layout.gate_summary,
                                                                                               index=False)
     pd.DataFrame(route_rows, columns=GATE_ROUTE_COLUMNS).to_csv(layout.gate_routes, index=False)
-    doc = o.doc | {"supernet": o.supernet.meta, "gates": {p: g.meta for p, g in o.gates.items()}}
+    doc = o.doc | {"supernet": o.supernet.meta, "gates": {p: g.meta for p, g in o.gates.items()},
+                   "noise_floor": noise_floor(o.measured)}
     layout.gate_meta.write_text(json.dumps(doc, indent=1, default=str))
     return [layout.gate_summary, layout.gate_routes, layout.gate_meta]
