@@ -24,6 +24,7 @@ under ``--strict``; 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from dataclasses import asdict
@@ -141,6 +142,10 @@ def _run(args, target, s, rt) -> int:
     try:
         costs = rt.route_costs(s, data, ctx, lambda n, desc: Progress(n, desc))  # before training: fails fast
         supernet = rt.stage1(s, data, _train_progress)
+        if s.budgets and s.calibrate:
+            costs = dataclasses.replace(costs, dispatch_ms=rt.dispatch_overhead(ctx, s, data, supernet))
+            print(f"dispatch overhead on {s.backend}: {costs.dispatch_ms:.3f} ms per image beyond the LUT "
+                  f"(largest route {costs.route_lut_ms[-1]:.3f} ms on the LUT)", file=sys.stderr)
         gates, evals = {}, {}
         as_tensor = {"madds": torch.tensor(costs.route_madds, dtype=torch.float64),
                      "lut_ms": torch.tensor(costs.route_lut_ms, dtype=torch.float64)}
@@ -161,7 +166,8 @@ def _run(args, target, s, rt) -> int:
     doc = {"largest_route_accuracy": rt.route_accuracy(supernet.model, largest, data.val_loader),
            "run_id": ctx.run_id, "target": target.name, "device_name": device_name, "device_mismatch": mismatch,
            "threads": target.threads, "protocol": asdict(target.protocol), "env": env,
-           "wall_time_s": round(time.monotonic() - t0, 1), "args": {k: str(v) for k, v in vars(args).items()}}
+           "wall_time_s": round(time.monotonic() - t0, 1), "args": {k: str(v) for k, v in vars(args).items()},
+           "dispatch_ms": costs.dispatch_ms if s.budgets and s.calibrate else None}
     paths = rt.store_outcome(rt.Outcome(s, data, supernet, costs, gates, evals, measured, doc))
     paths += render(s.layout)
     print(f"wrote {', '.join(str(p) for p in paths)}")

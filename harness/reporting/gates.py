@@ -250,11 +250,13 @@ def render_sweep(layout: Layout, summary: pd.DataFrame, routes: pd.DataFrame, me
              "penalty trains toward the budget on the LUT, the MAdds penalty toward the same fraction of the "
              "largest route's MAdds (what a MAdds-only user would pick). "
              + ("Each gate is then calibrated to its own budget on training images (a shift of each choice's "
-                "score by -lambda x its cost, lambda by bisection): the latency gate on LUT latency, the MAdds gate "
-                "on MAdds. " if rows.calibration_lambda.notna().any() else "No calibration (--no-calibrate). ")
+                "score by -lambda x its cost, lambda by bisection): the latency gate on LUT latency plus the "
+                f"dispatcher's measured per-image overhead ({_fmt(meta.get('dispatch_ms'), '.3f')} ms), the MAdds "
+                "gate on MAdds. " if rows.calibration_lambda.notna().any() else "No calibration (--no-calibrate). ")
              + f"Latency: the dynamic engine on {first.backend}, one validation image per call (batch 1), dispatched "
              "by its own gate, every gate and the largest route interleaved in one run; mean per image. The budget "
-             "in ms is its fraction of the largest route's mean measured in the same rounds"
+             "in ms is its fraction of the largest route's mean measured in the same rounds, through the same "
+             "dispatcher (a copy of the gate that always chooses it)"
              + (f" ({float(largest.measured_ms_mean.iloc[0]):.3f} ms)" if len(largest) else "") + ".", ""]
     if noise is not None:
         lines += [f"Noise floor: the {nf['gate']} gate's engine timed twice in the same rounds: "
