@@ -24,7 +24,6 @@ under ``--strict``; 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from dataclasses import asdict
@@ -142,10 +141,6 @@ def _run(args, target, s, rt) -> int:
     try:
         costs = rt.route_costs(s, data, ctx, lambda n, desc: Progress(n, desc))  # before training: fails fast
         supernet = rt.stage1(s, data, _train_progress)
-        if s.budgets and s.calibrate:
-            costs = dataclasses.replace(costs, dispatch_ms=rt.dispatch_overhead(ctx, s, data, supernet))
-            print(f"dispatch overhead on {s.backend}: {costs.dispatch_ms:.3f} ms per image beyond the LUT "
-                  f"(largest route {costs.route_lut_ms[-1]:.3f} ms on the LUT)", file=sys.stderr)
         gates, evals = {}, {}
         as_tensor = {"madds": torch.tensor(costs.route_madds, dtype=torch.float64),
                      "lut_ms": torch.tensor(costs.route_lut_ms, dtype=torch.float64)}

@@ -108,4 +108,4 @@ def test_end_to_end_resume_and_rebuild(tmp_path):
     render(Layout(tmp_path))
     assert (tmp_path / "gate_retraining.md").read_text() == md3
     bad = cli(*args, "--latency-budget", "0.3x")
-    _one_error_line(bad, "the smallest feasible budget is 1.000 ms (0.40x)")
+    _one_error_line(bad, "below the smallest route's latency on the LUT plus")

@@ -91,18 +91,19 @@ def parse_budgets(text: str) -> tuple[Budget, ...]:
     return tuple(out)
 
 
-def check_budgets(budgets, lut_ms) -> None:
-    """Every budget between the cheapest and the largest route's LUT latency, else one line naming
-    the feasible range."""
-    largest, cheapest = max(lut_ms), min(lut_ms)
+def check_budgets(budgets, lut_ms, dispatch_ms: float = 0.0) -> None:
+    """Every budget between the cheapest and the largest route's deployed latency (LUT plus the
+    dispatcher's per-image overhead), else one line naming the feasible range."""
+    largest, cheapest = max(lut_ms) + dispatch_ms, min(lut_ms) + dispatch_ms
+    where = "on the LUT" + (f" plus {dispatch_ms:.3f} ms of dispatch" if dispatch_ms else "")
     for b in budgets:
         ms = b.fraction(largest) * largest
-        if ms < cheapest:
-            raise RetrainingError(f"latency budget {b.label} ({ms:.3f} ms) is below the smallest route's latency on "
-                                  f"the LUT; the smallest feasible budget is {cheapest:.3f} ms "
+        if ms < cheapest * (1 - 1e-9):
+            raise RetrainingError(f"latency budget {b.label} ({ms:.3f} ms) is below the smallest route's latency "
+                                  f"{where}; the smallest feasible budget is {cheapest:.3f} ms "
                                   f"({cheapest / largest:.2f}x)")
         if ms > largest * (1 + 1e-9):
-            raise RetrainingError(f"latency budget {b.label} is above the largest route's latency on the LUT "
+            raise RetrainingError(f"latency budget {b.label} is above the largest route's latency {where} "
                                   f"({largest:.3f} ms): every image fits it on the largest route")
 
 
@@ -345,10 +346,14 @@ def route_costs(s: Settings, data: Data, ctx: RunContext, progress_factory) -> C
                 ctx.store.export_dynamic(ctx.layout.dynamic_csv)
                 lut = LatencyLUT.from_frame(ctx.store.dynamic_frame(), s.model, s.backend, "fp32", 1, s.input_size)
         costs = Costs(madds, tuple(lut.tensor(arch).tolist()))
-        check_budgets(s.budgets, costs.route_lut_ms)
-        return costs
     except LUTError as e:
         raise RetrainingError(str(e)) from None
+    if s.budgets and s.calibrate:
+        costs = Costs(madds, costs.route_lut_ms, dispatch_overhead(ctx, s, data, arch))
+        print(f"dispatch overhead on {s.backend}: {costs.dispatch_ms:.3f} ms per image beyond the LUT "
+              f"(largest route {costs.route_lut_ms[-1]:.3f} ms on the LUT)", file=sys.stderr)
+    check_budgets(s.budgets, costs.route_lut_ms, costs.dispatch_ms)
+    return costs
 
 
 def gate_name(penalty: str, budget: Budget | None) -> str:
@@ -379,9 +384,15 @@ def stage2(s: Settings, data: Data, supernet: Supernet, costs: Costs, penalty: s
     except ValueError as e:
         raise RetrainingError(f"--routes-upto: {e}") from None
     lut = torch.tensor(costs.route_lut_ms)
-    fraction = None if budget is None else budget.fraction(float(lut.max()))
-    if penalty == "latency":
-        cp = ComplexityPenalty.latency(lut, model, s.latency_target, s.latency_fraction if budget is None else fraction)
+    # a budget is on the deployed latency, the LUT plus the dispatcher's per-image overhead (0 when
+    # not calibrating); the latency penalty trains toward its LUT part
+    deployed_largest = float(lut.max()) + costs.dispatch_ms
+    fraction = None if budget is None else budget.fraction(deployed_largest)
+    if budget is not None and penalty == "latency":
+        cp = ComplexityPenalty.latency(lut, model, target_ms=max(fraction * deployed_largest - costs.dispatch_ms,
+                                                                 float(lut.min())))
+    elif penalty == "latency":
+        cp = ComplexityPenalty.latency(lut, model, s.latency_target, s.latency_fraction)
     else:
         madds_target = None if s.madds_target is None else s.madds_target * 1e6
         if budget is not None:  # the same fraction of the largest route's MAdds (at least the smallest route's)
@@ -413,8 +424,7 @@ def stage2(s: Settings, data: Data, supernet: Supernet, costs: Costs, penalty: s
             # latency: the deployed cost, LUT plus the dispatcher's per-image overhead, against the budget's
             # fraction of the largest route's deployed cost; MAdds: what a MAdds-only user has
             extra = costs.dispatch_ms if penalty == "latency" else 0.0
-            target = max(cp.target, float(cp.costs.min())) if penalty == "madds" else \
-                fraction * (float(cp.costs.max()) + extra)
+            target = max(cp.target, float(cp.costs.min())) if penalty == "madds" else fraction * deployed_largest
             meta["calibration"] = calibrate_to_budget(model, images, cp.costs + extra, target) | {"overhead_ms": extra}
         except ValueError as e:
             raise RetrainingError(f"calibrating the {name} gate: {e}") from None
@@ -423,19 +433,27 @@ def stage2(s: Settings, data: Data, supernet: Supernet, costs: Costs, penalty: s
     return RetrainedGate(penalty, model, meta)
 
 
-def forced_largest(model):
+@torch.no_grad()
+def forced_largest(model, images: torch.Tensor):
     """A copy of ``model`` whose every gate chooses its last allowed choice (the largest route) on
-    any input: what the deployed engine costs on the largest route, dispatcher included."""
+    ``images``: what the deployed engine costs on the largest route, dispatcher included. The bias
+    on that choice is the least that wins on every image plus 1 (gate by gate, as the earlier
+    choices shape the later gates' inputs), not a huge constant that would drown the scores'
+    dependence on the input, which the check against eager needs to see."""
     from dsnet.training import gates as gate_modules
 
     m = copy.deepcopy(model).eval()
-    for g in gate_modules(m):
+    m.set_route(None)
+    for k, g in enumerate(gate_modules(m)):
         g.score_bias.zero_()
-        g.score_bias[g.num_allowed - 1] = 1e4  # routing scores are O(10)
+        scores = m.forward_dynamic(images).scores[k][:, :g.num_allowed]
+        last = g.num_allowed - 1
+        others = scores[:, :last].amax(1) if last else scores[:, 0] - 1
+        g.score_bias[last] = float((others - scores[:, last]).max().clamp_min(0)) + 1.0
     return m
 
 
-def dispatch_overhead(ctx: RunContext, s: Settings, data: Data, supernet: Supernet, images: int = 64) -> float:
+def dispatch_overhead(ctx: RunContext, s: Settings, data: Data, arch, images: int = 64) -> float:
     """Per-image cost (ms) of the deployed dynamic engine beyond its LUT: the largest route through
     the dispatcher (``engine(x)``: head, argmax, grouping, segments; one validation image per call)
     against the sum of its parts, one call per sample, interleaved in one round phase. The budget
@@ -450,13 +468,13 @@ def dispatch_overhead(ctx: RunContext, s: Settings, data: Data, supernet: Supern
         except (ValueError, KeyError, TypeError):
             print(f"dispatch overhead: {path} unreadable, measuring again", file=sys.stderr)
 
-    model = forced_largest(supernet.model)
+    xs = [x[None] for x, _ in (data.splits.val[i] for i in range(min(images, len(data.splits.val))))]
+    model = forced_largest(arch, torch.cat(xs))  # latency does not depend on the weights
     try:
         engine = DynamicEngine(dsnet.split(model), ctx.backend(s.backend), ctx.target, "fp32", ctx.layout.cache_dir,
                                s.input_size, model_name=f"{s.model}-dispatch")
     except PartError as e:
         raise RetrainingError(f"the dynamic engine on {s.backend} cannot be built: {e}") from None
-    xs = [x[None] for x, _ in (data.splits.val[i] for i in range(min(images, len(data.splits.val))))]
     largest = model.routes(s.input_size)[-1]
     fns = chain_parts(engine, largest, xs[0])
     state = {"i": 0}
@@ -486,7 +504,7 @@ def measure_gates(ctx: RunContext, s: Settings, data: Data, supernet: Supernet, 
     images = [x[None] for x, _ in data.splits.val]
     fns, results = {}, {}
     # context: the largest route through the same dispatcher (a copy whose gates always choose it)
-    timed = {**gates, LARGEST: RetrainedGate("largest", forced_largest(supernet.model), {})}
+    timed = {**gates, LARGEST: RetrainedGate("largest", forced_largest(supernet.model, torch.cat(images)), {})}
     for name, gate in timed.items():
         model = gate.model
         # parts differ between gates by their weights only (the head): one name per gate restriction

@@ -246,9 +246,10 @@ def render_sweep(layout: Layout, summary: pd.DataFrame, routes: pd.DataFrame, me
              f"from `{layout.gate_summary.name}`, `{layout.gate_routes.name}` and `{layout.gate_meta.name}`. Data: "
              f"{first.data}, {int(first.n_val)} validation images at {int(first.input_size)}x{int(first.input_size)}.",
              "",
-             "Per budget (a fraction of the largest route's latency on the LUT), one gate per penalty: the latency "
-             "penalty trains toward the budget on the LUT, the MAdds penalty toward the same fraction of the "
-             "largest route's MAdds (what a MAdds-only user would pick). "
+             "Per budget (a fraction of the largest route's deployed latency: its LUT latency plus the dispatcher's "
+             "per-image overhead), one gate per penalty: the latency penalty trains toward the budget on the LUT, "
+             "the MAdds penalty toward the same fraction of the largest route's MAdds, at least the smallest "
+             "route's (what a MAdds-only user would pick). "
              + ("Each gate is then calibrated to its own budget on training images (a shift of each choice's "
                 "score by -lambda x its cost, lambda by bisection): the latency gate on LUT latency plus the "
                 f"dispatcher's measured per-image overhead ({_fmt(meta.get('dispatch_ms'), '.3f')} ms), the MAdds "
@@ -262,6 +263,10 @@ def render_sweep(layout: Layout, summary: pd.DataFrame, routes: pd.DataFrame, me
         lines += [f"Noise floor: the {nf['gate']} gate's engine timed twice in the same rounds: "
                   f"{nf['mean_ms'][0]:.3f} vs {nf['mean_ms'][1]:.3f} ms ({100 * noise:.1f}%). A latency gap below "
                   "it is not a difference.", ""]
+    acc, n = float(rows.val_accuracy.astype(float).mean()), int(first.n_val)
+    lines += [f"Accuracy noise floor: on {n} validation images the binomial standard error of an accuracy near "
+              f"{100 * acc:.0f}% is {100 * (acc * (1 - acc) / n) ** 0.5:.1f} points; smaller accuracy gaps are not "
+              "differences.", ""]
     met = rows[rows.penalty == "latency"].deviation.abs() <= BUDGET_TOLERANCE
     lines += [f"**Latency-penalty gates within {100 * BUDGET_TOLERANCE:g}% of their budget: {int(met.sum())} of "
               f"{len(met)}; MAdds-penalty gates' deviations: "
