@@ -9,7 +9,8 @@ tensor ``(1, n_gates)``. The choice of each gate is data-dependent control flow 
 
 - ``forward`` selects the segment with ``torch.cond`` (a balanced tree of binary conditions), so
   ``torch.export`` captures every branch: AOTInductor compiles them, the ONNX exporter writes
-  ``If`` nodes, and the module runs in eager PyTorch as it is.
+  ``If`` nodes; run eagerly (not under ``torch.export`` or ``torch.compile``) it takes the chosen
+  branch in Python, as eager ``torch.cond`` would only after compiling every branch with dynamo.
 - :meth:`OneGraph.to_torchscript` returns a ScriptModule: every part traced (no control flow in a
   part), the dispatcher scripted with ``if`` chains. Tracing the whole module instead would record
   one route only.
@@ -51,6 +52,8 @@ def _select(index: torch.Tensor, branches: list, x: torch.Tensor, lo: int = 0):
     """``branches[index - lo](x)`` as a balanced tree of ``torch.cond``."""
     if len(branches) == 1:
         return branches[0](x)
+    if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):  # eager torch.cond: dynamo per branch
+        return branches[int(index) - lo](x)
     mid = len(branches) // 2
     return torch.cond(index < lo + mid,
                       lambda x: _select(index, branches[:mid], x, lo),

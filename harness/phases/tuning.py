@@ -90,5 +90,8 @@ def run_tuning(backend, target, models: list[str], input_size: int, budget_s: fl
     """Tune the TVM tasks of ``models`` within ``budget_s`` seconds (in total over re-runs) with
     ``backend`` (the TVM backend, its workdir the database's folder) for ``target``: the summary
     of :func:`tune_tasks` and how many ``networks`` the tasks came from."""
+    why = backend.open_database(target).foreign()  # refused before minutes of task extraction
+    if why:
+        raise ValueError(f"{why}: tune into another results folder, or move the folder away")
     tasks, networks = tuning_tasks(backend, target, models, input_size, progress_factory)
     return tune_tasks(backend, target, tasks, budget_s, progress_factory) | {"networks": networks}
