@@ -126,13 +126,14 @@ def open_target(name: str, remote: bool = False):
     return target
 
 
-def capture_machine(target, strict: bool = False):
+def capture_machine(target, strict: bool = False, local_device: bool = True):
     """``(env, device name, device mismatch)``, warning on stderr about a mismatched device or a
-    busy machine (an error line under ``strict``: the caller exits 3)."""
+    busy machine (an error line under ``strict``: the caller exits 3). ``local_device=False`` when
+    the target's device is elsewhere (boards through a tracker): this machine is not checked against it."""
     env = envmod.capture(target.device)
     device_name = env.get("gpu_name") if target.device == "cuda" else env["cpu_model"]
     device_mismatch = bool(target.expected_device) and target.expected_device not in (device_name or "")
-    if device_mismatch:
+    if device_mismatch and local_device:
         print(f"warning: profile '{target.name}' expects '{target.expected_device}' but this is "
               f"'{device_name}'; results are recorded with device_mismatch=1", file=sys.stderr)
     if env["busy"]:

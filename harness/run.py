@@ -164,7 +164,9 @@ def connect_farm(args, target, p: RunPlan):
         farm = Farm.connect(args.rpc_tracker, args.rpc_key, args.rpc_wait)
     except (RemoteError, CrossCompileError) as e:
         raise UsageError(str(e)) from None
-    print(f"{len(farm.boards)} board(s) under key {args.rpc_key!r}: {', '.join(farm.boards)}", file=sys.stderr)
+    emulated = f" (emulated: {farm.info.get('emulator')})" if farm.emulated else ""
+    print(f"{len(farm.boards)} board(s) under key {args.rpc_key!r}: {', '.join(farm.boards)}{emulated}",
+          file=sys.stderr)
     return farm
 
 
@@ -174,13 +176,17 @@ def open_context(args, target, p: RunPlan, farm):
     from harness.phases.context import RunContext
 
     lock, store = open_results(p.layout)
-    env, device_name, device_mismatch = capture_machine(target, args.strict)
+    env, device_name, device_mismatch = capture_machine(target, args.strict, local_device=farm is None)
     if env["busy"] and args.strict:
         store.close()
         lock.release()
         return None, None
     if farm is not None:
-        device_name, device_mismatch = ", ".join(farm.boards), False
+        device_name, device_mismatch = ", ".join(farm.boards), farm.emulated
+        if farm.emulated:
+            p.notes.append(f"the board under key {farm.key!r} is emulated ({farm.info.get('emulator')}): its rows "
+                           f"say emulated=1, and their latency is the emulator's, not a "
+                           f"{target.expected_device or target.name}'s")
     ctx = RunContext(target, p.layout, p.protocol, store, device_name, device_mismatch, new_run_id(), farm, lock)
     active = []
     for b in p.backends:
@@ -198,7 +204,8 @@ def open_context(args, target, p: RunPlan, farm):
                "backend_options": {b: ctx.backend(b).details() | ctx.backend(b).cache_key() for b in active},
                "protocol": p.protocol.__dict__, "backends": active, "skipped": p.skipped, "env": env,
                "remote": None if farm is None else {"tracker": farm.tracker_addr, "key": farm.key,
-                                                    "boards": farm.boards}}
+                                                    "boards": farm.boards, "emulated": farm.emulated,
+                                                    "board_info": farm.info}}
     ctx.store.record_run(ctx.run_id, env_doc)
     return ctx, env_doc
 

@@ -16,14 +16,20 @@ are summarized by :func:`harness.measure.protocol.summarize` like every other me
 
 The artifacts come from a backend's ``export`` (cross-compiled by ``harness.backends.tvm``).
 
+A board that runs :mod:`harness.measure.board_server` says what it is (``board_info``): a board
+that is an emulator (``python -m harness.emulate``) has ``emulated`` set, its identity says
+``(emulated: ...)`` and every row it measures is stored with ``emulated = 1``; ``farm.info`` is
+what the first board handed out said.
+
 Every failure a user can meet is a :class:`RemoteError` with one line saying what to do: tracker
 unreachable, no board under the key, no free board in time.
 """
 
 from __future__ import annotations
 
+import gc
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,9 +53,18 @@ def parse_tracker(text: str) -> tuple[str, int]:
 class Board:
     session: object
     identity: str
+    info: dict = field(default_factory=dict)  # what the board says of itself (harness.board_info)
+
+    @property
+    def emulated(self) -> bool:
+        return bool(self.info.get("emulated"))
 
     def close(self) -> None:
-        self.session = None  # TVM closes the socket when the session is collected
+        # TVM closes the socket only when the session and everything remote made from it (module, VM,
+        # device, tensors) are collected; some of those sit in reference cycles, which the cyclic
+        # collector would free at some later time while the tracker still counts the board as busy
+        self.session = None
+        gc.collect()
 
     def load(self, artifact: Path) -> RemoteModel:
         from tvm import relax
@@ -97,8 +112,13 @@ class Farm:
     """The boards under one key of a tracker. Sessions are taken per task and given back at once
     (:meth:`acquire`), so the tracker shares the boards with other clients, such as TVM's tuner."""
 
-    def __init__(self, host: str, port: int, key: str, boards: list[str]):
+    def __init__(self, host: str, port: int, key: str, boards: list[str], info: dict | None = None):
         self.host, self.port, self.key, self.boards = host, port, key, boards
+        self.info = info or {}  # what the first board handed out says of itself (board_info)
+
+    @property
+    def emulated(self) -> bool:
+        return bool(self.info.get("emulated"))
 
     @property
     def tracker_addr(self) -> str:
@@ -136,7 +156,9 @@ class Farm:
         boards = [f"{key}@{s['addr'][0]}:{s['addr'][1]}" for s in summary.get("server_info", [])
                   if s.get("key", "").split(":")[-1] == key]
         t.close()
-        return cls(host, port, key, boards or [f"{key}@?"])
+        probe = _request(rpc.connect_tracker(host, port), key)  # is it a device or an emulator?
+        probe.close()
+        return cls(host, port, key, boards or [f"{key}@?"], probe.info)
 
     def acquire(self) -> Board:
         """A session on the next free board (blocks until the tracker hands one out)."""
@@ -159,9 +181,23 @@ def _request(tracker, key: str) -> Board:
         if value[0] != base.TrackerCode.SUCCESS:
             raise RemoteError(f"the tracker refused a session under key {key!r}: {value}")
         url, port, matchkey = value[1]
-        return Board(rpc.connect(url, port, matchkey, session_timeout=0), f"{key}@{url}:{port}")
+        session = rpc.connect(url, port, matchkey, session_timeout=0)
+        info = board_info(session)
+        emulated = f" (emulated: {info.get('emulator')})" if info.get("emulated") else ""
+        return Board(session, f"{key}@{url}:{port}{emulated}", info)
     finally:
         tracker.close()
+
+
+def board_info(session) -> dict:
+    """What a board running :mod:`harness.measure.board_server` says of itself (machine, emulated,
+    emulator, cpu, tvm); ``{}`` for a board running plain ``tvm.exec.rpc_server``."""
+    import json
+
+    try:
+        return json.loads(session.get_function("harness.board_info")())
+    except Exception:  # no such function on the board: a plain TVM server, taken as a real device
+        return {}
 
 
 def board_trial(board: Board, result, example: torch.Tensor, ref, precision: str, protocol: Protocol):

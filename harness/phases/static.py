@@ -108,13 +108,18 @@ class Task:
         return torch.randn(self.batch_size, 3, self.input_size, self.input_size, generator=g)
 
 
-def result_row(ctx: RunContext, task: Task, result: Result, device: str | None = None) -> dict:
-    """The stored row of one task: its key, the workload's MAdds, the result, the run's stamp."""
+def result_row(ctx: RunContext, task: Task, result: Result, board=None) -> dict:
+    """The stored row of one task: its key, the workload's MAdds, the result, the run's stamp, and
+    the device that measured it (this machine, or ``board``: a :class:`harness.measure.remote.Board`;
+    an emulated board's rows say ``emulated = 1`` and count as a device mismatch)."""
     w = task.workload
+    device = {"device_name": ctx.device_name, "device_mismatch": int(ctx.device_mismatch), "emulated": 0}
+    if board is not None:
+        device = {"device_name": board.identity, "device_mismatch": int(board.emulated),
+                  "emulated": int(board.emulated)}
     return {"model": w.model, "route": w.route, "widths": w.widths, "backend": task.backend,
             "precision": task.precision, "batch_size": task.batch_size, "input_size": task.input_size,
-            "madds": w.madds, "params": w.params, "device_name": device or ctx.device_name,
-            "device_mismatch": 0 if device else int(ctx.device_mismatch), **ctx.stamp(), **result.row()}
+            "madds": w.madds, "params": w.params, **device, **ctx.stamp(), **result.row()}
 
 
 def _modules(tasks: list[Task]):
@@ -223,7 +228,7 @@ def _run_on_boards(ctx: RunContext, tasks: list[Task], progress) -> list[dict]:
         board = farm.acquire()
         try:
             return task, result_row(ctx, task, board_trial(board, result, example, ref, task.precision,
-                                                           ctx.protocol), device=board.identity)
+                                                           ctx.protocol), board=board)
         finally:
             board.close()
 

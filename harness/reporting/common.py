@@ -70,6 +70,18 @@ TUNING_NOTE = ("† TVM untuned (no MetaSchedule record applies: operators left 
                "(some tasks without a record). python -m harness.tune tunes them.")
 
 
+EMULATED_MARK = "§"
+EMULATED_NOTE = ("§ measured on an emulated board (python -m harness.emulate: qemu-user on another machine): the "
+                 "emulator's latency, not the device's; it checks that the artifact runs and is right.")
+
+
+def cell_notes(t) -> list[str]:
+    """The notes for the marks a table's cells carry (tuning, emulation)."""
+    cells = [str(v) for c in t.columns for v in t[c]]
+    notes = [TUNING_NOTE] if any(m in v for m in TUNING_MARKS.values() for v in cells) else []
+    return notes + ([EMULATED_NOTE] if any(EMULATED_MARK in v for v in cells) else [])
+
+
 def tuning_label(details) -> str:
     """``untuned``, ``partly tuned`` or ``tuned`` from a row's ``backend_details`` ('' when the
     backend does not tune)."""

@@ -88,7 +88,9 @@ def latency_vs_madds(lut: pd.DataFrame, input_size: int, path: Path) -> Path:
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(backends):]:
         ax.axis("off")
-    fig.suptitle(f"Latency against MAdds, batch 1, {input_size}x{input_size}")
+    emulated = "emulated" in d and (pd.to_numeric(d.emulated, errors="coerce") == 1).any()
+    fig.suptitle(f"Latency against MAdds, batch 1, {input_size}x{input_size}"
+                 + ("\nEMULATED board: the emulator's latency, not the device's" if emulated else ""))
     return _save(fig, path)
 
 

@@ -32,16 +32,17 @@ import pandas as pd
 
 from harness.deploy.lut import matched_distribution
 from harness.reporting.common import (
+    EMULATED_MARK,
     PAPER_ACCELERATION,
     PAPER_SLIMMABLE,
     PAPER_TABLE2_MS,
     PAPER_TABLE7,
     TABLE2_VARIANTS,
     TUNING_MARKS,
-    TUNING_NOTE,
     WAY_NOTES,
     ReportError,
     acceleration,
+    cell_notes,
     md_table,
     ok_rows,
     tuning_label,
@@ -120,7 +121,9 @@ def _read(path, columns: list[str]) -> pd.DataFrame:
 def env_line(env: dict) -> str:
     e = env.get("env", {})
     libs = ", ".join(f"{k} {v}" for k, v in sorted(e.get("libraries", {}).items()))
-    return (f"Environment: {env.get('device_name', '?')} ({env.get('target', '?')} profile), "
+    emulated = "EMULATED board (not the device; latencies are the emulator's): " \
+        if (env.get("remote") or {}).get("emulated") else ""
+    return (f"Environment: {emulated}{env.get('device_name', '?')} ({env.get('target', '?')} profile), "
             f"{env.get('threads', '?')} threads, run {env.get('run_id', '?')}; busy: {e.get('busy')}, other "
             f"processes {e.get('other_processes_cpu_percent')}% of a core, steal {e.get('cpu_steal_percent')}%; "
             f"{libs}." + _drift(env.get("drift", {})) + _earlier(env.get("earlier_runs", [])))
@@ -148,6 +151,7 @@ def _earlier(runs: list[dict]) -> str:
 
 
 INVALID_MARK = "*"
+_AFTER_VALIDITY = "".join(TUNING_MARKS.values()) + EMULATED_MARK  # marks written after the validity mark
 INVALID_NOTE = ("* not valid under the protocol: the 95% interval of the median is wider than the profile's "
                 "max_ci_fraction of it, or the samples cover less than min_measured_ms.")
 
@@ -170,6 +174,8 @@ def _latency(rows: pd.DataFrame, key) -> str:
     cell = _ms(rows.latency_ms_p50.get(key), _valid(rows, key))
     if cell != "-" and "backend_details" in rows.columns and key in rows.index:
         cell += TUNING_MARKS.get(tuning_label(rows.backend_details.get(key)), "")
+    if cell != "-" and "emulated" in rows.columns and key in rows.index and rows.emulated.get(key) == 1:
+        cell += EMULATED_MARK
     return cell
 
 
@@ -330,9 +336,7 @@ def slimmable_table3(lut: pd.DataFrame, input_size: int):
     t = pd.DataFrame(cells)
     found = pd.concat(parts)
     csv = found[["model", "route", "backend", "madds", "params", "latency_ms_p50", "latency_ms_mean", "n"]]
-    marked = any(m in str(v) for m in TUNING_MARKS.values() for c in t.columns for v in t[c])
-    return t, csv.sort_values(["model", "backend", "madds"], ascending=[True, True, False]), \
-        [TUNING_NOTE] if marked else []
+    return t, csv.sort_values(["model", "backend", "madds"], ascending=[True, True, False]), []
 
 
 TABLES = {
@@ -361,8 +365,9 @@ def build(layout: Layout, input_size: int) -> tuple[list, list[str]]:
             continue
         md = [f"# {title}", "", f"Input {input_size}x{input_size}. Rebuilt by `python -m harness.report` from "
               "stored results; paper values only in columns labelled paper.", "", md_table(table), ""]
-        if (table.astype(str).apply(lambda c: c.str.endswith(INVALID_MARK))).any().any():
+        if (table.astype(str).apply(lambda c: c.str.rstrip(_AFTER_VALIDITY).str.endswith(INVALID_MARK))).any().any():
             notes = [*notes, INVALID_NOTE]
+        notes = [*notes, *cell_notes(table)]
         md += [f"{n}\n" for n in notes] + [env_line(env), ""]
         layout.table(name, "md").write_text("\n".join(md))
         csv.to_csv(layout.table(name, "csv"), index=False)

@@ -38,11 +38,13 @@ STATS_COLUMNS = ["latency_ms_p50", "latency_ms_p90", "latency_ms_mean", "latency
 # JSON of the backend's settings that change a number (e.g. TVM's tuning trials and tuned tasks).
 LUT_COLUMNS = ["model", "route", "widths", "backend", "precision", "batch_size", "input_size", "madds", "params",
                *STATS_COLUMNS, "latency_rel", "latency_rel_to", "latency_ms_p50_drift_corrected", "status", "error",
-               "run_id", "compile_s", "backend_details"]
+               "run_id", "compile_s", "backend_details", "device_name", "emulated"]
+# device_name: the CPU or GPU that measured the row, or the board (key@host:port); emulated: 1 when
+# that board is an emulator on another machine (its latency is not the device's), else 0.
 # latency_rel: the cell's latency over that of latency_rel_to (the model's largest route or width on
 # the same backend, precision and batch), the median of per-round ratios measured in the same rounds.
 # latency_ms_p50_drift_corrected: p50 of the samples divided by their round's speed factor.
-RESULT_EXTRA_COLUMNS = ["number", "samples_ms", "rounds", "device_name", "device_mismatch", "time_utc"]
+RESULT_EXTRA_COLUMNS = ["number", "samples_ms", "rounds", "device_mismatch", "time_utc"]
 
 # -- the dynamic engine, Table 2 and acceleration: one row per (... kind, name) ------------------------
 DYNAMIC_KEY = ("model", "backend", "precision", "batch_size", "input_size", "kind", "name")

@@ -43,7 +43,7 @@ _TYPES = {"batch_size": "INTEGER", "input_size": "INTEGER", "madds": "INTEGER", 
           "n": "INTEGER", "number": "INTEGER", "device_mismatch": "INTEGER", "predicted_ms": "REAL",
           "rel_error": "REAL", "compile_s": "REAL", "latency_ms_p50_ci_low": "REAL",
           "latency_ms_p50_ci_high": "REAL", "valid": "INTEGER", "round": "INTEGER", "factor": "REAL",
-          "latency_rel": "REAL"}
+          "latency_rel": "REAL", "emulated": "INTEGER"}
 TABLES = {  # table: (key, columns)
     "results": (RESULT_KEY, list(dict.fromkeys(LUT_COLUMNS + RESULT_EXTRA_COLUMNS))),
     "dynamic": (DYNAMIC_KEY, list(dict.fromkeys(DYNAMIC_COLUMNS + DYNAMIC_EXTRA_COLUMNS))),
