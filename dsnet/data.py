@@ -9,8 +9,9 @@ Contract
   inside the scikit-learn package), upsampled bilinearly to ``S`` and repeated over 3 channels; a
   fixed stratified 80/20 split. The demo and test data.
 - ``source="digits-hard"``: the same images and split, each corrupted at its own severity so that
-  easy and hard images both exist and a narrow route is clearly less accurate than a wide one
-  (the data where routing matters): :func:`corrupt` (deterministic: the image's index seeds it).
+  easy and hard images both exist (clean ones are classified far better than the most corrupted:
+  per-image difficulty, what a gate can route on): :func:`corrupt` (deterministic: the image's
+  index seeds it).
 - ``source=<folder>``: an ImageFolder in ImageNet layout, ``<folder>/train/<class>/*.jpg`` and
   ``<folder>/val/<class>/*.jpg``: shorter side resized to ``S / 0.875``, centre crop ``S``,
   ImageNet mean/std normalisation. Images are read lazily, one at a time.

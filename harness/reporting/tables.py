@@ -168,13 +168,18 @@ def _valid(rows: pd.DataFrame, key):
     return rows["valid"].get(key) if "valid" in rows.columns else None
 
 
+def _flag(value) -> bool:
+    """A stored 0/1 flag, empty (NA: results that predate it) read as 0."""
+    return bool(pd.notna(value) and int(value) == 1)
+
+
 def _latency(rows: pd.DataFrame, key) -> str:
     """A latency cell of ``rows`` (indexed by route or way): the value, its validity mark and, for a
     TVM row, its tuning mark."""
     cell = _ms(rows.latency_ms_p50.get(key), _valid(rows, key))
     if cell != "-" and "backend_details" in rows.columns and key in rows.index:
         cell += TUNING_MARKS.get(tuning_label(rows.backend_details.get(key)), "")
-    if cell != "-" and "emulated" in rows.columns and key in rows.index and rows.emulated.get(key) == 1:
+    if cell != "-" and "emulated" in rows.columns and key in rows.index and _flag(rows.emulated.get(key)):
         cell += EMULATED_MARK
     return cell
 
