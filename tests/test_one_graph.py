@@ -105,7 +105,7 @@ def test_forcing_the_gate_by_its_weights_gives_that_route(mbnet, tmp_path):
 
 def test_several_gates_are_flattened_and_every_sampled_route_comes_out(tmp_path):
     """DS-ResNet's four gates: one branch per (previous choice, choice) at each stage; sampled
-    routes (gates patched to choose them) through the one graph in eager and TorchScript."""
+    routes (gates patched to choose them) through the one graph in eager, TorchScript and ONNX Runtime."""
     model = dsnet.reference_statistics(randomize(dsnet.create_model("ds_resnet50_tiny")))
     x = torch.randn(1, 3, 32, 32)
     routes = model.routes()
@@ -114,7 +114,7 @@ def test_several_gates_are_flattened_and_every_sampled_route_comes_out(tmp_path)
         graph = one_graph(m, x)
         assert [len(s) for s in graph.stages] == [4] + [16] * (len(route) - 1)  # segments, not routes
         expected = _expected(m, route, x)
-        for backend in ("eager", "torchscript"):
+        for backend in ("eager", "torchscript", "onnxruntime"):
             logits, taken = _compiled(backend, graph, x, tmp_path / backend / str(route))(x)
             assert taken.tolist() == [list(route)], backend
             assert (logits - expected).abs().max().item() <= 1e-5, (backend, route)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from harness.backends.base import Backend, Engine, Exported, as_torch_outputs, cast, input_caster
+from harness.backends.base import Backend, Engine, Exported, as_torch_outputs, cast, input_caster, one_line
 
 ARCH_OF_TRIPLE = {"aarch64": "aarch64", "arm64": "aarch64", "x86_64": "x86_64"}
 CROSS_COMPILERS = {"aarch64": "aarch64-linux-gnu-g++"}
@@ -263,7 +263,14 @@ class TVMBackend(Backend):
             status = module_status(db, mod, tvm_target)
             details = status.details()
             if status.tuned:
-                mod = db.apply(mod)
+                try:
+                    mod = db.apply(mod)
+                except Exception as e:  # noqa: BLE001  (TVMError: a record's trace did not replay)
+                    # anchor-block equality lends a record to every function with the same anchor
+                    # block; replaying it on another fusion can fail (seen on the one artifact's
+                    # branches): build untuned and say why, rather than lose the row
+                    details = {**details, "tuning": "untuned", "tuned_tasks": 0,
+                               "tuning_error": f"the database's records did not apply: {one_line(e)}"}
         lib = tvm.compile(mod, target=tvm_target)
         path = artifact_dir / self.artifact
         lib.export_library(str(path), fcompile=fcompile) if fcompile else lib.export_library(str(path))
