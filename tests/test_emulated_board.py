@@ -149,5 +149,18 @@ def test_an_x86_library_on_the_aarch64_board_is_a_failed_row(board, tmp_path):
         finally:
             b.close()
     wrong, right = results
-    assert wrong.status == "measure_failed" and "\n" not in wrong.error and wrong.error
+    print(f"the x86 library on the board: {wrong.status}: {wrong.error}")  # shown with -s
+    assert wrong.status == "measure_failed" and "\n" not in wrong.error
+    assert "an x86_64 library and the board is aarch64" in wrong.error
     assert right.status == "ok" and right.measurement is not None
+
+
+def test_an_artifacts_architecture_is_read_from_its_elf_header(tmp_path):
+    """What board_trial compares with the board's machine before uploading."""
+    import platform
+
+    from harness.measure.remote import elf_arch
+
+    assert elf_arch(Path(sys.executable).resolve()) == platform.machine()
+    (tmp_path / "model.so").write_bytes(b"not an ELF file at all")
+    assert elf_arch(tmp_path / "model.so") is None and elf_arch(tmp_path / "missing.so") is None

@@ -200,12 +200,32 @@ def board_info(session) -> dict:
         return {}
 
 
+ELF_MACHINES = {3: "i386", 40: "arm", 62: "x86_64", 183: "aarch64", 243: "riscv64"}  # ELF e_machine
+
+
+def elf_arch(path: Path) -> str | None:
+    """The architecture a shared library was built for, from its ELF header (None: not ELF, or unknown)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(20)
+    except OSError:
+        return None
+    if len(head) < 20 or head[:4] != b"\x7fELF":
+        return None
+    return ELF_MACHINES.get(int.from_bytes(head[18:20], "little" if head[5] == 1 else "big"))
+
+
 def board_trial(board: Board, result, example: torch.Tensor, ref, precision: str, protocol: Protocol):
     """Check an exported artifact (a :class:`harness.measure.pipeline.Result` with ``artifact``)
     against eager's ``ref`` on ``board`` and time it there: the same statuses as a local trial."""
     from harness.backends.base import one_line
     from harness.measure.pipeline import check_output
 
+    built, board_arch = elf_arch(Path(result.artifact)), board.info.get("machine")
+    if built and board_arch and built != board_arch:  # the board's loader would only say "cannot open"
+        return result.replace(status="measure_failed",
+                              error=f"the artifact is an {built} library and the board is {board_arch}: "
+                                    "built for another target")
     try:
         model = board.load(result.artifact)
         problem = check_output(model.run(example), ref, precision)
