@@ -265,7 +265,7 @@ class TVMBackend(Backend):
             if status.tuned:
                 try:
                     mod = db.apply(mod)
-                except Exception as e:  # noqa: BLE001  (TVMError: a record's trace did not replay)
+                except RuntimeError as e:  # tvm.error.InternalError: a record's trace did not replay
                     # anchor-block equality lends a record to every function with the same anchor
                     # block; replaying it on another fusion can fail (seen on the one artifact's
                     # branches): build untuned and say why, rather than lose the row
