@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,22 +54,44 @@ def test_bad_arguments(args, pattern, tmp_path):
     _one_error_line(cli(*args, "--out", str(tmp_path)), pattern)
 
 
+def test_an_unreadable_stored_comparison_fails_before_training(tmp_path):
+    for name in ("gate_retraining.csv", "gate_retraining_routes.csv"):
+        shutil.copy(ROOT / "results" / "x86" / name, tmp_path / name)
+    (tmp_path / "gate_retraining.json").write_text('{"models": ')
+    _one_error_line(cli(*TINY, "--backend", "eager", "--out", str(tmp_path)), "is unreadable")
+    assert not (tmp_path / "gate_retraining").exists()  # nothing trained
+
+
 def test_end_to_end_resume_and_rebuild(tmp_path):
+    # the folder already holds another model's comparison (the committed DS-MBNet sweep, stored before
+    # the document was keyed by model): it is kept beside the new one, and both are rendered
+    for name in ("gate_retraining.csv", "gate_retraining_routes.csv", "gate_retraining.json"):
+        shutil.copy(ROOT / "results" / "x86" / name, tmp_path / name)
+    kept = pd.read_csv(tmp_path / "gate_retraining.csv")
+    assert set(kept.model) == {"ds_mbnet"}
     args = [*TINY, "--backend", "eager", "--supernet-epochs", "1", "--gate-epochs", "1", "--out", str(tmp_path)]
     r = cli(*args)
     assert r.returncode == 0, r.stderr
-    summary = pd.read_csv(tmp_path / "gate_retraining.csv")
+    both = pd.read_csv(tmp_path / "gate_retraining.csv")
+    pd.testing.assert_frame_equal(both[both.model == "ds_mbnet"].dropna(axis=1, how="all"),
+                                  kept.dropna(axis=1, how="all"), check_dtype=False)
+    assert set(json.loads((tmp_path / "gate_retraining.json").read_text())["models"]) == {"ds_mbnet", "ds_mbnet_tiny"}
+    summary = both[both.model == "ds_mbnet_tiny"]
     assert list(summary.gate) == ["madds", "latency", LARGEST]
     assert (summary.measured_ms_mean > 0).all() and summary.val_accuracy.between(0, 1).all()
     routes = pd.read_csv(tmp_path / "gate_retraining_routes.csv", dtype={"route": str})
+    routes = routes[routes.model == "ds_mbnet_tiny"]
     for gate, g in routes.groupby("gate"):
         assert g["count"].sum() == summary.set_index("gate").n_val[gate] and g.share.sum() == pytest.approx(1)
-    assert (tmp_path / "figures" / "gate_retraining.png").stat().st_size > 0
+    assert (tmp_path / "figures" / "gate_retraining_ds_mbnet_tiny.png").stat().st_size > 0
+    assert (tmp_path / "figures" / "gate_retraining_ds_mbnet.png").stat().st_size > 0
     ws = tmp_path / "gate_retraining" / "ds_mbnet_tiny-digits-32px"
     assert {"supernet.pt", "gate-madds-eager.pt", "gate-latency-eager.pt", "dynamic.csv"} <= {
         p.name for p in ws.iterdir()}
     md = (tmp_path / "gate_retraining.md").read_text()
     assert "latency-penalty gate's measured latency is" in md
+    assert "## ds_mbnet: latency penalty vs MAdds penalty under latency budgets" in md
+    assert "## ds_mbnet_tiny: MAdds penalty vs latency penalty" in md
 
     # a re-run trains nothing: every stage is reused from the workspace
     r2 = cli(*args)
@@ -96,6 +120,7 @@ def test_end_to_end_resume_and_rebuild(tmp_path):
     assert r3.returncode == 0, r3.stderr
     assert "stage I: reusing" in r3.stderr and "LUT: measuring" not in r3.stderr
     summary = pd.read_csv(tmp_path / "gate_retraining.csv")
+    summary = summary[summary.model == "ds_mbnet_tiny"]
     assert list(summary.gate) == ["madds@0.7x", "latency@0.7x", "madds@0.9x", "latency@0.9x", LARGEST]
     sweep = summary[summary.budget.notna()]
     assert (sweep.calibration_lambda.notna()).all() and (sweep.measured_ms_mean > 0).all()
@@ -103,7 +128,8 @@ def test_end_to_end_resume_and_rebuild(tmp_path):
     largest_lut = summary.set_index("gate").lut_ms[LARGEST]
     assert (lut.lut_ms <= lut.budget_fraction * largest_lut + 1e-9).all()  # calibrated: the LUT meets the budget
     md3 = (tmp_path / "gate_retraining.md").read_text()
-    assert "## Budget 0.7x" in md3 and "## Budget 0.9x" in md3 and "Noise floor" in md3
+    assert "### ds_mbnet_tiny, budget 0.7x" in md3 and "### ds_mbnet_tiny, budget 0.9x" in md3
+    assert "### ds_mbnet, budget 0.6x" in md3 and md3.count("Noise floor") == 2
     (tmp_path / "gate_retraining.md").unlink()
     render(Layout(tmp_path))
     assert (tmp_path / "gate_retraining.md").read_text() == md3

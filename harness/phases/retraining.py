@@ -42,8 +42,10 @@ from harness.measure.pipeline import check_output
 from harness.measure.protocol import Stats, measure_interleaved, measure_rounds
 from harness.phases.context import RunContext
 from harness.phases.dynamic import DynamicPhase
+from harness.results.gates import previous_comparisons, stacked
 from harness.results.layout import GATE_LARGEST as LARGEST
 from harness.results.layout import GATE_ROUTE_COLUMNS, GATE_SUMMARY_COLUMNS, Layout
+from harness.results.store import StoreError
 
 PENALTIES = ("madds", "latency")
 REPEAT = "repeat"  # measure_gates' second timing of one engine (the noise floor)
@@ -120,6 +122,7 @@ class Settings:
     checkpoint: Path | None = None
     lut: Path | None = None
     supernet_epochs: int = 10
+    supernet_lr: float = 0.1
     gate_epochs: int = 6
     batch_size: int = 64
     lr: float = 0.05
@@ -216,7 +219,7 @@ def validate(s: Settings, target) -> None:
                               f"got {s.batch_size}")
     if not 32 <= s.input_size <= 4096:
         raise RetrainingError(f"--input-size must be between 32 and 4096, got {s.input_size}")
-    for name, value, least in (("lr", s.lr, 0.0), ("cp_weight", s.cp_weight, None),
+    for name, value, least in (("lr", s.lr, 0.0), ("supernet_lr", s.supernet_lr, 0.0), ("cp_weight", s.cp_weight, None),
                                ("latency_target", s.latency_target, 0.0), ("madds_target", s.madds_target, 0.0),
                                ("latency_fraction", s.latency_fraction, 0.0)):
         flag = f"--{name.replace('_', '-')}"
@@ -240,6 +243,10 @@ def validate(s: Settings, target) -> None:
             raise RetrainingError(f"--routes-upto: {e}") from None
     if s.checkpoint is not None:
         _check_checkpoint(s.checkpoint)
+    try:  # an unreadable stored comparison fails now, not after training
+        previous_comparisons(s.layout, s.model)
+    except StoreError as e:
+        raise RetrainingError(str(e)) from None
 
 
 def _check_checkpoint(path: Path) -> None:
@@ -298,7 +305,7 @@ def stage1(s: Settings, data: Data, progress_factory) -> Supernet:
             raise RetrainingError(f"checkpoint {s.checkpoint} holds {model.model_name}, not {s.model}")
         return Supernet(model.eval(), {"source": str(s.checkpoint)})
     settings = {"model": s.model, "data": data.splits.source, "input_size": s.input_size,
-                "epochs": s.supernet_epochs, "batch_size": s.batch_size, "seed": s.seed}
+                "epochs": s.supernet_epochs, "batch_size": s.batch_size, "seed": s.seed, "lr": s.supernet_lr}
     path = s.workspace.root / "supernet.pt"
     if path.is_file():
         model, meta = load_checkpoint(path)
@@ -307,8 +314,9 @@ def stage1(s: Settings, data: Data, progress_factory) -> Supernet:
             return Supernet(model, meta)
     torch.manual_seed(s.seed)
     model = dsnet.create_model(s.model, **kwargs)
+    model.init_for_training()
     t0 = time.monotonic()
-    train_supernet(model, data.train_loader, s.supernet_epochs, lr=0.1, seed=s.seed,
+    train_supernet(model, data.train_loader, s.supernet_epochs, lr=s.supernet_lr, seed=s.seed,
                    progress=progress_factory(s.supernet_epochs * len(data.train_loader), "stage I"))
     acc = {label: route_accuracy(model, route, data.val_loader)
            for label, route in (("smallest", model.routes()[0]), ("largest", model.routes()[-1]))}
@@ -596,11 +604,10 @@ def store_outcome(o: Outcome) -> list[Path]:
             route_rows.append(base | {"gate": penalty, "route": str(r),
                                       "widths": "/".join(map(str, o.supernet.model.route_widths(r))),
                                       "madds": madds, "lut_ms": lut, "count": c, "share": c / e.n})
-    summary = pd.DataFrame(rows)
-    summary.reindex(columns=[c for c in GATE_SUMMARY_COLUMNS if c in summary.columns]).to_csv(layout.gate_summary,
-                                                                                              index=False)
-    pd.DataFrame(route_rows, columns=GATE_ROUTE_COLUMNS).to_csv(layout.gate_routes, index=False)
+    others = previous_comparisons(layout, s.model)
+    stacked(others.summary, pd.DataFrame(rows), GATE_SUMMARY_COLUMNS).to_csv(layout.gate_summary, index=False)
+    stacked(others.routes, pd.DataFrame(route_rows), GATE_ROUTE_COLUMNS).to_csv(layout.gate_routes, index=False)
     doc = o.doc | {"supernet": o.supernet.meta, "gates": {p: g.meta for p, g in o.gates.items()},
                    "noise_floor": noise_floor(o.measured)}
-    layout.gate_meta.write_text(json.dumps(doc, indent=1, default=str))
+    layout.gate_meta.write_text(json.dumps({"models": others.meta | {s.model: doc}}, indent=1, default=str))
     return [layout.gate_summary, layout.gate_routes, layout.gate_meta]

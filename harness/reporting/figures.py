@@ -8,7 +8,7 @@ path, or raises :class:`harness.reporting.common.ReportError` when the results l
 - ``lut_vs_measured.png``: the compositional LUT's prediction against the end-to-end dynamic engine;
 - ``acceleration.png``: realized against ideal speed-up per backend, beside the paper's;
 - ``table2.png``: DS-Net++ Table 2 as bars (ratio to the ideal network);
-- ``gate_retraining.png``: the retrained gates' route histograms (``harness.reporting.gates``).
+- ``gate_retraining_<model>.png``: the retrained gates, a figure per model (``harness.reporting.gates``).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from harness.reporting.common import (
     tuning_label,
 )
 from harness.results.layout import Layout
+from harness.results.store import StoreError
 
 
 def _plt():
@@ -174,7 +175,10 @@ def build_all(layout: Layout, lut, dyn, input_size: int, skipped: list[str]) -> 
         except ReportError as e:
             skipped.append(f"figure {name}: {e}")
     if layout.gate_summary.is_file():
-        written += gates.render(layout)
+        try:
+            written += gates.render(layout)
+        except (FileNotFoundError, StoreError) as e:  # a file missing beside the summary, or unreadable
+            skipped.append(f"gate retraining: {e}")
     else:
         skipped.append("gate retraining: no results (run `python -m harness.retrain_gate`)")
     return written

@@ -12,8 +12,8 @@ here and nowhere else:
   the exports, rebuilt from the store after every run;
 - ``tables/<name>.{md,csv}`` and ``figures/<name>.png``: rebuilt from the exports alone;
 - ``gate_retraining.{csv,md,json}``, ``gate_retraining_routes.csv``: the gate comparison
-  (:data:`GATE_SUMMARY_COLUMNS`, :data:`GATE_ROUTE_COLUMNS`); ``gate_retraining/<workspace>/``
-  its checkpoints and LUT store;
+  (:data:`GATE_SUMMARY_COLUMNS`, :data:`GATE_ROUTE_COLUMNS`), one per model
+  (``harness.results.gates``); ``gate_retraining/<workspace>/`` its checkpoints and LUT store;
 - ``cache/<backend>/<artifact key>/`` compiled artifacts and ``<backend>_tuning/`` a backend's tuning
   database (``tvm_tuning/``)
   (neither is committed).
