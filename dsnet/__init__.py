@@ -4,7 +4,7 @@ Public API: ``list_models``, ``create_model``, ``Route``, ``materialize``, ``spl
 ``recalibrate_bn``, ``load_official_state_dict``. Models know nothing of backends.
 """
 
-from dsnet.calibration import recalibrate_bn, reference_statistics
+from dsnet.calibration import calibration_routes, recalibrate_bn, reference_statistics
 from dsnet.checkpoint import load_official_state_dict
 from dsnet.deploy import DynamicPlan, materialize, split
 from dsnet.layers import EXEC_MODES
@@ -16,5 +16,5 @@ from dsnet.routes import Route, RouteError
 __all__ = [
     "EXEC_MODES", "DynamicPlan", "Profile", "Route", "RouteError", "count_by_hooks", "create_model",
     "list_models", "load_official_state_dict", "materialize", "profile",
-    "recalibrate_bn", "reference_statistics", "register_model", "split",
+    "calibration_routes", "recalibrate_bn", "reference_statistics", "register_model", "split",
 ]

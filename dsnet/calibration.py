@@ -4,6 +4,9 @@
 every split BN and re-estimates them as a cumulative average over ``loader`` for each route in
 ``routes`` (default: all routes). A statistics slot shared by several routes (DS-ResNet: a stage's
 layers serve every route with that stage ratio) averages over all of them. Weights are untouched.
+``calibration_routes(model, k)``: every route when there are at most ``k``, else the routes whose
+gates agree (every shared slot visited) and a seeded draw (DS-ResNet's 256 routes would cost 256
+passes over the data; 32 give every shared slot several upstream contexts).
 
 ``reference_statistics(model)`` gives a randomly initialized model BN statistics estimated on
 seeded random images, so that its outputs depend on the input and on the route (the harness's
@@ -48,6 +51,20 @@ def recalibrate_bn(model, loader, routes=None, max_batches: int | None = None):
     if seen == 0:
         raise ValueError("the data loader yielded no batch: nothing to re-calibrate with")
     return model
+
+
+def calibration_routes(model, k: int = 32, seed: int = 0) -> list:
+    """The routes :func:`recalibrate_bn` averages over: all of them when there are at most ``k``;
+    else the routes whose gates all take the same choice (smallest and largest among them: every
+    shared slot is visited) and a seeded draw from the rest, ``k`` in all, in ``model.routes()`` order."""
+    routes = model.routes()
+    if len(routes) <= k:
+        return routes
+    uniform = [i for i, r in enumerate(routes) if len(set(tuple(r))) == 1]
+    rest = [i for i in range(len(routes)) if i not in set(uniform)]
+    g = torch.Generator().manual_seed(seed)
+    drawn = [rest[j] for j in torch.randperm(len(rest), generator=g)[:max(0, k - len(uniform))].tolist()]
+    return [routes[i] for i in sorted(uniform + drawn)]
 
 
 @torch.no_grad()

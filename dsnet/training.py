@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsnet.calibration import recalibrate_bn
+from dsnet.calibration import calibration_routes, recalibrate_bn
 from dsnet.gate import Gate
 from dsnet.layers import SplitBatchNorm2d
 from dsnet.routes import Route
@@ -67,7 +67,8 @@ def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torc
 def train_supernet(model, loader, epochs: int, lr: float = 0.05, n_random: int = 2, distill: bool = True,
                    ema_decay: float | None = None, weight_decay: float = 1e-4, seed: int = 0,
                    calibration_batches: int | None = None, progress: Progress | None = None) -> dict:
-    """Stage I in place; returns the last epoch's mean loss. BN is re-calibrated at the end."""
+    """Stage I in place; returns the last epoch's mean loss. BN is re-calibrated at the end, over
+    every route or, in a large routing space, a seeded draw of them (``calibration_routes``)."""
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
     g = torch.Generator().manual_seed(seed)
@@ -112,7 +113,7 @@ def train_supernet(model, loader, epochs: int, lr: float = 0.05, n_random: int =
             if progress:
                 progress(f"stage I epoch {epoch + 1}/{epochs} step {step + 1}/{len(loader)}",
                          {"loss": loss.item()})
-    recalibrate_bn(model, loader, max_batches=calibration_batches)
+    recalibrate_bn(model, loader, calibration_routes(model, seed=seed), max_batches=calibration_batches)
     model.eval()
     return {"loss": total / max(1, n)}
 

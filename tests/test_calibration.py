@@ -41,3 +41,17 @@ def test_recalibration_needs_data_and_split_bn():
         dsnet.recalibrate_bn(dsnet.create_model("ds_mbnet_tiny"), [])
     with pytest.raises(ValueError, match="no split batch norm"):
         dsnet.recalibrate_bn(dsnet.create_model("mobilenet_v1", width_mult=0.25), _loader(1))
+
+
+def test_calibration_routes_cover_every_slot_of_a_large_space():
+    small = dsnet.create_model("ds_mbnet_tiny")
+    assert dsnet.calibration_routes(small) == small.routes()  # a small space: every route
+    model = dsnet.create_model("ds_resnet50_tiny")  # 4 gates x 4 choices: 256 routes
+    picked = [tuple(r) for r in dsnet.calibration_routes(model, k=32)]
+    assert len(picked) == len(set(picked)) == 32
+    order = [tuple(r) for r in model.routes()]
+    assert [order.index(r) for r in picked] == sorted(order.index(r) for r in picked)  # MAdds order
+    assert picked[0] == (0, 0, 0, 0) and picked[-1] == (3, 3, 3, 3)
+    assert all({r[k] for r in picked} == {0, 1, 2, 3} for k in range(4))  # every (gate, choice) slot
+    assert picked == [tuple(r) for r in dsnet.calibration_routes(model, k=32)]  # seeded
+    assert picked != [tuple(r) for r in dsnet.calibration_routes(model, k=32, seed=1)]
