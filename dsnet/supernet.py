@@ -180,6 +180,9 @@ class Supernet(nn.Module):
         the deployer's pick: routes, but not dynamic)."""
         return bool(len(self.routing_space.gates))
 
+    def init_for_training(self) -> None:
+        """Re-initialize the weights stage I trains from scratch (default: PyTorch's, kept)."""
+
     # -- routes -------------------------------------------------------------------------------
     def routes(self, input_size: int = 224) -> list[Route]:
         """The routing space in increasing order of MAdds (ties keep choice order)."""

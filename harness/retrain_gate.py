@@ -61,6 +61,7 @@ def parse_args(argv):
     p.add_argument("--lut", type=Path, help="folder holding the dynamic.csv to price routes with "
                                             "(default: measured in the workspace for this exact model)")
     p.add_argument("--supernet-epochs", type=int, default=10)
+    p.add_argument("--supernet-lr", type=float, default=0.1, help="stage-I learning rate (cosine schedule)")
     p.add_argument("--gate-epochs", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.05, help="stage-II learning rate (x0.9 per epoch)")
@@ -91,6 +92,7 @@ def settings_from(args, target):
                     penalties=PENALTIES if args.penalty == "both" else (args.penalty,), data=args.data,
                     input_size=args.input_size, layout=results_layout(args.results, target.name),
                     checkpoint=args.checkpoint, lut=args.lut, supernet_epochs=args.supernet_epochs,
+                    supernet_lr=args.supernet_lr,
                     gate_epochs=args.gate_epochs, batch_size=args.batch_size, lr=args.lr, cp_weight=args.cp_weight,
                     routes_upto=args.routes_upto, latency_target=args.latency_target,
                     latency_fraction=args.latency_fraction,

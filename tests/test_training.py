@@ -157,6 +157,28 @@ def test_stage_one_sandwich_and_calibration(demo):
     assert e.n == 64 and sum(e.route_counts.values()) == 64 and 0 <= e.accuracy <= 1
 
 
+@pytest.mark.parametrize("name", ["ds_resnet50_tiny", "ds_resnet50_pp_tiny"])
+def test_resnets_start_training_with_identity_residual_branches(name):
+    from dsnet.models.resnet import Bottleneck
+
+    torch.manual_seed(0)
+    model = dsnet.create_model(name, num_classes=10)
+    blocks = [m for m in model.modules() if isinstance(m, Bottleneck)]
+    assert blocks and all(b.bn3.weight.abs().sum() > 0 for b in blocks)  # created with PyTorch's init
+    model.init_for_training()
+    model.eval()
+    block = next(b for b in blocks if b.downsample is None)
+    x = torch.randn(2, block.conv1.in_channels, 8, 8).relu()
+    block.set_widths(x.shape[1], block.conv1.out_channels, x.shape[1])
+    with torch.no_grad():  # a block without projection is the identity on a non-negative input
+        assert torch.equal(block(x), x)
+    assert all(torch.equal(b.bn3.weight, torch.zeros_like(b.bn3.weight)) for b in blocks)
+    ds_mbnet = dsnet.create_model("ds_mbnet_tiny")
+    before = {k: v.clone() for k, v in ds_mbnet.state_dict().items()}
+    ds_mbnet.init_for_training()  # the default: PyTorch's initialization kept
+    assert all(torch.equal(v, before[k]) for k, v in ds_mbnet.state_dict().items())
+
+
 def test_checkpoint_round_trip(tmp_path):
     model = randomize(dsnet.create_model("ds_mbnet_tiny", num_classes=7))
     restrict_routes(model, 3)

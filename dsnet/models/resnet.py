@@ -65,6 +65,18 @@ class Bottleneck(nn.Module):
         return self.relu(out + shortcut)
 
 
+def _residual_init(model: nn.Module) -> None:
+    """timm's ResNet initialization, which the official DS-ResNet trains from: He-normal (fan-out)
+    convolutions and each bottleneck's last BN scale at zero, so every residual branch starts as
+    the identity. With PyTorch's default initialization a 16-block ResNet-50 supernet diverged in
+    its first steps on digits (gradient norm ~300 at the stem)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, Bottleneck):
+            nn.init.zeros_(m.bn3.weight)
+
+
 def _count_bottleneck(counter: CostCounter, cin, mid, cout, stride, project, attn_hidden):
     shortcut = counter.branch()
     counter.conv(cin, mid, 1)
@@ -134,6 +146,9 @@ class DSResNet(Supernet):
             for i, ow in enumerate(self.out_widths))
         self.routing_space = RoutingSpace(gates)
         self.set_route(Route((len(ratios) - 1,) * len(mids)))
+
+    def init_for_training(self) -> None:
+        _residual_init(self)
 
     # -- routes -------------------------------------------------------------------------------
     def _set_stage(self, k: int, cin: int, choice: int) -> int:
@@ -372,6 +387,9 @@ class DSResNetPP(Supernet):
         self.set_route(Route((n_routes - 1,)))
 
     # -- routes -------------------------------------------------------------------------------
+    def init_for_training(self) -> None:
+        _residual_init(self)
+
     def _apply_route(self, route: Route) -> None:
         i, cin = route[0], self.stem_width
         self.gate.set_width(cin)
