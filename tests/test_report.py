@@ -144,3 +144,15 @@ def test_the_run_summary_leaves_out_models_with_only_table2_rows():
     dyn = pd.DataFrame([{"model": "s_resnet50", "backend": "eager", "precision": "fp32", "kind": "table2",
                          "name": w, "status": "ok", "error": ""} for w in TABLE2_WAYS])
     assert dynamic_summary(dyn).splitlines()[1:] == []
+
+
+def test_cost_disagreement_names_the_pair_madds_orders_wrongly():
+    from harness.reporting.gates import cost_disagreement
+
+    routes = pd.DataFrame({"gate": "g", "route": ["0", "1", "2"], "madds": [10e6, 20e6, 30e6],
+                           "lut_ms": [1.0, 3.0, 2.0]})
+    line = cost_disagreement(pd.concat([routes, routes.assign(gate="h")]))  # per route, not per gate
+    assert line.startswith("MAdds and the LUT order 33.3% of the 3 pairs of the 3 routes oppositely")
+    assert "route 1 (20.0M MAdds, 3.000 ms on the LUT) against 2 (30.0M, 2.000 ms): 1.50x the MAdds, 33% faster" in line
+    agree = cost_disagreement(routes.assign(lut_ms=[1.0, 2.0, 3.0]))
+    assert agree == "MAdds and the LUT order 0.0% of the 3 pairs of the 3 routes oppositely."

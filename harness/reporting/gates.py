@@ -60,6 +60,29 @@ def verdict(summary: pd.DataFrame, routes: pd.DataFrame) -> str:
             f"LUT latency {b.lut_ms:.3f} ms vs {a.lut_ms:.3f} ms.")
 
 
+def cost_disagreement(routes: pd.DataFrame) -> str:
+    """Where MAdds and the LUT order the routes differently (from the stored per-route costs): the
+    share of route pairs they order oppositely, and the pair they disagree on most."""
+    import numpy as np
+
+    r = routes.drop_duplicates("route")
+    madds, ms = r.madds.astype(float).to_numpy(), r.lut_ms.astype(float).to_numpy()
+    if len(r) < 2:
+        return ""
+    i, j = np.triu_indices(len(r), 1)
+    opposite = np.sign(madds[i] - madds[j]) * np.sign(ms[i] - ms[j]) < 0
+    line = (f"MAdds and the LUT order {100 * opposite.mean():.1f}% of the {len(i)} pairs of the {len(r)} routes "
+            "oppositely")
+    if not opposite.any():
+        return line + "."
+    gap = np.abs(np.log(madds[i] / madds[j])) + np.abs(np.log(ms[i] / ms[j]))
+    k = int(np.argmax(np.where(opposite, gap, -1)))
+    a, b = (i[k], j[k]) if madds[i[k]] < madds[j[k]] else (j[k], i[k])  # a: fewer MAdds, yet slower
+    return (line + f"; most of all route {r.route.iloc[a]} ({madds[a] / 1e6:.1f}M MAdds, {ms[a]:.3f} ms on the LUT) "
+            f"against {r.route.iloc[b]} ({madds[b] / 1e6:.1f}M, {ms[b]:.3f} ms): {madds[b] / madds[a]:.2f}x the "
+            f"MAdds, {100 * (1 - ms[b] / ms[a]):.0f}% faster.")
+
+
 def _fmt(v, spec):
     return "-" if v is None or pd.isna(v) else format(v, spec)
 
@@ -140,6 +163,7 @@ def comparison_section(summary: pd.DataFrame, routes: pd.DataFrame, meta: dict, 
             "image (a mixture of routes: the p50 is not its mean).", "",
             f"**{verdict(summary, routes)}**", "",
             md_table(table), "",
+            cost_disagreement(routes[routes.gate == summary.gate.iloc[0]]), "",
             _supernet_line(meta.get("supernet", {})), "",
             *[_gate_line(g, m) for g, m in meta.get("gates", {}).items()], "",
             f"### Route histogram ({first.model}, validation set)", "",
@@ -258,6 +282,7 @@ def sweep_section(summary: pd.DataFrame, routes: pd.DataFrame, meta: dict, figur
         lines += [f"Noise floor: the {nf['gate']} gate's engine timed twice in the same rounds: "
                   f"{nf['mean_ms'][0]:.3f} vs {nf['mean_ms'][1]:.3f} ms ({100 * noise:.1f}%). A latency gap below "
                   "it is not a difference.", ""]
+    lines += [cost_disagreement(routes[routes.gate == rows.gate.iloc[0]]), ""]
     acc, n = float(rows.val_accuracy.astype(float).mean()), int(first.n_val)
     lines += [f"Accuracy noise floor: on {n} validation images the binomial standard error of an accuracy near "
               f"{100 * acc:.0f}% is {100 * (acc * (1 - acc) / n) ** 0.5:.1f} points; smaller accuracy gaps are not "
