@@ -156,3 +156,15 @@ def test_cost_disagreement_names_the_pair_madds_orders_wrongly():
     assert "route 1 (20.0M MAdds, 3.000 ms on the LUT) against 2 (30.0M, 2.000 ms): 1.50x the MAdds, 33% faster" in line
     agree = cost_disagreement(routes.assign(lut_ms=[1.0, 2.0, 3.0]))
     assert agree == "MAdds and the LUT order 0.0% of the 3 pairs of the 3 routes oppositely."
+
+
+def test_accuracy_at_equal_measured_latency_and_its_noise():
+    from harness.reporting.gates import accuracy_gap_noise, equal_latency_gaps
+
+    rows = pd.DataFrame({"penalty": ["latency", "latency", "latency", "madds", "madds"],
+                         "measured_ms_mean": [4.0, 6.0, 8.0, 5.0, 9.0],
+                         "val_accuracy": [0.30, 0.40, 0.36, 0.25, 0.38]})
+    # 5.0 ms lies halfway between the latency gates at 4 and 6 ms; 9.0 ms is outside their range
+    assert equal_latency_gaps(rows) == [(5.0, 0.25, pytest.approx(0.35))]
+    assert equal_latency_gaps(rows[rows.penalty == "madds"]) == []
+    assert accuracy_gap_noise(0.5, 200) == pytest.approx(2 * (2 * 0.25 / 200) ** 0.5)

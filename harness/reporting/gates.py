@@ -231,7 +231,29 @@ def _top_routes(routes: pd.DataFrame, gate: str, k: int = 3) -> str:
     return ", ".join(f"{row.route}: {100 * row.share:.0f}%" for row in r.itertuples())
 
 
-def _budget_verdict(rows: pd.DataFrame, routes: pd.DataFrame, noise: float | None) -> str:
+def accuracy_gap_noise(accuracy: float, n: int) -> float:
+    """Two standard errors of the gap between two gates' accuracies near ``accuracy`` on ``n``
+    images, taken as independent samples (the gates see the same images, so this is a bound):
+    a gap below it is not a difference."""
+    return 2 * (2 * accuracy * (1 - accuracy) / n) ** 0.5
+
+
+def equal_latency_gaps(rows: pd.DataFrame) -> list[tuple[float, float, float]]:
+    """At each MAdds gate's measured latency inside the latency gates' measured range: ``(ms, MAdds
+    gate's accuracy, the latency gates' accuracy there)``, the latter interpolated linearly between
+    the latency gates' points (sorted by measured latency)."""
+    import numpy as np
+
+    lat = rows[rows.penalty == "latency"].dropna(subset=["measured_ms_mean"]).sort_values("measured_ms_mean")
+    if len(lat) < 2:
+        return []
+    xs, ys = lat.measured_ms_mean.astype(float).to_numpy(), lat.val_accuracy.astype(float).to_numpy()
+    return [(ms, float(acc), float(np.interp(ms, xs, ys)))
+            for ms, acc in rows[rows.penalty == "madds"][["measured_ms_mean", "val_accuracy"]].astype(float)
+            .itertuples(index=False) if xs[0] <= ms <= xs[-1]]
+
+
+def _budget_verdict(rows: pd.DataFrame, routes: pd.DataFrame, noise: float | None, acc_noise: float) -> str:
     by = rows.set_index("penalty")
     parts = []
     for p in ("latency", "madds"):
@@ -249,8 +271,10 @@ def _budget_verdict(rows: pd.DataFrame, routes: pd.DataFrame, noise: float | Non
             gap = b.measured_ms_mean / a.measured_ms_mean - 1
             told = "" if noise is None else (" (within the noise floor)" if abs(gap) <= noise else
                                              " (above the noise floor)")
+            d_acc = b.val_accuracy - a.val_accuracy
             parts.append(f"latency gate {100 * abs(gap):.1f}% {'faster' if gap < 0 else 'slower'}{told} at "
-                         f"{100 * (b.val_accuracy - a.val_accuracy):+.1f} points of accuracy")
+                         f"{100 * d_acc:+.1f} points of accuracy ("
+                         f"{'within' if abs(d_acc) <= acc_noise else 'beyond'} the accuracy noise)")
     return "; ".join(parts) + "."
 
 
@@ -284,9 +308,17 @@ def sweep_section(summary: pd.DataFrame, routes: pd.DataFrame, meta: dict, figur
                   "it is not a difference.", ""]
     lines += [cost_disagreement(routes[routes.gate == rows.gate.iloc[0]]), ""]
     acc, n = float(rows.val_accuracy.astype(float).mean()), int(first.n_val)
-    lines += [f"Accuracy noise floor: on {n} validation images the binomial standard error of an accuracy near "
-              f"{100 * acc:.0f}% is {100 * (acc * (1 - acc) / n) ** 0.5:.1f} points; smaller accuracy gaps are not "
-              "differences.", ""]
+    acc_noise = accuracy_gap_noise(acc, n)
+    lines += [f"Accuracy noise: on {n} validation images the binomial standard error of an accuracy near "
+              f"{100 * acc:.0f}% is {100 * (acc * (1 - acc) / n) ** 0.5:.1f} points, of the gap between two gates' "
+              f"accuracies {100 * acc_noise / 2:.1f} points; a gap within two of those ({100 * acc_noise:.1f} "
+              "points) is not a difference.", ""]
+    equal = equal_latency_gaps(rows)
+    if equal:
+        lines += ["At equal measured latency (the latency gates' accuracy interpolated along their curve at each "
+                  "MAdds gate's measured latency): " + "; ".join(
+                      f"{ms:.3f} ms: MAdds gate {100 * a:.1f}%, latency gates {100 * b:.1f}% ({round(100 * (b - a), 1) + 0:+.1f} "
+                      "points)" for ms, a, b in equal) + ".", ""]
     met = rows[rows.penalty == "latency"].deviation.abs() <= BUDGET_TOLERANCE
     lines += [f"**Latency-penalty gates within {100 * BUDGET_TOLERANCE:g}% of their budget: {int(met.sum())} of "
               f"{len(met)}; MAdds-penalty gates' deviations: "
@@ -294,7 +326,7 @@ def sweep_section(summary: pd.DataFrame, routes: pd.DataFrame, meta: dict, figur
               + ".**", ""]
     for budget, g in rows.groupby("budget", sort=False):
         lines += [f"### {first.model}, budget {budget} ({g.budget_ms.iloc[0]:.3f} ms in this run)", "",
-                  f"{_budget_verdict(g, routes, noise)}", "",
+                  f"{_budget_verdict(g, routes, noise, acc_noise)}", "",
                   md_table(pd.DataFrame({
                       "penalty": g.penalty,
                       "measured mean (ms/image)": [_fmt(v, ".3f") for v in g.measured_ms_mean],
