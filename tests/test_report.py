@@ -32,7 +32,7 @@ def test_rebuilds_the_committed_tables_identically(tmp_path, capsys):
         assert (tmp_path / "tables" / p.name).read_text() == p.read_text(), p.name
     assert (tmp_path / "gate_retraining.md").read_text() == (STORED / "gate_retraining.md").read_text()
     for fig in ("latency_vs_madds", "lut_vs_measured", "acceleration", "table2", "table2_ds_resnet50",
-                "gate_retraining"):
+                "gate_retraining_ds_mbnet", "gate_retraining_ds_resnet50"):
         assert (tmp_path / "figures" / f"{fig}.png").stat().st_size > 10_000
 
 
