@@ -63,19 +63,20 @@ def test_an_unreadable_stored_comparison_fails_before_training(tmp_path):
 
 
 def test_end_to_end_resume_and_rebuild(tmp_path):
-    # the folder already holds another model's comparison (the committed DS-MBNet sweep, stored before
-    # the document was keyed by model): it is kept beside the new one, and both are rendered
+    # the folder already holds other models' comparisons (the committed DS-MBNet and DS-ResNet sweeps):
+    # they are kept beside the new one, and all are rendered
     for name in ("gate_retraining.csv", "gate_retraining_routes.csv", "gate_retraining.json"):
         shutil.copy(ROOT / "results" / "x86" / name, tmp_path / name)
     kept = pd.read_csv(tmp_path / "gate_retraining.csv")
-    assert set(kept.model) == {"ds_mbnet"}
+    assert set(kept.model) == {"ds_mbnet", "ds_resnet50"}
     args = [*TINY, "--backend", "eager", "--supernet-epochs", "1", "--gate-epochs", "1", "--out", str(tmp_path)]
     r = cli(*args)
     assert r.returncode == 0, r.stderr
     both = pd.read_csv(tmp_path / "gate_retraining.csv")
-    pd.testing.assert_frame_equal(both[both.model == "ds_mbnet"].dropna(axis=1, how="all"),
+    pd.testing.assert_frame_equal(both[both.model != "ds_mbnet_tiny"].dropna(axis=1, how="all"),
                                   kept.dropna(axis=1, how="all"), check_dtype=False)
-    assert set(json.loads((tmp_path / "gate_retraining.json").read_text())["models"]) == {"ds_mbnet", "ds_mbnet_tiny"}
+    assert set(json.loads((tmp_path / "gate_retraining.json").read_text())["models"]) == {
+        "ds_mbnet", "ds_resnet50", "ds_mbnet_tiny"}
     summary = both[both.model == "ds_mbnet_tiny"]
     assert list(summary.gate) == ["madds", "latency", LARGEST]
     assert (summary.measured_ms_mean > 0).all() and summary.val_accuracy.between(0, 1).all()
@@ -84,13 +85,14 @@ def test_end_to_end_resume_and_rebuild(tmp_path):
     for gate, g in routes.groupby("gate"):
         assert g["count"].sum() == summary.set_index("gate").n_val[gate] and g.share.sum() == pytest.approx(1)
     assert (tmp_path / "figures" / "gate_retraining_ds_mbnet_tiny.png").stat().st_size > 0
-    assert (tmp_path / "figures" / "gate_retraining_ds_mbnet.png").stat().st_size > 0
+    assert (tmp_path / "figures" / "gate_retraining_ds_resnet50.png").stat().st_size > 0
     ws = tmp_path / "gate_retraining" / "ds_mbnet_tiny-digits-32px"
     assert {"supernet.pt", "gate-madds-eager.pt", "gate-latency-eager.pt", "dynamic.csv"} <= {
         p.name for p in ws.iterdir()}
     md = (tmp_path / "gate_retraining.md").read_text()
     assert "latency-penalty gate's measured latency is" in md
     assert "## ds_mbnet: latency penalty vs MAdds penalty under latency budgets" in md
+    assert "## ds_resnet50: latency penalty vs MAdds penalty under latency budgets" in md
     assert "## ds_mbnet_tiny: MAdds penalty vs latency penalty" in md
 
     # a re-run trains nothing: every stage is reused from the workspace
@@ -129,7 +131,7 @@ def test_end_to_end_resume_and_rebuild(tmp_path):
     assert (lut.lut_ms <= lut.budget_fraction * largest_lut + 1e-9).all()  # calibrated: the LUT meets the budget
     md3 = (tmp_path / "gate_retraining.md").read_text()
     assert "### ds_mbnet_tiny, budget 0.7x" in md3 and "### ds_mbnet_tiny, budget 0.9x" in md3
-    assert "### ds_mbnet, budget 0.6x" in md3 and md3.count("Noise floor") == 2
+    assert "### ds_mbnet, budget 0.6x" in md3 and md3.count("Noise floor") == 3
     (tmp_path / "gate_retraining.md").unlink()
     render(Layout(tmp_path))
     assert (tmp_path / "gate_retraining.md").read_text() == md3
@@ -137,3 +139,18 @@ def test_end_to_end_resume_and_rebuild(tmp_path):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("error: latency budget 0.3x")
     assert "below the smallest route's latency on the LUT plus" in bad.stderr
+
+
+def test_a_comparison_stored_before_models_shared_the_folder_reads_as_its_model(tmp_path):
+    """``gate_retraining.json`` once held one run's document, not ``{"models": {...}}``."""
+    from harness.results.gates import read_comparisons
+
+    summary = pd.read_csv(ROOT / "results" / "x86" / "gate_retraining.csv")
+    summary[summary.model == "ds_mbnet"].to_csv(tmp_path / "gate_retraining.csv", index=False)
+    shutil.copy(ROOT / "results" / "x86" / "gate_retraining_routes.csv", tmp_path / "gate_retraining_routes.csv")
+    doc = json.loads((ROOT / "results" / "x86" / "gate_retraining.json").read_text())["models"]["ds_mbnet"]
+    (tmp_path / "gate_retraining.json").write_text(json.dumps(doc))
+    stored = read_comparisons(Layout(tmp_path))
+    assert list(stored.meta) == ["ds_mbnet"] and stored.meta["ds_mbnet"]["run_id"] == doc["run_id"]
+    render(Layout(tmp_path))
+    assert "## ds_mbnet: latency penalty vs MAdds penalty" in (tmp_path / "gate_retraining.md").read_text()

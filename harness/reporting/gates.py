@@ -315,10 +315,10 @@ def sweep_section(summary: pd.DataFrame, routes: pd.DataFrame, meta: dict, figur
               "points) is not a difference.", ""]
     equal = equal_latency_gaps(rows)
     if equal:
+        gaps = [f"{ms:.3f} ms: MAdds gate {100 * a:.1f}%, latency gates {100 * b:.1f}% "
+                f"({round(100 * (b - a), 1) + 0:+.1f} points)" for ms, a, b in equal]  # + 0: no "-0.0"
         lines += ["At equal measured latency (the latency gates' accuracy interpolated along their curve at each "
-                  "MAdds gate's measured latency): " + "; ".join(
-                      f"{ms:.3f} ms: MAdds gate {100 * a:.1f}%, latency gates {100 * b:.1f}% ({round(100 * (b - a), 1) + 0:+.1f} "
-                      "points)" for ms, a, b in equal) + ".", ""]
+                  "MAdds gate's measured latency): " + "; ".join(gaps) + ".", ""]
     met = rows[rows.penalty == "latency"].deviation.abs() <= BUDGET_TOLERANCE
     lines += [f"**Latency-penalty gates within {100 * BUDGET_TOLERANCE:g}% of their budget: {int(met.sum())} of "
               f"{len(met)}; MAdds-penalty gates' deviations: "
