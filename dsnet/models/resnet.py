@@ -66,10 +66,11 @@ class Bottleneck(nn.Module):
 
 
 def _residual_init(model: nn.Module) -> None:
-    """timm's ResNet initialization, which the official DS-ResNet trains from: He-normal (fan-out)
-    convolutions and each bottleneck's last BN scale at zero, so every residual branch starts as
-    the identity. With PyTorch's default initialization a 16-block ResNet-50 supernet diverged in
-    its first steps on digits (gradient norm ~300 at the stem)."""
+    """The initialization the official DS-Net code trains from (its DS-MBNet: timm's
+    ``efficientnet_init_weights`` and ``init_residual_norm``; its ResNet is not published): He-normal
+    (fan-out) convolutions and each bottleneck's last BN scale at zero, so every residual branch
+    starts as the identity. With PyTorch's default initialization a 16-block ResNet-50 supernet
+    diverged in its first steps on digits (gradient norm ~300 at the stem)."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
