@@ -61,7 +61,7 @@ def calibration_routes(model, k: int = 32, seed: int = 0) -> list:
     if len(routes) <= k:
         return routes
     uniform = [i for i, r in enumerate(routes) if len(set(tuple(r))) == 1]
-    rest = [i for i in range(len(routes)) if i not in set(uniform)]
+    rest = sorted(set(range(len(routes))) - set(uniform))
     g = torch.Generator().manual_seed(seed)
     drawn = [rest[j] for j in torch.randperm(len(rest), generator=g)[:max(0, k - len(uniform))].tolist()]
     return [routes[i] for i in sorted(uniform + drawn)]

@@ -104,13 +104,17 @@ def test_forcing_the_gate_by_its_weights_gives_that_route(mbnet, tmp_path):
     assert (logits - _expected(model, route, x)).abs().max().item() <= 1e-5
 
 
+def _ds_resnet_tiny():
+    """The tiny DS-ResNet (four gates) with reference statistics, an input and its routes."""
+    model = dsnet.reference_statistics(randomize(dsnet.create_model("ds_resnet50_tiny")))
+    return model, torch.randn(1, 3, 32, 32), model.routes()
+
+
 def test_several_gates_are_flattened_and_every_sampled_route_comes_out(tmp_path):
     """DS-ResNet's four gates: one branch per (previous choice, choice) at each stage; sampled
     routes (gates patched to choose them) through the one graph in eager and TorchScript (ONNX
     Runtime: the next test, opt-in)."""
-    model = dsnet.reference_statistics(randomize(dsnet.create_model("ds_resnet50_tiny")))
-    x = torch.randn(1, 3, 32, 32)
-    routes = model.routes()
+    model, x, routes = _ds_resnet_tiny()
     for route in (routes[len(routes) // 3],):  # one sampled route: a DS-ResNet graph costs ~35 s here
         m = forced(model, route)
         graph = one_graph(m, x)
@@ -128,9 +132,7 @@ def test_several_gates_are_flattened_and_every_sampled_route_comes_out(tmp_path)
 def test_a_sampled_ds_resnet_route_comes_out_of_one_onnx_session(tmp_path):
     """The flattened four gates as nested ``If`` nodes in one ONNX Runtime session (the export
     re-traces every nested ``torch.cond`` branch: minutes, hence opt-in)."""
-    model = dsnet.reference_statistics(randomize(dsnet.create_model("ds_resnet50_tiny")))
-    x = torch.randn(1, 3, 32, 32)
-    routes = model.routes()
+    model, x, routes = _ds_resnet_tiny()
     route = routes[len(routes) // 3]
     m = forced(model, route)
     logits, taken = _compiled("onnxruntime", one_graph(m, x), x, tmp_path)(x)

@@ -42,9 +42,9 @@ from harness.measure.pipeline import check_output
 from harness.measure.protocol import Stats, measure_interleaved, measure_rounds
 from harness.phases.context import RunContext
 from harness.phases.dynamic import DynamicPhase
-from harness.results.gates import previous_comparisons, stacked
+from harness.results.gates import previous_comparisons, store_comparison
 from harness.results.layout import GATE_LARGEST as LARGEST
-from harness.results.layout import GATE_ROUTE_COLUMNS, GATE_SUMMARY_COLUMNS, Layout
+from harness.results.layout import Layout
 from harness.results.store import StoreError
 
 PENALTIES = ("madds", "latency")
@@ -604,10 +604,6 @@ def store_outcome(o: Outcome) -> list[Path]:
             route_rows.append(base | {"gate": penalty, "route": str(r),
                                       "widths": "/".join(map(str, o.supernet.model.route_widths(r))),
                                       "madds": madds, "lut_ms": lut, "count": c, "share": c / e.n})
-    others = previous_comparisons(layout, s.model)
-    stacked(others.summary, pd.DataFrame(rows), GATE_SUMMARY_COLUMNS).to_csv(layout.gate_summary, index=False)
-    stacked(others.routes, pd.DataFrame(route_rows), GATE_ROUTE_COLUMNS).to_csv(layout.gate_routes, index=False)
     doc = o.doc | {"supernet": o.supernet.meta, "gates": {p: g.meta for p, g in o.gates.items()},
                    "noise_floor": noise_floor(o.measured)}
-    layout.gate_meta.write_text(json.dumps({"models": others.meta | {s.model: doc}}, indent=1, default=str))
-    return [layout.gate_summary, layout.gate_routes, layout.gate_meta]
+    return store_comparison(layout, s.model, pd.DataFrame(rows), pd.DataFrame(route_rows), doc)

@@ -7,19 +7,21 @@ files :class:`~harness.results.layout.Layout` names: ``gate_retraining.csv`` (on
 :data:`GATE_SUMMARY_COLUMNS`), ``gate_retraining_routes.csv`` (route histograms,
 :data:`GATE_ROUTE_COLUMNS`) and ``gate_retraining.json`` (``{"models": {model: document}}``).
 :func:`read_comparisons` reads them (an unreadable file is a :class:`StoreError`, one line);
-:func:`previous_comparisons` is what a new comparison of one model keeps of the others; a new
-comparison replaces its model's rows and document, never another model's.
+:func:`store_comparison` writes one model's comparison after the others' (kept:
+:func:`previous_comparisons`), replacing its own rows and document, never another model's, each
+file atomically (an interrupted write leaves every model's comparison whole).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 
 from harness.results.layout import GATE_ROUTE_COLUMNS, GATE_SUMMARY_COLUMNS, Layout, read_csv
-from harness.results.store import StoreError
+from harness.results.store import StoreError, write_atomically
 
 
 @dataclass(frozen=True)
@@ -54,12 +56,6 @@ def read_comparisons(layout: Layout) -> Comparisons:
     return Comparisons(summary, routes, meta["models"])
 
 
-def stacked(kept: pd.DataFrame, new: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
-    """``kept``'s rows, then ``new``'s, in ``columns``."""
-    frames = [f.reindex(columns=columns) for f in (kept, new) if len(f)]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
-
-
 def previous_comparisons(layout: Layout, model: str) -> Comparisons:
     """What the folder holds for models other than ``model`` (kept beside a new comparison of it)."""
     try:
@@ -68,3 +64,17 @@ def previous_comparisons(layout: Layout, model: str) -> Comparisons:
         return Comparisons(pd.DataFrame(columns=GATE_SUMMARY_COLUMNS), pd.DataFrame(columns=GATE_ROUTE_COLUMNS), {})
     return Comparisons(c.summary[c.summary.model != model], c.routes[c.routes.model != model],
                        {m: d for m, d in c.meta.items() if m != model})
+
+
+def store_comparison(layout: Layout, model: str, summary: pd.DataFrame, routes: pd.DataFrame, doc: dict) -> list:
+    """``model``'s comparison (``summary`` and ``routes`` rows, its run's ``doc``) after the other
+    models' already in ``layout``, each file written atomically; returns the three paths."""
+    others = previous_comparisons(layout, model)
+    for path, kept, new, columns in ((layout.gate_summary, others.summary, summary, GATE_SUMMARY_COLUMNS),
+                                     (layout.gate_routes, others.routes, routes, GATE_ROUTE_COLUMNS)):
+        frames = [f.reindex(columns=columns) for f in (kept, new) if len(f)]
+        table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+        write_atomically(path, lambda tmp, t=table: t.to_csv(tmp, index=False))
+    text = json.dumps({"models": others.meta | {model: doc}}, indent=1, default=str)
+    write_atomically(layout.gate_meta, lambda tmp: Path(tmp).write_text(text))
+    return [layout.gate_summary, layout.gate_routes, layout.gate_meta]

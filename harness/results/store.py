@@ -196,16 +196,21 @@ def _with_rows_kept(df: pd.DataFrame, path: Path, key) -> pd.DataFrame:
 
 
 def _write_atomically(df: pd.DataFrame, path: Path) -> pd.DataFrame:
-    """Write a CSV through a temporary file and a rename: a reader never sees half a file."""
+    write_atomically(path, lambda tmp: df.to_csv(tmp, index=False))
+    return df
+
+
+def write_atomically(path: Path, write) -> None:
+    """``write(tmp)`` fills a temporary file beside ``path``, which a rename then makes ``path``: a
+    reader never sees half a file, and an interrupted write leaves the old one whole."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".csv.tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix + ".tmp")
     os.close(fd)
-    df.to_csv(tmp, index=False)
+    write(tmp)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; an export is as readable as any file written here
     os.replace(tmp, path)
-    return df
 
 
 class FolderLock:
