@@ -91,6 +91,41 @@ def test_tuned_beats_untuned_keeps_the_output_and_a_rerun_tunes_nothing(x86, tmp
     assert _build(backend, target, net, x, tmp_path / "cache").details["cached"] is True
 
 
+@pytest.mark.parametrize("options", [{"weight_prepack": True}, {"layout": "NHWC", "weight_prepack": True}])
+def test_prepacked_weights_and_nhwc_keep_eagers_output_once_tuned(x86, tmp_path, options):
+    """With ``weight_prepack`` MetaSchedule may rewrite a weight's layout for its schedule; the
+    build folds that rewrite into the constant, so the deployed function takes the same input and
+    gives eager's output (a depthwise layer too: its weight layout differs in NHWC)."""
+    from harness.backends.tvm_tuning import SearchSettings, tune
+
+    target, _ = x86
+    backend = get_backend("tvm", {**target.options("tvm"), **options}, workdir=tmp_path / "tvm_tuning")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(), nn.Conv2d(16, 24, 1)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    tasks = _tasks(backend, target, net, x)
+    tune(backend.open_database(target), tasks, budget_s=1e6,
+         search=SearchSettings(first_trials=8, trials_per_iter=8, max_trials_per_task=8))
+    mod, tvm_target = backend.relax_module(net, x, target, "fp32")
+
+    def rewriting(m):  # the functions that rewrite a weight's layout in every call
+        return [gv.name_hint for gv, f in m.functions.items() if "layout_rewrite_preproc" in str(f)]
+
+    assert rewriting(backend.open_database(target).apply(mod)), "no schedule rewrote a weight: nothing tested"
+    scheduled, details = backend.scheduled(mod, tvm_target, target)
+    assert details["tuning"] == "tuned" and not rewriting(scheduled)  # folded into the constants
+    tuned = _build(backend, target, net, x, tmp_path / "cache")
+    assert tuned.details["tuning"] == "tuned"
+    assert check_output(tuned.engine(x), reference(net, x), "fp32") is None
+
+
+def test_an_unknown_layout_is_refused():
+    target = load_target("x86").resolve()
+    with pytest.raises(ValueError, match=r"\[tvm\] layout must be one of NCHW, NHWC, got 'NCHWc'"):
+        get_backend("tvm", {**target.options("tvm"), "layout": "NCHWc"})
+
+
 def test_kill_9_keeps_finished_tasks_and_the_rerun_skips_them(x86, tmp_path):
     from harness.backends.tvm_tuning import LEDGER, SearchSettings, tune
 

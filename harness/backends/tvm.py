@@ -4,7 +4,11 @@ Options (the profile's ``[tvm]`` table, checked here): ``target``, a TVM 0.27 ta
 ``{"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "auto", "num-cores": 0}`` (``auto``: the
 host CPU as LLVM names it; ``0`` cores: the profile's thread count); ``tune_minutes``, the tuning
 budget ``harness.run`` spends before measuring (``harness.tune`` takes its own; 0: tune nothing);
-``host``, the host target of a GPU build.
+``host``, the host target of a GPU build; ``layout`` (``NCHW``, the default, or ``NHWC``: every
+convolution converted, channels innermost) and ``weight_prepack`` (CPU: weights marked
+layout-free, so a tuned schedule may choose their layout; the rewrite is folded into the constants
+at build time, TVM's ``cpu_weight_prepack`` with an unchanged signature). Both change the tuning
+tasks: records tuned under one setting do not serve the other (the labels say so).
 
 Batch norm is folded into the convolution before it (``FoldBatchnormToConv2D``), as ONNX Runtime
 and TorchScript do. CPU builds apply whatever the MetaSchedule database in the backend's ``workdir``
@@ -93,7 +97,9 @@ class TVMBackend(Backend):
     precisions = ("fp32",)
     artifact = "model.so"
     one_artifact = True
-    OPTIONS = {"target": (dict, False), "tune_minutes": ((int, float), False), "host": (dict, False)}
+    OPTIONS = {"target": (dict, False), "tune_minutes": ((int, float), False), "host": (dict, False),
+               "layout": (str, False), "weight_prepack": (bool, False)}
+    LAYOUTS = ("NCHW", "NHWC")
     supports_remote = True
 
     def resolve_options(self, options):
@@ -102,7 +108,17 @@ class TVMBackend(Backend):
             options["target"] = {**tvm_target, "mcpu": _host_llvm_cpu()}
         if options.get("tune_minutes", 0) < 0:
             raise ValueError(f"[tvm] tune_minutes must be >= 0, got {options['tune_minutes']}")
+        if options.get("layout", "NCHW") not in self.LAYOUTS:
+            raise ValueError(f"[tvm] layout must be one of {', '.join(self.LAYOUTS)}, got {options['layout']!r}")
         return options
+
+    @property
+    def layout(self) -> str:
+        return self.options.get("layout", "NCHW")
+
+    @property
+    def weight_prepack(self) -> bool:
+        return bool(self.options.get("weight_prepack", False))
 
     @property
     def tune_minutes(self) -> float:
@@ -121,6 +137,7 @@ class TVMBackend(Backend):
 
     def cache_key(self):
         return {"target": self.options.get("target"), "host": self.options.get("host"),
+                "layout": self.layout, "weight_prepack": self.weight_prepack,
                 "tuning_records": self.database_digest()}
 
     def details(self):
@@ -197,7 +214,16 @@ class TVMBackend(Backend):
         # optimize_for_inference do: one fused task (conv + bias + activation) per layer instead of
         # a convolution task and a batch-norm task, half the tasks to tune and one pass over memory
         mod = relax.transform.FoldConstant()(relax.transform.FoldBatchnormToConv2D()(mod))
-        return relax.get_pipeline("zero")(mod), tvm.target.Target(self.tvm_target(target))
+        if self.layout == "NHWC":  # channels innermost: vector loops over channels; weights transposed once
+            mod = relax.transform.FoldConstant()(
+                relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod))
+        mod = relax.get_pipeline("zero")(relax.transform.CanonicalizeBindings()(mod))
+        if self.weight_prepack and target.device == "cpu":
+            # weights (constants here) marked layout-free: MetaSchedule's RewriteLayout may then
+            # choose their layout for the schedule it tunes; export folds that rewrite into the
+            # constants (TVM's cpu_weight_prepack, without changing the deployed signature)
+            mod = relax.transform.AttachAttrLayoutFreeBuffers()(mod)
+        return mod, tvm.target.Target(self.tvm_target(target))
 
     def unavailable(self, target):
         try:
@@ -242,35 +268,45 @@ class TVMBackend(Backend):
     def check_export(self, target):
         cross_compiler(self.tvm_target(target))
 
-    def export(self, module, example, target, precision, artifact_dir) -> Exported:
-        """Build ``module`` for the profile's TVM target (with the tuning database's schedules on a
-        CPU) and write the shared library; for another architecture with the cross compiler."""
-        import tvm
+    def scheduled(self, mod, tvm_target, target) -> tuple:
+        """``(mod, details)``: ``mod`` (from :meth:`relax_module`) with its schedules (DLight's default
+        GPU rules on CUDA; on a CPU the tuning database's records, each prepacked weight's layout
+        rewrite folded into the constant) and the tuning label of :func:`module_status`."""
+        from tvm import relax
 
         from harness.backends.tvm_tuning import module_status
 
-        fcompile = cross_compiler(self.tvm_target(target))  # before the build: a missing compiler fails fast
-        mod, tvm_target = self.relax_module(module, example, target, precision)
-        details = {}
         if target.device == "cuda":
             from tvm.s_tir import dlight as dl  # TVM 0.27: DLight lives under s_tir
 
             with tvm_target:
-                mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
-                                              dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
-        else:
-            db = self.database(target)
-            status = module_status(db, mod, tvm_target)
-            details = status.details()
-            if status.tuned:
-                try:
-                    mod = db.apply(mod)
-                except RuntimeError as e:  # tvm.error.InternalError: a record's trace did not replay
-                    # anchor-block equality lends a record to every function with the same anchor
-                    # block; replaying it on another fusion can fail (seen on the one artifact's
-                    # branches): build untuned and say why, rather than lose the row
-                    details = {**details, "tuning": "untuned", "tuned_tasks": 0,
-                               "tuning_error": f"the database's records did not apply: {one_line(e)}"}
+                return dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                               dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod), {}
+        db = self.database(target)
+        status = module_status(db, mod, tvm_target)
+        details = status.details()
+        if not status.tuned:
+            return mod, details
+        try:
+            applied = db.apply(mod)
+            if self.weight_prepack:  # the rewrite runs once, here, instead of in every call
+                applied = relax.transform.FoldConstant()(relax.transform.SplitLayoutRewritePreproc()(applied))
+            return applied, details
+        except RuntimeError as e:  # tvm.error.InternalError: a record's trace did not replay
+            # anchor-block equality lends a record to every function with the same anchor
+            # block; replaying it on another fusion can fail (seen on the one artifact's
+            # branches): build untuned and say why, rather than lose the row
+            return mod, {**details, "tuning": "untuned", "tuned_tasks": 0,
+                         "tuning_error": f"the database's records did not apply: {one_line(e)}"}
+
+    def export(self, module, example, target, precision, artifact_dir) -> Exported:
+        """Build ``module`` for the profile's TVM target (:meth:`scheduled`) and write the shared
+        library; for another architecture with the cross compiler."""
+        import tvm
+
+        fcompile = cross_compiler(self.tvm_target(target))  # before the build: a missing compiler fails fast
+        mod, tvm_target = self.relax_module(module, example, target, precision)
+        mod, details = self.scheduled(mod, tvm_target, target)
         lib = tvm.compile(mod, target=tvm_target)
         path = artifact_dir / self.artifact
         lib.export_library(str(path), fcompile=fcompile) if fcompile else lib.export_library(str(path))

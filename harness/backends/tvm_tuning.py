@@ -25,8 +25,9 @@ measured, so kill -9 keeps them, and a task whose ledger entry was not written i
 :func:`module_status` says how many of a module's tasks the database holds (the label of a
 ``lut.csv`` row: untuned, partly tuned k/n, tuned).
 
-MetaSchedule lives in ``tvm.s_tir.meta_schedule`` in TVM 0.27. The XGBoost cost model needs the
-``xgboost`` package (``pip install -e ".[tvm-tuning]"``); without it the search uses the random model.
+MetaSchedule lives in ``tvm.s_tir.meta_schedule`` in TVM 0.27. The search ranks candidates with
+MetaSchedule's XGBoost cost model (``xgboost``, a dependency of the harness); without the package,
+or with ``SearchSettings(cost_model="random")``, it measures random picks of the evolved population.
 """
 
 from __future__ import annotations
@@ -60,6 +61,12 @@ class SearchSettings:
     min_repeat_ms: int = 20
     builder_workers: int | None = None  # default: the machine's cores
     timeout_s: float = 30.0
+    cost_model: str = ""  # "xgb" or "random"; empty: XGBoost where the package is installed
+
+    def cost_model_name(self) -> str:
+        if self.cost_model:
+            return self.cost_model
+        return "xgb" if importlib.util.find_spec("xgboost") else "random"
 
     def strategy(self):
         from tvm.s_tir import meta_schedule as ms
@@ -317,7 +324,7 @@ def _tune_one(db: TuningDatabase, task: Task, trials: int, search: SearchSetting
                                                          strategy=search.strategy())
     if not contexts:  # already scheduled by the frontend: nothing to tune
         return 0.0
-    cost_model = "xgb" if importlib.util.find_spec("xgboost") else "random"
+    cost_model = search.cost_model_name()
     t0 = time.monotonic()
     ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(db.directory), max_trials_global=trials,
                   max_trials_per_task=trials, num_trials_per_iter=min(search.trials_per_iter, trials),

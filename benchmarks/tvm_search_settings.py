@@ -1,0 +1,96 @@
+"""What each TVM tuning setting buys: one network tuned under several settings, then timed interleaved.
+
+    python benchmarks/tvm_search_settings.py [--arms base,xgb,xgb_prepack,nhwc,nhwc_prepack] \\
+        [--minutes 8] [--model mobilenet_v1 --routes x1.0] [--input-size 224] [--root DIR] [--measure-only]
+
+Each arm (a set of ``[tvm]`` options and a cost model, :data:`ARMS`) tunes the chosen routes into
+its own database under ``--root`` for ``--minutes`` (the harness's budgeted tuner, its other search
+settings as in ``SearchSettings``), then every arm's build, ONNX Runtime and eager are checked
+against eager's output and timed in one round phase with the x86 profile's protocol. Prints one
+line per engine: its p50 and its ratio to ONNX Runtime paired round by round. ``--measure-only``
+times the databases already under ``--root`` again (another run's rounds, same builds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(REPO))
+
+# arm -> ([tvm] options over the x86 profile's NCHW defaults, cost model)
+ARMS = {
+    "base": ({"layout": "NCHW", "weight_prepack": False}, "random"),
+    "xgb": ({"layout": "NCHW", "weight_prepack": False}, "xgb"),
+    "xgb_prepack": ({"layout": "NCHW", "weight_prepack": True}, "xgb"),
+    "nhwc": ({"layout": "NHWC", "weight_prepack": False}, "xgb"),
+    "nhwc_prepack": ({"layout": "NHWC", "weight_prepack": True}, "xgb"),
+}
+
+
+def main(argv=None) -> int:
+    from harness.backends import get_backend
+    from harness.backends.tvm_tuning import SearchSettings, collect_tasks, tune
+    from harness.cli import open_target
+    from harness.measure.pipeline import check_output
+    from harness.measure.protocol import measure_rounds, paired_ratio
+    from harness.phases.static import workloads
+
+    p = argparse.ArgumentParser(prog="python benchmarks/tvm_search_settings.py", description=__doc__.split("\n")[0])
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
+    p.add_argument("--minutes", type=float, default=8.0, help="tuning budget per arm")
+    p.add_argument("--model", default="mobilenet_v1")
+    p.add_argument("--routes", default="x1.0", help="comma-separated routes or widths of --model")
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--root", default="results/x86/tvm_search_settings/tvm_tuning", help="one database per arm under it")
+    p.add_argument("--measure-only", action="store_true", help="time what --root holds, tune nothing")
+    args = p.parse_args(argv)
+    arms = args.arms.split(",")
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        print(f"error: unknown arm(s) {', '.join(unknown)}; known: {', '.join(ARMS)}", file=sys.stderr)
+        return 2
+    target = open_target("x86")
+    chosen = workloads([args.model], args.input_size, set(args.routes.split(",")))
+    x = torch.randn(1, 3, args.input_size, args.input_size)
+
+    def backend(arm):
+        return get_backend("tvm", {**target.options("tvm"), **ARMS[arm][0]}, workdir=Path(args.root) / arm)
+
+    for arm in arms if not args.measure_only else ():
+        be = backend(arm)
+        mods = [be.relax_module(w.build(), x, target, "fp32") for w in chosen]
+        tasks = collect_tasks([m for m, _ in mods], mods[0][1])
+        t0 = time.monotonic()
+        done = tune(be.open_database(target), tasks, args.minutes * 60, SearchSettings(cost_model=ARMS[arm][1]))
+        print(f"{arm}: {len(tasks)} tasks, {done['trials_now']} trials, {time.monotonic() - t0:.0f} s", flush=True)
+    fns = {}
+    for w in chosen:
+        module = w.build().eval()
+        ref = module(x)
+        for name in ["eager", "onnxruntime", *arms]:
+            art = Path(args.root) / "artifacts" / f"{w.route}-{name}"
+            art.mkdir(parents=True, exist_ok=True)
+            be = backend(name) if name in ARMS else get_backend(name, target.options(name), workdir=art)
+            engine = be.compile(module, x, target, "fp32", art)
+            wrong = check_output(engine(x), ref, "fp32")
+            print(f"{w.route} {name}: {engine.details} output {'differs: ' + wrong if wrong else 'equals eager'}",
+                  flush=True)
+            if not wrong:
+                prepared = engine.prepare(x)
+                fns[f"{w.route} {name}"] = lambda e=engine, p=prepared: e.run(p)
+    res = measure_rounds(fns, target.protocol, None, seed=3)
+    for label in fns:
+        ref = label.rsplit(" ", 1)[0] + " onnxruntime"
+        print(f"{label:28s} p50 {res[label].stats.p50:8.3f} ms  / ORT {paired_ratio(res[label], res[ref]):5.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
