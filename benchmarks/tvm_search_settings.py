@@ -5,10 +5,11 @@
 
 Each arm (a set of ``[tvm]`` options and a cost model, :data:`ARMS`) tunes the chosen routes into
 its own database under ``--root`` for ``--minutes`` (the harness's budgeted tuner, its other search
-settings as in ``SearchSettings``), then every arm's build, ONNX Runtime and eager are checked
-against eager's output and timed in one round phase with the x86 profile's protocol. Prints one
-line per engine: its p50 and its ratio to ONNX Runtime paired round by round. ``--measure-only``
-times the databases already under ``--root`` again (another run's rounds, same builds).
+settings as in ``SearchSettings``), then every arm's build, ONNX Runtime and eager are compiled
+and checked against eager's output (the harness's pipeline) and timed in one round phase with
+the x86 profile's protocol. Prints one line per engine: its p50 and its ratio to ONNX Runtime
+paired round by round. ``--measure-only`` times the databases already under ``--root`` again
+(another run's rounds, same builds).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
     from harness.backends import get_backend
     from harness.backends.tvm_tuning import SearchSettings, collect_tasks, tune
     from harness.cli import open_target
-    from harness.measure.pipeline import check_output
+    from harness.measure.pipeline import ArtifactKey, reference, trial, weights_fingerprint
     from harness.measure.protocol import measure_rounds, paired_ratio
     from harness.phases.static import workloads
 
@@ -73,18 +74,15 @@ def main(argv=None) -> int:
     fns = {}
     for w in chosen:
         module = w.build().eval()
-        ref = module(x)
+        ref = reference(module, x)
         for name in ["eager", "onnxruntime", *arms]:
-            art = Path(args.root) / "artifacts" / f"{w.route}-{name}"
-            art.mkdir(parents=True, exist_ok=True)
-            be = backend(name) if name in ARMS else get_backend(name, target.options(name), workdir=art)
-            engine = be.compile(module, x, target, "fp32", art)
-            wrong = check_output(engine(x), ref, "fp32")
-            print(f"{w.route} {name}: {engine.details} output {'differs: ' + wrong if wrong else 'equals eager'}",
-                  flush=True)
-            if not wrong:
-                prepared = engine.prepare(x)
-                fns[f"{w.route} {name}"] = lambda e=engine, p=prepared: e.run(p)
+            be = backend(name) if name in ARMS else get_backend(name, target.options(name))
+            key = ArtifactKey.of(w.model, w.route, be, target, "fp32", x, weights_fingerprint(module))
+            result = trial(be, module, x, target, "fp32", key, Path(args.root) / "artifacts", ref)
+            print(f"{w.route} {name}: {result.status} {result.details} {result.error or ''}", flush=True)
+            if result.ok:
+                prepared = result.engine.prepare(x)
+                fns[f"{w.route} {name}"] = lambda e=result.engine, p=prepared: e.run(p)
     res = measure_rounds(fns, target.protocol, None, seed=3)
     for label in fns:
         ref = label.rsplit(" ", 1)[0] + " onnxruntime"
