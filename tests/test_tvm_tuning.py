@@ -126,6 +126,24 @@ def test_an_unknown_layout_is_refused():
         get_backend("tvm", {**target.options("tvm"), "layout": "NCHWc"})
 
 
+def test_fast_math_replaces_libm_calls_and_keeps_eagers_output(x86, tmp_path):
+    """``fast_math`` computes SiLU's sigmoid and tanh with TOPI's polynomial approximations instead
+    of one libm call per element; the build still gives eager's output, and it is another artifact."""
+    target, _ = x86
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.SiLU(),
+                        nn.Conv2d(16, 8, 1), nn.Tanh()).eval()
+    x = torch.randn(1, 3, 16, 16)
+    libm_ops = ("T.sigmoid(", "T.tanh(")
+    for fast_math in (False, True):
+        backend = get_backend("tvm", {**target.options("tvm"), "fast_math": fast_math}, workdir=tmp_path / "db")
+        script = backend.relax_module(net, x, target, "fp32")[0].script()
+        assert all((op in script) != fast_math for op in libm_ops), (fast_math, [op in script for op in libm_ops])
+        built = _build(backend, target, net, x, tmp_path / "cache")
+        assert built.details["cached"] is False  # fast_math is part of the artifact's key
+        assert check_output(built.engine(x), reference(net, x), "fp32") is None
+
+
 def test_kill_9_keeps_finished_tasks_and_the_rerun_skips_them(x86, tmp_path):
     from harness.backends.tvm_tuning import LEDGER, SearchSettings, tune
 

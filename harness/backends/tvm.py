@@ -8,7 +8,11 @@ budget ``harness.run`` spends before measuring (``harness.tune`` takes its own; 
 convolution converted, channels innermost) and ``weight_prepack`` (CPU: weights marked
 layout-free, so a tuned schedule may choose their layout; the rewrite is folded into the constants
 at build time, TVM's ``cpu_weight_prepack`` with an unchanged signature). Both change the tuning
-tasks: records tuned under one setting do not serve the other (the labels say so).
+tasks: records tuned under one setting do not serve the other (the labels say so). ``fast_math``
+(default false): TVM's ``FastMathTransform`` (``exp``, ``tanh``, ``erf``, ``softmax``) and
+``sigmoid`` (SiLU's gate) as ``1 / (1 + fast_exp(-x))``: TOPI's vectorizable polynomial
+approximations (exactly, LLVM lowers each ``exp`` of a vector to one libm call per element); the
+build is checked against eager like any other.
 
 Batch norm is folded into the convolution before it (``FoldBatchnormToConv2D``), as ONNX Runtime
 and TorchScript do. CPU builds apply whatever the MetaSchedule database in the backend's ``workdir``
@@ -89,6 +93,31 @@ def _host_llvm_cpu() -> str:
         return "generic"
 
 
+def _fast_sigmoid(mod):
+    """``mod`` with every ``sigmoid(x)`` computed as ``1 / (1 + fast_exp(-x))`` (TOPI's polynomial
+    ``exp``): TVM's ``FastMathTransform`` knows ``exp``, ``tanh``, ``erf`` and ``softmax``, not
+    ``sigmoid``, which the torch frontend emits for SiLU."""
+    from tvm import relax, topi
+    from tvm.relax import PyExprMutator, expr_functor
+
+    def fast(x):
+        return topi.divide(1.0, topi.add(1.0, topi.fast_exp(topi.negative(x))))
+
+    @expr_functor.mutator
+    class FastSigmoid(PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if getattr(call.op, "name", None) == "relax.sigmoid":
+                return self.builder_.call_te(fast, call.args[0], primfunc_name_hint="fast_sigmoid")
+            return call
+
+    mutator = FastSigmoid(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()
+
+
 class TVMBackend(Backend):
     name = "tvm"
     devices = ("cpu", "cuda")
@@ -98,7 +127,7 @@ class TVMBackend(Backend):
     artifact = "model.so"
     one_artifact = True
     OPTIONS = {"target": (dict, False), "tune_minutes": ((int, float), False), "host": (dict, False),
-               "layout": (str, False), "weight_prepack": (bool, False)}
+               "layout": (str, False), "weight_prepack": (bool, False), "fast_math": (bool, False)}
     LAYOUTS = ("NCHW", "NHWC")
     supports_remote = True
 
@@ -121,6 +150,10 @@ class TVMBackend(Backend):
         return bool(self.options.get("weight_prepack", False))
 
     @property
+    def fast_math(self) -> bool:
+        return bool(self.options.get("fast_math", False))
+
+    @property
     def tune_minutes(self) -> float:
         return float(self.options.get("tune_minutes", 0))
 
@@ -137,7 +170,7 @@ class TVMBackend(Backend):
 
     def cache_key(self):
         return {"target": self.options.get("target"), "host": self.options.get("host"),
-                "layout": self.layout, "weight_prepack": self.weight_prepack,
+                "layout": self.layout, "weight_prepack": self.weight_prepack, "fast_math": self.fast_math,
                 "tuning_records": self.database_digest()}
 
     def details(self):
@@ -217,6 +250,8 @@ class TVMBackend(Backend):
         if self.layout == "NHWC":  # channels innermost: vector loops over channels; weights transposed once
             mod = relax.transform.FoldConstant()(
                 relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod))
+        if self.fast_math:
+            mod = relax.transform.FastMathTransform()(_fast_sigmoid(mod))
         mod = relax.get_pipeline("zero")(relax.transform.CanonicalizeBindings()(mod))
         if self.weight_prepack and target.device == "cpu":
             # weights (constants here) marked layout-free: MetaSchedule's RewriteLayout may then
