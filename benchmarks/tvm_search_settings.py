@@ -1,6 +1,6 @@
 """What each TVM tuning setting buys: one network tuned under several settings, then timed interleaved.
 
-    python benchmarks/tvm_search_settings.py [--arms base,xgb,xgb_prepack,nhwc,nhwc_prepack] \\
+    python benchmarks/tvm_search_settings.py [--arms base,xgb,xgb_prepack,nhwc,nhwc_prepack,nhwc_prepack_fast] \\
         [--minutes 8] [--model mobilenet_v1 --routes x1.0] [--input-size 224] [--root DIR] [--measure-only]
 
 Each arm (a set of ``[tvm]`` options and a cost model, :data:`ARMS`) tunes the chosen routes into
@@ -10,6 +10,12 @@ and checked against eager's output (the harness's pipeline) and timed in one rou
 the x86 profile's protocol. Prints one line per engine: its p50 and its ratio to ONNX Runtime
 paired round by round. ``--measure-only`` times the databases already under ``--root`` again
 (another run's rounds, same builds).
+
+Fast math against exact on one database (DS-MBNet's SiLU; MobileNetV1 has none)::
+
+    mkdir -p ROOT && cp -r DB ROOT/nhwc_prepack && cp -r DB ROOT/nhwc_prepack_fast
+    python benchmarks/tvm_search_settings.py --model ds_mbnet --routes 0,13 \\
+        --arms nhwc_prepack,nhwc_prepack_fast --root ROOT --measure-only
 """
 
 from __future__ import annotations
@@ -25,13 +31,16 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(REPO))
 
-# arm -> ([tvm] options over the x86 profile's NCHW defaults, cost model)
+# arm -> ([tvm] options over the x86 profile's, cost model)
 ARMS = {
-    "base": ({"layout": "NCHW", "weight_prepack": False}, "random"),
-    "xgb": ({"layout": "NCHW", "weight_prepack": False}, "xgb"),
-    "xgb_prepack": ({"layout": "NCHW", "weight_prepack": True}, "xgb"),
-    "nhwc": ({"layout": "NHWC", "weight_prepack": False}, "xgb"),
-    "nhwc_prepack": ({"layout": "NHWC", "weight_prepack": True}, "xgb"),
+    "base": ({"layout": "NCHW", "weight_prepack": False, "fast_math": False}, "random"),
+    "xgb": ({"layout": "NCHW", "weight_prepack": False, "fast_math": False}, "xgb"),
+    "xgb_prepack": ({"layout": "NCHW", "weight_prepack": True, "fast_math": False}, "xgb"),
+    "nhwc": ({"layout": "NHWC", "weight_prepack": False, "fast_math": False}, "xgb"),
+    "nhwc_prepack": ({"layout": "NHWC", "weight_prepack": True, "fast_math": False}, "xgb"),
+    # the same tasks as nhwc_prepack (the anchor convolutions do not change): --measure-only on a
+    # copy of one database under both arms times exact against fast math on the same records
+    "nhwc_prepack_fast": ({"layout": "NHWC", "weight_prepack": True, "fast_math": True}, "xgb"),
 }
 
 

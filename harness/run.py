@@ -62,6 +62,9 @@ def parse_args(argv):
                    help=f"input {QUICK_INPUT_SIZE}, 3 DS-MBNet routes and 2 widths, few repeats; "
                         f"leaves out {', '.join(QUICK_SLOW_BACKENDS)} unless --backends names it")
     p.add_argument("--retry-failed", action="store_true", help="re-measure results stored as failed")
+    p.add_argument("--tune-minutes", type=float, metavar="N",
+                   help="TVM tuning budget in minutes, over re-runs (default: the profile's [tvm] tune_minutes; "
+                        "0: measure with what the database holds)")
     p.add_argument("--rpc-tracker", metavar="HOST:PORT",
                    help="measure on remote boards through TVM's RPC tracker (backends that build for boards)")
     p.add_argument("--rpc-key", help="the boards' key at the tracker (with --rpc-tracker)")
@@ -100,6 +103,8 @@ def plan(args, target) -> RunPlan:
         QUICK_INPUT_SIZE if args.quick else target.input_size)
     if not 32 <= input_size <= MAX_INPUT_SIZE:
         raise UsageError(f"--input-size must be between 32 and {MAX_INPUT_SIZE}, got {input_size}")
+    if args.tune_minutes is not None and not args.tune_minutes >= 0:  # also refuses nan
+        raise UsageError(f"--tune-minutes must be >= 0, got {args.tune_minutes:g}")
     routes = set(csv_list(args.routes)) if args.routes is not None else None
     if routes is not None and not routes:
         raise UsageError("--routes names nothing")
@@ -210,22 +215,24 @@ def open_context(args, target, p: RunPlan, farm):
     return ctx, env_doc
 
 
-def tuning_phase(ctx, p: RunPlan, quick: bool) -> None:
-    """Tune TVM within the profile's ``tune_minutes`` (a budget over re-runs: a tuned database
-    tunes nothing) before any TVM build, so every route applies the same database. Left out by
-    ``--quick`` and when TVM is not measured."""
+def tuning_phase(ctx, p: RunPlan, quick: bool, minutes: float | None = None) -> None:
+    """Tune TVM within ``minutes`` (default: the profile's ``tune_minutes``; a budget over
+    re-runs: a tuned database tunes nothing) before any TVM build, so every route applies the same
+    database. Left out by ``--quick`` and when TVM is not measured."""
     from harness.phases.tuning import run_tuning
 
     if "tvm" not in p.backends or ctx.target.device != "cpu":
         return
-    minutes = float(ctx.target.options("tvm").get("tune_minutes", 0))
+    budget_from = "--tune-minutes" if minutes is not None else "the profile's [tvm] tune_minutes"
+    if minutes is None:
+        minutes = float(ctx.target.options("tvm").get("tune_minutes", 0))
     if quick or minutes <= 0:
         if quick and minutes > 0:
             p.notes.append(f"--quick leaves TVM tuning out: tvm uses what {p.layout.tuning_dir('tvm')} holds")
         return
     stale = ctx.backend("tvm").notes(ctx.target)  # e.g. "untuned": said before the database grew
     print(f"tvm: tuning {', '.join(p.models)} at {p.input_size}px within {minutes:g} min "
-          f"(the profile's [tvm] tune_minutes; python -m harness.tune tunes more)", file=sys.stderr)
+          f"({budget_from}; python -m harness.tune tunes more)", file=sys.stderr)
     try:
         summary = run_tuning(ctx.backend("tvm"), ctx.target, p.models, p.input_size, minutes * 60,
                              lambda total, desc: Progress(total, desc))
@@ -391,7 +398,7 @@ def _main(args) -> int:
         return 3
     t0, status = time.monotonic(), 0
     try:
-        tuning_phase(ctx, p, args.quick)
+        tuning_phase(ctx, p, args.quick, args.tune_minutes)
         static_phase(ctx, p, all_workloads, args.retry_failed)
         if farm is not None:
             p.skipped["dynamic engine, Table 2"] = "measured on this machine only, not through --rpc-tracker"

@@ -92,7 +92,8 @@ def test_bad_options_exit_2_with_one_line(tmp_path, capsys):
                           (["--backends", "eager,eager"], "--backends names eager more than once"),
                           (["--models", ""], "--models names nothing"),
                           (["--input-size", "0"], "--input-size must be between 32 and 4096, got 0"),
-                          (["--input-size", "100000"], "--input-size must be between 32 and 4096")]:
+                          (["--input-size", "100000"], "--input-size must be between 32 and 4096"),
+                          (["--tune-minutes", "-1"], "--tune-minutes must be >= 0, got -1")]:
         assert runmod.main(["--target", "x86", "--out", str(tmp_path), *args]) == 2, args
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: ") and message in err[-1], (args, err)

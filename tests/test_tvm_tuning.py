@@ -205,21 +205,22 @@ def test_a_database_tuned_for_another_target_is_not_applied(x86, tmp_path):
 
 
 def test_the_run_tunes_within_the_profiles_budget_and_labels_its_rows(x86, tmp_path, capsys):
-    """``harness.run`` with ``[tvm] tune_minutes``: the budget (2 s here) ends after the first task,
-    so the rows say partly tuned and the summary says how tuned (that a spent budget tunes nothing
-    more on a re-run is the first test's)."""
+    """``harness.run`` tunes within ``--tune-minutes`` (over the profile's ``[tvm] tune_minutes``): the
+    budget (2 s here) ends after the first task, so the rows say partly tuned and the summary says
+    how tuned (that a spent budget tunes nothing more on a re-run is the first test's)."""
     import pandas as pd
 
     from harness import run as runmod
 
     profile = tmp_path / "tvm-test.toml"
     profile.write_text('name = "tvm-test"\ndevice = "cpu"\nbackends = ["tvm"]\ninput_size = 32\n'
-                       '[tvm]\ntarget = { kind = "llvm", mcpu = "auto", num-cores = 0 }\ntune_minutes = 0.03\n'
+                       '[tvm]\ntarget = { kind = "llvm", mcpu = "auto", num-cores = 0 }\ntune_minutes = 30\n'
                        '[protocol]\nwarmup_calls = 2\nwarmup_ms = 10\nrepeat = 3\nmin_repeat_ms = 5\n')
-    args = ["--target", str(profile), "--models", "ds_mbnet_tiny", "--routes", "0", "--out", str(tmp_path / "out")]
+    args = ["--target", str(profile), "--models", "ds_mbnet_tiny", "--routes", "0", "--out", str(tmp_path / "out"),
+            "--tune-minutes", "0.03"]
     assert runmod.main(args) == 0
     out = capsys.readouterr()
-    assert "tvm: tuning ds_mbnet_tiny at 32px within 0.03 min" in out.err
+    assert "tvm: tuning ds_mbnet_tiny at 32px within 0.03 min (--tune-minutes;" in out.err
     rows = pd.read_csv(tmp_path / "out" / "lut.csv")
     details = json.loads(rows.backend_details[0])
     assert rows.status[0] == "ok" and details["tuning"].startswith("partly tuned") and 0 < details["tuned_tasks"]
