@@ -71,6 +71,8 @@ def test_tuned_beats_untuned_keeps_the_output_and_a_rerun_tunes_nothing(x86, tmp
     search = SearchSettings(first_trials=8, trials_per_iter=8, max_trials_per_task=8)
     done = tune(db, tasks, budget_s=1e6, search=search)  # step 1 only: the plan adds what the budget allows
     assert done["tuned_now"] >= len(tasks) > 0
+    db = backend.database(target)
+    assert db is not None and backend.database(target) is db  # read once, not once per build
     tuned = _build(backend, target, net, x, tmp_path / "cache")  # the new records change the artifact's key
     assert tuned.details["cached"] is False
     assert tuned.details["tuning"] == "tuned" and tuned.details["tuned_tasks"] == tuned.details["tasks"] == len(tasks)
@@ -83,6 +85,8 @@ def test_tuned_beats_untuned_keeps_the_output_and_a_rerun_tunes_nothing(x86, tmp
     # the same budget again tunes nothing, and the artifact is found in the cache
     again = tune(backend.open_database(target), tasks, budget_s=1e6, search=search)
     assert again["tuned_now"] == 0 and again["trials_now"] == 0
+    backend.open_database(target)._write_ledger()  # as tuning does after every task
+    assert backend.database(target) is not db  # its files changed: read again, never stale
     # the budget counts earlier runs: room for more trials per task, but the seconds are spent
     wider = SearchSettings(first_trials=8, trials_per_iter=8, max_trials_per_task=64)
     db = backend.open_database(target)

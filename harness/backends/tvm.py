@@ -93,6 +93,14 @@ def _host_llvm_cpu() -> str:
         return "generic"
 
 
+def _files_stamp(directory: Path | None) -> tuple:
+    """``(name, mtime_ns, size)`` of every file directly in ``directory``: changes when any is rewritten."""
+    if directory is None or not Path(directory).is_dir():
+        return ()
+    return tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in Path(directory).iterdir()
+                        if p.is_file()))
+
+
 def _fast_sigmoid(mod):
     """``mod`` with every ``sigmoid(x)`` computed as ``1 / (1 + fast_exp(-x))`` (TOPI's polynomial
     ``exp``): TVM's ``FastMathTransform`` knows ``exp``, ``tanh``, ``erf`` and ``softmax``, not
@@ -201,12 +209,19 @@ class TVMBackend(Backend):
         return self.workdir
 
     def database(self, target):
-        """The tuning database of the workdir for ``target`` (None when nothing was tuned there)."""
+        """The tuning database of the workdir for ``target`` (None when nothing was tuned there),
+        read once per change of its files: a 30-minute database is ~100 MB of JSON and takes
+        tens of seconds to read, which every route's build would otherwise pay."""
         import tvm
 
         from harness.backends.tvm_tuning import TuningDatabase
 
-        return TuningDatabase.existing(self.tuning_dir, tvm.target.Target(self.tvm_target(target)))
+        tvm_target = tvm.target.Target(self.tvm_target(target))
+        stamp = (str(tvm_target), _files_stamp(self.tuning_dir))
+        if getattr(self, "_database_of", None) != stamp:
+            self._database = TuningDatabase.existing(self.tuning_dir, tvm_target)
+            self._database_of = stamp
+        return self._database
 
     def open_database(self, target):
         """The tuning database of the workdir for ``target``, created when missing."""
