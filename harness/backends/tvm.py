@@ -224,12 +224,13 @@ class TVMBackend(Backend):
         return self._database
 
     def open_database(self, target):
-        """The tuning database of the workdir for ``target``, created when missing."""
+        """The tuning database of the workdir for ``target``, created when missing (the one
+        :meth:`database` read, when it did)."""
         import tvm
 
         from harness.backends.tvm_tuning import TuningDatabase
 
-        return TuningDatabase(self.tuning_dir, tvm.target.Target(self.tvm_target(target)))
+        return self.database(target) or TuningDatabase(self.tuning_dir, tvm.target.Target(self.tvm_target(target)))
 
     def search_builder_runner(self, search):
         """How tuning builds and runs candidates: ``(None, None)`` (local, the defaults of

@@ -212,14 +212,18 @@ class Rounds:
         return summarize([s / factor[r] for s, r in zip(m.samples_ms, m.rounds or [])], m.number, m.protocol)
 
 
-def paired_ratio(m: Measurement, ref: Measurement) -> float:
-    """``m`` relative to ``ref`` measured in the same rounds: the median over shared rounds of the
-    two samples' ratio. Drift between rounds cancels in each pair."""
+def paired_ratios(m: Measurement, ref: Measurement) -> list[float]:
+    """``m``'s sample over ``ref``'s, for every round both were timed in (drift cancels in each pair)."""
     ref_by_round = dict(zip(ref.rounds or [], ref.samples_ms))
     ratios = [s / ref_by_round[r] for r, s in zip(m.rounds or [], m.samples_ms) if ref_by_round.get(r)]
     if not ratios:
         raise ValueError("the two measurements share no round")
-    return float(np.median(ratios))
+    return ratios
+
+
+def paired_ratio(m: Measurement, ref: Measurement) -> float:
+    """``m`` relative to ``ref`` measured in the same rounds: the median of :func:`paired_ratios`."""
+    return float(np.median(paired_ratios(m, ref)))
 
 
 def drift_summary(factors: list[float]) -> dict:
