@@ -9,8 +9,8 @@ convolution converted, channels innermost) and ``weight_prepack`` (CPU: weights 
 layout-free, so a tuned schedule may choose their layout; the rewrite is folded into the constants
 at build time, TVM's ``cpu_weight_prepack`` with an unchanged signature). Both change the tuning
 tasks: records tuned under one setting do not serve the other (the labels say so). ``fast_math``
-(default false): TVM's ``FastMathTransform`` (``exp``, ``tanh``, ``erf``, ``softmax``) and
-``sigmoid`` (SiLU's gate) as ``1 / (1 + fast_exp(-x))``: TOPI's vectorizable polynomial
+(default false): ``exp``, ``tanh``, ``erf``, ``softmax`` (as TVM's ``FastMathTransform``) and
+``sigmoid`` (SiLU's gate, as ``1 / (1 + fast_exp(-x))``) by TOPI's vectorizable polynomial
 approximations (exactly, LLVM lowers each ``exp`` of a vector to one libm call per element); the
 build is checked against eager like any other.
 
@@ -101,25 +101,34 @@ def _files_stamp(directory: Path | None) -> tuple:
                         if p.is_file()))
 
 
-def _fast_sigmoid(mod):
-    """``mod`` with every ``sigmoid(x)`` computed as ``1 / (1 + fast_exp(-x))`` (TOPI's polynomial
-    ``exp``): TVM's ``FastMathTransform`` knows ``exp``, ``tanh``, ``erf`` and ``softmax``, not
-    ``sigmoid``, which the torch frontend emits for SiLU."""
+def _fast_math(mod):
+    """``mod`` with ``exp``, ``tanh``, ``erf``, ``softmax`` and ``sigmoid`` computed by TOPI's
+    vectorizable approximations (``sigmoid(x)`` as ``1 / (1 + fast_exp(-x))``, for SiLU). What TVM's
+    ``FastMathTransform`` does, plus ``sigmoid``, and safe on calls of other functions (TVM 0.27's
+    pass reads ``call.op.name``, which a ``GlobalVar``, e.g. a ``torch.cond`` branch, lacks)."""
+    import tvm
     from tvm import relax, topi
     from tvm.relax import PyExprMutator, expr_functor
 
-    def fast(x):
-        return topi.divide(1.0, topi.add(1.0, topi.fast_exp(topi.negative(x))))
+    fast = {
+        "relax.exp": lambda call: (topi.fast_exp,),
+        "relax.tanh": lambda call: (topi.fast_tanh,),
+        "relax.erf": lambda call: (topi.fast_erf,),
+        "relax.nn.softmax": lambda call: (topi.nn.fast_softmax, call.attrs.axis),
+        "relax.sigmoid": lambda call: (lambda x: topi.divide(1.0, topi.add(1.0, topi.fast_exp(topi.negative(x)))),),
+    }
 
     @expr_functor.mutator
-    class FastSigmoid(PyExprMutator):
+    class FastMath(PyExprMutator):
         def visit_call_(self, call):
             call = super().visit_call_(call)
-            if getattr(call.op, "name", None) == "relax.sigmoid":
-                return self.builder_.call_te(fast, call.args[0], primfunc_name_hint="fast_sigmoid")
-            return call
+            rule = fast.get(getattr(call.op, "name", None)) if isinstance(call.op, tvm.ir.Op) else None
+            if rule is None:
+                return call
+            f, *attrs = rule(call)
+            return self.builder_.call_te(f, call.args[0], *attrs)
 
-    mutator = FastSigmoid(mod)
+    mutator = FastMath(mod)
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):
             mutator.builder_.update_func(gv, mutator.visit_expr(func))
@@ -267,7 +276,7 @@ class TVMBackend(Backend):
             mod = relax.transform.FoldConstant()(
                 relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod))
         if self.fast_math:
-            mod = relax.transform.FastMathTransform()(_fast_sigmoid(mod))
+            mod = _fast_math(mod)
         mod = relax.get_pipeline("zero")(relax.transform.CanonicalizeBindings()(mod))
         if self.weight_prepack and target.device == "cpu":
             # weights (constants here) marked layout-free: MetaSchedule's RewriteLayout may then
