@@ -219,7 +219,7 @@ def tuning_phase(ctx, p: RunPlan, quick: bool, minutes: float | None = None) -> 
     """Tune TVM within ``minutes`` (default: the profile's ``tune_minutes``; a budget over
     re-runs: a tuned database tunes nothing) before any TVM build, so every route applies the same
     database. Left out by ``--quick`` and when TVM is not measured."""
-    from harness.phases.tuning import run_tuning
+    from harness.phases.tuning import SPENT, run_tuning
 
     if "tvm" not in p.backends or ctx.target.device != "cpu":
         return
@@ -246,7 +246,8 @@ def tuning_phase(ctx, p: RunPlan, quick: bool, minutes: float | None = None) -> 
         return
     p.notes = [n for n in p.notes if n not in stale] + ctx.backend("tvm").notes(ctx.target)
     p.notes.append(f"tvm: the tuning database holds {summary['tuned']} of the {summary['tasks']} tasks "
-                   f"({summary['trials_now']} trials tuned in this run)")
+                   f"({summary['trials_now']} trials tuned in this run"
+                   + (")" if summary["extracted"] else f"; {SPENT})"))
 
 
 def static_phase(ctx, p: RunPlan, all_workloads, retry_failed: bool) -> None:

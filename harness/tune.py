@@ -52,7 +52,7 @@ def _main(args) -> int:
     import dsnet
     from harness.backends import get_backend
     from harness.measure.remote import RemoteError, parse_tracker
-    from harness.phases.tuning import run_tuning
+    from harness.phases.tuning import SPENT, run_tuning
     from harness.results.store import FolderLock, StoreError
 
     if bool(args.rpc_tracker) != bool(args.rpc_key):
@@ -106,7 +106,8 @@ def _main(args) -> int:
     finally:
         lock.release()
     print(f"tuned {summary['tuned_now']} task(s) now ({summary['trials_now']} trials, {summary['seconds_now']:.0f} s); "
-          f"the database holds {summary['tuned']} of the {summary['tasks']} tasks of {summary['networks']} networks")
+          f"the database holds {summary['tuned']} of the {summary['tasks']} tasks of {summary['networks']} networks"
+          + ("" if summary["extracted"] else f" ({SPENT})"))
     return 0
 
 

@@ -236,3 +236,12 @@ def test_the_run_tunes_within_the_profiles_budget_and_labels_its_rows(x86, tmp_p
     one = pd.read_csv(tmp_path / "out" / "dynamic.csv").query("kind == 'one_graph'")
     assert (one.status == "ok").any(), one.error.tolist()
     assert not one.error.fillna("").str.contains("Check failed").any(), one.error.tolist()
+    # a re-run with the same budget finds it spent without extracting the tasks again; a larger one extracts
+    from harness.phases.tuning import SPENT
+
+    assert ": extracted" in out.err and SPENT not in out.out
+    assert runmod.main(args) == 0
+    again = capsys.readouterr()
+    assert ": extracted" not in again.err and SPENT in again.out
+    assert runmod.main([*args[:-1], "0.05"]) == 0
+    assert ": extracted" in capsys.readouterr().err

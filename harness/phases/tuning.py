@@ -9,13 +9,20 @@ dynamic engine (the head and each segment, on the features the chain feeds it).
 :func:`tuning_tasks` turns them into Relax and collects their distinct tasks; :func:`tune_tasks`
 spends a budget on them (:func:`harness.backends.tvm_tuning.tune`) into the TVM backend's
 database under the results folder, then reports how many tasks the database holds;
-:func:`run_tuning` is the two in one. The TVM backend applies that database
-to every later build (``harness.run``), so tuning is shared by all routes and all phases.
+:func:`run_tuning` is the two in one, and notes in the database's ledger (``spent``) the budget
+it spent on the tasks of one :func:`tuning_signature` (models, input size, the backend's settings,
+the TVM target, the library versions and the ``dsnet`` sources): a later call with no larger a
+budget would tune nothing, so it returns that note without the minutes of task extraction. The TVM
+backend applies that database to every later build (``harness.run``), so tuning is shared by all
+routes and all phases.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 
@@ -58,9 +65,7 @@ def tuning_tasks(backend, target, models: list[str], input_size: int,
     from harness.backends.tvm_tuning import collect_tasks
 
     mods, tvm_target = [], None
-    # the dynamic engine's parts only where the run builds them on TVM (the profile's dynamic_backends)
-    dynamic = "tvm" in (target.dynamic_backends or target.backends)
-    modules = list(tuning_modules(models, input_size, dynamic))
+    modules = list(tuning_modules(models, input_size, _builds_dynamic(target)))
     extract = progress_factory(len(modules), "tasks") if progress_factory else None
     for label, module, example in modules:
         mod, tvm_target = backend.relax_module(module, example, target, "fp32")
@@ -70,14 +75,37 @@ def tuning_tasks(backend, target, models: list[str], input_size: int,
     return collect_tasks(mods, tvm_target), len(modules)
 
 
+SPENT = "tasks not extracted again: this budget was spent on them before"
+
+
+def _builds_dynamic(target) -> bool:
+    """Whether the run builds the dynamic engine's parts on TVM (the profile's dynamic_backends)."""
+    return "tvm" in (target.dynamic_backends or target.backends)
+
+
+def tuning_signature(backend, target, models: list[str], input_size: int) -> str:
+    """What decides the tasks :func:`tuning_tasks` would extract, short of extracting them."""
+    import tvm
+
+    sources = hashlib.sha1()
+    for path in sorted(Path(dsnet.__file__).parent.rglob("*.py")):
+        sources.update(path.read_bytes())
+    key = {"models": sorted(models), "input_size": input_size, "dynamic": _builds_dynamic(target),
+           "backend": {k: v for k, v in backend.cache_key().items() if k != "tuning_records"},
+           "tvm_target": backend.tvm_target(target), "versions": [tvm.__version__, torch.__version__],
+           "dsnet": sources.hexdigest()}
+    return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def tune_tasks(backend, target, tasks: list, budget_s: float,
-               progress_factory: Callable[[int, str], Callable[[str, str], None]] | None = None) -> dict:
+               progress_factory: Callable[[int, str], Callable[[str, str], None]] | None = None,
+               db=None) -> dict:
     """Spend ``budget_s`` seconds (in total over re-runs) tuning ``tasks`` into ``backend``'s
-    database (its workdir) for ``target``; the tuning summary and the database's coverage of the
-    tasks (``tuned`` of ``tasks``)."""
+    database (its workdir; ``db`` when given) for ``target``; the tuning summary and the
+    database's coverage of the tasks (``tuned`` of ``tasks``)."""
     from harness.backends.tvm_tuning import SearchSettings, tune
 
-    db = backend.open_database(target)
+    db = db or backend.open_database(target)
     search = SearchSettings()
     builder, runner = backend.search_builder_runner(search)
     summary = tune(db, tasks, budget_s, search, builder, runner, progress_factory)
@@ -90,8 +118,18 @@ def run_tuning(backend, target, models: list[str], input_size: int, budget_s: fl
     """Tune the TVM tasks of ``models`` within ``budget_s`` seconds (in total over re-runs) with
     ``backend`` (the TVM backend, its workdir the database's folder) for ``target``: the summary
     of :func:`tune_tasks` and how many ``networks`` the tasks came from."""
-    why = backend.open_database(target).foreign()  # refused before minutes of task extraction
+    db = backend.open_database(target)
+    why = db.foreign()  # refused before minutes of task extraction
     if why:
         raise ValueError(f"{why}: tune into another results folder, or move the folder away")
+    signature = tuning_signature(backend, target, models, input_size)
+    spent = db.ledger.get("spent", {}).get(signature)
+    if spent and spent["budget_s"] >= budget_s:  # tune() would find the budget spent
+        return {"tasks": spent["tasks"], "tuned": spent["tuned"], "networks": spent["networks"], "tuned_now": 0,
+                "trials_now": 0, "seconds_now": 0.0, "database": str(db.directory), "extracted": False}
     tasks, networks = tuning_tasks(backend, target, models, input_size, progress_factory)
-    return tune_tasks(backend, target, tasks, budget_s, progress_factory) | {"networks": networks}
+    summary = tune_tasks(backend, target, tasks, budget_s, progress_factory, db) | {"networks": networks}
+    db.ledger.setdefault("spent", {})[signature] = {"budget_s": budget_s, "tasks": summary["tasks"],
+                                                    "tuned": summary["tuned"], "networks": networks}
+    db._write_ledger()
+    return summary | {"extracted": True}
