@@ -6,9 +6,10 @@ Contract
 MetaSchedule JSON database (anchor-block equality, so a record tuned for a convolution with one
 fused epilogue serves the same convolution with another) and ``ledger.json``, written atomically
 after every task: the TVM target the records were tuned for, per task the trials and seconds spent
-and its best measured time, and the budget plan. A database tuned for another TVM target is
-``foreign``: it is neither applied nor extended, and :meth:`TuningDatabase.foreign` says why in
-one line.
+and its best measured time, the budget plan, and the budget spent per set of networks and
+settings (``spent``, noted by :func:`harness.phases.tuning.run_tuning`). A database tuned for
+another TVM target is ``foreign``: it is neither applied nor extended, and
+:meth:`TuningDatabase.foreign` says why in one line.
 
 :func:`collect_tasks` gathers the distinct tasks of many Relax modules (weights summed over every
 module that uses them). :func:`tune` spends a budget in seconds:
@@ -169,6 +170,15 @@ class TuningDatabase:
             return None
         secs = [float(s) for s in top[0].run_secs]
         return 1e3 * sum(secs) / len(secs)
+
+    def spent(self, signature: str) -> dict | None:
+        """What :meth:`note_spent` noted for ``signature`` (a set of networks and settings), if anything."""
+        return self.ledger.get("spent", {}).get(signature)
+
+    def note_spent(self, signature: str, note: dict) -> None:
+        """Note (written at once) that ``note["budget_s"]`` was spent on the tasks of ``signature``."""
+        self.ledger.setdefault("spent", {})[signature] = note
+        self._write_ledger()
 
     def entry(self, key: str) -> dict:
         return self.ledger["tasks"].setdefault(key, {"trials": 0, "seconds": 0.0})

@@ -123,13 +123,12 @@ def run_tuning(backend, target, models: list[str], input_size: int, budget_s: fl
     if why:
         raise ValueError(f"{why}: tune into another results folder, or move the folder away")
     signature = tuning_signature(backend, target, models, input_size)
-    spent = db.ledger.get("spent", {}).get(signature)
+    spent = db.spent(signature)
     if spent and spent["budget_s"] >= budget_s:  # tune() would find the budget spent
         return {"tasks": spent["tasks"], "tuned": spent["tuned"], "networks": spent["networks"], "tuned_now": 0,
                 "trials_now": 0, "seconds_now": 0.0, "database": str(db.directory), "extracted": False}
     tasks, networks = tuning_tasks(backend, target, models, input_size, progress_factory)
     summary = tune_tasks(backend, target, tasks, budget_s, progress_factory, db) | {"networks": networks}
-    db.ledger.setdefault("spent", {})[signature] = {"budget_s": budget_s, "tasks": summary["tasks"],
-                                                    "tuned": summary["tuned"], "networks": networks}
-    db._write_ledger()
+    db.note_spent(signature, {"budget_s": budget_s, "tasks": summary["tasks"], "tuned": summary["tuned"],
+                              "networks": networks})
     return summary | {"extracted": True}
