@@ -97,8 +97,8 @@ def _files_stamp(directory: Path | None) -> tuple:
     """``(name, mtime_ns, size)`` of every file directly in ``directory``: changes when any is rewritten."""
     if directory is None or not Path(directory).is_dir():
         return ()
-    return tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in Path(directory).iterdir()
-                        if p.is_file()))
+    stats = ((p.name, p.stat()) for p in Path(directory).iterdir() if p.is_file())
+    return tuple(sorted((name, st.st_mtime_ns, st.st_size) for name, st in stats))
 
 
 def _fast_math(mod):
@@ -110,23 +110,22 @@ def _fast_math(mod):
     from tvm import relax, topi
     from tvm.relax import PyExprMutator, expr_functor
 
-    fast = {
-        "relax.exp": lambda call: (topi.fast_exp,),
-        "relax.tanh": lambda call: (topi.fast_tanh,),
-        "relax.erf": lambda call: (topi.fast_erf,),
-        "relax.nn.softmax": lambda call: (topi.nn.fast_softmax, call.attrs.axis),
-        "relax.sigmoid": lambda call: (lambda x: topi.divide(1.0, topi.add(1.0, topi.fast_exp(topi.negative(x)))),),
+    fast = {  # operator -> its approximation, a TE function of (input, the call's attributes)
+        "relax.exp": lambda x, attrs: topi.fast_exp(x),
+        "relax.tanh": lambda x, attrs: topi.fast_tanh(x),
+        "relax.erf": lambda x, attrs: topi.fast_erf(x),
+        "relax.nn.softmax": lambda x, attrs: topi.nn.fast_softmax(x, attrs.axis),
+        "relax.sigmoid": lambda x, attrs: topi.divide(1.0, topi.add(1.0, topi.fast_exp(topi.negative(x)))),
     }
 
     @expr_functor.mutator
     class FastMath(PyExprMutator):
         def visit_call_(self, call):
             call = super().visit_call_(call)
-            rule = fast.get(getattr(call.op, "name", None)) if isinstance(call.op, tvm.ir.Op) else None
+            rule = fast.get(call.op.name) if isinstance(call.op, tvm.ir.Op) else None
             if rule is None:
                 return call
-            f, *attrs = rule(call)
-            return self.builder_.call_te(f, call.args[0], *attrs)
+            return self.builder_.call_te(lambda x: rule(x, call.attrs), call.args[0])
 
     mutator = FastMath(mod)
     for gv, func in mod.functions_items():
