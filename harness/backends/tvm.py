@@ -15,16 +15,19 @@ approximations (exactly, LLVM lowers each ``exp`` of a vector to one libm call p
 build is checked against eager like any other.
 
 Batch norm is folded into the convolution before it (``FoldBatchnormToConv2D``), as ONNX Runtime
-and TorchScript do. CPU builds apply whatever the MetaSchedule database in the backend's ``workdir``
-(``<results>/tvm_tuning/``, filled by :mod:`harness.backends.tvm_tuning`) holds for their
-functions; functions it lacks keep TVM's default (unscheduled) lowering. A database tuned for
-another TVM target is not applied (said in ``notes``). Each engine's ``details`` label it
-``untuned``, ``partly tuned (k/n)`` or ``tuned`` with the trials spent; the artifact's cache key
-carries the database's digest, so new records rebuild the artifacts. CUDA builds apply DLight's
-default GPU schedules. ``export`` writes the library only, cross-compiled when the target is
-another architecture (``harness.measure.remote`` runs it on a board); :func:`cross_compiler`
-finds the cross compiler or says what to install. :meth:`TVMBackend.search_builder_runner` is how
-candidates are built and run while tuning (on a board through the RPC tracker when remote).
+and TorchScript do; the arithmetic that leaves on the weights, the weights' transposes and their
+prepacked layouts are folded by :func:`harness.backends.tvm_relax.fold_constants` (NumPy, one
+library for the layouts) rather than one LLVM build per constant. CPU builds apply whatever the
+MetaSchedule database in the backend's ``workdir`` (``<results>/tvm_tuning/``, filled by
+:mod:`harness.backends.tvm_tuning`) holds for their functions; functions it lacks keep TVM's
+default (unscheduled) lowering. A database tuned for another TVM target is not applied (said in
+``notes``). Each engine's ``details`` label it ``untuned``, ``partly tuned (k/n)`` or ``tuned``
+with the trials spent; the artifact's cache key carries the database's digest, so new records
+rebuild the artifacts. CUDA builds apply DLight's default GPU schedules. ``export`` writes the
+library only, cross-compiled when the target is another architecture (``harness.measure.remote``
+runs it on a board); :func:`cross_compiler` finds the cross compiler or says what to install.
+:meth:`TVMBackend.search_builder_runner` is how candidates are built and run while tuning (on a
+board through the RPC tracker when remote).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from harness.backends import tvm_relax
 from harness.backends.base import Backend, Engine, Exported, as_torch_outputs, cast, input_caster, one_line
 
 ARCH_OF_TRIPLE = {"aarch64": "aarch64", "arm64": "aarch64", "x86_64": "x86_64"}
@@ -99,39 +103,6 @@ def _files_stamp(directory: Path | None) -> tuple:
         return ()
     stats = ((p.name, p.stat()) for p in Path(directory).iterdir() if p.is_file())
     return tuple(sorted((name, st.st_mtime_ns, st.st_size) for name, st in stats))
-
-
-def _fast_math(mod):
-    """``mod`` with ``exp``, ``tanh``, ``erf``, ``softmax`` and ``sigmoid`` computed by TOPI's
-    vectorizable approximations (``sigmoid(x)`` as ``1 / (1 + fast_exp(-x))``, for SiLU). What TVM's
-    ``FastMathTransform`` does, plus ``sigmoid``, and safe on calls of other functions (TVM 0.27's
-    pass reads ``call.op.name``, which a ``GlobalVar``, e.g. a ``torch.cond`` branch, lacks)."""
-    import tvm
-    from tvm import relax, topi
-    from tvm.relax import PyExprMutator, expr_functor
-
-    fast = {  # operator -> its approximation, a TE function of (input, the call's attributes)
-        "relax.exp": lambda x, attrs: topi.fast_exp(x),
-        "relax.tanh": lambda x, attrs: topi.fast_tanh(x),
-        "relax.erf": lambda x, attrs: topi.fast_erf(x),
-        "relax.nn.softmax": lambda x, attrs: topi.nn.fast_softmax(x, attrs.axis),
-        "relax.sigmoid": lambda x, attrs: topi.divide(1.0, topi.add(1.0, topi.fast_exp(topi.negative(x)))),
-    }
-
-    @expr_functor.mutator
-    class FastMath(PyExprMutator):
-        def visit_call_(self, call):
-            call = super().visit_call_(call)
-            rule = fast.get(call.op.name) if isinstance(call.op, tvm.ir.Op) else None
-            if rule is None:
-                return call
-            return self.builder_.call_te(lambda x: rule(x, call.attrs), call.args[0])
-
-    mutator = FastMath(mod)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            mutator.builder_.update_func(gv, mutator.visit_expr(func))
-    return mutator.builder_.get()
 
 
 class TVMBackend(Backend):
@@ -270,12 +241,11 @@ class TVMBackend(Backend):
         # batch norm folded into the convolution before it, as ONNX Runtime and TorchScript's
         # optimize_for_inference do: one fused task (conv + bias + activation) per layer instead of
         # a convolution task and a batch-norm task, half the tasks to tune and one pass over memory
-        mod = relax.transform.FoldConstant()(relax.transform.FoldBatchnormToConv2D()(mod))
+        mod = tvm_relax.fold_constants(relax.transform.FoldBatchnormToConv2D()(mod))
         if self.layout == "NHWC":  # channels innermost: vector loops over channels; weights transposed once
-            mod = relax.transform.FoldConstant()(
-                relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod))
+            mod = tvm_relax.fold_constants(relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod))
         if self.fast_math:
-            mod = _fast_math(mod)
+            mod = tvm_relax.fast_math(mod)
         mod = relax.get_pipeline("zero")(relax.transform.CanonicalizeBindings()(mod))
         if self.weight_prepack and target.device == "cpu":
             # weights (constants here) marked layout-free: MetaSchedule's RewriteLayout may then
@@ -349,7 +319,7 @@ class TVMBackend(Backend):
         try:
             applied = db.apply(mod)
             if self.weight_prepack:  # the rewrite runs once, here, instead of in every call
-                applied = relax.transform.FoldConstant()(relax.transform.SplitLayoutRewritePreproc()(applied))
+                applied = tvm_relax.fold_constants(relax.transform.SplitLayoutRewritePreproc()(applied))
             return applied, details
         except RuntimeError as e:  # tvm.error.InternalError: a record's trace did not replay
             # anchor-block equality lends a record to every function with the same anchor
