@@ -60,7 +60,7 @@ def _tasks(backend, target, module, x):
 
 
 def test_tuned_beats_untuned_keeps_the_output_and_a_rerun_tunes_nothing(x86, tmp_path):
-    from harness.backends.tvm_tuning import SearchSettings, tune
+    from harness.backends.tvm_tuning import RECORD_FILES, SearchSettings, tune
 
     target, backend = x86
     net, x = _net((16, 32)), torch.randn(1, 3, 32, 32)
@@ -73,6 +73,14 @@ def test_tuned_beats_untuned_keeps_the_output_and_a_rerun_tunes_nothing(x86, tmp
     assert done["tuned_now"] >= len(tasks) > 0
     db = backend.database(target)
     assert db is not None and backend.database(target) is db  # read once, not once per build
+    workloads, records = RECORD_FILES  # builds read the best record per workload, pruned into best/
+
+    def lines(folder, name):
+        return len((folder / name).read_text().splitlines())
+
+    assert db.records == db.directory / "best"
+    assert lines(db.records, records) == lines(db.records, workloads) > 0
+    assert lines(db.directory, records) > lines(db.records, records)
     tuned = _build(backend, target, net, x, tmp_path / "cache")  # the new records change the artifact's key
     assert tuned.details["cached"] is False
     assert tuned.details["tuning"] == "tuned" and tuned.details["tuned_tasks"] == tuned.details["tasks"] == len(tasks)

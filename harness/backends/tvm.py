@@ -188,9 +188,9 @@ class TVMBackend(Backend):
         return self.workdir
 
     def database(self, target):
-        """The tuning database of the workdir for ``target`` (None when nothing was tuned there),
-        read once per change of its files: a 30-minute database is ~100 MB of JSON and takes
-        tens of seconds to read, which every route's build would otherwise pay."""
+        """What builds apply for ``target``: the best record per workload of the workdir's tuning
+        database (:meth:`TuningDatabase.best_of`; None when nothing was tuned there), read once per
+        change of the workdir's files rather than once per build."""
         import tvm
 
         from harness.backends.tvm_tuning import TuningDatabase
@@ -198,18 +198,18 @@ class TVMBackend(Backend):
         tvm_target = tvm.target.Target(self.tvm_target(target))
         stamp = (str(tvm_target), _files_stamp(self.tuning_dir))
         if getattr(self, "_database_of", None) != stamp:
-            self._database = TuningDatabase.existing(self.tuning_dir, tvm_target)
+            self._database = TuningDatabase.best_of(self.tuning_dir, tvm_target)
             self._database_of = stamp
         return self._database
 
     def open_database(self, target):
-        """The tuning database of the workdir for ``target``, created when missing (the one
-        :meth:`database` read, when it did)."""
+        """The workdir's whole tuning database for ``target`` (every record: what tuning extends),
+        created when missing; its records are read on first use."""
         import tvm
 
         from harness.backends.tvm_tuning import TuningDatabase
 
-        return self.database(target) or TuningDatabase(self.tuning_dir, tvm.target.Target(self.tvm_target(target)))
+        return TuningDatabase(self.tuning_dir, tvm.target.Target(self.tvm_target(target)))
 
     def search_builder_runner(self, search):
         """How tuning builds and runs candidates: ``(None, None)`` (local, the defaults of

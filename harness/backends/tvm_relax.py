@@ -6,12 +6,14 @@ Each function takes an ``IRModule`` and returns a new one; none changes what the
 beyond the rounding the docstring states.
 
 - :func:`fold_constants`: every computation on constants folded into one constant, as TVM's
-  ``FoldConstant`` does, but the elementwise, reshape and transpose operators that batch norm
-  folding and layout conversion leave on the weights (``add``, ``subtract``, ``multiply``,
-  ``divide``, ``sqrt``, ``reshape``, ``permute_dims``, ``expand_dims``) are computed with NumPy
-  (IEEE float32, as TVM's kernels compute them). ``FoldConstant`` builds and runs one LLVM kernel per
-  distinct operator and shape: ~350 of them, 13 s of a DS-MBNet route's 18 s import on 2 cores.
-  What is left (any other operator, ``call_tir``) goes to ``FoldConstant``.
+  ``FoldConstant`` does (the same values, bit for bit; a rewritten layout's padding zeroed where
+  ``FoldConstant`` leaves it uninitialized), without its one LLVM build per distinct
+  operator and shape (hundreds per route, most of a route's import time): the elementwise,
+  reshape and transpose operators that batch norm folding and layout conversion leave on the
+  weights (``add``, ``subtract``, ``multiply``, ``divide``, ``sqrt``, ``reshape``,
+  ``permute_dims``, ``expand_dims``) are computed with NumPy (IEEE float32, as TVM's kernels
+  compute them); ``call_tir`` of a PrimFunc on constants (a prepacked weight's layout rewrite)
+  runs from one library built for all of them. Anything else goes to ``FoldConstant``.
 - :func:`fast_math`: ``exp``, ``tanh``, ``erf``, ``softmax`` and ``sigmoid`` by TOPI's
   vectorizable approximations.
 """

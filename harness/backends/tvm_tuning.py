@@ -7,9 +7,12 @@ MetaSchedule JSON database (anchor-block equality, so a record tuned for a convo
 fused epilogue serves the same convolution with another) and ``ledger.json``, written atomically
 after every task: the TVM target the records were tuned for, per task the trials and seconds spent
 and its best measured time, the budget plan, and the budget spent per set of networks and
-settings (``spent``, noted by :func:`harness.phases.tuning.run_tuning`). A database tuned for
-another TVM target is ``foreign``: it is neither applied nor extended, and
-:meth:`TuningDatabase.foreign` says why in one line.
+settings (``spent``, noted by :func:`harness.phases.tuning.run_tuning`). The records are read on
+first use, not for the ledger. Builds read :meth:`TuningDatabase.best_of`: the best record of
+each workload, pruned into ``best/`` whenever the records changed (tuning keeps every measured
+candidate: many records per workload). A database tuned for another TVM target is
+``foreign``: it is neither applied nor extended, and :meth:`TuningDatabase.foreign` says why in
+one line.
 
 :func:`collect_tasks` gathers the distinct tasks of many Relax modules (weights summed over every
 module that uses them). :func:`tune` spends a budget in seconds:
@@ -33,17 +36,23 @@ or with ``SearchSettings(cost_model="random")``, it measures random picks of the
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 LEDGER = "ledger.json"
+RECORD_FILES = ("database_workload.json", "database_tuning_record.json")  # MetaSchedule's JSONDatabase
+BEST = "best"  # subfolder: the best record per workload (TuningDatabase.best_of)
+PRUNED_FROM = "pruned_from.json"  # in BEST: the sizes and times of the records it was pruned from
 EQUALITY = "anchor-block"
 
 
@@ -110,18 +119,24 @@ class TuningStatus:
 
 
 class TuningDatabase:
-    def __init__(self, directory: Path, tvm_target):
-        from tvm.s_tir import meta_schedule as ms
-
+    def __init__(self, directory: Path, tvm_target, records: Path | None = None):
         self.directory, self.target = Path(directory), tvm_target
+        self.records = Path(records) if records is not None else self.directory
         self.target_text = str(tvm_target)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.ledger = self._read_ledger()
+
+    @functools.cached_property
+    def ms(self):
+        """The MetaSchedule database of ``records``, read on first use (the ledger alone tells
+        whether the database is foreign or its budget spent)."""
+        from tvm.s_tir import meta_schedule as ms
+
         try:
-            self.ms = ms.database.JSONDatabase(work_dir=str(self.directory), module_equality=EQUALITY)
+            return ms.database.JSONDatabase(work_dir=str(self.records), module_equality=EQUALITY)
         except Exception as e:  # a truncated or foreign file: TVM raises its own error types
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"tuning database in {self.directory} is unreadable ({first}); "
+            raise ValueError(f"tuning database in {self.records} is unreadable ({first}); "
                              "move the folder away to tune afresh") from None
 
     @classmethod
@@ -130,6 +145,32 @@ class TuningDatabase:
         if directory is None or not (Path(directory) / "database_workload.json").is_file():
             return None
         return cls(directory, tvm_target)
+
+    @classmethod
+    def best_of(cls, directory: Path | None, tvm_target) -> TuningDatabase | None:
+        """What builds read: the best record of each workload (``best/``, pruned again whenever the
+        records changed since) with the ledger of ``directory``; None when nothing was tuned there.
+        Tuning keeps every measured record (its cost model learns from them); a build applies only
+        the best, a small fraction of the JSON to read."""
+        full = cls.existing(directory, tvm_target)
+        if full is None or full.foreign():
+            return full  # a foreign database is not applied: nothing to prune
+        source = json.dumps([[name, p.stat().st_size, p.stat().st_mtime_ns] for name in RECORD_FILES
+                             for p in [full.directory / name] if p.is_file()])
+        best = full.directory / BEST
+        if not ((best / PRUNED_FROM).is_file() and (best / PRUNED_FROM).read_text() == source):
+            fresh = Path(tempfile.mkdtemp(dir=full.directory, prefix=f".{BEST}-"))
+            fresh.chmod(0o755)  # as the folder around it, not mkdtemp's owner-only
+            from tvm.s_tir import meta_schedule as ms
+
+            full.ms.dump_pruned(ms.database.JSONDatabase(work_dir=str(fresh), module_equality=EQUALITY))
+            (fresh / PRUNED_FROM).write_text(source)
+            shutil.rmtree(best, ignore_errors=True)
+            try:
+                os.rename(fresh, best)
+            except OSError:  # another process pruned the same records at the same time
+                shutil.rmtree(fresh, ignore_errors=True)
+        return cls(directory, tvm_target, records=best)
 
     def _read_ledger(self) -> dict:
         path = self.directory / LEDGER
