@@ -285,3 +285,24 @@ def test_tuning_into_a_database_of_another_target_is_refused(capsys, tmp_path):
     assert tunemod.main(["--target", "x86", "--models", "ds_mbnet_tiny", "--input-size", "32", "--minutes", "1",
                          "--results", str(tmp_path)]) == 2
     _one_error_line(capsys, "tuning ledger")
+
+
+def test_an_unreadable_tuning_database_says_what_to_do_and_leaves_nothing_half_written(tmp_path):
+    """Builds read the records pruned into best/: a broken best/ is pruned again from the records
+    (its error says so); broken records stop before anything is written."""
+    tvm = pytest.importorskip("tvm")
+    from harness.backends.tvm_tuning import BEST, PRUNED_FROM, RECORD_FILES, TuningDatabase
+
+    workdir, target = tmp_path / "tvm_tuning", tvm.target.Target("llvm")
+    workdir.mkdir()
+    for name in RECORD_FILES:
+        (workdir / name).write_text("")  # a database with no record yet
+    db = TuningDatabase.best_of(workdir, target)
+    assert db.records == workdir / BEST and (workdir / BEST / PRUNED_FROM).is_file()
+    (workdir / BEST / RECORD_FILES[1]).write_text("{not json\n")
+    with pytest.raises(ValueError, match=rf"{BEST} is unreadable .*; delete it to prune it again from the records"):
+        _ = TuningDatabase.best_of(workdir, target).ms  # read on first use
+    (workdir / RECORD_FILES[1]).write_text("{not json\n")
+    with pytest.raises(ValueError, match="tvm_tuning is unreadable .*; move the folder away to tune afresh"):
+        TuningDatabase.best_of(workdir, target)
+    assert sorted(p.name for p in workdir.iterdir()) == sorted([BEST, *RECORD_FILES])

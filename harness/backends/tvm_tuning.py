@@ -136,8 +136,9 @@ class TuningDatabase:
             return ms.database.JSONDatabase(work_dir=str(self.records), module_equality=EQUALITY)
         except Exception as e:  # a truncated or foreign file: TVM raises its own error types
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"tuning database in {self.records} is unreadable ({first}); "
-                             "move the folder away to tune afresh") from None
+            remedy = ("delete it to prune it again from the records" if self.records != self.directory
+                      else "move the folder away to tune afresh")
+            raise ValueError(f"tuning database in {self.records} is unreadable ({first}); {remedy}") from None
 
     @classmethod
     def existing(cls, directory: Path | None, tvm_target) -> TuningDatabase | None:
@@ -159,17 +160,22 @@ class TuningDatabase:
                              for p in [full.directory / name] if p.is_file()])
         best = full.directory / BEST
         if not ((best / PRUNED_FROM).is_file() and (best / PRUNED_FROM).read_text() == source):
-            fresh = Path(tempfile.mkdtemp(dir=full.directory, prefix=f".{BEST}-"))
-            fresh.chmod(0o755)  # as the folder around it, not mkdtemp's owner-only
             from tvm.s_tir import meta_schedule as ms
 
-            full.ms.dump_pruned(ms.database.JSONDatabase(work_dir=str(fresh), module_equality=EQUALITY))
-            (fresh / PRUNED_FROM).write_text(source)
-            shutil.rmtree(best, ignore_errors=True)
+            records = full.ms  # an unreadable database says so here, before anything is written
+            fresh = Path(tempfile.mkdtemp(dir=full.directory, prefix=f".{BEST}-"))
             try:
-                os.rename(fresh, best)
-            except OSError:  # another process pruned the same records at the same time
+                fresh.chmod(0o755)  # as the folder around it, not mkdtemp's owner-only
+                records.dump_pruned(ms.database.JSONDatabase(work_dir=str(fresh), module_equality=EQUALITY))
+                (fresh / PRUNED_FROM).write_text(source)
+                shutil.rmtree(best, ignore_errors=True)
+                try:
+                    os.rename(fresh, best)
+                except OSError:  # another process pruned the same records at the same time
+                    shutil.rmtree(fresh, ignore_errors=True)
+            except BaseException:
                 shutil.rmtree(fresh, ignore_errors=True)
+                raise
         return cls(directory, tvm_target, records=best)
 
     def _read_ledger(self) -> dict:
