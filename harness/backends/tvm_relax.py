@@ -68,6 +68,8 @@ def _mutate_functions(mod, mutator):
 
 
 def _fold_with_numpy(mod):
+    """``mod`` with each call of a :data:`_NUMPY` operator on constants (float tensors of a static
+    shape) replaced by its value; any other call left as it is."""
     import tvm
     from tvm import relax
     from tvm.relax import PyExprMutator, expr_functor
