@@ -97,14 +97,6 @@ def _host_llvm_cpu() -> str:
         return "generic"
 
 
-def _files_stamp(directory: Path | None) -> tuple:
-    """``(name, mtime_ns, size)`` of every file directly in ``directory``: changes when any is rewritten."""
-    if directory is None or not Path(directory).is_dir():
-        return ()
-    stats = ((p.name, p.stat()) for p in Path(directory).iterdir() if p.is_file())
-    return tuple(sorted((name, st.st_mtime_ns, st.st_size) for name, st in stats))
-
-
 class TVMBackend(Backend):
     name = "tvm"
     devices = ("cpu", "cuda")
@@ -193,10 +185,10 @@ class TVMBackend(Backend):
         change of the workdir's files rather than once per build."""
         import tvm
 
-        from harness.backends.tvm_tuning import TuningDatabase
+        from harness.backends.tvm_tuning import TuningDatabase, files_stamp
 
         tvm_target = tvm.target.Target(self.tvm_target(target))
-        stamp = (str(tvm_target), _files_stamp(self.tuning_dir))
+        stamp = (str(tvm_target), files_stamp(self.tuning_dir))
         if getattr(self, "_database_of", None) != stamp:
             self._database = TuningDatabase.best_of(self.tuning_dir, tvm_target)
             self._database_of = stamp

@@ -156,8 +156,7 @@ class TuningDatabase:
         full = cls.existing(directory, tvm_target)
         if full is None or full.foreign():
             return full  # a foreign database is not applied: nothing to prune
-        source = json.dumps([[name, p.stat().st_size, p.stat().st_mtime_ns] for name in RECORD_FILES
-                             for p in [full.directory / name] if p.is_file()])
+        source = json.dumps(files_stamp(full.directory, RECORD_FILES))
         best = full.directory / BEST
         if not ((best / PRUNED_FROM).is_file() and (best / PRUNED_FROM).read_text() == source):
             from tvm.s_tir import meta_schedule as ms
@@ -237,6 +236,16 @@ class TuningDatabase:
 
         with self.target, self.ms, tvm.transform.PassContext(opt_level=3):
             return relax.transform.MetaScheduleApplyDatabase()(mod)
+
+
+def files_stamp(directory: Path | None, names: tuple[str, ...] | None = None) -> tuple:
+    """``(name, mtime_ns, size)`` of every file directly in ``directory`` (or of those ``names``):
+    changes when any is rewritten."""
+    if directory is None or not Path(directory).is_dir():
+        return ()
+    paths = [p for p in Path(directory).iterdir() if names is None or p.name in names]
+    stats = ((p.name, p.stat()) for p in paths if p.is_file())
+    return tuple(sorted((name, st.st_mtime_ns, st.st_size) for name, st in stats))
 
 
 def _probe_key(mod) -> str:
