@@ -32,6 +32,7 @@ this compile did that changes a number (e.g. TVM: tasks tuned). Backends know no
 from __future__ import annotations
 
 import copy
+import signal
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,6 +51,16 @@ def one_line(exc: BaseException) -> str:
     where = f" (at {Path(tb[-1].filename).name}:{tb[-1].lineno})" if tb else ""
     text = f"{type(exc).__name__}: {msg}{where}"
     return text if len(text) <= 500 else text[:497] + "..."
+
+
+def exit_text(code: int | None) -> str:
+    """How a child process ended, from its return code: ``killed by SIGSEGV``, ``exit code 1``."""
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
 
 
 def as_torch_outputs(outputs, convert: Callable[[Any], torch.Tensor] = lambda t: t):

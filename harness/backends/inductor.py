@@ -8,7 +8,6 @@ the signal and the child's last line; one that runs there is loaded here.
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import tempfile
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from harness.backends.base import Backend, Engine, as_torch_outputs, cast, cuda_sync, input_caster
+from harness.backends.base import Backend, Engine, as_torch_outputs, cast, cuda_sync, exit_text, input_caster
 
 
 class InductorBackend(Backend):
@@ -73,10 +72,9 @@ def _load_package(path: str, example: torch.Tensor, target):
             torch.save(example.detach(), x)
             child = subprocess.run([sys.executable, "-c", _CHILD, str(path), str(x)], capture_output=True,
                                    text=True, timeout=600)
-        if child.returncode != 0:
-            rc = child.returncode
-            why = signal.Signals(-rc).name if rc < 0 and -rc in signal.Signals._value2member_map_ else f"exit {rc}"
+        rc = child.returncode
+        if rc != 0:
             last = next((ln.strip() for ln in reversed(child.stderr.splitlines()) if ln.strip()), "")
-            raise RuntimeError(f"AOTInductor's loader failed in a child process ({why}): {last[:200]}; "
+            raise RuntimeError(f"AOTInductor's loader failed in a child process ({exit_text(rc)}): {last[:200]}; "
                                "not loaded in the measuring process")
     return torch._inductor.aoti_load_package(path)

@@ -1,2 +1,3 @@
-"""Measurement: the protocol (``protocol``), the compile -> check -> time pipeline (``pipeline``) and
-remote boards behind TVM's RPC tracker (``remote``). Import the submodules; this file imports nothing."""
+"""Measurement: the protocol (``protocol``), the compile -> check -> time pipeline (``pipeline``), a
+second process that builds artifacts beside it (``build_worker``) and remote boards behind TVM's
+RPC tracker (``remote``). Import the submodules; this file imports nothing."""

@@ -22,7 +22,9 @@ artifact-load) time ``compile_s``, the backend's ``details`` that change a numbe
   profile asks for CUDA graphs, the replay of a captured call, checked against the plain call first;
   the result's ``cuda_graph`` detail says which was timed and why.
 - :func:`exported` builds the artifact only, for a board (``harness.measure.remote`` checks and
-  times it there).
+  times it there); :func:`built` compiles it without checking it, in a build worker
+  (:mod:`harness.measure.build_worker`), and ``trial(..., built=that result)`` then loads and checks
+  it as a fresh build (its compile time, not cached).
 
 The module given is never modified (backends work on copies) and must be in eval mode.
 """
@@ -218,9 +220,13 @@ def _build_details(artifact_dir: Path) -> dict:
 
 
 def trial(backend, module: torch.nn.Module, example: torch.Tensor, target, precision: str, key: ArtifactKey,
-          cache_root: Path, ref=None) -> Result:
+          cache_root: Path, ref=None, built: Result | None = None) -> Result:
     """Compile (or load) and check one engine; see the module docstring. ``ref``: eager fp32's
-    output on ``example`` when the caller has it (else computed here)."""
+    output on ``example`` when the caller has it (else computed here). ``built``: what :func:`built`
+    returned for this key in a build worker: a failed build is the result; a fresh artifact is
+    loaded and counts as compiled here (the worker's compile time plus the load, not cached)."""
+    if built is not None and not built.ok:
+        return built
     ref = reference(module, example) if ref is None else ref
     degenerate = insensitive(module, example, ref)
     if degenerate:
@@ -232,6 +238,10 @@ def trial(backend, module: torch.nn.Module, example: torch.Tensor, target, preci
             engine, compile_s, cached = _compile(backend, module, example, target, precision, artifact_dir, use_cache)
         except Exception as e:  # recorded; the caller goes on
             return Result("compile_failed", one_line(e), details=backend.details())
+        if cached and built is not None and not built.details.get("cached"):
+            compile_s, cached = built.compile_s + compile_s, False  # the worker's fresh build
+            engine.details["build_process"] = "worker"
+        built = None  # a rebuild below is this process's own
         details = {**backend.details(), **engine.details, "cached": cached}
         if stale:
             details["rebuilt"] = f"the cached artifact failed the check: {stale}"
@@ -246,6 +256,18 @@ def trial(backend, module: torch.nn.Module, example: torch.Tensor, target, preci
             return Result("check_failed", problem, round(compile_s, 3), details)
         stale = problem
     raise AssertionError("unreachable")
+
+
+def built(backend, module: torch.nn.Module, example: torch.Tensor, target, precision: str,
+          artifact_dir: Path) -> Result:
+    """Compile one artifact into ``artifact_dir`` without checking it (what a build worker runs;
+    ``trial(..., built=)`` checks it): ``ok`` with the compile time and the build's details, or
+    ``compile_failed``. An artifact already there is kept (``cached``)."""
+    try:
+        engine, compile_s, cached = _compile(backend, module, example, target, precision, artifact_dir, True)
+    except Exception as e:
+        return Result("compile_failed", one_line(e), details=backend.details())
+    return Result("ok", "", round(compile_s, 3), {**backend.details(), **engine.details, "cached": cached})
 
 
 def exported(backend, module: torch.nn.Module, example: torch.Tensor, target, precision: str, key: ArtifactKey,

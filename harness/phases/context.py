@@ -63,9 +63,10 @@ class RunContext:
                               weights or weights_fingerprint(module))
 
     def trial(self, model: str, route: str, backend: str, precision: str, module: torch.nn.Module,
-              example: torch.Tensor, ref=None, weights: str | None = None) -> Result:
+              example: torch.Tensor, ref=None, weights: str | None = None, built: Result | None = None) -> Result:
         key = self.key(model, route, backend, precision, example, module, weights)
-        return trial(self.backend(backend), module, example, self.target, precision, key, self.layout.cache_dir, ref)
+        return trial(self.backend(backend), module, example, self.target, precision, key, self.layout.cache_dir, ref,
+                     built)
 
     def close(self) -> None:
         """Close the store and give the results folder back to other runs."""

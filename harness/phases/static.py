@@ -10,7 +10,9 @@ context's store:
 1. the caller leaves out keys the store already holds (resume);
 2. per model, one round phase: every task of the model goes through
    :func:`harness.measure.pipeline.trial` first (compile or load the cached artifact, check against
-   eager fp32; ``compile_failed`` / ``check_failed`` stored at once, the sweep goes on), then every
+   eager fp32; ``compile_failed`` / ``check_failed`` stored at once, the sweep goes on; on a CPU
+   target the artifacts to build are shared with a :class:`~harness.measure.build_worker.BuildWorker`
+   process, which builds from the back of the list while this process goes from the front), then every
    checked engine is timed in rounds (:func:`harness.measure.protocol.measure_rounds`: each round
    visits every engine once in a fresh seeded order), the rows and the rounds' speed factors
    stored when the model's rounds end. An interrupted model is measured again by the re-run;
@@ -25,6 +27,7 @@ references agree across runs. Models and backends never meet except through the 
 
 from __future__ import annotations
 
+import os
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +36,7 @@ import torch
 
 import dsnet
 from harness.backends.base import one_line
+from harness.measure.build_worker import BuildJob, BuildWorker
 from harness.measure.pipeline import Result, exported, reference, weights_fingerprint
 from harness.measure.protocol import measure_rounds, paired_ratio
 from harness.phases.context import RunContext
@@ -150,17 +154,41 @@ def run_static(ctx: RunContext, tasks: list[Task], progress=None) -> list[dict]:
     for t in tasks:
         by_model.setdefault(t.workload.model, []).append(t)
     rows = []
-    for model, model_tasks in by_model.items():
-        rows += _round_phase(ctx, model, model_tasks, progress)
+    with BuildWorker() as worker:
+        for model, model_tasks in by_model.items():
+            rows += _round_phase(ctx, model, model_tasks, progress, worker)
     return rows
 
 
-def _round_phase(ctx: RunContext, model: str, tasks: list[Task], progress) -> list[dict]:
+def _shared_builds(ctx: RunContext, trials: list[tuple], worker: BuildWorker | None):
+    """``(shared, job_of)``: the trials' artifacts still to build, shared with ``worker`` (none on a
+    GPU target, where a second process would hold a second CUDA context, or on one core), and each
+    trial's index among them (absent: nothing to build, or built here)."""
+    if worker is None or ctx.target.device != "cpu" or (os.cpu_count() or 1) < 2:
+        return None, {}
+    jobs, job_of = [], {}
+    for n, (task, module, fingerprint, example) in enumerate(trials):
+        backend = ctx.backend(task.backend)
+        if not backend.artifact:
+            continue
+        key = ctx.key(task.workload.model, task.workload.route, task.backend, task.precision, example, module,
+                      fingerprint)
+        artifact_dir = key.directory(ctx.layout.cache_dir)
+        if not backend.has_artifact(artifact_dir):
+            job_of[n] = len(jobs)
+            jobs.append(BuildJob(backend, module, example, ctx.target, task.precision, artifact_dir))
+    return (worker.share(jobs) if len(jobs) > 1 else None), job_of
+
+
+def _round_phase(ctx: RunContext, model: str, tasks: list[Task], progress, worker: BuildWorker | None = None
+                 ) -> list[dict]:
     rows, ready = [], {}
-    for task, module, fingerprint in _modules(tasks):
-        example = task.example()
+    trials = [(task, module, fingerprint, task.example()) for task, module, fingerprint in _modules(tasks)]
+    shared, job_of = _shared_builds(ctx, trials, worker)
+    for n, (task, module, fingerprint, example) in enumerate(trials):
+        built = shared.claim(job_of[n]) if shared is not None and n in job_of else None
         result = ctx.trial(model, task.workload.route, task.backend, task.precision, module, example,
-                           weights=fingerprint)
+                           weights=fingerprint, built=built)
         if result.ok:
             try:
                 fn, result = ctx.timed(task.backend, result, result.engine.prepare(example))

@@ -34,7 +34,9 @@ STATUSES = ("ok", "compile_failed", "check_failed", "measure_failed")
 # the median's 95% interval and whether the cell met the protocol's validity rule (harness.measure.protocol)
 STATS_COLUMNS = ["latency_ms_p50", "latency_ms_p90", "latency_ms_mean", "latency_ms_std", "n",
                  "latency_ms_p50_ci_low", "latency_ms_p50_ci_high", "valid"]
-# compile_s: compile time, or artifact-load time when backend_details says cached; backend_details:
+# compile_s: compile time (the build worker's plus the load here when backend_details says
+# build_process worker: built beside this process's own builds), or artifact-load time when
+# backend_details says cached; backend_details:
 # JSON of the backend's settings that change a number (e.g. TVM's tuning trials and tuned tasks).
 LUT_COLUMNS = ["model", "route", "widths", "backend", "precision", "batch_size", "input_size", "madds", "params",
                *STATS_COLUMNS, "latency_rel", "latency_rel_to", "latency_ms_p50_drift_corrected", "status", "error",

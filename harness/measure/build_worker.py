@@ -1,0 +1,216 @@
+"""A second process that builds artifacts while this one builds and checks others.
+
+Contract
+--------
+``BuildWorker()`` spawns nothing until it is given work. ``worker.share(jobs)`` takes a list of
+:class:`BuildJob` in the order this process will go through them and returns a :class:`Shared`:
+the worker takes jobs from the back of the list while this process takes them from the front,
+by calling ``shared.claim(i)`` for ``i = 0, 1, ...`` in order: ``None`` when job ``i`` is this
+process's to build (it builds and checks it as ever, :func:`harness.measure.pipeline.trial`), else
+the worker's :class:`~harness.measure.pipeline.Result` for it, waited for
+(:func:`harness.measure.pipeline.built`: compiled into the job's artifact folder, not checked;
+``trial(..., built=result)`` loads and checks it). The two meet in the middle, so neither waits
+while the other has work left.
+
+Results are values: a build that raises is ``compile_failed``; a worker that dies (a crash in a
+compiler) fails the build it was running, with the signal, and a fresh worker takes the next.
+``worker.close()`` (or leaving ``with``) stops the worker at once, a build in progress included
+(a half-written artifact fails its load on the next run and is rebuilt); a worker whose parent
+dies exits when it next reads or writes its pipe.
+
+Why: on a CPU the compilers the harness drives are mostly single-threaded (LLVM's code generation,
+``torch.export``, a C++ compiler), so a second builder uses the core the first leaves idle. Builds
+only: nothing is timed while the worker runs (phases time after their builds are claimed). The
+worker runs with one torch thread and one TVM thread, and is started with ``spawn`` (a fork of a
+process holding torch's thread pools can deadlock).
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing
+import os
+import pickle
+import signal
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from pathlib import Path
+
+import torch
+
+from harness.backends.base import exit_text
+from harness.measure.pipeline import Result
+
+
+@dataclass
+class BuildJob:
+    """One artifact to build: the backend (configured as in this process), the module and example
+    input, the target and precision, and the artifact's folder (its key's, under the cache)."""
+
+    backend: object
+    module: torch.nn.Module
+    example: torch.Tensor
+    target: object
+    precision: str
+    artifact_dir: Path
+
+    def payload(self) -> bytes:
+        """What the worker receives: the backend as its name, options, workdir and remote, so the
+        worker configures its own (and keeps it, with what it memoizes, for the next job)."""
+        b = self.backend
+        buf = io.BytesIO()
+        torch.save({"backend": (b.name, b.options, b.workdir, b.remote), "module": self.module,
+                    "example": self.example, "target": self.target, "precision": self.precision,
+                    "artifact_dir": self.artifact_dir}, buf)
+        return buf.getvalue()
+
+
+class Shared:
+    """Jobs shared between this process (from the front, :meth:`claim`) and the worker (from the back)."""
+
+    def __init__(self, jobs: list[BuildJob]):
+        self.jobs = jobs
+        self._front, self._back = 0, len(jobs)  # this process's jobs are [0, front), the worker's [back, n)
+        self._next = 0
+        self._lock = threading.Lock()
+        self._results = [Future() for _ in jobs]
+
+    def claim(self, i: int) -> Result | None:
+        """Job ``i`` (claimed in order): ``None`` when it is this process's to build, else the
+        worker's result, once it is there."""
+        with self._lock:
+            if i != self._next:
+                raise ValueError(f"jobs are claimed in order: expected {self._next}, got {i}")
+            self._next += 1
+            if i < self._back:  # not the worker's yet: it never will be
+                self._front = i + 1
+                return None
+        return self._results[i].result()
+
+    def _take_back(self) -> int | None:
+        with self._lock:
+            if self._front >= self._back:
+                return None
+            self._back -= 1
+            return self._back
+
+    def _cancel(self, why: str) -> None:
+        for f in self._results:
+            if not f.done():
+                f.set_exception(RuntimeError(why))
+
+
+class BuildWorker:
+    def __init__(self):
+        self._process = None
+        self._conn = None
+        self._threads: list[threading.Thread] = []
+        self._closed = threading.Event()
+        self._lock = threading.Lock()  # starting and killing the worker
+        self._busy = False  # a job is in the worker
+
+    def __enter__(self) -> BuildWorker:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def share(self, jobs: list[BuildJob]) -> Shared:
+        for t in self._threads:  # the previous list's thread: done once its jobs were all claimed
+            t.join()
+        self._threads = []
+        shared = Shared(jobs)
+        if jobs:
+            t = threading.Thread(target=self._serve, args=(shared,), name="build-worker", daemon=True)
+            self._threads.append(t)
+            t.start()
+        return shared
+
+    def close(self) -> None:
+        self._closed.set()
+        with self._lock:
+            if self._process is not None and self._busy:
+                self._process.kill()  # a build in progress is not waited for
+        for t in self._threads:
+            t.join()
+        self._threads = []
+        if self._process is not None:  # idle (a killed one was reaped by its thread): EOF ends it cleanly
+            self._conn.close()
+            self._process.join(timeout=30)
+            if self._process.exitcode is None:
+                self._process.kill()
+                self._process.join()
+            self._process = self._conn = None
+
+    # -- this process's side: one thread per shared list, feeding the worker one job at a time ---------
+    def _serve(self, shared: Shared) -> None:
+        try:
+            while not self._closed.is_set():
+                i = shared._take_back()
+                if i is None:
+                    return
+                shared._results[i].set_result(self._build(shared.jobs[i]))
+        except BaseException as e:  # noqa: BLE001 - whatever it is, the claimer sees it
+            shared._cancel(f"the build worker failed: {type(e).__name__}: {e}")
+        finally:
+            shared._cancel("the build worker was closed")
+
+    def _build(self, job: BuildJob) -> Result:
+        with self._lock:
+            if self._closed.is_set():
+                return Result("compile_failed", "the build worker was stopped", details=job.backend.details())
+            if self._process is None:
+                ctx = multiprocessing.get_context("spawn")
+                self._conn, child = ctx.Pipe()
+                self._process = ctx.Process(target=_worker_main, args=(child,),
+                                            name="dsnet-harness build worker", daemon=True)
+                self._process.start()
+                child.close()  # the worker's end lives in the worker only: its death reads as EOF here
+            process, conn = self._process, self._conn
+            self._busy = True
+        try:
+            conn.send_bytes(job.payload())
+            ready = wait([conn, process.sentinel])
+            if conn in ready:
+                return pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            pass
+        finally:
+            self._busy = False
+        process.join()
+        with self._lock:
+            self._process = self._conn = None  # the next job gets a fresh worker
+        conn.close()
+        if self._closed.is_set():
+            return Result("compile_failed", "the build worker was stopped", details=job.backend.details())
+        return Result("compile_failed", f"the build worker died while building this artifact "
+                      f"({exit_text(process.exitcode)})", details=job.backend.details())
+
+
+# -- the worker's side -------------------------------------------------------------------------------
+def _worker_main(conn) -> None:
+    """Build each job received until the pipe closes; Ctrl-C is the parent's to handle."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ["TVM_NUM_THREADS"] = "1"  # read when TVM's thread pool starts, after this
+    torch.set_num_threads(1)
+    from harness.backends import get_backend
+    from harness.measure.pipeline import built
+
+    backends = {}
+    while True:
+        try:
+            job = torch.load(io.BytesIO(conn.recv_bytes()), weights_only=False)
+        except EOFError:
+            return
+        name, options, workdir, remote = job["backend"]
+        key = pickle.dumps((name, options, workdir, remote))
+        if key not in backends:
+            backends[key] = get_backend(name, options=options, workdir=workdir, remote=remote)
+        result = built(backends[key], job["module"], job["example"], job["target"], job["precision"],
+                       job["artifact_dir"])
+        try:
+            conn.send_bytes(pickle.dumps(result))
+        except OSError:  # the parent is gone
+            return

@@ -1,0 +1,104 @@
+"""The build worker: a second process builds from the back of the list, its artifacts check as local
+builds do, a crash fails only its build, and closing it does not wait for a build."""
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+import dsnet
+from conftest import randomize
+from harness.backends import get_backend
+from harness.measure.build_worker import BuildJob, BuildWorker
+from harness.measure.pipeline import ArtifactKey, trial, weights_fingerprint
+from harness.targets import load_target
+
+X86 = load_target("x86").resolve()
+WAIT_S = 300  # for the worker's results (spawning it imports torch)
+
+
+class DiesInTheWorker(torch.nn.Module):
+    """A module whose forward kills the process it runs in, unless that is the test's."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how, self.parent = how, os.getpid()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        if os.getpid() != self.parent:
+            if self.how == "segfault":
+                os.kill(os.getpid(), signal.SIGSEGV)
+            time.sleep(600)
+        return self.conv(x)
+
+
+@pytest.fixture(scope="module")
+def routes():
+    model = dsnet.reference_statistics(randomize(dsnet.create_model("ds_mbnet_tiny")))
+    return [(str(r), dsnet.materialize(model, r)) for r in model.routes()[:3]]
+
+
+def _job(backend, label, module, cache, x):
+    key = ArtifactKey.of("ds_mbnet_tiny", label, backend, X86, "fp32", x, weights_fingerprint(module))
+    return key, BuildJob(backend, module, x, X86, "fp32", key.directory(cache))
+
+
+def _all_built(shared):
+    # the test waits until the worker has taken every job (it takes them from the back): which
+    # process builds what is otherwise a race, as it is meant to be
+    for f in shared._results:
+        f.result(timeout=WAIT_S)
+
+
+def test_the_worker_builds_from_the_back_and_its_artifacts_check_as_local_builds(routes, tmp_path):
+    backend, x = get_backend("torchscript"), torch.randn(1, 3, 32, 32)
+    keyed = [_job(backend, label, m, tmp_path, x) for label, m in routes]
+    with BuildWorker() as worker:
+        shared = worker.share([job for _, job in keyed])
+        assert shared.claim(0) is None  # the front is this process's
+        shared._results[-1].result(timeout=WAIT_S)  # the worker has started and built the last one
+        claims = [None] + [shared.claim(i) for i in range(1, len(keyed))]
+    assert claims[-1] is not None and claims[-1].ok and claims[-1].details["cached"] is False
+    # what the worker built, loaded and checked here: ok, counted as compiled (not cached), with
+    # the worker's build time; what this process claimed, compiled here as ever
+    for (key, _), (label, module), built in zip(keyed, routes, claims):
+        result = trial(backend, module, x, X86, "fp32", key, tmp_path, built=built)
+        assert result.ok, (label, result.error)
+        assert result.details["cached"] is False
+        if built is not None:
+            assert result.details["build_process"] == "worker" and result.compile_s >= built.compile_s
+        else:
+            assert "build_process" not in result.details
+    with pytest.raises(ValueError, match="in order"):
+        BuildWorker().share([keyed[0][1], keyed[1][1]]).claim(1)
+
+
+def test_a_crash_fails_only_its_build_and_a_fresh_worker_takes_the_next(routes, tmp_path):
+    backend, x = get_backend("torchscript"), torch.randn(1, 3, 32, 32)
+    (_, a), (_, b) = routes[:2]
+    jobs = [_job(backend, "a", a, tmp_path, x)[1], _job(backend, "crash", DiesInTheWorker("segfault"), tmp_path, x)[1],
+            _job(backend, "b", b, tmp_path, x)[1]]
+    with BuildWorker() as worker:
+        shared = worker.share(jobs)
+        _all_built(shared)
+        first, crashed, last = (shared.claim(i) for i in range(3))
+    assert crashed.status == "compile_failed"
+    assert crashed.error == "the build worker died while building this artifact (killed by SIGSEGV)"
+    assert last.ok and first.ok  # built before the crash, and by the fresh worker after it
+    assert backend.has_artifact(jobs[0].artifact_dir) and backend.has_artifact(jobs[2].artifact_dir)
+
+
+def test_closing_does_not_wait_for_a_build(tmp_path):
+    backend, x = get_backend("torchscript"), torch.randn(1, 3, 32, 32)
+    jobs = [_job(backend, str(i), DiesInTheWorker("hang"), tmp_path, x)[1] for i in range(2)]
+    worker = BuildWorker()
+    shared = worker.share(jobs)
+    assert shared.claim(0) is None
+    while worker._process is None or not worker._busy:  # the worker is building job 1 (its forward hangs)
+        time.sleep(0.1)
+    worker.close()  # kills the build: without that, this test would hang for the forward's 600 s
+    stopped = shared.claim(1)
+    assert stopped.status == "compile_failed" and stopped.error == "the build worker was stopped"
