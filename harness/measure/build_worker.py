@@ -13,7 +13,8 @@ the worker's :class:`~harness.measure.pipeline.Result` for it, waited for
 while the other has work left.
 
 Results are values: a build that raises is ``compile_failed``; a worker that dies (a crash in a
-compiler) fails the build it was running, with the signal, and a fresh worker takes the next.
+compiler) fails the build it was running, with the signal, and a fresh worker takes the next. A
+job the worker cannot take (a module that cannot be pickled) is its claimer's (``None``).
 ``worker.close()`` (or leaving ``with``) stops the worker at once, a build in progress included
 (a half-written artifact fails its load on the next run and is rebuilt); a worker whose parent
 dies exits when it next reads or writes its pipe.
@@ -87,7 +88,10 @@ class Shared:
             if i < self._back:  # not the worker's yet: it never will be
                 self._front = i + 1
                 return None
-        return self._results[i].result()
+        try:
+            return self._results[i].result()
+        except _NotBuilt:  # the worker could not take it (e.g. a module it cannot be sent): built here
+            return None
 
     def _take_back(self) -> int | None:
         with self._lock:
@@ -99,7 +103,11 @@ class Shared:
     def _cancel(self, why: str) -> None:
         for f in self._results:
             if not f.done():
-                f.set_exception(RuntimeError(why))
+                f.set_exception(_NotBuilt(why))
+
+
+class _NotBuilt(Exception):
+    """A job the worker took but could not build (not a failed build: its claimer builds it)."""
 
 
 class BuildWorker:
@@ -151,13 +159,17 @@ class BuildWorker:
                 i = shared._take_back()
                 if i is None:
                     return
-                shared._results[i].set_result(self._build(shared.jobs[i]))
-        except BaseException as e:  # noqa: BLE001 - whatever it is, the claimer sees it
-            shared._cancel(f"the build worker failed: {type(e).__name__}: {e}")
-        finally:
-            shared._cancel("the build worker was closed")
+                job = shared.jobs[i]
+                try:
+                    payload = job.payload()
+                except Exception as e:  # noqa: BLE001 - a module that cannot be sent: its claimer builds it
+                    shared._results[i].set_exception(_NotBuilt(f"not sent to the worker: {e}"))
+                    continue
+                shared._results[i].set_result(self._build(job, payload))
+        finally:  # whatever stopped this thread, the jobs it left are built by their claimer
+            shared._cancel("the build worker stopped")
 
-    def _build(self, job: BuildJob) -> Result:
+    def _build(self, job: BuildJob, payload: bytes) -> Result:
         with self._lock:
             if self._closed.is_set():
                 return Result("compile_failed", "the build worker was stopped", details=job.backend.details())
@@ -171,7 +183,7 @@ class BuildWorker:
             process, conn = self._process, self._conn
             self._busy = True
         try:
-            conn.send_bytes(job.payload())
+            conn.send_bytes(payload)
             ready = wait([conn, process.sentinel])
             if conn in ready:
                 return pickle.loads(conn.recv_bytes())
