@@ -165,6 +165,7 @@ class BuildWorker:
                 except Exception as e:  # noqa: BLE001 - a module that cannot be sent: its claimer builds it
                     shared._results[i].set_exception(_NotBuilt(f"not sent to the worker: {e}"))
                     continue
+                job.module = None  # sent: the worker has its own copy
                 shared._results[i].set_result(self._build(job, payload))
         finally:  # whatever stopped this thread, the jobs it left are built by their claimer
             shared._cancel("the build worker stopped")

@@ -185,7 +185,8 @@ def _round_phase(ctx: RunContext, model: str, tasks: list[Task], progress, worke
     rows, ready = [], {}
     trials = [(task, module, fingerprint, task.example()) for task, module, fingerprint in _modules(tasks)]
     shared, job_of = _shared_builds(ctx, trials, worker)
-    for n, (task, module, fingerprint, example) in enumerate(trials):
+    for n in range(len(trials)):
+        (task, module, fingerprint, example), trials[n] = trials[n], None  # each module freed once used
         built = shared.claim(job_of[n]) if shared is not None and n in job_of else None
         result = ctx.trial(model, task.workload.route, task.backend, task.precision, module, example,
                            weights=fingerprint, built=built)
