@@ -73,8 +73,8 @@ class Shared:
 
     def __init__(self, jobs: list[BuildJob]):
         self.jobs = jobs
-        self._front, self._back = 0, len(jobs)  # this process's jobs are [0, front), the worker's [back, n)
-        self._next = 0
+        # this process has claimed jobs [0, next), the worker taken [back, n); they meet when next >= back
+        self._next, self._back = 0, len(jobs)
         self._lock = threading.Lock()
         self._results = [Future() for _ in jobs]
 
@@ -86,7 +86,6 @@ class Shared:
                 raise ValueError(f"jobs are claimed in order: expected {self._next}, got {i}")
             self._next += 1
             if i < self._back:  # not the worker's yet: it never will be
-                self._front = i + 1
                 return None
         try:
             return self._results[i].result()
@@ -95,7 +94,7 @@ class Shared:
 
     def _take_back(self) -> int | None:
         with self._lock:
-            if self._front >= self._back:
+            if self._next >= self._back:
                 return None
             self._back -= 1
             return self._back
