@@ -342,7 +342,10 @@ def calibrate_to_budget(model, images: torch.Tensor, costs: torch.Tensor, budget
         for k in range(len(gs)):
             nxt = {}
             for prefix, idx in groups.items():
-                c = (scores_after(prefix)[1][idx].double() - lam * choice_cost[k]).argmax(-1)
+                # in the scores' own dtype, as the gate adds its bias when deployed: a decision taken
+                # in double here could differ from the float32 one on a near tie
+                s = scores_after(prefix)[1][idx]
+                c = (s + (-lam * choice_cost[k]).to(s.dtype)).argmax(-1)
                 for j in c.unique().tolist():
                     nxt[prefix + (j,)] = idx[c == j]
             groups = nxt
