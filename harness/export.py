@@ -89,7 +89,7 @@ def _main(args) -> int:
 
     from dsnet.one_graph import one_graph
     from harness.backends import backend_class, get_backend, list_backends
-    from harness.measure.pipeline import ArtifactKey, check_output, trial, weights_fingerprint
+    from harness.measure.pipeline import ArtifactKey, check_output, image_batch, trial, weights_fingerprint
 
     if args.backend not in list_backends():
         raise UsageError(f"unknown backend '{args.backend}'; known: {', '.join(list_backends())}")
@@ -104,7 +104,7 @@ def _main(args) -> int:
     if why:
         raise UsageError(f"{args.backend} is unavailable for target {target.name}: {why}")
     model = _model(args.model, args.checkpoint)
-    x = torch.randn(1, 3, args.input_size, args.input_size, generator=torch.Generator().manual_seed(1))
+    x = image_batch(1, args.input_size)
     graph = one_graph(model, x)
     print(f"{args.model}: {len(graph.stages)} gate(s), {sum(len(s) for s in graph.stages)} branches; "
           f"building with {args.backend} ({args.precision}, {args.input_size}px)", file=sys.stderr)

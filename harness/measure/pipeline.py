@@ -16,11 +16,13 @@ artifact-load) time ``compile_s``, the backend's ``details`` that change a numbe
   deleted, so a retry recompiles. Before any engine is trusted, eager's own output must depend on
   its input (:func:`insensitive`): a module whose activations vanish would let any engine pass.
   Nothing is timed here.
-- Timing is the phases' (``harness.phases``): they time their ``ok`` results together, in rounds
-  (:func:`harness.measure.protocol.measure_rounds`), and store ``result.replace(measurement=...)``.
+- Timing is the phases' (``harness.phases``): they time their ``ok`` results together through one
+  :class:`harness.measure.rounds.RoundPhase` and store ``result.row()``.
   :func:`timed_call` is what they time: the engine's ``run`` on its prepared input or, when the
   profile asks for CUDA graphs, the replay of a captured call, checked against the plain call first;
   the result's ``cuda_graph`` detail says which was timed and why.
+- :func:`check_input` (and :func:`image_batch`) is the one seeded input engines are checked and
+  timed on.
 - :func:`exported` builds the artifact only, for a board (``harness.measure.remote`` checks and
   times it there); :func:`built` compiles it without checking it, in a build worker
   (:mod:`harness.measure.build_worker`), and ``trial(..., built=that result)`` then loads and checks
@@ -118,6 +120,21 @@ class ArtifactKey:
         digest = hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
         shape = "x".join(map(str, self.shape))
         return Path(cache_root) / self.backend / f"{self.model}-{self.route}-{self.precision}-{shape}-{digest}"
+
+
+CHECK_SEED = 1
+
+
+def check_input(shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The one seeded input every engine is checked and timed on: standard normal values of
+    ``shape`` (an image batch ``(n, 3, h, w)``, or the features a segment of the dynamic engine takes),
+    the same in every run, so cached artifacts and their checks agree."""
+    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(CHECK_SEED), dtype=dtype)
+
+
+def image_batch(batch_size: int, input_size: int) -> torch.Tensor:
+    """:func:`check_input` for ``batch_size`` RGB images of ``input_size`` x ``input_size``."""
+    return check_input((batch_size, 3, input_size, input_size))
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:

@@ -236,33 +236,39 @@ def drift_summary(factors: list[float]) -> dict:
 
 
 def measure_rounds(fns: dict[str, Callable[[], object]], protocol: Protocol, timer: Timer | None = None,
-                   seed: int = 0, shuffle: bool = True, on_round: Callable[[int, int], None] | None = None) -> Rounds:
+                   seed: int = 0, shuffle: bool = True, on_round: Callable[[int, int], None] | None = None,
+                   groups: list[list[str]] | None = None) -> Rounds:
     """Time several callables in rounds (see the module docstring). ``shuffle=False`` keeps the
-    given order in every round; ``on_round(done, planned)`` reports progress."""
+    given order in every round; ``groups`` (a partition of ``fns``' names) are units that keep their
+    order within a round while the units are shuffled (a chain's parts timed in context);
+    ``on_round(done, planned)`` reports progress."""
     timer = timer or WallTimer()
+    units = [list(g) for g in groups] if groups is not None else [[k] for k in fns]
+    if sorted(map(str, (k for g in units for k in g))) != sorted(map(str, fns)):
+        raise ValueError("measure_rounds: groups must name every callable exactly once")
     numbers = {k: _number(_warmup(f, protocol, timer), protocol) for k, f in fns.items()}
     samples: dict[str, list[float]] = {k: [] for k in fns}
     rounds: dict[str, list[int]] = {k: [] for k in fns}
     rng = random.Random(seed)
-    order = list(fns)
 
-    def one_round(r: int, names: list[str]) -> None:
+    def one_round(r: int, todo: list[list[str]]) -> None:
         if shuffle:
-            rng.shuffle(names)
-        for k in names:
-            samples[k].append(timer.elapsed_ms(fns[k], numbers[k]) / numbers[k])
-            rounds[k].append(r)
+            rng.shuffle(todo)
+        for unit in todo:
+            for k in unit:
+                samples[k].append(timer.elapsed_ms(fns[k], numbers[k]) / numbers[k])
+                rounds[k].append(r)
 
     for r in range(protocol.repeat):
-        one_round(r, order)
+        one_round(r, units)
         if on_round:
             on_round(r + 1, protocol.repeat)
     r, extra_start = protocol.repeat, time.monotonic()
     while protocol.budget_s > 0 and time.monotonic() - extra_start < protocol.budget_s:
-        invalid = [k for k in fns if not summarize(samples[k], numbers[k], protocol).valid]
+        invalid = {k for k in fns if not summarize(samples[k], numbers[k], protocol).valid}
         if not invalid:
             break
-        one_round(r, invalid)
+        one_round(r, [u for u in units if invalid & set(u)])  # a part is re-timed in its chain
         r += 1
     measurements = {k: Measurement(samples[k], numbers[k], rounds[k], protocol) for k in fns}
     return Rounds(measurements, _round_factors(measurements))

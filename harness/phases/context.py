@@ -8,8 +8,10 @@ Contract
 ``ctx.backend(name)`` is the backend configured from the profile's ``[name]`` table, its
 ``workdir`` the results folder's ``<name>_tuning/`` and, with a farm, the tracker's address;
 one instance per name. ``ctx.trial(...)`` is :func:`harness.measure.pipeline.trial` with the
-artifact key built from the context and artifacts cached under ``cache/``. ``ctx.stamp`` holds
-the columns every stored row of the run carries.
+artifact key built from the context and artifacts cached under ``cache/``. ``ctx.round_phase(name,
+seed)`` is the phase's one :class:`~harness.measure.rounds.RoundPhase` (the profile's protocol, the
+target's clock, its drift stored under ``name``) and ``ctx.timing(backend, x)`` what it times of an
+engine checked on ``x``. ``ctx.stamp`` holds the columns every stored row of the run carries.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ import torch
 from harness.backends import Backend, get_backend
 from harness.measure.pipeline import ArtifactKey, Result, timed_call, trial, weights_fingerprint
 from harness.measure.protocol import CudaEventTimer, Protocol, Timer, WallTimer
+from harness.measure.rounds import RoundPhase
 from harness.results.layout import Layout
 from harness.results.store import ResultStore
+from harness.targets import Target
 
 
 @dataclass
 class RunContext:
-    target: object
+    target: Target
     layout: Layout
     protocol: Protocol
     store: ResultStore
@@ -56,6 +60,16 @@ class RunContext:
         :func:`harness.measure.pipeline.timed_call`)."""
         graphs = self.protocol.cuda_graphs and self.target.device == "cuda"
         return timed_call(self.backend(backend), result, native, graphs)
+
+    def timing(self, backend: str, x: torch.Tensor):
+        """``timed(result)`` for :meth:`RoundPhase.add`: the engine's call on ``x`` prepared once."""
+        return lambda result: self.timed(backend, result, result.engine.prepare(x))
+
+    def round_phase(self, name: str, seed: int = 0, protocol: Protocol | None = None,
+                    shuffle: bool = True) -> RoundPhase:
+        """A round phase on this target (default: the profile's protocol), its drift stored as ``name``."""
+        return RoundPhase(name, protocol or self.protocol, self.timer(), seed, shuffle,
+                          lambda phase, factors: self.store.record_drift(self.run_id, phase, factors))
 
     def key(self, model: str, route: str, backend: str, precision: str, example: torch.Tensor,
             module: torch.nn.Module, weights: str | None = None) -> ArtifactKey:

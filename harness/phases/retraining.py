@@ -39,7 +39,7 @@ import dsnet
 from harness.deploy.engine import DynamicEngine, PartError
 from harness.deploy.lut import LatencyLUT, LUTError
 from harness.measure.pipeline import check_output
-from harness.measure.protocol import Stats, measure_interleaved, measure_rounds
+from harness.measure.protocol import Stats, measure_interleaved
 from harness.phases.context import RunContext
 from harness.phases.dynamic import DynamicPhase
 from harness.results.gates import previous_comparisons, store_comparison
@@ -178,6 +178,7 @@ class RetrainedGate:
 class Measured:
     stats: Stats | None
     error: str = ""
+    repeat_of: str | None = None  # the noise floor's entry: the gate whose engine it times again
 
 
 @dataclass(frozen=True)
@@ -506,11 +507,13 @@ def measure_gates(ctx: RunContext, s: Settings, data: Data, supernet: Supernet, 
     """Each retrained gate's dynamic engine on ``s.backend``: checked against the eager dynamic
     forward on ``check_images`` validation images, then timed over the validation images at batch 1
     (each call one image, dispatched by the compiled gate), all gates and the largest route
-    interleaved in rounds (a fresh seeded order per round)."""
+    interleaved in one round phase (a fresh seeded order per round; its drift stored)."""
     from dsnet.training import gates as gate_modules
 
     images = [x[None] for x, _ in data.splits.val]
-    fns, results = {}, {}
+    phase = ctx.round_phase(f"gates {s.model} {s.backend}", seed=s.seed)
+    results: dict[str, Measured] = {}
+    repeat_of = None
     # context: the largest route through the same dispatcher (a copy whose gates always choose it)
     timed = {**gates, LARGEST: RetrainedGate("largest", forced_largest(supernet.model, torch.cat(images)), {})}
     for name, gate in timed.items():
@@ -548,21 +551,22 @@ def measure_gates(ctx: RunContext, s: Settings, data: Data, supernet: Supernet, 
             state["i"] += 1
             return engine(x)
 
-        fns[name] = call
-        if REPEAT not in fns and name != LARGEST:  # the noise floor: the first gate's engine timed again
+        phase.add_call(name, call)
+        if repeat_of is None and name != LARGEST:  # the noise floor: the first gate's engine timed again
             again = {"i": 0}
-            fns[REPEAT] = lambda engine=engine, state=again: call(engine, state)
-            results[REPEAT + " of"] = name
-    if fns:
-        for name, m in measure_rounds(fns, ctx.protocol, ctx.timer(), seed=s.seed).items():
-            results[name] = Measured(m.stats)
+            phase.add_call(REPEAT, lambda engine=engine, state=again: call(engine, state))
+            repeat_of = name
+    for name, r in phase.measure().items():
+        results[name] = Measured(r.measurement.stats if r.ok else None, r.error,
+                                 repeat_of if name == REPEAT else None)
     return results
 
 
 def noise_floor(measured: dict) -> dict | None:
     """The same engine timed twice in the same rounds (:func:`measure_gates`): the gap between the
     two means is what no difference between gates can be told from."""
-    gate, again = measured.get(REPEAT + " of"), measured.get(REPEAT)
+    again = measured.get(REPEAT)
+    gate = again.repeat_of if again is not None else None
     first = measured.get(gate)
     if gate is None or again is None or again.stats is None or first is None or first.stats is None:
         return None

@@ -13,7 +13,7 @@ context's store:
    eager fp32; ``compile_failed`` / ``check_failed`` stored at once, the sweep goes on; on a CPU
    target the artifacts to build are shared with a :class:`~harness.measure.build_worker.BuildWorker`
    process, which builds from the back of the list while this process goes from the front), then every
-   checked engine is timed in rounds (:func:`harness.measure.protocol.measure_rounds`: each round
+   checked engine is timed in the model's :class:`~harness.measure.rounds.RoundPhase` (each round
    visits every engine once in a fresh seeded order), the rows and the rounds' speed factors
    stored when the model's rounds end. An interrupted model is measured again by the re-run;
    models already stored are kept;
@@ -35,10 +35,9 @@ from dataclasses import dataclass, field
 import torch
 
 import dsnet
-from harness.backends.base import one_line
 from harness.measure.build_worker import BuildJob, BuildWorker
-from harness.measure.pipeline import Result, exported, reference, weights_fingerprint
-from harness.measure.protocol import measure_rounds, paired_ratio
+from harness.measure.pipeline import Result, exported, image_batch, reference, weights_fingerprint
+from harness.measure.protocol import paired_ratio
 from harness.phases.context import RunContext
 
 STATIC_WIDTHS = (1.0, 0.75, 0.5, 0.25)
@@ -108,8 +107,7 @@ class Task:
 
     def example(self) -> torch.Tensor:
         """The check and timing input (seeded)."""
-        g = torch.Generator().manual_seed(1)
-        return torch.randn(self.batch_size, 3, self.input_size, self.input_size, generator=g)
+        return image_batch(self.batch_size, self.input_size)
 
 
 def result_row(ctx: RunContext, task: Task, result: Result, board=None) -> dict:
@@ -182,7 +180,9 @@ def _shared_builds(ctx: RunContext, trials: list[tuple], worker: BuildWorker | N
 
 def _round_phase(ctx: RunContext, model: str, tasks: list[Task], progress, worker: BuildWorker | None = None
                  ) -> list[dict]:
-    rows, ready = [], {}
+    rows = []
+    phase = ctx.round_phase(f"static {model}", seed=zlib.crc32(model.encode()))
+    entered: dict[str, Task] = {}
     trials = [(task, module, fingerprint, task.example()) for task, module, fingerprint in _modules(tasks)]
     shared, job_of = _shared_builds(ctx, trials, worker)
     for n in range(len(trials)):
@@ -190,47 +190,39 @@ def _round_phase(ctx: RunContext, model: str, tasks: list[Task], progress, worke
         built = shared.claim(job_of[n]) if shared is not None and n in job_of else None
         result = ctx.trial(model, task.workload.route, task.backend, task.precision, module, example,
                            weights=fingerprint, built=built)
-        if result.ok:
-            try:
-                fn, result = ctx.timed(task.backend, result, result.engine.prepare(example))
-            except Exception as e:
-                result = result.replace(status="measure_failed", error=one_line(e))
-        if not result.ok:
-            rows.append(_store(ctx, task, result_row(ctx, task, result), None))
+        result = phase.add(task.label(), result, ctx.timing(task.backend, example))
+        if task.label() in phase:
+            entered[task.label()] = task
         else:
-            ready[task.label()] = (task, result, fn)
+            rows.append(_store(ctx, task, result_row(ctx, task, result), None))
         if progress:
             progress(task.label(), "checked" if result.ok else f"{result.status}: {result.error[:80]}")
-    if not ready:
+    if not entered:
         return rows
-    fns = {label: fn for label, (_, _, fn) in ready.items()}
-    on_round = (lambda done, planned: progress(f"{model} round {done}/{planned}", f"{len(fns)} engines")) \
+    on_round = (lambda done, planned: progress(f"{model} round {done}/{planned}", f"{len(entered)} engines")) \
         if progress else None
-    try:
-        res = measure_rounds(fns, ctx.protocol, ctx.timer(), seed=zlib.crc32(model.encode()), on_round=on_round)
-    except Exception as e:  # recorded for every engine of the phase; the sweep goes on
-        return rows + [_store(ctx, t, result_row(ctx, t, r.replace(status="measure_failed", error=one_line(e))),
-                              None) for t, r, _ in ready.values()]
-    ctx.store.record_drift(ctx.run_id, f"static {model}", res.factors)
-    relative = _relative(ready, res)
-    for label, (task, result, _) in ready.items():
-        row = result_row(ctx, task, result.replace(measurement=res[label])) | relative.get(label, {})
-        row["latency_ms_p50_drift_corrected"] = res.drift_corrected(label).p50
+    results = phase.measure(on_round)
+    relative = _relative(entered, phase.rounds) if phase.rounds is not None else {}
+    for label, task in entered.items():
+        row = result_row(ctx, task, results[label]) | relative.get(label, {})
+        if phase.rounds is not None:
+            row["latency_ms_p50_drift_corrected"] = phase.rounds.drift_corrected(label).p50
         rows.append(_store(ctx, task, row, None))
     return rows
 
 
-def _relative(ready: dict, res) -> dict:
+def _relative(entered: dict, rounds) -> dict:
     """Per engine, its latency relative to the largest network of its backend, precision and batch
     in the same rounds (``latency_rel``, ``latency_rel_to``)."""
     groups: dict[tuple, list[str]] = {}
-    for label, (task, _, _) in ready.items():
+    for label, task in entered.items():
         groups.setdefault((task.backend, task.precision, task.batch_size), []).append(label)
     out = {}
     for labels in groups.values():
-        ref = max(labels, key=lambda lb: ready[lb][0].workload.madds)
+        ref = max(labels, key=lambda lb: entered[lb].workload.madds)
         for lb in labels:
-            out[lb] = {"latency_rel": paired_ratio(res[lb], res[ref]), "latency_rel_to": ready[ref][0].workload.route}
+            out[lb] = {"latency_rel": paired_ratio(rounds[lb], rounds[ref]),
+                       "latency_rel_to": entered[ref].workload.route}
     return out
 
 

@@ -18,22 +18,19 @@ stem, gates and attention heads, so its ratios also measure the architecture):
   the supernet's route: for DS-ResNet, attention heads and gates included);
 - ``ideal``: the stand-alone ``resnet50`` at ``width_mult=ratio`` (the paper's ideal row).
 
-``measure_table2(ctx, backend, precision, input_size, model)`` puts each through the pipeline (compiled,
-cached under the one artifact key, checked against its eager module), times the ``ok`` ones
-in rounds (a fresh seeded order per round) and stores one row per way in the store's dynamic table
-(``kind="table2"``), so a re-run skips what is stored. Compiling a network
+``measure_table2(ctx, backend, precision, input_size, model)`` puts each through the pipeline
+(compiled, cached under the one artifact key, checked against its eager module), times the ``ok``
+ones in one :class:`~harness.measure.rounds.RoundPhase` (a fresh seeded order per round) and
+stores one row per way in the store's dynamic table (``kind="table2"``), so a re-run skips what is
+stored. Compiling a network
 fixes its weights: a compiler may fold run-time slicing or indexing into constants, so on compiled
 backends those rows measure what the compiler made of them, and the report says so.
 """
 
 from __future__ import annotations
 
-import torch
-
 import dsnet
-from harness.backends.base import one_line
-from harness.measure.pipeline import stats_row
-from harness.measure.protocol import measure_rounds
+from harness.measure.pipeline import image_batch
 from harness.phases.context import RunContext
 from harness.phases.static import reference_model
 
@@ -76,30 +73,18 @@ def measure_table2(ctx: RunContext, backend: str, precision: str, input_size: in
     done = ctx.store.dynamic_done()
     if all(key(w) in done for w in TABLE2_WAYS):
         return
-    x = torch.randn(1, 3, input_size, input_size, generator=torch.Generator().manual_seed(1))
+    x = image_batch(1, input_size)
     base = {"model": model, "backend": backend, "precision": precision, "batch_size": 1,
             "input_size": input_size, "kind": "table2", "run_id": ctx.run_id}
-    fns, rows = {}, {}
+    phase = ctx.round_phase(f"table2 {model} {backend} {precision}", seed=1)
+    rows = {}
     for way, (module, route, madds) in table2_ways(input_size, model=model).items():
-        result = ctx.trial(model, f"table2-{way}", backend, precision, module, x)
-        if result.ok:
-            try:
-                fns[way], result = ctx.timed(backend, result, result.engine.prepare(x))
-            except Exception as e:
-                result = result.replace(status="measure_failed", error=one_line(e))
-        rows[way] = base | {"name": way, "route": route, "madds": madds, **result.row()}
-        if not result.ok:
-            ctx.store.record_dynamic(rows[way])
-    if not fns:
-        return
-    try:
-        res = measure_rounds(fns, ctx.protocol, ctx.timer(), seed=1)
-    except Exception as e:  # recorded; the run goes on
-        for way in fns:
-            ctx.store.record_dynamic(rows[way] | {"status": "measure_failed", "error": one_line(e)})
-        return
-    ctx.store.record_drift(ctx.run_id, f"table2 {model} {backend} {precision}", res.factors)
-    for way, m in res.items():
-        ctx.store.record_dynamic(rows[way] | stats_row(m))
-        if progress:
-            progress(f"table 2 {model} {backend} {way}", f"{m.stats.p50:.3f} ms")
+        result = phase.add(way, ctx.trial(model, f"table2-{way}", backend, precision, module, x),
+                           ctx.timing(backend, x))
+        rows[way] = base | {"name": way, "route": route, "madds": madds}
+        if way not in phase:
+            ctx.store.record_dynamic(rows[way] | result.row())
+    for way, result in phase.measure().items():
+        ctx.store.record_dynamic(rows[way] | result.row())
+        if progress and result.ok:
+            progress(f"table 2 {model} {backend} {way}", f"{result.measurement.stats.p50:.3f} ms")

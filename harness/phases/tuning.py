@@ -28,6 +28,7 @@ import torch
 
 import dsnet
 from harness.deploy.lut import route_segment_names
+from harness.measure.pipeline import image_batch
 from harness.phases.static import reference_model, workloads
 
 
@@ -35,7 +36,7 @@ def tuning_modules(models: list[str], input_size: int,
                    dynamic: bool = True) -> Iterator[tuple[str, torch.nn.Module, torch.Tensor]]:
     """``(label, module, example input)`` for every network TVM builds for ``models`` (the dynamic
     engine's parts only with ``dynamic``)."""
-    x = torch.randn(1, 3, input_size, input_size, generator=torch.Generator().manual_seed(1))
+    x = image_batch(1, input_size)
     for w in workloads(models, input_size):
         yield f"{w.model} {w.route}", w.build(), x
     for name in models if dynamic else ():
