@@ -1,4 +1,6 @@
-"""The architecture holds: no import cycles, dsnet never imports harness, no CLI imported by a module."""
+"""The architecture holds (docs/architecture.md): the import contracts of pyproject.toml (import-linter),
+no import cycles, dsnet never imports harness, no CLI imported by a module, a contract docstring on
+every module."""
 
 import subprocess
 import sys
@@ -8,6 +10,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = ROOT.parent / "shared" / "tools" / "import_layers.py"
+
+
+def test_the_import_contracts_are_kept():
+    """pyproject.toml's [tool.importlinter] contracts: dsnet never imports harness; the harness's
+    layers only import downwards, and the commands never import one another."""
+    proc = subprocess.run([sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; "
+                           "sys.exit(lint_imports_command())"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "0 broken" in proc.stdout
 
 
 def test_import_layers_strict_is_clean():

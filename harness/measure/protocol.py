@@ -1,4 +1,4 @@
-"""The measurement protocol: one function for every backend (DESIGN.md, "Measurement protocol").
+"""The measurement protocol: one function for every backend (docs/architecture.md; README, "One protocol").
 
 Contract
 --------
@@ -237,16 +237,20 @@ def drift_summary(factors: list[float]) -> dict:
 
 def measure_rounds(fns: dict[str, Callable[[], object]], protocol: Protocol, timer: Timer | None = None,
                    seed: int = 0, shuffle: bool = True, on_round: Callable[[int, int], None] | None = None,
-                   groups: list[list[str]] | None = None) -> Rounds:
+                   groups: list[list[str]] | None = None, numbers: dict[str, int] | None = None) -> Rounds:
     """Time several callables in rounds (see the module docstring). ``shuffle=False`` keeps the
     given order in every round; ``groups`` (a partition of ``fns``' names) are units that keep their
     order within a round while the units are shuffled (a chain's parts timed in context);
-    ``on_round(done, planned)`` reports progress."""
+    ``numbers`` fixes the calls per sample of some callables (e.g. a chunk of a route stream, so
+    a sample's mean is the stream's); ``on_round(done, planned)`` reports progress."""
     timer = timer or WallTimer()
     units = [list(g) for g in groups] if groups is not None else [[k] for k in fns]
     if sorted(map(str, (k for g in units for k in g))) != sorted(map(str, fns)):
         raise ValueError("measure_rounds: groups must name every callable exactly once")
-    numbers = {k: _number(_warmup(f, protocol, timer), protocol) for k, f in fns.items()}
+    fixed = numbers or {}
+    numbers = {k: fixed.get(k) or _number(_warmup(f, protocol, timer), protocol) for k, f in fns.items()}
+    for k in fixed:  # warmed up too
+        _warmup(fns[k], protocol, timer)
     samples: dict[str, list[float]] = {k: [] for k in fns}
     rounds: dict[str, list[int]] = {k: [] for k in fns}
     rng = random.Random(seed)
