@@ -1,7 +1,15 @@
-"""Load checkpoints in the official DS-Net code's key layout (changlin31/DS-Net, ``dyn_slim``).
+"""Checkpoints: the project's own format, and the official DS-Net code's key layout.
 
 Contract
 --------
+The project's format (:data:`CHECKPOINT_FORMAT`): ``save_checkpoint(path, model, model_kwargs,
+**meta)`` writes the model's registry name, constructor arguments, weights, gate restriction and
+``meta`` atomically (an interruption never leaves half a file); ``load_checkpoint(path)`` returns
+``(model, meta)`` in eval mode. A file that cannot be read or does not fit raises
+:class:`CheckpointError`; a readable PyTorch file in another format :class:`ForeignCheckpoint`
+(a subclass: e.g. the official layout below, which the caller may try next).
+
+The official DS-Net code's layout (changlin31/DS-Net, ``dyn_slim``):
 ``load_official_state_dict(model, state_dict)`` fills a ``ds_mbnet`` (or any
 :class:`~dsnet.models.mobilenet.DSMobileNetV1`) from a state dict of the official
 ``slimmable_mbnet_v1_bn_uniform`` model. The official layout differs from ours:
@@ -21,11 +29,65 @@ one ``ValueError`` naming every offending key. Nothing is modified unless everyt
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 import torch
 
+from dsnet.gate import model_gates
 from dsnet.layers import SplitBatchNorm2d
+from dsnet.registry import create_model
+
+CHECKPOINT_FORMAT = "dsnet-harness/checkpoint-1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+class ForeignCheckpoint(CheckpointError):
+    """A readable PyTorch file that is not in the project's checkpoint format."""
+
+
+def save_checkpoint(path, model, model_kwargs: dict | None = None, **meta) -> Path:
+    """Write ``model`` (name, constructor arguments, weights, gate restriction) and ``meta``;
+    atomically, so an interruption never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"format": CHECKPOINT_FORMAT, "model": model.model_name, "model_kwargs": model_kwargs or {},
+           "num_allowed": [g.num_allowed for g in model_gates(model)],
+           "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": meta}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(doc, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path):
+    """``(model, meta)`` from :func:`save_checkpoint`'s file, in eval mode."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        doc = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(doc, dict) or doc.get("format") != CHECKPOINT_FORMAT:
+        raise ForeignCheckpoint(f"{path} is not a dsnet-harness checkpoint (for the official DS-Net "
+                                "layout use dsnet.load_official_state_dict)")
+    model = create_model(doc["model"], **doc["model_kwargs"])
+    try:
+        missing, unexpected = model.load_state_dict(doc["state_dict"], strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not fit model {doc['model']}: {str(e).splitlines()[0]}") from None
+    missing = [k for k in missing if not k.endswith("score_bias")]  # older checkpoints: uncalibrated gates
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not fit model {doc['model']}: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
+    for g, k in zip(model_gates(model), doc["num_allowed"]):
+        g.restrict(k)
+    return model.eval(), doc["meta"]
 
 
 def _unwrap(state_dict) -> dict[str, torch.Tensor]:

@@ -129,6 +129,11 @@ class Gate(AttentionHead):
         return StaticGate(self.fc1.to_static(), self.fc2.to_static(), route, self.num_allowed)
 
 
+def model_gates(model: nn.Module) -> list[Gate]:
+    """A model's routing gates, in network order."""
+    return [m for m in model.modules() if isinstance(m, Gate)]
+
+
 def route_onehot(logits: torch.Tensor, training: bool, tau: float = 1.0) -> torch.Tensor:
     """One-hot route per sample: straight-through Gumbel-softmax in training, argmax in eval."""
     if training:

@@ -2,8 +2,11 @@
 
 ``@register_model`` records a builder under its function name; ``create_model(name, **kwargs)``
 builds it; ``list_models()`` lists the names. An unknown name or keyword raises ``ValueError``
-naming the valid choices. The built-in models register themselves when ``dsnet.models`` is
-imported, which ``import dsnet`` does: this module imports no model (models import it).
+naming the valid choices. ``@register_model(static_counterpart="mobilenet_v1")`` also declares
+the static network a dynamic model is set against at equal MAdds (DS-Net++ Table 7: DS-MBNet
+against MobileNetV1 x1.0 and x0.5); ``static_counterpart(name)`` returns it, or None. The
+built-in models register themselves when ``dsnet.models`` is imported, which ``import dsnet``
+does: this module imports no model (models import it).
 """
 
 from __future__ import annotations
@@ -12,13 +15,26 @@ import inspect
 from collections.abc import Callable
 
 _MODELS: dict[str, Callable] = {}
+_STATIC_COUNTERPARTS: dict[str, str] = {}
 
 
-def register_model(fn: Callable) -> Callable:
-    if fn.__name__ in _MODELS:
-        raise ValueError(f"model {fn.__name__!r} is already registered")
-    _MODELS[fn.__name__] = fn
-    return fn
+def register_model(fn: Callable | None = None, *, static_counterpart: str | None = None):
+    """``@register_model`` or ``@register_model(static_counterpart=name)`` (see the module docstring)."""
+
+    def add(fn: Callable) -> Callable:
+        if fn.__name__ in _MODELS:
+            raise ValueError(f"model {fn.__name__!r} is already registered")
+        _MODELS[fn.__name__] = fn
+        if static_counterpart is not None:
+            _STATIC_COUNTERPARTS[fn.__name__] = static_counterpart
+        return fn
+
+    return add(fn) if fn is not None else add
+
+
+def static_counterpart(name: str) -> str | None:
+    """The registered static network ``name`` is compared with at equal MAdds, or None."""
+    return _STATIC_COUNTERPARTS.get(name)
 
 
 def list_models() -> list[str]:

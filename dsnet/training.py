@@ -22,8 +22,8 @@ Stage II, :func:`train_gate`: the supernet is frozen (its BN in eval mode); only
 
 SGD (momentum 0.9), lr 0.05 decayed x0.9 per epoch, no weight decay. :func:`restrict_routes`
 limits the gates to their first choices (the paper's -S gate). :func:`evaluate_gate` reports
-accuracy, the route histogram and expected costs. :func:`save_checkpoint` / :func:`load_checkpoint`
-round-trip a model with its gate restriction and metadata.
+accuracy, the route histogram and expected costs. The project's checkpoints (a model with its
+gate restriction and metadata) are :mod:`dsnet.checkpoint`'s.
 
 After stage II, :func:`calibrate_to_budget` (not the paper's) shifts each gate's scores by
 ``-lambda * cost`` of each choice (``Gate.score_bias``), ``lambda`` found by bisection on given
@@ -33,21 +33,18 @@ with either penalty is made to meet a deployment budget on the target.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dsnet.calibration import calibration_routes, recalibrate_bn
-from dsnet.gate import Gate
+from dsnet.gate import Gate, model_gates
 from dsnet.layers import SplitBatchNorm2d
 from dsnet.routes import Route
 
-CHECKPOINT_FORMAT = "dsnet-harness/checkpoint-1"
 Progress = Callable[[str, dict], None]  # (label, figures) after each step
 
 
@@ -122,7 +119,7 @@ def train_supernet(model, loader, epochs: int, lr: float = 0.05, n_random: int =
 
 def gates(model) -> list[Gate]:
     """The model's routing gates, in network order."""
-    return [m for m in model.modules() if isinstance(m, Gate)]
+    return model_gates(model)
 
 
 def gate_parameters(model) -> list[nn.Parameter]:
@@ -369,51 +366,3 @@ def calibrate_to_budget(model, images: torch.Tensor, costs: torch.Tensor, budget
     for g, cc in zip(gs, choice_cost):
         g.score_bias.copy_((-hi * cc).to(g.score_bias.dtype))
     return {"lambda": hi, "mean_cost": mean_cost(hi), "budget": budget, "images": len(images)}
-
-
-# -- checkpoints -----------------------------------------------------------------------------------
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model."""
-
-
-def save_checkpoint(path, model, model_kwargs: dict | None = None, **meta) -> Path:
-    """Write ``model`` (name, constructor arguments, weights, gate restriction) and ``meta``;
-    atomically, so an interruption never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"format": CHECKPOINT_FORMAT, "model": model.model_name, "model_kwargs": model_kwargs or {},
-           "num_allowed": [g.num_allowed for g in gates(model)],
-           "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": meta}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(doc, tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def load_checkpoint(path):
-    """``(model, meta)`` from :func:`save_checkpoint`'s file, in eval mode."""
-    import dsnet
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        doc = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
-    if not isinstance(doc, dict) or doc.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a dsnet-harness checkpoint (for the official DS-Net "
-                              "layout use dsnet.load_official_state_dict)")
-    model = dsnet.create_model(doc["model"], **doc["model_kwargs"])
-    try:
-        missing, unexpected = model.load_state_dict(doc["state_dict"], strict=False)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path} does not fit model {doc['model']}: {str(e).splitlines()[0]}") from None
-    missing = [k for k in missing if not k.endswith("score_bias")]  # older checkpoints: uncalibrated gates
-    if missing or unexpected:
-        raise CheckpointError(f"{path} does not fit model {doc['model']}: missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}")
-    for g, k in zip(gates(model), doc["num_allowed"]):
-        g.restrict(k)
-    return model.eval(), doc["meta"]

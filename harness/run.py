@@ -54,6 +54,8 @@ def parse_args(argv):
                                       "e.g. noop for the harness overhead)")
     p.add_argument("--models", help=f"comma-separated models (default: {','.join(DEFAULT_MODELS)})")
     p.add_argument("--routes", help="comma-separated route labels to keep, e.g. 0,13 or x1.0,x0.5")
+    p.add_argument("--dynamic-backends", help="comma-separated backends the dynamic engine is measured on "
+                                              "(default: the profile's dynamic_backends among the run's backends)")
     p.add_argument("--batch-size", help="comma-separated batch sizes (default: the profile's)")
     p.add_argument("--input-size", type=int, help="square input resolution (default: the profile's)")
     add_results_option(p, "results/<target>, or results/<target>/quick with --quick")
@@ -77,6 +79,7 @@ class RunPlan:
     """The options resolved against the profile."""
 
     backends: list[str]
+    dynamic: list[str] | None  # --dynamic-backends (None: the profile's)
     models: list[str]
     routes: set[str] | None
     batch_sizes: list[int]
@@ -92,6 +95,8 @@ def plan(args, target) -> RunPlan:
     from harness.backends import list_backends
 
     backends = names_option("--backends", args.backends, list_backends(), target.backends)
+    dynamic = names_option("--dynamic-backends", args.dynamic_backends, list_backends(), []) \
+        if args.dynamic_backends is not None else None
     models = names_option("--models", args.models, dsnet.list_models(), list(DEFAULT_MODELS))
     try:
         batches = [int(b) for b in csv_list(args.batch_size)] if args.batch_size else list(target.batch_sizes)
@@ -116,7 +121,7 @@ def plan(args, target) -> RunPlan:
                 if b in backends:
                     backends.remove(b)
                     skipped[b] = "left out by --quick (slow compile); name it in --backends to include"
-    return RunPlan(backends, models, routes, batches, input_size, protocol,
+    return RunPlan(backends, dynamic, models, routes, batches, input_size, protocol,
                    results_layout(args.results, target.name, args.quick), skipped)
 
 
@@ -270,8 +275,15 @@ def static_phase(ctx, p: RunPlan, all_workloads, retry_failed: bool) -> None:
 
 
 def dynamic_backends(ctx, p: RunPlan, explicit: list[str] | None) -> list[str]:
-    """The backends the dynamic engine is measured on: the profile's ``dynamic_backends`` among the
-    active ones (those named in ``--backends`` when given)."""
+    """The backends the dynamic engine is measured on: ``--dynamic-backends`` among the active ones,
+    else the profile's ``dynamic_backends`` among the active ones (those named in ``--backends`` when
+    given)."""
+    if p.dynamic is not None:
+        for b in p.dynamic:
+            if b not in p.backends:
+                p.skipped.setdefault(f"{b} (dynamic)", "named in --dynamic-backends but not measured in this run "
+                                                      "(not in --backends, or unavailable)")
+        return [b for b in p.dynamic if b in p.backends]
     wanted = explicit or ctx.target.dynamic_backends or ctx.target.backends
     backends = [b for b in wanted if b in p.backends and b in (ctx.target.dynamic_backends or wanted)]
     for b in p.backends:

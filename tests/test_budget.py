@@ -93,12 +93,12 @@ def test_bad_budgets(text, pattern):
 def test_a_budget_below_the_smallest_route_names_the_smallest_feasible_one():
     lut = [0.8, 1.0, 1.5, 2.0]
     check_budgets(parse_budgets("0.4x,0.8ms,2ms"), lut)  # feasible: nothing raised
-    with pytest.raises(RetrainingError, match=r"0.3x \(0.600 ms\) is below the smallest route's latency on the "
-                                              r"LUT; the smallest feasible budget is 0.800 ms \(0.40x\)"):
+    with pytest.raises(RetrainingError, match=r"0.3x \(0.600 ms\) is below the smallest route's deployed latency "
+                                              r"on the LUT; the smallest feasible budget is 0.800 ms \(0.40x\)"):
         check_budgets(parse_budgets("0.3x"), lut)
     with pytest.raises(RetrainingError, match="smallest feasible budget is 0.800 ms"):
         check_budgets(parse_budgets("0.5ms"), lut)
-    with pytest.raises(RetrainingError, match="above the largest route's latency"):
+    with pytest.raises(RetrainingError, match="above the largest route's deployed latency"):
         check_budgets(parse_budgets("2.5ms"), lut)
 
 

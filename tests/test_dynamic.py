@@ -8,7 +8,7 @@ import dsnet
 from conftest import randomize, routes_apart
 from harness.backends import get_backend
 from harness.deploy.engine import DynamicEngine, stream_routes
-from harness.deploy.lut import LatencyLUT, LUTError, matched_distribution, route_segment_names
+from harness.deploy.lut import DISPATCH_NAME, LatencyLUT, LUTError, matched_distribution, route_segment_names
 from harness.measure.pipeline import check_output
 from harness.results.layout import DYNAMIC_COLUMNS
 from harness.targets import load_target
@@ -16,14 +16,15 @@ from harness.targets import load_target
 X86 = load_target("x86").resolve()
 
 
-@pytest.mark.parametrize("name", ["ds_mbnet_tiny", "ds_resnet50_tiny", "ds_resnet50_pp_tiny", "ds_mbnet_pp_tiny",
-                                  "ds_vit_pp_tiny"])
-@pytest.mark.parametrize("batch", [1, 4])
-def test_dynamic_engine_equals_the_supernet_on_torchscript(name, batch, tmp_path):
+TINY = ["ds_mbnet_tiny", "ds_resnet50_tiny", "ds_resnet50_pp_tiny", "ds_mbnet_pp_tiny", "ds_vit_pp_tiny"]
+
+
+def _deployed_equals_eager(name, backend, batch, tmp_path):
     model = dsnet.reference_statistics(randomize(dsnet.create_model(name)))
     x = routes_apart(model, batch)
     plan = dsnet.split(model)
-    engine = DynamicEngine(plan, get_backend("torchscript"), X86, "fp32", tmp_path, 32, batch_size=batch)
+    engine = DynamicEngine(plan, get_backend(backend, X86.options(backend)), X86, "fp32", tmp_path, 32,
+                           batch_size=batch)
     with torch.no_grad():
         model.set_route(None)
         ref, onehots, _ = model.forward_dynamic(x)
@@ -33,6 +34,40 @@ def test_dynamic_engine_equals_the_supernet_on_torchscript(name, batch, tmp_path
     assert torch.equal(choices, expected)
     if batch > 1:
         assert len({tuple(c) for c in choices.tolist()}) > 1
+    return model, engine
+
+
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("backend", ["eager", "torchscript", "onnxruntime"])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_the_deployed_network_equals_the_supernet(name, backend, batch, tmp_path):
+    """Batch 1 through the deployed path (native hand-off between parts), batch 8 grouped by route:
+    logits and chosen routes as the eager dynamic forward, on every tiny supernet."""
+    _deployed_equals_eager(name, backend, batch, tmp_path)
+
+
+@pytest.mark.parametrize("backend, batch", [("tvm", 1), ("tvm", 8), ("inductor", 1)])
+def test_the_deployed_network_equals_the_supernet_on_compilers(backend, batch, tmp_path):
+    """The same on TVM and AOTInductor, on the tiny DS-MBNet (their builds take seconds a part; the
+    grouped batch path is the backend-agnostic one tested above, so AOTInductor runs batch 1 only)."""
+    if get_backend(backend, X86.options(backend)).unavailable(X86):
+        pytest.skip(f"{backend} unavailable here")
+    _deployed_equals_eager("ds_mbnet_tiny", backend, batch, tmp_path)
+
+
+def test_deployed_outputs_are_not_overwritten_by_the_next_call(tmp_path):
+    """ONNX Runtime's parts write into arrays bound once: what a call returned must stay as it was
+    after the next call, and every call must see its own input."""
+    model, engine = _deployed_equals_eager("ds_mbnet_tiny", "onnxruntime", 1, tmp_path)
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(1, 3, 32, 32, generator=g) + torch.randn(1, 3, 1, 1, generator=g) * 3 for _ in range(6)]
+    first = [engine(x) for x in xs]
+    assert len({tuple(c.flatten().tolist()) for _, c in first}) > 1  # more than one route taken
+    with torch.no_grad():
+        for x, (logits, choices) in zip(xs, first):
+            ref = model.forward_dynamic(x)
+            assert check_output(logits, ref.logits, "fp32") is None
+            assert torch.equal(choices, torch.stack([o.argmax(-1) for o in ref.onehots], 1))
 
 
 def test_a_segment_first_seen_on_all_zero_features_compiles_and_checks(tmp_path):
@@ -51,23 +86,30 @@ def test_a_segment_first_seen_on_all_zero_features_compiles_and_checks(tmp_path)
     assert all((a - b).abs().max() <= 1e-4 for a, b in zip(out, ref))
 
 
-def test_route_call_runs_the_forced_route(tmp_path):
+@pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
+def test_a_forced_route_runs_that_route_through_the_deployed_code(backend, tmp_path):
     model = dsnet.reference_statistics(randomize(dsnet.create_model("ds_resnet50_tiny")))
-    engine = DynamicEngine(dsnet.split(model), get_backend("eager"), X86, "fp32", tmp_path, 32)
+    engine = DynamicEngine(dsnet.split(model), get_backend(backend), X86, "fp32", tmp_path, 32)
     x = torch.randn(1, 3, 32, 32)
     route = dsnet.Route((2, 0, 3, 1))
-    engine.prepare_routes([route], x)
     with torch.no_grad():
         model.set_route(route)
         ref = model(x)
-        out = engine.route_call(engine.head.prepare(x), route)
-    assert (out - ref).abs().max() <= 1e-5
+        out, choices = engine.single(x, route)
+    assert (out - ref).abs().max() <= 1e-4 and choices.tolist() == [list(route)]
+    raw, chosen = engine.deployed(engine.head.prepare(x), route)
+    assert chosen == list(route) and torch.allclose(engine.path(route, x)[-1].to_torch(raw), out)
 
 
-def _lut_frame(segments: dict, model="ds_resnet50_tiny", failed=()):
-    rows = [{"model": model, "backend": "torchscript", "precision": "fp32", "batch_size": 1, "input_size": 32,
-             "kind": "segment", "name": n, "latency_ms_p50": v, "status": "failed" if n in failed else "ok",
-             "error": "boom" if n in failed else ""} for n, v in segments.items()]
+def _lut_frame(segments: dict, model="ds_resnet50_tiny", failed=(), dispatch=None):
+    """Segment rows, and a dispatch row ``(status, p50, ci_low, ci_high)`` when given."""
+    base = {"model": model, "backend": "torchscript", "precision": "fp32", "batch_size": 1, "input_size": 32}
+    rows = [base | {"kind": "segment", "name": n, "latency_ms_p50": v, "status": "failed" if n in failed else "ok",
+                    "error": "boom" if n in failed else ""} for n, v in segments.items()]
+    if dispatch is not None:
+        status, p50, lo, hi = dispatch
+        rows.append(base | {"kind": "dispatch", "name": DISPATCH_NAME, "status": status, "error": "impossible",
+                            "latency_ms_p50": p50, "latency_ms_p50_ci_low": lo, "latency_ms_p50_ci_high": hi})
     return pd.DataFrame(rows, columns=DYNAMIC_COLUMNS)
 
 
@@ -90,6 +132,23 @@ def test_compositional_prediction_is_the_sum_of_its_parts():
     assert tensor.shape == (256,)
     all_routes = model.routing_space.all_routes()
     assert tensor[all_routes.index(route)].item() == pytest.approx(lut.latency(route))
+
+
+@pytest.mark.parametrize("dispatch, per_decision, said", [
+    (None, 0.0, "no dispatch cost stored"),
+    (("ok", 0.02, 0.01, 0.03), 0.02, "added per gate"),
+    (("ok", 0.02, -0.01, 0.05), 0.0, "holds zero: counted as zero"),
+    (("measure_failed", -0.2, -0.3, -0.1), 0.0, "refused"),
+])
+def test_the_lut_prices_the_deployed_route_with_one_dispatch_cost_per_gate(dispatch, per_decision, said):
+    """Segments plus gates x the dispatch cost; an interval holding zero is zero; a refused one is not used."""
+    model = dsnet.create_model("ds_resnet50_tiny")
+    segments = _all_segments(model)
+    lut = LatencyLUT.from_frame(_lut_frame(segments, dispatch=dispatch), "ds_resnet50_tiny", "torchscript")
+    route = dsnet.Route((1, 3, 0, 2))
+    parts = sum(segments[n] for n in route_segment_names(route))
+    assert lut.latency(route) == pytest.approx(parts + 4 * per_decision)
+    assert said in lut.dispatch_note
 
 
 def test_lut_with_a_missing_or_failed_segment_raises_naming_it(tmp_path):

@@ -111,12 +111,17 @@ def test_end_to_end_resume_and_rebuild(tmp_path):
     # a budget sweep on the same workspace: stage I and the LUT reused, one calibrated gate per budget
     # and penalty, all measured in one run, the report per budget
     # (a hand-made LUT: on eager at 32 px the tiny routes take about the same time, and a budget
-    # below the smallest route is refused)
+    # below the smallest route is refused; its dispatch cost, 0.25 ms with an interval above zero, is
+    # added to every route)
     (tmp_path / "lut").mkdir()
-    pd.DataFrame([{"model": "ds_mbnet_tiny", "backend": "eager", "precision": "fp32", "batch_size": 1,
-                   "input_size": 32, "kind": "segment", "name": name, "latency_ms_p50": ms, "status": "ok", "error": ""}
+    base = {"model": "ds_mbnet_tiny", "backend": "eager", "precision": "fp32", "batch_size": 1, "input_size": 32,
+            "status": "ok", "error": ""}
+    pd.DataFrame([base | {"kind": "segment", "name": name, "latency_ms_p50": ms}
                   for name, ms in (("head", 0.5), ("s0_inx_c0", 0.5), ("s0_inx_c1", 1.0), ("s0_inx_c2", 1.5),
-                                   ("s0_inx_c3", 2.0))]).to_csv(tmp_path / "lut" / "dynamic.csv", index=False)
+                                   ("s0_inx_c3", 2.0))]
+                 + [base | {"kind": "dispatch", "name": "per_decision", "latency_ms_p50": 0.25,
+                            "latency_ms_p50_ci_low": 0.2, "latency_ms_p50_ci_high": 0.3}]
+                 ).to_csv(tmp_path / "lut" / "dynamic.csv", index=False)
     args = [*args, "--lut", str(tmp_path / "lut")]
     r3 = cli(*args, "--latency-budget", "0.7x,0.9x")
     assert r3.returncode == 0, r3.stderr
@@ -135,10 +140,13 @@ def test_end_to_end_resume_and_rebuild(tmp_path):
     (tmp_path / "gate_retraining.md").unlink()
     render(Layout(tmp_path))
     assert (tmp_path / "gate_retraining.md").read_text() == md3
-    bad = cli(*args, "--latency-budget", "0.3x")  # (after the line saying the measured dispatch overhead)
+    assert "dispatch cost 250 us per decision (interval 200..300 us) added per gate" in r3.stderr
+    assert summary.set_index("gate").lut_ms[LARGEST] == pytest.approx(0.5 + 2.0 + 0.25)
+    bad = cli(*args, "--latency-budget", "0.3x")  # (after the line saying how the LUT priced the dispatch)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("error: latency budget 0.3x")
-    assert "below the smallest route's latency on the LUT plus" in bad.stderr
+    assert "below the smallest route's deployed latency on the LUT; the smallest feasible budget is 1.250 ms" \
+        in bad.stderr
 
 
 def test_a_comparison_stored_before_models_shared_the_folder_reads_as_its_model(tmp_path):

@@ -167,18 +167,19 @@ def test_killed_run_loses_nothing_and_the_rerun_measures_only_what_is_missing(tm
     assert len(lut) == 8 and (lut.status == "ok").all()  # every cell once: none lost, none twice
     kept = lut.set_index("route").latency_ms_p50
     assert all(kept[r] == pytest.approx(v) for r, v in before.items())  # untouched by the re-run
-    # the dynamic phase timed the one artifact and the Python dispatcher on every route of the tiny
-    # supernet (inputs crafted to take it), each beside the route's static engine
+    # the dynamic phase timed the deployed path on every route of the tiny supernet and the one
+    # artifact on the routes an input reaches (crafted to take it), each beside the route's static engine
     dyn = pd.read_csv(out / "dynamic.csv", dtype={"name": str})
     routes = {str(r) for r in dsnet.create_model("ds_mbnet_tiny").routes(32)}
-    for kind in ("one_graph", "dispatcher"):
-        rows = dyn[dyn.kind == kind]
-        ok = rows[rows.status == "ok"]
-        assert set(rows.name) == routes and len(ok) >= 2, rows[["name", "status", "error"]]
-        # a route no input reaches (a choice the reference gate never ranks first) is said so
-        assert rows[rows.status != "ok"].error.str.contains("no input found that takes route").all()
-        assert (ok.predicted_ms > 0).all() and (ok.latency_ms_p50 > 0).all()
-    assert "overhead over the route's static engine" in rerun.stdout and "one artifact" in rerun.stdout
+    deployed = dyn[dyn.kind == "deployed"]
+    assert set(deployed.name) == routes and (deployed.status == "ok").all()
+    assert (deployed.predicted_ms > 0).all() and (deployed.latency_ms_p50 > 0).all()
+    rows = dyn[dyn.kind == "one_graph"]
+    ok = rows[rows.status == "ok"]
+    assert set(rows.name) == routes and len(ok) >= 2, rows[["name", "status", "error"]]
+    # a route no input reaches (a choice the reference gate never ranks first) is said so
+    assert rows[rows.status != "ok"].error.str.contains("no input found that takes route").all()
+    assert "over the routes' static engines: deployed path" in rerun.stdout and "one artifact" in rerun.stdout
     # a third run finds everything done
     again = cli(*args)
     assert "0 to measure, 8 already stored" in again.stderr

@@ -8,18 +8,16 @@ import torch
 
 import dsnet
 from conftest import randomize
+from dsnet.checkpoint import CheckpointError, ForeignCheckpoint, load_checkpoint, save_checkpoint
 from dsnet.data import DataError, digits, load_data
 from dsnet.training import (
-    CheckpointError,
     ComplexityPenalty,
     evaluate_gate,
     gate_parameters,
     gates,
-    load_checkpoint,
     restrict_routes,
     route_probabilities,
     sandwich_routes,
-    save_checkpoint,
     sgs_targets,
     train_gate,
     train_supernet,
@@ -193,7 +191,7 @@ def test_checkpoint_round_trip(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
     torch.save({"w": torch.ones(1)}, tmp_path / "other.pt")
-    with pytest.raises(CheckpointError, match="not a dsnet-harness checkpoint"):
+    with pytest.raises(ForeignCheckpoint, match="not a dsnet-harness checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
 
 

@@ -467,7 +467,7 @@ def _ds_mbnet_stages() -> tuple[MBStage, ...]:
             MBStage(tuple(range(736, 1153, 32)), 2, 2))
 
 
-@register_model
+@register_model(static_counterpart="mobilenet_v1")
 def ds_mbnet(num_classes: int = 1000, act: str = "silu") -> DSMobileNetV1:
     """DS-MBNet: Table 4 routing space, 14 routes."""
     return DSMobileNetV1(16, 24, _ds_mbnet_stages(), 3, num_classes, act)

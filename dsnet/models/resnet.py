@@ -478,7 +478,7 @@ class DSResNetPP(Supernet):
         return head, [{(None, c): self._with_route(Route((c,)), self._static_tail) for c in range(n)}]
 
 
-@register_model
+@register_model(static_counterpart="resnet50")
 def ds_resnet50(num_classes: int = 1000) -> DSResNet:
     """DS-ResNet-50: Table 5 routing space, 4 gates x 4 ratios = 256 routes."""
     return DSResNet(num_classes=num_classes)

@@ -25,7 +25,11 @@ A backend never modifies the module it is given: :func:`cast` works on a copy.
 An :class:`Engine` separates input preparation from the timed call: ``prepare(x)`` converts a
 torch tensor to the backend's native input once, ``run(native)`` is what the protocol times, and
 ``to_torch(out)`` converts the output back: a tensor, or a tuple of tensors for a module with
-several outputs (a deployment head returns features and route scores). ``details`` holds what
+several outputs (a deployment head returns features and route scores). Engines of one backend
+chain without conversions: ``outputs(out)`` splits a native output into native values, each of
+which another engine's ``run`` takes as its input, and ``choice(scores)`` is a gate's argmax on
+native scores (defaults: tuples of torch tensors or NumPy arrays). A native output may be
+overwritten by the engine's next call (``to_torch`` copies when so). ``details`` holds what
 this compile did that changes a number (e.g. TVM: tasks tuned). Backends know nothing of DS-Net.
 """
 
@@ -71,12 +75,27 @@ def as_torch_outputs(outputs, convert: Callable[[Any], torch.Tensor] = lambda t:
     return outs[0] if len(outs) == 1 else outs
 
 
+def native_outputs(out) -> tuple:
+    """An engine's native output as a tuple of its outputs (a module with one output: a 1-tuple)."""
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def native_choice(scores) -> int:
+    """The gate's decision on one image's native route scores (a torch tensor or a NumPy array)."""
+    return int(scores.argmax())
+
+
 class Engine:
     def __init__(self, run: Callable[[Any], Any], prepare: Callable[[torch.Tensor], Any] = lambda x: x,
                  to_torch: Callable[[Any], torch.Tensor] = lambda y: y, sync: Callable[[], None] | None = None,
-                 details: dict | None = None):
+                 details: dict | None = None, outputs: Callable[[Any], tuple] = native_outputs,
+                 choice: Callable[[Any], int] = native_choice):
         self.run, self.prepare, self.to_torch, self.sync = run, prepare, to_torch, sync
         self.details = dict(details or {})
+        # chaining engines of one backend in its own types (the dynamic engine's single-image path):
+        # ``outputs(run(v))`` is a tuple of native values, each one the next engine's ``run`` takes
+        # as it is; ``choice(scores)`` is the argmax of native route scores
+        self.outputs, self.choice = outputs, choice
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = self.to_torch(self.run(self.prepare(x)))
@@ -106,6 +125,9 @@ class Backend:
     # can compile dsnet.one_graph's network (gate and every route, control flow in the graph) into one
     # artifact: harness.export writes it, the dynamic phase times it beside the Python dispatcher
     one_artifact = False
+    # on a CPU its builds are fast only for the shapes its tuning covered (TVM: an untuned convolution
+    # runs tens of times slower), so the dynamic phase leaves out shapes no tuning asked for (batch 8's)
+    tuned_per_shape = False
 
     def __init__(self, options: dict | None = None, workdir: Path | None = None,
                  remote: tuple[str, int, str] | None = None):

@@ -105,6 +105,7 @@ class TVMBackend(Backend):
     precisions = ("fp32",)
     artifact = "model.so"
     one_artifact = True
+    tuned_per_shape = True  # on a CPU: MetaSchedule's records (on a GPU, DLight schedules any shape)
     OPTIONS = {"target": (dict, False), "tune_minutes": ((int, float), False), "host": (dict, False),
                "layout": (str, False), "weight_prepack": (bool, False), "fast_math": (bool, False)}
     LAYOUTS = ("NCHW", "NHWC")
@@ -284,7 +285,9 @@ class TVMBackend(Backend):
             return as_torch_outputs(out, lambda t: torch.from_dlpack(t).clone())
 
         sync = dev.sync if target.device == "cuda" else None
-        return Engine(main, prepare=prepare, to_torch=to_torch, sync=sync)
+        return Engine(main, prepare=prepare, to_torch=to_torch, sync=sync,
+                      outputs=lambda out: (out,) if hasattr(out, "numpy") else tuple(out),
+                      choice=lambda scores: int(scores.numpy().argmax()))
 
     def check_export(self, target):
         cross_compiler(self.tvm_target(target))

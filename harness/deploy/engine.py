@@ -1,34 +1,39 @@
-"""The dynamic engine on a backend, and how well per-route latencies predict it.
+"""The dynamic network as it is deployed on a backend: compiled parts and the gate's decisions.
 
 Contract
 --------
 ``DynamicEngine(plan, backend, target, precision, cache_root, input_size, model_name=...)`` compiles
 the head of a ``dsnet.split`` plan (fixed layers + gate, returning features and route scores) and,
-on demand, one engine per later segment and group size, each through
+on demand, one engine per later segment and input shape, each through
 :func:`harness.measure.pipeline.trial`: cached under the one artifact key and checked against
-its eager segment before use. A part that fails raises :class:`PartError` carrying its
-:class:`~harness.measure.pipeline.Result`; ``engine.parts`` holds every part's result (compile
-time, details). ``engine(x)`` runs dynamic inference: the gate's argmax
-per sample, samples grouped by route, each group through its compiled segment; it returns
-``(logits, choices)`` like ``DynamicPlan.forward``. ``engine.route_call(x, route)`` is the timed
-batch-1 path for one route: head, gate decision (argmax computed as in real dispatch), hand-off,
-segments. Models know nothing of this module; backends know nothing of DS-Net.
+its eager segment (on the seeded :func:`~harness.measure.pipeline.check_input` of its shape) before
+use. A part that fails raises :class:`PartError` carrying its
+:class:`~harness.measure.pipeline.Result`; ``engine.parts`` holds every part's result (compile time,
+details). Models know nothing of this module; backends know nothing of DS-Net.
 
-Measurements (all with the one protocol, interleaved where a ratio or difference is taken):
+Dynamic inference, ``engine(x) -> (logits, choices)`` like ``DynamicPlan.forward``:
 
-- :func:`covering_routes` and :func:`chain_parts`: every segment timed in context, interleaved in
-  chain order one call per sample (the compositional LUT: a route's latency is predicted as the sum
-  of the segments it runs through);
-- :func:`measure_dispatch`: head, segments and end to end of one route, interleaved in one run:
-  validates the composition and gives the dispatch overhead (gate decision and hand-off);
-- :func:`measure_stream`: the dynamic engine over a stream of inputs whose routes follow a
-  distribution, against the LUT's expectation;
-- :func:`measure_acceleration`: a route distribution against static networks (the largest and the
-  one of matched MAdds) in one interleaved run: realized and ideal speed-up.
+- one image (batch 1), the deployed path, :meth:`DynamicEngine.deployed` on the backend's native
+  input: the head, then per gate the argmax of its native scores (``Engine.choice``), a table
+  lookup of the segment it picks and that segment run on the previous part's native output
+  (``Engine.outputs``: no conversion, no copy, no grouping between parts; ONNX Runtime's parts hand
+  their bound arrays on). Its cost beyond the parts is the gate's decision and the lookup.
+  :meth:`DynamicEngine.single` is the same from and to torch tensors. ``route=`` forces the
+  decisions after they are computed (timing a given route through the deployed code);
+- a batch: the samples grouped by route (:func:`dsnet.deploy.dispatch_argmax`), each group through
+  the segment compiled for its size.
+
+For measuring (the phases time these; they compute nothing themselves):
+
+- :func:`covering_routes` and :func:`chain_parts`: every segment as the deployed path runs it, on
+  its upstream part's native output, in chain order (the compositional LUT: a route's latency is the
+  sum of the segments it runs through, plus the measured dispatch cost);
+- :func:`stream_routes` and :func:`cycling`: a callable that runs a stream of routes, one per call.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +41,7 @@ import torch
 
 from dsnet.deploy import dispatch_argmax
 from harness.deploy.lut import route_segment_names
-from harness.measure.pipeline import ArtifactKey, Result, trial, weights_fingerprint
-from harness.measure.protocol import Protocol, Timer, measure, measure_interleaved, measure_rounds
+from harness.measure.pipeline import ArtifactKey, Result, check_input, image_batch, trial, weights_fingerprint
 
 
 class PartError(RuntimeError):
@@ -57,9 +61,9 @@ class DynamicEngine:
         self.cache_root, self.model_name = Path(cache_root), model_name
         self.n_gates = len(plan.stages)
         self.parts: dict[str, Result] = {}
-        example = torch.randn(batch_size, 3, input_size, input_size, generator=torch.Generator().manual_seed(1))
-        self.head = self._compile("head", plan.head, example)
+        self.head = self._compile("head", plan.head, image_batch(batch_size, input_size))
         self._segments: dict[tuple, object] = {}
+        self._single: dict[tuple, object] = {}  # (stage, incoming choice, choice) -> its batch-1 engine
 
     def _compile(self, name: str, module, example):
         shape = "x".join(map(str, example.shape))
@@ -79,38 +83,58 @@ class DynamicEngine:
             # Compiled and checked on seeded data of the features' shape, not on ``feats``: what first
             # arrives may be degenerate (a narrow slice of one image's features can be all zero after
             # ReLU), which would make the check against eager meaningless and the artifact depend on it.
-            example = torch.randn(feats.shape, generator=torch.Generator().manual_seed(1), dtype=feats.dtype)
-            self._segments[cache_key] = self._compile(name, self.plan.stages[k][key], example)
+            self._segments[cache_key] = self._compile(name, self.plan.stages[k][key],
+                                                      check_input(feats.shape, feats.dtype))
         return self._segments[cache_key]
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dynamic inference: one image through the deployed path, a batch grouped by route."""
+        if x.shape[0] == 1:
+            return self.single(x)
         return dispatch_argmax(x, self.head, lambda k, key, f: self.segment(k, key, f)(f), self.n_gates)
 
-    def route_call(self, prepared, route):
-        """Timed end-to-end call for ``route``: head, gate decision, hand-off, segments."""
-        head = self.head
-        feats, scores = head.to_torch(head.run(prepared))
-        scores.argmax(-1)  # the gate's decision, computed as in real dispatch; ``route`` is forced
-        engines = self._path[tuple(route)]
-        for k, eng in enumerate(engines):
-            y = eng.to_torch(eng.run(eng.prepare(feats)))
-            if k + 1 < len(engines):
-                feats = y[0]
-        return y
+    def single(self, x: torch.Tensor, route=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`deployed` from and to torch: ``(logits, choices)``, choices shaped ``(1, gates)``."""
+        raw, choices, last = self._deployed(self.head.prepare(x), route)
+        logits = last.to_torch(raw)
+        if last.sync:
+            last.sync()
+        return logits, torch.tensor([choices])
 
-    def prepare_routes(self, routes, x: torch.Tensor) -> None:
-        """Compile every segment the given routes run through for inputs like ``x`` (before timing)."""
-        head_feats, _ = self.head(x)
-        self._path = {}
-        for route in routes:
-            feats, prev, path = head_feats, None, []
-            for k, c in enumerate(route):
-                eng = self.segment(k, (prev, c), feats)
-                path.append(eng)
-                if k + 1 < self.n_gates:
-                    feats = eng(feats)[0]
-                prev = c
-            self._path[tuple(route)] = path
+    def deployed(self, native, route=None):
+        """The deployed path on the head's native input (``engine.head.prepare(x)``): the last
+        part's native output and the choices. What the phases time (see the module docstring)."""
+        return self._deployed(native, route)[:2]
+
+    def _deployed(self, native, route):
+        head = self.head
+        raw = head.run(native)
+        values, engine, prev, choices = head.outputs(raw), head, None, []
+        for k in range(self.n_gates):
+            c = engine.choice(values[1])
+            if route is not None:
+                c = int(route[k])
+            part = self._single.get((k, prev, c))
+            if part is None:  # first time through this segment: compiled (and checked) for this shape
+                part = self._single[(k, prev, c)] = self.segment(k, (prev, c), _first(engine.to_torch(raw)))
+            raw = part.run(values[0])
+            values, engine, prev = part.outputs(raw), part, c
+            choices.append(c)
+        return raw, choices, engine
+
+    def path(self, route, x: torch.Tensor) -> list:
+        """The compiled batch-1 engines ``route`` runs through after the head (built before timing)."""
+        self.single(x, route)
+        out, prev = [], None
+        for k, c in enumerate(route):
+            out.append(self._single[(k, prev, int(c))])
+            prev = int(c)
+        return out
+
+
+def _first(out):
+    """The features of a part's torch output (a tuple of features and scores, or logits)."""
+    return out[0] if isinstance(out, tuple) else out
 
 
 def covering_routes(plan, routes) -> list:
@@ -127,42 +151,21 @@ def covering_routes(plan, routes) -> list:
     return cover
 
 
-def chain_parts(engine: DynamicEngine, route, x: torch.Tensor) -> dict:
-    """Timed callables for the head and each segment of ``route``, on the inputs the chain feeds
-    them: ``{segment name: fn}`` in chain order."""
-    engine.prepare_routes([route], x)
+def chain_parts(engine: DynamicEngine, route, x: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """Timed callables for the head and each segment of ``route``, in chain order, each run as the
+    deployed path runs it: on its upstream part's native output (``{segment name: fn}``). Timed in
+    this order, each part's input is what the part before it just wrote."""
+    path = engine.path(route, x)
     names = route_segment_names(route)
-    prepared = engine.head.prepare(x)
-    feats, _ = engine.head.to_torch(engine.head.run(prepared))
-    fns = {names[0]: lambda: engine.head.run(prepared)}
-    path = engine._path[tuple(route)]
-    for k, eng in enumerate(path):
-        inp = eng.prepare(feats)
-        fns[names[k + 1]] = lambda eng=eng, inp=inp: eng.run(inp)
+    head_in = engine.head.prepare(x)
+    fns = {names[0]: lambda: engine.head.run(head_in)}
+    upstream = engine.head
+    value = upstream.outputs(upstream.run(head_in))[0]
+    for k, part in enumerate(path):
+        fns[names[k + 1]] = lambda part=part, value=value: part.run(value)
         if k + 1 < len(path):
-            feats = eng.to_torch(eng.run(inp))[0]
+            value = part.outputs(part.run(value))[0]
     return fns
-
-
-def in_context(protocol: Protocol) -> Protocol:
-    """One call per sample: parts timed interleaved in chain order see the caches as deployment does
-    (a part repeated back to back keeps its own weights hot and reads too fast). Validity then rests
-    on the median's interval alone: single calls of a few ms never add up to ``min_measured_ms``,
-    and extra rounds could not change that."""
-    return protocol.replace(min_repeat_ms=0, min_measured_ms=0)
-
-
-def measure_dispatch(engine: DynamicEngine, route, x: torch.Tensor, protocol: Protocol,
-                     timer: Timer | None = None) -> dict:
-    """Dispatch overhead of one route: end to end minus its parts, all interleaved in one run."""
-    fns = chain_parts(engine, route, x)
-    prepared = engine.head.prepare(x)
-    fns["end_to_end"] = lambda: engine.route_call(prepared, route)
-    res = measure_interleaved(fns, in_context(protocol), timer)
-    parts = sum(m.stats.p50 for name, m in res.items() if name != "end_to_end")
-    e2e = res["end_to_end"]
-    return {"parts_ms": parts, "end_to_end": e2e, "end_to_end_ms": e2e.stats.p50,
-            "overhead_ms": e2e.stats.p50 - parts}
 
 
 def stream_routes(distribution: dict, length: int, seed: int = 0) -> list:
@@ -175,42 +178,14 @@ def stream_routes(distribution: dict, length: int, seed: int = 0) -> list:
     return [routes[i] for i in idx]
 
 
-def _stream_fn(engine: DynamicEngine, prepared, stream):
+def cycling(call: Callable[[object], object], items: list) -> Callable[[], object]:
+    """A zero-argument callable running ``call(item)`` on the next of ``items`` each time (a stream
+    of routes, of images), round and round."""
     state = {"i": 0}
 
     def fn():
-        route = stream[state["i"] % len(stream)]
+        item = items[state["i"] % len(items)]
         state["i"] += 1
-        return engine.route_call(prepared, route)
+        return call(item)
 
     return fn
-
-
-def measure_stream(engine: DynamicEngine, distribution: dict, lut_ms: dict, x: torch.Tensor,
-                   protocol: Protocol, length: int = 256, timer: Timer | None = None) -> dict:
-    """Mean latency per inference over a route stream, against sum_k p_k LUT[k]."""
-    engine.prepare_routes(list(distribution), x)
-    prepared = engine.head.prepare(x)
-    m = measure(_stream_fn(engine, prepared, stream_routes(distribution, length)), protocol, timer)
-    predicted = sum(p * lut_ms[str(r)] for r, p in distribution.items())
-    return {"measured": m.stats, "predicted_ms": predicted,
-            "rel_error": (predicted - m.stats.mean) / m.stats.mean}
-
-
-def measure_acceleration(engine: DynamicEngine, distribution: dict, largest, matched, x: torch.Tensor,
-                         protocol: Protocol, length: int = 256, timer: Timer | None = None) -> dict:
-    """Realized speed-up of the dynamic model at ``distribution`` over the static ``largest``,
-    beside the ideal speed-up of the static network of matched MAdds, measured in the same rounds
-    (a fresh seeded order per round). ``largest``/``matched`` are compiled static engines."""
-    engine.prepare_routes(list(distribution), x)
-    prepared = engine.head.prepare(x)
-    px_l, px_m = largest.prepare(x), matched.prepare(x)
-    res = measure_rounds({
-        "largest": lambda: largest.run(px_l), "matched": lambda: matched.run(px_m),
-        "dynamic": _stream_fn(engine, prepared, stream_routes(distribution, length))}, protocol, timer, seed=2)
-    # a stream's per-call time varies by route: compare means (p50 of a mixture is not its mean)
-    t = {k: v.stats.mean for k, v in res.items()}
-    ideal, realized = t["largest"] / t["matched"], t["largest"] / t["dynamic"]
-    return {"largest": res["largest"].stats, "matched": res["matched"].stats, "dynamic": res["dynamic"].stats,
-            "ideal_speedup": ideal, "realized_speedup": realized, "realized_over_ideal": realized / ideal,
-            "factors": res.factors}

@@ -2,11 +2,16 @@
 
 Contract
 --------
-The LUT is compositional: ``dynamic.csv`` holds the measured latency of the deployment head
-(fixed layers plus the first gate) and of every segment of ``dsnet.split`` (rows of kind
-``segment``); a route's latency is the sum over the segments it runs through, head and gates
-included. For DS-MBNet that is head + tail; for DS-ResNet stem + four stages, 53 measured parts
-predicting 256 routes.
+The LUT is compositional and prices what is deployed: ``dynamic.csv`` holds the measured latency
+of the deployment head (fixed layers plus the first gate) and of every segment of ``dsnet.split``
+(rows of kind ``segment``), and the deployed path's cost per gate decision beyond its parts (the
+row of kind ``dispatch``, name :data:`DISPATCH_NAME`, with its 95% interval; measured in the same
+rounds as the segments, ``harness.phases.dynamic``). A route's latency is the sum over the segments
+it runs through, head and gates included, plus one dispatch cost per gate. For DS-MBNet that is head
++ tail + one decision; for DS-ResNet stem + four stages + four decisions, 53 measured parts and one
+dispatch cost predicting 256 routes. A dispatch cost whose interval holds zero counts as zero; a
+refused one (``measure_failed``: impossible) or none (an older results folder) prices routes by
+their parts alone, and ``dispatch_note`` says which.
 
 ``LatencyLUT.load(results_dir, backend, model, ...)`` reads it. ``latency(route)`` gives one
 route's predicted latency (ms); ``tensor(model)`` gives a ``torch`` tensor in the order of the
@@ -43,6 +48,9 @@ def route_segment_names(route) -> list[str]:
     return names
 
 
+DISPATCH_NAME = "per_decision"  # the name of the dispatch row in dynamic.csv
+
+
 @dataclass
 class LatencyLUT:
     model: str
@@ -52,6 +60,8 @@ class LatencyLUT:
     input_size: int
     segment_ms: dict[str, float]
     failed: dict[str, str]
+    dispatch_ms: float = 0.0  # per gate decision, added to every route (0 when its interval holds zero)
+    dispatch_note: str = ""  # how dispatch_ms was obtained (one line)
 
     @classmethod
     def load(cls, results_dir, backend: str, model: str, precision: str = "fp32", batch_size: int = 1,
@@ -81,19 +91,22 @@ class LatencyLUT:
             raise LUTError(f"{path} holds {model}/{backend} at input sizes {sizes}: name one with input_size")
         ok = seg[seg.status == "ok"]
         bad = seg[seg.status != "ok"]
+        d = df[(df.kind == "dispatch") & (df.name == DISPATCH_NAME) & (df.model == model) & (df.backend == backend)
+               & (df.precision == precision) & (df.batch_size == batch_size) & (df.input_size == sizes[0])]
+        dispatch_ms, note = dispatch_cost(d.iloc[0] if len(d) else None)
         return cls(model, backend, precision, batch_size, int(sizes[0]),
                    {r.name: float(r.latency_ms_p50) for r in ok.itertuples()},
-                   {r.name: f"{r.status}: {r.error}" for r in bad.itertuples()})
+                   {r.name: f"{r.status}: {r.error}" for r in bad.itertuples()}, dispatch_ms, note)
 
     def latency(self, route) -> float:
-        """Predicted latency (ms) of ``route``: the sum of its segments."""
+        """Predicted latency (ms) of ``route`` as deployed: its segments plus one dispatch cost per gate."""
         names = route_segment_names(route)
         problems = [f"{n} ({self.failed[n]})" if n in self.failed else n
                     for n in names if n not in self.segment_ms]
         if problems:
             raise LUTError(f"LUT {self.model}/{self.backend} cannot price route {Route(tuple(route))}: "
                            f"missing or failed segment(s) {', '.join(problems)}")
-        return sum(self.segment_ms[n] for n in names)
+        return sum(self.segment_ms[n] for n in names) + len(tuple(route)) * self.dispatch_ms
 
     def tensor(self, model) -> torch.Tensor:
         """Latency (ms) of every route of ``model``, in routing-space order."""
@@ -108,6 +121,21 @@ class LatencyLUT:
             raise LUTError(f"LUT {self.model}/{self.backend} lacks {len(missing)} of {len(routes)} routes "
                            f"of the model: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
         return torch.tensor(values, dtype=torch.float32)
+
+
+def dispatch_cost(row) -> tuple[float, str]:
+    """``(ms per decision the LUT adds, how it was obtained)`` from a stored dispatch row (a mapping
+    of its columns, or None)."""
+    if row is None:
+        return 0.0, "no dispatch cost stored (measured before the LUT priced it): routes priced by their parts alone"
+    if row["status"] != "ok":
+        return 0.0, f"dispatch cost refused ({row['error']}): routes priced by their parts alone"
+    p50, low, high = (float(row[c]) * 1e3 for c in ("latency_ms_p50", "latency_ms_p50_ci_low",
+                                                     "latency_ms_p50_ci_high"))
+    if not low > 0:
+        return 0.0, (f"dispatch cost {p50:.0f} us per decision, its interval {low:.0f}..{high:.0f} us holds zero: "
+                     "counted as zero")
+    return p50 / 1e3, f"dispatch cost {p50:.0f} us per decision (interval {low:.0f}..{high:.0f} us) added per gate"
 
 
 def matched_distribution(route_madds: dict, target_madds: float) -> dict:

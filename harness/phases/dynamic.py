@@ -1,35 +1,61 @@
-"""The dynamic engine phase: the compositional LUT, its accuracy, dispatch overhead, realized speed-up.
+"""The dynamic engine phase: the deployed network against its routes' static engines, its LUT and dispatch cost.
 
 Contract
 --------
 ``DynamicPhase(ctx, model_name, backend, precision, input_size, model=None)`` builds the supernet's
-dynamic engine on one backend (every part through the pipeline: cached, checked against eager;
-a part that fails raises :class:`harness.deploy.engine.PartError`, which :func:`run_dynamic`
-records as an ``engine`` row and goes on). ``phase.run(progress, lut_only=False)`` measures what
-the store lacks and stores each result at once (``dynamic`` table, kinds of
-:data:`harness.results.layout.DYNAMIC_KINDS`):
+dynamic engine on one backend (every part through the pipeline: cached, checked against eager; a
+part that fails raises :class:`harness.deploy.engine.PartError`, which :func:`run_dynamic` records as
+an ``engine`` row and goes on). ``phase.run(progress, lut_only=False)`` measures, when the store lacks
+any of its rows, everything in ONE round phase (:class:`~harness.measure.rounds.RoundPhase`), one call
+per sample (parts of a chain are timed in context: a part repeated back to back keeps its weights
+hot), so every figure below is compared with the others measured in the same rounds:
 
-1. ``segment``: every segment timed in context (one round phase over routes that together cover
-   every segment, each chain's parts in chain order, one call per sample, a segment's samples
-   pooled over the routes it appears in): the compositional LUT;
-2. ``route`` / ``route_lut``: end to end per validated route against the same-run parts, and all
-   validated routes end to end in the same rounds against the stored LUT, both relative to the
-   largest route (the drift since the LUT was measured cancels);
-3. ``stream``: a uniform route stream against the LUT's expectation;
-4. ``acceleration``: the route mix of matched MAdds against the static x1.0 and x0.5 networks,
-   interleaved (realized against ideal speed-up), when the model has a static counterpart;
-5. ``one_graph`` / ``dispatcher``: on backends that hold the whole network as one artifact
-   (``Backend.one_artifact``; :mod:`dsnet.one_graph`), per validated route, the one artifact and the
-   Python dispatcher (``engine(x)``: head, argmax, grouping, segments) on an input crafted to take
-   the route, beside the route's own static engine, all in the same rounds. ``predicted_ms`` is the
-   static engine's p50: ``latency_ms_p50 - predicted_ms`` is the dispatch overhead (gate included).
-   Plain calls, no CUDA graphs: a graph would freeze the route the artifact chose when captured.
+- per route of the priced routes (every route, or :data:`E2E_ROUTES` spread over them; with
+  ``lut_only`` the few routes that cover every segment): its chain of parts in chain order, each part
+  run as the deployed path runs it (:func:`~harness.deploy.engine.chain_parts`), and the deployed
+  path forced to the route (:meth:`~harness.deploy.engine.DynamicEngine.deployed`: the gate's
+  decision computed, then replaced by the route's);
+- unless ``lut_only``: each route's own static engine (the route materialized and compiled whole, as
+  the static sweep builds it), the one artifact (backends with ``one_artifact``) on inputs crafted
+  to take :data:`ONE_GRAPH_ROUTES` routes spread over the priced ones, a uniform route stream
+  through the deployed path, eight images at batch 8 and one by one (not on a backend whose CPU
+  builds are fast only for tuned shapes, ``Backend.tuned_per_shape``), and, when the model has a
+  static counterpart (``dsnet.static_counterpart``), that network at x1.0 and x0.5 beside the route
+  mix of x0.5's MAdds run deployed and on the routes' static engines (Table 7's acceleration).
+
+Before anything is timed the deployed path is checked: on the seeded image against the eager dynamic
+forward (logits and choices), and forced to each route against the route's eager static network;
+a route that fails is ``check_failed`` and never timed. Rows (``dynamic`` table, kinds of
+:data:`harness.results.layout.DYNAMIC_KINDS`), stored when the rounds end:
+
+- ``segment``: each part's samples pooled over the chains it ran in: the compositional LUT;
+- ``dispatch`` (name ``per_decision``): the deployed path's cost beyond the sum of its parts, per
+  gate decision: the median over the priced routes and rounds of (deployed - parts) / gates, with
+  the median's 95% interval. The LUT prices a route as its segments plus gates x this cost, and
+  counts it as zero when the interval holds zero; an interval wholly below zero (the deployed path
+  cheaper than its parts) is impossible and is stored as ``measure_failed`` (refused);
+- ``route``: the deployed path per priced route; ``predicted_ms`` what the LUT prices it at
+  (segments + dispatch), ``rel_error`` the LUT's error;
+- ``static`` and ``deployed``: per route its static engine, and the deployed path with
+  ``predicted_ms`` the static engine's p50 (the deployment's overhead, gate included); ``one_graph``
+  likewise for the one artifact;
+- ``overhead`` (``deployed``, ``one_graph``): the deployment's cost over the routes' own static
+  engines, pooled: every route's per-round difference (deployed - static), its median and interval;
+- ``stream`` (``uniform``): a uniform stream of the priced routes through the deployed path, 16 calls
+  a sample (a sample's mean is the stream's), against the LUT's mean;
+- ``batch``: ``8`` (batch_size 8, one call for eight images, grouped by route) and ``1x8`` (the same
+  eight images one by one through the deployed path), ``predicted_ms`` the LUT's sum for them;
+- ``acceleration``: ``largest`` / ``matched`` (static x1.0 / x0.5), ``dynamic`` (the deployed route
+  mix) and ``static_mix`` (the same mix on the routes' static engines): realized against ideal
+  speed-up, split into the architecture's share (static mix over x0.5) and the deployment's (dynamic
+  over static mix). The mixes run 16 calls a sample, so the median of samples estimates their mean.
+
+Plain calls, no CUDA graphs: a graph would freeze the route chosen when captured.
 """
 
 from __future__ import annotations
 
-import json
-
+import numpy as np
 import torch
 
 import dsnet
@@ -39,36 +65,80 @@ from harness.deploy.engine import (
     PartError,
     chain_parts,
     covering_routes,
-    in_context,
-    measure_acceleration,
-    measure_dispatch,
-    measure_stream,
+    cycling,
+    stream_routes,
 )
-from harness.deploy.lut import LatencyLUT, matched_distribution, route_segment_names
-from harness.measure.pipeline import Result, check_output
-from harness.measure.protocol import measure_interleaved, measure_rounds, paired_ratio, summarize
+from harness.deploy.lut import DISPATCH_NAME, LatencyLUT, dispatch_cost, matched_distribution, route_segment_names
+from harness.measure.pipeline import Result, check_output, image_batch, reference, weights_fingerprint
+from harness.measure.protocol import Measurement, Protocol
 from harness.phases.context import RunContext
 from harness.phases.static import reference_model
 from harness.results.layout import DYNAMIC_KEY
 
-STATIC_COUNTERPART = {"ds_mbnet": "mobilenet_v1", "ds_resnet50": "resnet50"}
 E2E_ROUTES = 16  # routes validated end to end when a model has more
+BATCH = 8  # the batched path is measured on this many images
+STREAM_CHUNK = 16  # calls per sample of a route stream: a sample's mean is the stream's, its median robust
+ONE_GRAPH_ROUTES = 4  # routes the one artifact is timed on (inputs crafted by gradient steps: costly at 224 px)
+
+
+_CRAFTED: dict[tuple, torch.Tensor] = {}  # inputs that take a route (DynamicPhase._crafted)
+
+
+def spread(routes: list, n: int) -> list:
+    """All routes, or ``n`` spread over their order, the first and the last included."""
+    if len(routes) <= n:
+        return list(routes)
+    idx = sorted({round(i * (len(routes) - 1) / (n - 1)) for i in range(n)})
+    return [routes[i] for i in idx]
 
 
 def validation_routes(routes: list) -> list:
     """All routes, or ``E2E_ROUTES`` spread over the MAdds order, smallest and largest included."""
-    if len(routes) <= E2E_ROUTES:
-        return list(routes)
-    idx = sorted({round(i * (len(routes) - 1) / (E2E_ROUTES - 1)) for i in range(E2E_ROUTES)})
-    return [routes[i] for i in idx]
+    return spread(routes, E2E_ROUTES)
+
+
+def in_context(protocol: Protocol) -> Protocol:
+    """One call per sample: parts timed in chain order see the caches as deployment does (a part
+    repeated back to back keeps its own weights hot and reads too fast). Validity then rests on the
+    median's interval alone: single calls of a few ms never add up to ``min_measured_ms``."""
+    return protocol.replace(min_repeat_ms=0, min_measured_ms=0)
+
+
+def dispatch_estimate(deployed: Measurement, parts: list[Measurement], gates: int) -> list[float]:
+    """Per gate decision, what the deployed path costs beyond its parts: ``(deployed - sum of
+    parts) / gates`` in every round where all were timed (paired: the round's drift cancels)."""
+    by_round = [dict(zip(m.rounds or [], m.samples_ms)) for m in parts]
+    return [(s - sum(b[r] for b in by_round)) / gates
+            for r, s in zip(deployed.rounds or [], deployed.samples_ms) if all(r in b for b in by_round)]
+
+
+def paired_differences(m: Measurement, ref: Measurement) -> list[float]:
+    """``m``'s sample minus ``ref``'s in every round both were timed in (the round's drift cancels)."""
+    by_round = dict(zip(ref.rounds or [], ref.samples_ms))
+    return [s - by_round[r] for r, s in zip(m.rounds or [], m.samples_ms) if r in by_round]
+
+
+def dispatch_result(diffs: list[float], protocol: Protocol) -> Result:
+    """The ``dispatch`` row's result from the per-decision differences (:func:`dispatch_estimate`):
+    their statistics, or ``measure_failed`` when there are none or the interval lies wholly below
+    zero (the deployed path cheaper than its own parts: impossible, refused)."""
+    if not diffs:
+        return Result("measure_failed", "no route's deployed path was timed")
+    m = Measurement(diffs, 1, None, protocol)
+    s = m.stats
+    if s.ci_high < 0:
+        return Result("measure_failed", f"impossible: the deployed path ran {-s.p50 * 1e3:.0f} us per decision faster "
+                                        f"than the sum of its parts (interval {s.ci_low * 1e3:.0f}.."
+                                        f"{s.ci_high * 1e3:.0f} us); refused", measurement=m)
+    return Result("ok", measurement=m)
 
 
 class DynamicPhase:
-    """Measures a supernet's dynamic engine on one backend; every result is stored at once."""
+    """Measures a supernet's dynamic engine on one backend; see the module docstring."""
 
     def __init__(self, ctx: RunContext, model_name: str, backend: str, precision: str, input_size: int,
                  model=None):
-        """``model``: the instance to deploy (default: ``model_name`` with seeded random weights)."""
+        """``model``: the instance to deploy (default: ``model_name`` with the harness's reference weights)."""
         self.ctx, self.model_name, self.backend_name = ctx, model_name, backend
         self.precision, self.input_size = precision, input_size
         if model is None:
@@ -77,219 +147,311 @@ class DynamicPhase:
         self.plan = dsnet.split(self.model)
         self.engine = DynamicEngine(self.plan, ctx.backend(backend), ctx.target, precision, ctx.layout.cache_dir,
                                     input_size, model_name=model_name)
-        self.x = torch.randn(1, 3, input_size, input_size, generator=torch.Generator().manual_seed(1))
-        self.done = ctx.store.dynamic_done()
+        self.gates = self.engine.n_gates
+        self.x = image_batch(1, input_size)
+        self.routes = self.model.routes(input_size)
+        self.madds = {str(r): dsnet.profile(self.model, r, input_size).madds for r in self.routes}
 
     def steps(self) -> int:
-        """Progress steps of :meth:`run` (segments, validated routes, stream, acceleration)."""
-        return len(self.plan) + len(validation_routes(self.model.routes(self.input_size))) + 4
+        """Progress steps of :meth:`run`: the checks, then the rounds."""
+        return 1 + self.ctx.protocol.repeat
 
-    def _key(self, kind, name):
-        return (self.model_name, self.backend_name, self.precision, 1, self.input_size, kind, name)
+    def _key(self, kind: str, name: str, batch: int = 1) -> tuple:
+        return (self.model_name, self.backend_name, self.precision, batch, self.input_size, kind, name)
 
-    def _record(self, kind, name, stats=None, samples=None, measured_ms=None, predicted_ms=None, route="",
-                madds=None, status="ok", error="", part: Result | None = None) -> None:
-        """Store one result. ``measured_ms`` (default: p50) is what ``predicted_ms`` is compared with;
-        ``part``: the pipeline result of the engine part the row times (compile time, details)."""
-        row = dict(zip(DYNAMIC_KEY, self._key(kind, name)))
-        row.update(route=route, madds=madds, status=status, error=error, run_id=self.ctx.run_id)
-        if part is not None:
-            row.update(compile_s=part.compile_s, backend_details=json.dumps(part.details, sort_keys=True))
-        if stats is not None:
-            row.update(latency_ms_p50=stats.p50, latency_ms_p90=stats.p90, latency_ms_mean=stats.mean,
-                       latency_ms_std=stats.std, n=stats.n, latency_ms_p50_ci_low=stats.ci_low,
-                       latency_ms_p50_ci_high=stats.ci_high, valid=int(stats.valid), samples_ms=samples)
-            measured_ms = stats.p50 if measured_ms is None else measured_ms
-        elif measured_ms is not None:  # a derived figure (e.g. dispatch): one value
-            row.update(latency_ms_p50=measured_ms, n=1)
-        if predicted_ms is not None:
-            row.update(predicted_ms=predicted_ms, rel_error=(predicted_ms - measured_ms) / measured_ms)
+    def _record(self, kind: str, name: str, result: Result, predicted_ms: float | None = None,
+                measured_ms: float | None = None, route: str = "", madds=None, batch: int = 1) -> None:
+        """Store one row: ``result``'s status, error, details and statistics; ``predicted_ms`` set
+        against ``measured_ms`` (default: its p50; a stream's mean)."""
+        row = dict(zip(DYNAMIC_KEY, self._key(kind, name, batch)))
+        row.update(route=route, madds=madds, run_id=self.ctx.run_id, **result.row())
+        if result.measurement is not None and predicted_ms is not None:
+            measured = result.measurement.stats.p50 if measured_ms is None else measured_ms
+            row.update(predicted_ms=predicted_ms, rel_error=(predicted_ms - measured) / measured)
         self.ctx.store.record_dynamic(row)
 
-    def _part(self, name: str) -> Result | None:
-        """The pipeline result of part ``name`` at batch 1 (None if not built)."""
-        return next((r for k, r in self.engine.parts.items() if k.split("@")[0] == name), None)
+    def _part(self, name: str) -> Result:
+        """The pipeline result of part ``name`` at batch 1 (compile time and details of its rows)."""
+        return next((r for k, r in self.engine.parts.items() if k.split("@")[0] == name), Result("ok"))
+
+    def wanted(self, lut_only: bool) -> list[tuple]:
+        """The keys this phase stores (a re-run measures again when any is missing)."""
+        names = {n for r in self.routes for n in route_segment_names(r)}
+        keys = [self._key("segment", n) for n in names] + [self._key("dispatch", DISPATCH_NAME)]
+        if not lut_only:
+            keys += [self._key(k, str(r)) for r in validation_routes(self.routes) for k in ("route", "deployed")]
+        return keys
 
     def run(self, progress=None, lut_only: bool = False) -> None:
-        """Measure what the store lacks; ``lut_only``: the segments (the LUT) and nothing else."""
-        protocol, timer = self.ctx.protocol, self.ctx.timer()
-        # 1. every segment timed in context, in one round phase: each round runs the chains of routes
-        #    that together cover every segment, each chain's parts in chain order; a segment's samples
-        #    are pooled over the routes it appears in. Drift falls on every segment alike (one phase,
-        #    not one per route), so the LUT's ratios hold. An interrupted phase is measured again.
-        names = {n for route in self.model.routes(self.input_size) for n in route_segment_names(route)}
-        if any(self._key("segment", n) not in self.done for n in names):
-            self._segments_in_rounds(covering_routes(self.plan, self.model.routes(self.input_size)),
-                                     protocol, timer, progress)
-        if lut_only:
+        """Measure what the store lacks (see the module docstring)."""
+        done = self.ctx.store.dynamic_done()
+        if all(k in done for k in self.wanted(lut_only)):
             return
-        lut = LatencyLUT.from_frame(self.ctx.store.dynamic_frame(), self.model_name, self.backend_name,
-                                    self.precision, 1, self.input_size)
-        # 2. end to end per route, with the route's parts interleaved in the same run: "route" rows,
-        #    the sum of the same-run parts against end to end (the composition itself)
-        routes = validation_routes(self.model.routes(self.input_size))
-        madds = {str(r): dsnet.profile(self.model, r, self.input_size).madds for r in routes}
-        for route in routes:
-            if self._key("route", str(route)) in self.done:
-                continue
-            d = measure_dispatch(self.engine, route, self.x, protocol, timer)
-            e2e = d["end_to_end"]
-            self._record("route", str(route), e2e.stats, e2e.samples_ms, predicted_ms=d["parts_ms"],
-                         route=str(route), madds=madds[str(route)])
-            if progress:
-                progress(f"{self.model_name} {self.backend_name} route {route}",
-                         f"{e2e.stats.p50:.3f} ms, parts {d['parts_ms']:.3f} ms, LUT {lut.latency(route):.3f} ms")
-        # 2b. "route_lut": the stored LUT against every route end to end, all routes in the same rounds,
-        #     both relative to the largest route, so the machine's drift since the LUT was measured
-        #     cancels: predicted = LUT(r) / LUT(largest) x end-to-end(largest)
-        if any(self._key("route_lut", str(r)) not in self.done for r in routes):
-            self._lut_in_rounds(routes, lut, madds, protocol, timer)
-        if progress:
-            progress(f"{self.model_name} {self.backend_name} stored LUT vs end to end", f"{len(routes)} routes")
-        # 3. a stream of routes (uniform over the validated routes) against the LUT's expectation
-        uniform = {r: 1.0 / len(routes) for r in routes}
-        if self._key("stream", "uniform") not in self.done:
-            s = measure_stream(self.engine, uniform, {str(r): lut.latency(r) for r in routes}, self.x, protocol,
-                               timer=timer)
-            # a mix of routes: compare the mean with the expectation (the p50 of a mixture is not its mean)
-            self._record("stream", "uniform", s["measured"], measured_ms=s["measured"].mean,
-                         predicted_ms=s["predicted_ms"])
-            if progress:
-                progress(f"{self.model_name} {self.backend_name} stream", f"{s['measured'].mean:.3f} ms")
-        # 4. realized against ideal acceleration, when the model has a static counterpart
-        static = STATIC_COUNTERPART.get(self.model_name)
-        if static and self._key("acceleration", "dynamic") not in self.done:
-            self._acceleration(static, routes, timer, progress)
-        # 5. the one artifact and the Python dispatcher against each route's static engine
-        if self.ctx.backend(self.backend_name).one_artifact and \
-                any(self._key(k, str(r)) not in self.done for r in routes for k in ("one_graph", "dispatcher")):
-            self._one_artifact(routes, madds, timer, progress)
-
-    def _segments_in_rounds(self, cover, protocol, timer, progress) -> None:
-        fns, owner = {}, {}
-        for i, route in enumerate(cover):
+        priced = covering_routes(self.plan, self.routes) if lut_only else validation_routes(self.routes)
+        chained = list(dict.fromkeys([*covering_routes(self.plan, self.routes), *priced]))
+        phase = self.ctx.round_phase(f"dynamic {self.model_name} {self.backend_name} {self.precision}", seed=3,
+                                     protocol=in_context(self.ctx.protocol))
+        self._check_natural()
+        for i, route in enumerate(chained):  # the LUT's parts, each in its chain
+            keys = []
             for name, fn in chain_parts(self.engine, route, self.x).items():
-                fns[f"{i}:{name}"], owner[f"{i}:{name}"] = fn, name
-        res = measure_interleaved(fns, in_context(protocol), timer)
-        self.ctx.store.record_drift(self.ctx.run_id, f"dynamic {self.model_name} {self.backend_name} segments",
-                                    res.factors)
-        samples: dict[str, list[float]] = {}
-        for key, m in res.items():
-            samples.setdefault(owner[key], []).extend(m.samples_ms)
-        for name, s in samples.items():
-            if self._key("segment", name) in self.done:
-                continue
-            stats = summarize(s, 1, protocol)
-            self._record("segment", name, stats, s, part=self._part(name))
-            if progress:
-                progress(f"{self.model_name} {self.backend_name} segment {name}", f"{stats.p50:.3f} ms")
-
-    def _lut_in_rounds(self, routes, lut, madds: dict, protocol, timer) -> None:
-        self.engine.prepare_routes(routes, self.x)
-        prepared = self.engine.head.prepare(self.x)
-        fns = {str(r): (lambda r=r: self.engine.route_call(prepared, r)) for r in routes}
-        res = measure_rounds(fns, in_context(protocol), timer, seed=3)
-        self.ctx.store.record_drift(self.ctx.run_id, f"dynamic {self.model_name} {self.backend_name} routes",
-                                    res.factors)
-        ref = str(routes[-1])
-        ref_ms, ref_lut = res[ref].stats.p50, lut.latency(routes[-1])
-        for r in routes:
-            m = res[str(r)]
-            self._record("route_lut", str(r), m.stats, m.samples_ms, measured_ms=paired_ratio(m, res[ref]) * ref_ms,
-                         predicted_ms=lut.latency(r) / ref_lut * ref_ms, route=str(r), madds=madds[str(r)])
-
-    def _acceleration(self, static: str, routes, timer, progress) -> None:
-        """The dynamic model at the route mix whose mean MAdds match the static x0.5 network, against
-        static x1.0 (the paper's realized speed-up) and static x0.5 (the ideal one), interleaved."""
-        engines, madds = {}, {}
-        for label, w in (("largest", 1.0), ("matched", 0.5)):
-            model = reference_model(static, width_mult=w)
-            madds[label] = dsnet.profile(model, None, self.input_size).madds
-            result = self.ctx.trial(static, f"x{w}", self.backend_name, self.precision, dsnet.materialize(model),
-                                    self.x)
+                phase.add(("part", i, name), self._part(name), lambda r, fn=fn: (fn, r))
+                keys.append(("part", i, name))
+            phase.group(keys)
+        head_in = self.engine.head.prepare(self.x)
+        failed = {}
+        for route in priced:
+            name = str(route)
+            result = self._check_forced(route)
+            result = phase.add(("deployed", name), result,
+                               lambda r, route=route: (lambda: self.engine.deployed(head_in, route), r))
             if not result.ok:
-                self._record("acceleration", "dynamic", status=result.status, error=f"{static} x{w}: {result.error}")
-                return
-            engines[label] = result.engine
-        route_madds = {r: dsnet.profile(self.model, r, self.input_size).madds
-                       for r in self.model.routes(self.input_size)}
-        mix = matched_distribution(route_madds, madds["matched"])
-        self.engine.prepare_routes(list(mix), self.x)
-        res = measure_acceleration(self.engine, mix, engines["largest"], engines["matched"], self.x,
-                                   self.ctx.protocol, timer=timer)
-        self.ctx.store.record_drift(self.ctx.run_id, f"acceleration {self.model_name} {self.backend_name}",
-                                    res["factors"])
-        label = " + ".join(f"{p:.3f}*route {r}" for r, p in mix.items())
-        mean_madds = sum(p * route_madds[r] for r, p in mix.items())
-        self._record("acceleration", "largest", res["largest"], route=f"{static} x1.0", madds=madds["largest"])
-        self._record("acceleration", "matched", res["matched"], route=f"{static} x0.5", madds=madds["matched"])
-        self._record("acceleration", "dynamic", res["dynamic"], route=label, madds=mean_madds)
+                failed[name] = result
+        extra = {} if lut_only else self._enter_comparisons(phase, priced, head_in)
         if progress:
-            progress(f"{self.model_name} {self.backend_name} acceleration",
-                     f"realized {res['realized_speedup']:.2f}x, ideal {res['ideal_speedup']:.2f}x")
+            progress(f"{self.model_name} {self.backend_name} checked", f"{len(phase)} engines")
+        label = f"{self.model_name} {self.backend_name}"
+        on_round = (lambda d, n: progress(f"{label} round {d}/{n}", f"{len(phase)} engines")) if progress else None
+        results = phase.measure(on_round)
+        self._store(phase, results, chained, priced, failed, extra, lut_only)
 
-    def _one_artifact(self, routes, madds: dict, timer, progress) -> None:
-        """Step 5 (module docstring): compile the one-graph network (cached, checked against eager on
-        the example), craft an input per route, check the artifact takes the route and matches eager
-        there, then time artifact, dispatcher and static engine of every route in one round phase."""
+    # -- checks -----------------------------------------------------------------------------------
+    def _check_natural(self) -> None:
+        """The deployed path on the seeded image equals the eager dynamic forward (logits and
+        choices); a mismatch fails the whole engine (:class:`PartError`)."""
+        with torch.no_grad():
+            ref_logits, ref_choices = self.plan(self.x)
+        logits, choices = self.engine.single(self.x)
+        problem = check_output(logits, ref_logits, self.precision)
+        if problem is None and not torch.equal(choices, ref_choices.cpu()):
+            problem = f"the deployed path chose {choices.tolist()}, eager {ref_choices.tolist()}"
+        if problem:
+            raise PartError("deployed path", Result("check_failed", problem))
+
+    def _check_forced(self, route) -> Result:
+        """The deployed path forced to ``route`` against the route's eager static network."""
+        static = dsnet.materialize(self.model, route)
+        try:
+            logits, _ = self.engine.single(self.x, route)
+            problem = check_output(logits, reference(static, self.x), self.precision)
+        except PartError as e:
+            return e.result
+        except Exception as e:
+            problem = f"the deployed path raised: {one_line(e)}"
+        if problem:
+            return Result("check_failed", f"route {route}: {problem}")
+        return Result("ok")
+
+    # -- the comparisons (not lut_only) ----------------------------------------------------------------
+    def _static(self, route):
+        return self.ctx.trial(self.model_name, str(route), self.backend_name, self.precision,
+                              dsnet.materialize(self.model, route), self.x)
+
+    def _enter_comparisons(self, phase, priced, head_in) -> dict:
+        """Enter static engines, the one artifact, the stream, batch 8 and the acceleration; returns
+        what :meth:`_store` needs of them (failures to store, the batch's routes, the mix)."""
+        extra = {"failed": {}}
+        statics = {}
+        for route in priced:
+            name = str(route)
+            result = phase.add(("static", name), self._static(route), self.ctx.timing(self.backend_name, self.x))
+            if result.ok:
+                statics[name] = result.engine
+            else:
+                extra["failed"][("static", name)] = result
+        if self.ctx.backend(self.backend_name).one_artifact:
+            self._enter_one_artifact(phase, priced, extra)
+        uniform = stream_routes({r: 1.0 / len(priced) for r in priced}, 256)
+        phase.add_call(("stream", "uniform"), cycling(lambda r: self.engine.deployed(head_in, r), uniform),
+                       number=STREAM_CHUNK)
+        backend = self.ctx.backend(self.backend_name)
+        if not (backend.tuned_per_shape and self.ctx.target.device == "cpu"):
+            self._enter_batch(phase, extra)
+        static_name = dsnet.static_counterpart(self.model_name)
+        if static_name:
+            self._enter_acceleration(phase, static_name, head_in, extra)
+        return extra
+
+    def _enter_one_artifact(self, phase, priced, extra) -> None:
+        """The one-graph network (:mod:`dsnet.one_graph`) compiled once, per route on an input
+        crafted to take it, checked to take the route and to match eager there."""
         from dsnet.one_graph import input_for_route, one_graph
 
         graph = one_graph(self.plan, self.x)
         artifact = self.ctx.trial(self.model_name, "one_graph", self.backend_name, self.precision, graph, self.x)
-        fns = {}
-        for r in routes:
-            name, why = str(r), None
-            if not artifact.ok:
-                status, why = artifact.status, f"one artifact: {artifact.error}"
+        extra["one_graph"] = artifact
+        for route in spread(priced, ONE_GRAPH_ROUTES):
+            name = str(route)
+            result = artifact
+            if artifact.ok:
+                try:
+                    xr = self._crafted(route, input_for_route)
+                except ValueError as e:  # e.g. a choice the gate's scores never rank first
+                    result = artifact.replace(status="measure_failed",
+                                              error=f"{one_line(e)} (the gate may never choose it)")
+                else:
+                    result = self._check_one_artifact(graph, artifact, route, xr)
+            if result.ok:
+                native = artifact.engine.prepare(xr)
+                phase.add(("one_graph", name), result, lambda r, e=artifact.engine, i=native: (lambda: e.run(i), r))
             else:
-                status, why, xr, static = self._one_artifact_route(graph, artifact, r, input_for_route)
-            if why:
-                for kind in ("one_graph", "dispatcher"):
-                    self._record(kind, name, route=name, madds=madds[name], status=status, error=why, part=artifact)
-                continue
-            one_in, static_in = artifact.engine.prepare(xr), static.engine.prepare(xr)
-            fns[f"static {name}"] = lambda e=static.engine, i=static_in: e.run(i)
-            fns[f"one_graph {name}"] = lambda e=artifact.engine, i=one_in: e.run(i)
-            fns[f"dispatcher {name}"] = lambda xr=xr: self.engine(xr)
-        if fns:
-            res = measure_rounds(fns, self.ctx.protocol, timer, seed=4)
-            self.ctx.store.record_drift(self.ctx.run_id, f"one artifact {self.model_name} {self.backend_name}",
-                                        res.factors)
-            for r in routes:
-                name = str(r)
-                if f"static {name}" not in fns:
-                    continue
-                static_ms = res[f"static {name}"].stats.p50
-                for kind in ("one_graph", "dispatcher"):
-                    m = res[f"{kind} {name}"]
-                    self._record(kind, name, m.stats, m.samples_ms, predicted_ms=static_ms, route=name,
-                                 madds=madds[name], part=artifact if kind == "one_graph" else None)
-        if progress:
-            ok = [r for r in routes if f"static {r}" in fns]
-            progress(f"{self.model_name} {self.backend_name} one artifact",
-                     f"{len(ok)}/{len(routes)} routes timed beside the dispatcher and static engines")
+                extra["failed"][("one_graph", name)] = result
 
-    def _one_artifact_route(self, graph, artifact: Result, route, input_for_route):
-        """``(status, why, input, static result)`` for one route: why is None when it can be timed."""
-        try:
-            xr = input_for_route(self.plan, route, self.x)
-        except ValueError as e:  # e.g. a choice the gate's scores never rank first
-            return "measure_failed", f"{one_line(e)} (the gate may never choose it)", None, None
+    def _crafted(self, route, input_for_route) -> torch.Tensor:
+        """An input the plan's gates send down ``route``, found once per model, weights, size and
+        route in this process (every backend of the run reuses it)."""
+        key = (self.model_name, weights_fingerprint(self.plan), self.input_size, tuple(int(c) for c in route))
+        if key not in _CRAFTED:
+            _CRAFTED[key] = input_for_route(self.plan, route, self.x)
+        return _CRAFTED[key]
+
+    def _check_one_artifact(self, graph, artifact: Result, route, xr) -> Result:
         with torch.no_grad():
             ref = graph(xr)
         out = artifact.engine(xr)
         taken = [int(c) for c in torch.as_tensor(out[1]).reshape(-1).tolist()]
         if taken != [int(c) for c in route]:
-            return "check_failed", f"the one artifact took route {taken} on the input crafted for {route}", None, None
+            return artifact.replace(status="check_failed",
+                                    error=f"the one artifact took route {taken} on the input crafted for {route}")
         problem = check_output(out, ref, self.precision)
         if problem:
-            return "check_failed", f"one artifact on route {route}: {problem}", None, None
-        static = self.ctx.trial(self.model_name, str(route), self.backend_name, self.precision,
-                                dsnet.materialize(self.model, route), self.x)
-        if not static.ok:
-            return static.status, f"static engine of route {route}: {static.error}", None, None
-        return "ok", None, xr, static
+            return artifact.replace(status="check_failed", error=f"one artifact on route {route}: {problem}")
+        return artifact
 
+    def _enter_batch(self, phase, extra) -> None:
+        """Eight seeded images: at batch 8 through the grouped path (an engine whose head takes
+        eight), and one by one through the deployed path; checked against the eager forward."""
+        images = torch.randn(BATCH, 3, self.input_size, self.input_size, generator=torch.Generator().manual_seed(8))
+        try:
+            batched = DynamicEngine(self.plan, self.ctx.backend(self.backend_name), self.ctx.target, self.precision,
+                                    self.ctx.layout.cache_dir, self.input_size, batch_size=BATCH,
+                                    model_name=self.model_name)
+            with torch.no_grad():
+                ref_logits, ref_choices = self.plan(images)
+            logits, choices = batched(images)
+            problem = check_output(logits, ref_logits, self.precision)
+            if problem is None and not torch.equal(choices, ref_choices):
+                problem = f"batch {BATCH} chose {choices.tolist()}, eager {ref_choices.tolist()}"
+        except PartError as e:
+            extra["failed"][("batch", str(BATCH))] = e.result
+            return
+        if problem:
+            extra["failed"][("batch", str(BATCH))] = Result("check_failed", problem)
+            return
+        extra["batch_routes"] = [tuple(int(c) for c in row) for row in ref_choices.tolist()]
+        one = [self.engine.head.prepare(images[i:i + 1]) for i in range(BATCH)]
+        for native in one:
+            self.engine.deployed(native)  # compile every segment the images reach before timing
+        phase.add_call(("batch", str(BATCH)), lambda: batched(images))
+        phase.add_call(("batch", f"1x{BATCH}"), lambda: [self.engine.deployed(n) for n in one])
+
+    def _enter_acceleration(self, phase, static_name: str, head_in, extra) -> None:
+        engines, madds = {}, {}
+        for label, w in (("largest", 1.0), ("matched", 0.5)):
+            model = reference_model(static_name, width_mult=w)
+            madds[label] = dsnet.profile(model, None, self.input_size).madds
+            result = phase.add(("acceleration", label),
+                               self.ctx.trial(static_name, f"x{w}", self.backend_name, self.precision,
+                                              dsnet.materialize(model), self.x),
+                               self.ctx.timing(self.backend_name, self.x))
+            if not result.ok:
+                extra["failed"][("acceleration", "dynamic")] = result.replace(
+                    error=f"{static_name} x{w}: {result.error}")
+                return
+            engines[label] = result.engine
+        try:
+            mix = matched_distribution({r: self.madds[str(r)] for r in self.routes}, madds["matched"])
+        except ValueError as e:  # e.g. at a small input the fixed layers weigh more than x0.5's whole network
+            extra["failed"][("acceleration", "dynamic")] = Result("measure_failed", f"{static_name} x0.5: {e}")
+            return
+        statics = {}
+        for r in mix:
+            result = self._static(r)
+            if not result.ok:
+                extra["failed"][("acceleration", "dynamic")] = result.replace(error=f"route {r}: {result.error}")
+                return
+            statics[r] = (result.engine, result.engine.prepare(self.x))
+        stream = stream_routes(mix, 256)
+        phase.add_call(("acceleration", "dynamic"), cycling(lambda r: self.engine.deployed(head_in, r), stream),
+                       number=STREAM_CHUNK)
+        phase.add_call(("acceleration", "static_mix"), cycling(lambda r: statics[r][0].run(statics[r][1]), stream),
+                       number=STREAM_CHUNK)
+        extra["acceleration"] = {"mix": mix, "madds": madds, "static": static_name}
+
+    # -- rows ------------------------------------------------------------------------------------------
+    def _store(self, phase, results, chained, priced, failed, extra, lut_only) -> None:
+        rounds = phase.rounds
+        failure = next((r for r in results.values() if not r.ok), None) if rounds is None else None
+        # segments: each part's samples pooled over the chains it ran in
+        pooled: dict[str, list] = {}
+        for (kind, *rest), r in results.items():
+            if kind == "part" and r.ok:
+                pooled.setdefault(rest[1], [[], []])
+                pooled[rest[1]][0].extend(r.measurement.samples_ms)
+                pooled[rest[1]][1].extend(r.measurement.rounds)
+        segment_ms = {}
+        for name, (samples, rnds) in pooled.items():
+            m = Measurement(samples, 1, rnds, phase.protocol)
+            segment_ms[name] = m.stats.p50
+            self._record("segment", name, self._part(name).replace(measurement=m))
+        if failure is not None:  # the rounds themselves failed: every row says so
+            for route in priced:
+                self._record("route", str(route), failure, route=str(route), madds=self.madds[str(route)])
+            return
+        # dispatch per decision, paired by round with each route's own chain
+        diffs = []
+        for route in priced:
+            i, name = chained.index(route), str(route)
+            if ("deployed", name) in results:
+                parts = [results[("part", i, n)].measurement for n in route_segment_names(route)]
+                diffs += dispatch_estimate(results[("deployed", name)].measurement, parts, self.gates)
+        dispatch = dispatch_result(diffs, phase.protocol)
+        self._record("dispatch", DISPATCH_NAME, dispatch)
+        dispatch_ms = dispatch_cost(dispatch.row())[0]
+        lut = LatencyLUT(self.model_name, self.backend_name, self.precision, 1, self.input_size, segment_ms, {},
+                         dispatch_ms)
+        for route in priced:
+            name = str(route)
+            res = results.get(("deployed", name), failed.get(name))
+            self._record("route", name, res, predicted_ms=lut.latency(route) if res.ok else None, route=name,
+                         madds=self.madds[name])
+        if lut_only:
+            return
+        for (kind, name), res in extra["failed"].items():
+            self._record(kind, name, res, route=name if kind in ("static", "one_graph") else "",
+                         madds=self.madds.get(name), batch=BATCH if kind == "batch" and name == str(BATCH) else 1)
+        for route in priced:
+            name = str(route)
+            static = results.get(("static", name))
+            static_ms = static.measurement.stats.p50 if static is not None and static.ok else None
+            if static is not None:
+                self._record("static", name, static, route=name, madds=self.madds[name])
+            dep = results.get(("deployed", name), failed.get(name))
+            self._record("deployed", name, dep, predicted_ms=static_ms, route=name, madds=self.madds[name])
+            if ("one_graph", name) in results:
+                self._record("one_graph", name, results[("one_graph", name)], predicted_ms=static_ms, route=name,
+                             madds=self.madds[name])
+        self._record("stream", "uniform", results[("stream", "uniform")],
+                     predicted_ms=float(np.mean([lut.latency(r) for r in priced])))
+        for kind in ("deployed", "one_graph"):  # pooled over routes, paired by round with the static engines
+            diffs = [d for route in priced if (kind, str(route)) in results and ("static", str(route)) in results
+                     for d in paired_differences(results[(kind, str(route))].measurement,
+                                                 results[("static", str(route))].measurement)]
+            if diffs:
+                self._record("overhead", kind, Result("ok", measurement=Measurement(diffs, 1, None, phase.protocol)))
+        if ("batch", str(BATCH)) in results:
+            predicted = sum(lut.latency(r) for r in extra["batch_routes"])
+            self._record("batch", str(BATCH), results[("batch", str(BATCH))], predicted_ms=predicted, batch=BATCH)
+            self._record("batch", f"1x{BATCH}", results[("batch", f"1x{BATCH}")], predicted_ms=predicted)
+        acc = extra.get("acceleration")
+        if acc:
+            mix = acc["mix"]
+            label = " + ".join(f"{p:.3f}*route {r}" for r, p in mix.items())
+            mean_madds = sum(p * self.madds[str(r)] for r, p in mix.items())
+            for name, route, madds in (("largest", f"{acc['static']} x1.0", acc["madds"]["largest"]),
+                                       ("matched", f"{acc['static']} x0.5", acc["madds"]["matched"]),
+                                       ("dynamic", label, mean_madds), ("static_mix", label, mean_madds)):
+                self._record("acceleration", name, results[("acceleration", name)], route=route, madds=madds)
 
 def record_engine_failure(ctx: RunContext, model: str, backend: str, precision: str, input_size: int,
                           error: PartError | Exception) -> None:
@@ -311,5 +473,5 @@ def run_dynamic(ctx: RunContext, model: str, backend: str, precision: str, input
         return
     try:
         phase.run(progress_factory(phase.steps()) if progress_factory else None)
-    except PartError as e:  # a segment built on demand
+    except PartError as e:  # a segment built on demand, or the deployed path's check
         record_engine_failure(ctx, model, backend, precision, input_size, e)

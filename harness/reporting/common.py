@@ -53,15 +53,29 @@ def md_table(df: pd.DataFrame) -> str:
     return df.astype(str).to_markdown(index=False, disable_numparse=True)
 
 
+def acceleration_row(g: pd.DataFrame) -> dict:
+    """Table 7's acceleration from one model and backend's ``acceleration`` rows (same rounds; the
+    mixes' samples are means of 16 calls, so their p50 estimates the mix's mean): ideal (x1.0 /
+    x0.5) and realized (x1.0 / the deployed route mix at x0.5's MAdds) speed-up; with the mix also
+    run on the routes' static engines, the loss split into the architecture's share
+    (``architecture``: static mix over x0.5, minus 1) and the deployment's (``deployment``: deployed
+    mix over static mix, minus 1). Empty when not measured."""
+    t = ok_rows(g[g.kind == "acceleration"]).set_index("name").latency_ms_p50
+    if not {"largest", "matched", "dynamic"} <= set(t.index):
+        return {}
+    out = {"ideal": t["largest"] / t["matched"], "realized": t["largest"] / t["dynamic"]}
+    if "static_mix" in t.index:
+        out |= {"static_mix": t["largest"] / t["static_mix"], "architecture": t["static_mix"] / t["matched"] - 1,
+                "deployment": t["dynamic"] / t["static_mix"] - 1}
+    return out
+
+
 def acceleration(dyn: pd.DataFrame, input_size: int) -> pd.DataFrame:
+    """:func:`acceleration_row` per backend, DS-MBNet at ``input_size``."""
     if dyn.empty:
         return pd.DataFrame()
-    a = ok_rows(dyn[(dyn.kind == "acceleration") & (dyn.input_size == input_size) & (dyn.model == "ds_mbnet")])
-    rows = []
-    for b, g in a.groupby("backend"):
-        t = g.set_index("name").latency_ms_mean
-        if {"largest", "matched", "dynamic"} <= set(t.index):
-            rows.append({"backend": b, "ideal": t["largest"] / t["matched"], "realized": t["largest"] / t["dynamic"]})
+    a = dyn[(dyn.kind == "acceleration") & (dyn.input_size == input_size) & (dyn.model == "ds_mbnet")]
+    rows = [{"backend": b} | row for b, g in a.groupby("backend") if (row := acceleration_row(g))]
     return pd.DataFrame(rows)
 
 

@@ -96,20 +96,20 @@ def latency_vs_madds(lut: pd.DataFrame, input_size: int, path: Path) -> Path:
 
 
 def lut_vs_measured(dyn: pd.DataFrame, input_size: int, path: Path) -> Path:
-    d = ok_rows(dyn[(dyn.input_size == input_size) & dyn.kind.isin(["route", "route_lut"])]) if len(dyn) else dyn
+    d = ok_rows(dyn[(dyn.input_size == input_size) & (dyn.kind == "route")]) if len(dyn) else dyn
+    d = d[d.predicted_ms.notna()] if len(d) else d
     if d.empty:
         raise ReportError("no validated dynamic-engine routes in dynamic.csv at this input size")
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 5))
-    for (model, backend, kind), g in d.groupby(["model", "backend", "kind"]):
-        label = f"{model} {backend}: {'stored LUT' if kind == 'route_lut' else 'same-run parts'}"
-        ax.scatter(g.latency_ms_p50, g.predicted_ms, s=16, marker="o" if kind == "route" else "x", label=label)
+    for (model, backend), g in d.groupby(["model", "backend"]):
+        ax.scatter(g.latency_ms_p50, g.predicted_ms, s=16, label=f"{model} {backend}")
     lo = float(min(d.latency_ms_p50.min(), d.predicted_ms.min())) * 0.9
     hi = float(max(d.latency_ms_p50.max(), d.predicted_ms.max())) * 1.1
     ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="prediction = measurement")
-    ax.set_xlabel("measured end to end, dynamic engine (ms, p50)")
-    ax.set_ylabel("predicted: sum of segments (ms)")
-    ax.set_title("Compositional LUT against the measured dynamic engine")
+    ax.set_xlabel("measured: the deployed dynamic network on the route (ms, p50)")
+    ax.set_ylabel("LUT: segments + dispatch per gate (ms)")
+    ax.set_title("The LUT against the deployed network (same rounds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
     return _save(fig, path)
@@ -120,20 +120,22 @@ def acceleration_plot(dyn: pd.DataFrame, input_size: int, path: Path) -> Path:
     if a.empty:
         raise ReportError("no interleaved acceleration measurement in dynamic.csv at this input size")
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    fig, ax = plt.subplots(figsize=(7, 3.8))
     labels = list(a.backend) + ["paper (RTX 2080 Ti)"]
     ideal = list(a.ideal) + [PAPER_ACCELERATION["ideal"]]
     realized = list(a.realized) + [PAPER_ACCELERATION["realized"]]
+    on_static = list(a.static_mix if "static_mix" in a else [np.nan] * len(a)) + [np.nan]
     x = np.arange(len(labels))
-    ax.bar(x - 0.2, ideal, 0.4, label="ideal: MBNetV1 x1.0 / x0.5")
-    ax.bar(x + 0.2, realized, 0.4, label="realized: x1.0 / DS-MBNet at x0.5's MAdds")
+    ax.bar(x - 0.27, ideal, 0.27, label="ideal: MBNetV1 x1.0 / x0.5")
+    ax.bar(x, on_static, 0.27, label="routes' static engines: x1.0 / DS-MBNet's mix (architecture)")
+    ax.bar(x + 0.27, realized, 0.27, label="realized: x1.0 / DS-MBNet deployed at x0.5's MAdds")
     for xi, (i, r) in enumerate(zip(ideal, realized)):
-        ax.annotate(f"{r / i:.2f} of ideal", (xi + 0.2, r), ha="center", va="bottom", fontsize=7)
+        ax.annotate(f"{r / i:.2f} of ideal", (xi + 0.27, r), ha="center", va="bottom", fontsize=7)
     ax.axhline(1.0, color="0.5", lw=0.8)
     ax.set_xticks(x, labels, fontsize=8)
     ax.set_ylabel("speed-up over MBNetV1 x1.0 (x)")
     ax.set_title("Realized against ideal acceleration (batch 1)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6)
     return _save(fig, path)
 
 

@@ -278,6 +278,18 @@ def _budget_verdict(rows: pd.DataFrame, routes: pd.DataFrame, noise: float | Non
     return "; ".join(parts) + "."
 
 
+def _deployed_cost(meta: dict) -> str:
+    """How a retraining priced a route's deployed latency: the LUT's segments plus its dispatch cost
+    (``lut_dispatch``), or, in a comparison stored before the LUT held the dispatch, the LUT plus the
+    dispatcher's overhead measured beside it (``dispatch_ms``)."""
+    if meta.get("lut_dispatch"):
+        return f"the LUT's segments plus its dispatch cost per gate; {meta['lut_dispatch']}"
+    if meta.get("dispatch_ms") is not None:
+        return (f"its LUT latency plus the dispatcher's per-image overhead, {_fmt(meta.get('dispatch_ms'), '.3f')} ms "
+                "measured beside the LUT")
+    return "its LUT latency"
+
+
 def sweep_section(summary: pd.DataFrame, routes: pd.DataFrame, meta: dict, figure: Path) -> list[str]:
     """One model's budget sweep: per budget each penalty's measured mean against the budget; draws ``figure``."""
     first = summary.iloc[0]
@@ -289,18 +301,18 @@ def sweep_section(summary: pd.DataFrame, routes: pd.DataFrame, meta: dict, figur
              f"`python -m harness.retrain_gate --model {first.model} --latency-budget ...`. Data: {first.data}, "
              f"{int(first.n_val)} validation images at {int(first.input_size)}x{int(first.input_size)}.",
              "",
-             "Per budget (a fraction of the largest route's deployed latency: its LUT latency plus the dispatcher's "
-             "per-image overhead), one gate per penalty: the latency penalty trains toward the budget on the LUT, "
+             f"Per budget (a fraction of the largest route's deployed latency: {_deployed_cost(meta)}), one gate "
+             "per penalty: the latency penalty trains toward the budget on the LUT, "
              "the MAdds penalty toward the same fraction of the largest route's MAdds, at least the smallest "
              "route's (what a MAdds-only user would pick). "
              + ("Each gate is then calibrated to its own budget on training images (a shift of each choice's "
-                "score by -lambda x its cost, lambda by bisection): the latency gate on LUT latency plus the "
-                f"dispatcher's measured per-image overhead ({_fmt(meta.get('dispatch_ms'), '.3f')} ms), the MAdds "
-                "gate on MAdds. " if rows.calibration_lambda.notna().any() else "No calibration (--no-calibrate). ")
-             + f"Latency: the dynamic engine on {first.backend}, one validation image per call (batch 1), dispatched "
-             "by its own gate, every gate and the largest route interleaved in one run; mean per image. The budget "
-             "in ms is its fraction of the largest route's mean measured in the same rounds, through the same "
-             "dispatcher (a copy of the gate that always chooses it)"
+                "score by -lambda x its cost, lambda by bisection): the latency gate on that deployed latency, "
+                "the MAdds gate on MAdds. " if rows.calibration_lambda.notna().any() else
+                "No calibration (--no-calibrate). ")
+             + f"Latency: the dynamic engine on {first.backend}, one validation image per call (batch 1), routed "
+             "by its own gate, every gate and the largest route interleaved in one run; "
+             "mean per image. The budget in ms is its fraction of the largest route's mean measured in the same "
+             "rounds, through the same engine (a copy of the gate that always chooses it)"
              + (f" ({float(largest.measured_ms_mean.iloc[0]):.3f} ms)" if len(largest) else "") + ".", ""]
     if noise is not None:
         lines += [f"Noise floor: the {nf['gate']} gate's engine timed twice in the same rounds: "

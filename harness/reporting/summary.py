@@ -40,27 +40,34 @@ def summary_table(df, skipped: dict[str, str], notes: list[str] = ()) -> str:
     return "\n".join(lines)
 
 
-def dispatch_overhead(g) -> str:
-    """The one artifact's and the Python dispatcher's overhead over each route's static engine (same
-    rounds), median over routes and as a share of the smallest route's static engine; "" if unmeasured."""
+def _us(ms: float) -> str:
+    return f"{ms * 1e3:.0f} us"
+
+
+def deployment_line(g) -> str:
+    """The deployed path's and the one artifact's overhead over the routes' own static engines (the
+    pooled per-round differences: median and interval), also as a share of the smallest route's
+    static engine; "" if unmeasured."""
+    static = g[(g.kind == "static") & (g.status == "ok")]
+    smallest = static.sort_values("madds").iloc[0].latency_ms_p50 if len(static) else float("nan")
     parts = []
-    for kind, label in (("one_graph", "one artifact"), ("dispatcher", "Python dispatcher")):
-        rows = g[(g.kind == kind) & (g.status == "ok")]
+    for name, label in (("deployed", "deployed path"), ("one_graph", "one artifact")):
+        rows = g[(g.kind == "overhead") & (g.name == name) & (g.status == "ok")]
         if rows.empty:
             continue
-        overhead = rows.latency_ms_p50 - rows.predicted_ms
-        smallest = rows.sort_values("madds").iloc[0].predicted_ms
-        parts.append(f"{label} {overhead.median() * 1e3:.0f} us ({100 * overhead.median() / smallest:.1f}%)")
-    if not parts:
-        return ""
-    n = int(((g.kind == "one_graph") & (g.status == "ok")).sum())
-    return (f"overhead over the route's static engine, median over {n} routes (% of the smallest route): "
-            + ", ".join(parts) + ";")
+        r = rows.iloc[0]
+        parts.append(f"{label} {r.latency_ms_p50 * 1e3:+.0f} us ({r.latency_ms_p50_ci_low * 1e3:+.0f}.."
+                     f"{r.latency_ms_p50_ci_high * 1e3:+.0f}; {100 * r.latency_ms_p50 / smallest:+.1f}% of the "
+                     "smallest route)")
+    return ("over the routes' static engines: " + ", ".join(parts) + ";") if parts else ""
 
 
 def dynamic_summary(dyn) -> str:
-    """Per model and backend: LUT error, dispatch overhead, stream error, realized vs ideal speed-up."""
-    lines = ["dynamic engine (LUT = sum of measured segments; error = (LUT - end to end) / end to end)"]
+    """Per model and backend: the LUT against the deployed path, the dispatch cost, the deployment's
+    overhead, stream and batch, and realized against ideal speed-up."""
+    from harness.reporting.common import acceleration_row
+
+    lines = ["dynamic engine (LUT = measured segments + dispatch per gate; error = (LUT - deployed) / deployed)"]
     for (model, backend, precision), g in dyn.groupby(["model", "backend", "precision"]):
         g = g[g.kind != "table2"]  # Table 2's rows (no dynamic engine) have their own table
         if g.empty:
@@ -71,29 +78,33 @@ def dynamic_summary(dyn) -> str:
             continue
         failed = [f"{len(bad)} row(s) failed, first {bad.iloc[0].kind} {bad.iloc[0]['name']}: {bad.iloc[0].error};"] \
             if len(bad) else []
+        d = g[g.kind == "dispatch"]
         g = g[g.status == "ok"]
-        routes, stored = g[g.kind == "route"], g[g.kind == "route_lut"]
         parts = [f"  {model} {backend} {precision}:"]
+        routes = g[(g.kind == "route") & g.rel_error.notna()]
         if len(routes):
             err = routes.rel_error.abs() * 100
-            lut_err = stored.rel_error.abs() * 100
-            overhead = routes.latency_ms_p50 - routes.predicted_ms
-            smallest = routes.sort_values("madds").iloc[0]
-            parts.append(f"parts vs end to end (same run) median {err.median():.1f}% max {err.max():.1f}%; "
-                         f"stored LUT vs end to end median {lut_err.median():.1f}% max {lut_err.max():.1f}% "
-                         f"over {len(routes)} routes; dispatch median {overhead.median() * 1e3:.0f} us "
-                         f"({100 * overhead.median() / smallest.latency_ms_p50:.1f}% of the smallest route);")
-        one = dispatch_overhead(g)
-        if one:
-            parts.append(one)
+            parts.append(f"LUT vs deployed median {err.median():.1f}% max {err.max():.1f}% over {len(routes)} routes;")
+        if len(d) and d.iloc[0].status == "ok":
+            r = d.iloc[0]
+            counted = "counted" if r.latency_ms_p50_ci_low > 0 else "counted as zero"
+            parts.append(f"dispatch {_us(r.latency_ms_p50)} per decision ({_us(r.latency_ms_p50_ci_low)}.."
+                         f"{_us(r.latency_ms_p50_ci_high)}, {counted});")
+        deployed = deployment_line(g)
+        if deployed:
+            parts.append(deployed)
         st = g[g.kind == "stream"]
         if len(st):
             parts.append(f"uniform stream error {100 * st.rel_error.iloc[0]:+.1f}%;")
-        acc = g[g.kind == "acceleration"].set_index("name")
-        if {"largest", "matched", "dynamic"} <= set(acc.index):
-            t = acc.latency_ms_mean
-            ideal, realized = t["largest"] / t["matched"], t["largest"] / t["dynamic"]
-            parts.append(f"speed-up over x1.0: realized {realized:.2f}x vs ideal {ideal:.2f}x "
-                         f"({realized / ideal:.2f} of ideal)")
+        b = g[g.kind == "batch"].set_index("name")
+        if {"8", "1x8"} <= set(b.index):
+            parts.append(f"batch 8 {b.latency_ms_p50['8'] / 8:.3f} ms per image vs one by one "
+                         f"{b.latency_ms_p50['1x8'] / 8:.3f};")
+        acc = acceleration_row(g)
+        if acc:
+            parts.append(f"speed-up over x1.0: realized {acc['realized']:.2f}x vs ideal {acc['ideal']:.2f}x "
+                         f"({acc['realized'] / acc['ideal']:.2f} of ideal"
+                         + (f"; deployment's share {100 * acc['deployment']:+.1f}%" if "deployment" in acc else "")
+                         + ")")
         lines.append(" ".join(parts + failed))
     return "\n".join(lines)

@@ -50,8 +50,17 @@ RESULT_EXTRA_COLUMNS = ["number", "samples_ms", "rounds", "device_mismatch", "ti
 
 # -- the dynamic engine, Table 2 and acceleration: one row per (... kind, name) ------------------------
 DYNAMIC_KEY = ("model", "backend", "precision", "batch_size", "input_size", "kind", "name")
-DYNAMIC_KINDS = ("segment", "route", "route_lut", "stream", "acceleration", "table2", "engine", "one_graph",
-                 "dispatcher")
+# segment: a part of the compositional LUT; dispatch: the deployed path's cost per gate decision beyond
+# its parts (name per_decision, with its interval); route: the deployed path per route against the LUT
+# (predicted_ms = segments + dispatch); static / deployed / one_graph: a route's own static engine, the
+# deployed path and the one artifact in the same rounds (predicted_ms of the latter two: the static p50);
+# overhead: deployed (or one_graph) minus static, per round, pooled over routes (its median and interval);
+# stream: a uniform route stream against the LUT; batch: eight images at batch 8 ("8") and one by one
+# ("1x8"); acceleration: Table 7's largest / matched static networks, the dynamic route mix deployed and
+# the same mix on the routes' static engines (static_mix); table2: DS-Net++ Table 2's ways; engine: a
+# dynamic engine that could not be built (harness.phases.dynamic)
+DYNAMIC_KINDS = ("segment", "dispatch", "route", "static", "deployed", "one_graph", "overhead", "stream", "batch",
+                 "acceleration", "table2", "engine")
 DYNAMIC_COLUMNS = [*DYNAMIC_KEY, "route", "madds", *STATS_COLUMNS, "predicted_ms", "rel_error", "status", "error",
                    "run_id", "compile_s", "backend_details"]
 DYNAMIC_EXTRA_COLUMNS = ["samples_ms", "rounds"]

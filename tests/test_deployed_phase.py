@@ -1,0 +1,87 @@
+"""The dynamic phase: one round phase whose rows say what is deployed, what the LUT prices it at, and
+what the dispatch costs (with its interval), checked before anything is timed."""
+
+import pandas as pd
+import pytest
+
+import dsnet
+from harness.deploy.lut import DISPATCH_NAME, LatencyLUT, route_segment_names
+from harness.measure.protocol import Measurement, Protocol
+from harness.phases.context import RunContext
+from harness.phases.dynamic import dispatch_estimate, dispatch_result, run_dynamic
+from harness.results.layout import Layout
+from harness.results.store import ResultStore
+from harness.targets import load_target
+
+X86 = load_target("x86").resolve()
+FAST = Protocol(warmup_calls=2, warmup_ms=0, repeat=6, min_repeat_ms=0, budget_s=0)
+
+
+def test_dispatch_is_paired_by_round_and_divided_by_the_gates():
+    deployed = Measurement([10.0, 11.0, 12.0], 1, [0, 1, 2])
+    head = Measurement([4.0, 4.5, 5.0], 1, [0, 1, 2])
+    tail = Measurement([5.0, 6.0], 1, [0, 2])  # round 1 lost: that round is left out
+    assert dispatch_estimate(deployed, [head, tail], 2) == pytest.approx([0.5, 1.0 / 2])
+
+
+def test_an_impossible_dispatch_is_refused_and_one_holding_zero_counts_as_zero():
+    assert dispatch_result([], FAST).status == "measure_failed"
+    refused = dispatch_result([-0.3, -0.2, -0.25, -0.31, -0.22, -0.28, -0.27, -0.24], FAST)
+    assert refused.status == "measure_failed" and "impossible" in refused.error and "refused" in refused.error
+    ok = dispatch_result([-0.01, 0.02, 0.01, 0.0, 0.03, -0.02, 0.01, 0.02], FAST)
+    assert ok.ok and ok.measurement.stats.ci_low <= 0 <= ok.measurement.stats.ci_high
+
+
+@pytest.fixture(scope="module")
+def eager_phase(tmp_path_factory):
+    """DS-MBNet at 64 px on eager: its dynamic phase with a short protocol (acceleration included:
+    MobileNetV1 is its static counterpart)."""
+    tmp = tmp_path_factory.mktemp("phase")
+    store = ResultStore(tmp / "results.sqlite")
+    ctx = RunContext(X86, Layout(tmp), FAST, store, "cpu", False, "test")
+    run_dynamic(ctx, "ds_mbnet", "eager", "fp32", 64)
+    df = store.dynamic_frame()
+    store.close()
+    return df
+
+
+def test_the_phase_stores_every_kind_in_one_round_phase(eager_phase):
+    df = eager_phase
+    assert (df.status == "ok").all(), df[df.status != "ok"][["kind", "name", "error"]]
+    routes = [str(r) for r in dsnet.create_model("ds_mbnet").routes(64)]
+    count = df.groupby("kind").size().to_dict()
+    assert count == {"segment": 1 + 14, "dispatch": 1, "route": 14, "static": 14, "deployed": 14, "overhead": 1,
+                     "stream": 1, "batch": 2, "acceleration": 4}
+    for kind in ("route", "static", "deployed"):
+        assert sorted(df[df.kind == kind].name, key=int) == routes
+    acc = df[df.kind == "acceleration"].set_index("name")
+    assert set(acc.index) == {"largest", "matched", "dynamic", "static_mix"} and (acc.latency_ms_mean > 0).all()
+    assert set(df[df.kind == "batch"].batch_size) == {1, 8}
+
+
+def test_route_rows_are_what_the_stored_lut_prices_the_deployed_route_at(eager_phase):
+    df = eager_phase
+    lut = LatencyLUT.from_frame(df, "ds_mbnet", "eager", input_size=64)
+    d = df[(df.kind == "dispatch") & (df.name == DISPATCH_NAME)].iloc[0]
+    used = d.latency_ms_p50 if d.latency_ms_p50_ci_low > 0 else 0.0
+    assert lut.dispatch_ms == pytest.approx(used)
+    seg = df[df.kind == "segment"].set_index("name").latency_ms_p50
+    for r in df[df.kind == "route"].itertuples():
+        route = dsnet.Route.parse(r.name)
+        expected = sum(seg[n] for n in route_segment_names(route)) + used
+        assert r.predicted_ms == pytest.approx(expected) == pytest.approx(lut.latency(route))
+        assert r.rel_error == pytest.approx((r.predicted_ms - r.latency_ms_p50) / r.latency_ms_p50)
+    # the deployed rows are set against the route's static engine in the same rounds
+    static = df[df.kind == "static"].set_index("name").latency_ms_p50
+    deployed = df[df.kind == "deployed"].set_index("name")
+    assert (deployed.predicted_ms == static.reindex(deployed.index)).all()
+
+
+def test_a_rerun_measures_nothing_when_every_row_is_stored(eager_phase, tmp_path):
+    store = ResultStore(tmp_path / "results.sqlite")
+    for row in eager_phase.to_dict("records"):
+        store.record_dynamic({k: v for k, v in row.items() if not pd.isna(v)})
+    ctx = RunContext(X86, Layout(tmp_path), FAST, store, "cpu", False, "rerun")
+    run_dynamic(ctx, "ds_mbnet", "eager", "fp32", 64)
+    assert set(store.dynamic_frame().run_id) == {"test"}  # nothing re-measured under the new run's id
+    store.close()
