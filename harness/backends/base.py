@@ -131,11 +131,20 @@ class Backend:
 
     def __init__(self, options: dict | None = None, workdir: Path | None = None,
                  remote: tuple[str, int, str] | None = None):
+        # the "+graphs" variant (harness.backends.get_backend) renames the instance and sets this:
+        # its static engines are timed as the replay of a captured CUDA graph
+        self.cuda_graphs = False
         options = dict(options or {})
         check_table(options, self.OPTIONS, f"[{self.name}] options")
         self.options = self.resolve_options(options)
         self.workdir = None if workdir is None else Path(workdir)
         self.remote = remote
+
+    @property
+    def base_name(self) -> str:
+        """The backend's registered name: what names its artifacts and its profile table, the same
+        for its ``+graphs`` variant."""
+        return type(self).name
 
     def resolve_options(self, options: dict) -> dict:
         """``options`` with this machine's ``auto`` values filled in."""

@@ -33,6 +33,8 @@ board through the RPC tracker when remote).
 from __future__ import annotations
 
 import hashlib
+import itertools
+import os
 import platform
 import shutil
 from pathlib import Path
@@ -49,6 +51,27 @@ INSTALL_HINT = {"aarch64": "install Debian's g++-aarch64-linux-gnu (apt-get inst
 
 class CrossCompileError(RuntimeError):
     """No way to build for the target's architecture here (one line with what to install)."""
+
+
+_LOADS = itertools.count()
+
+
+def _load_library(path: Path):
+    """``tvm.runtime.load_module`` through a name of its own (a hard link, removed once loaded): the
+    dynamic loader hands back a library it already loaded under the same path, so a library rebuilt
+    at that path in this process would otherwise be the old one."""
+    import tvm
+
+    path = Path(path)
+    alias = path.with_name(f".{path.stem}-{os.getpid()}-{next(_LOADS)}{path.suffix}")
+    try:
+        os.link(path, alias)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(path, alias)
+    try:
+        return tvm.runtime.load_module(str(alias))
+    finally:
+        alias.unlink(missing_ok=True)
 
 
 def host_arch() -> str:
@@ -337,18 +360,15 @@ class TVMBackend(Backend):
         return Exported(path, details)
 
     def compile(self, module, example, target, precision, artifact_dir):
-        import tvm
 
         arch = target_arch(self.tvm_target(target))
         if arch != host_arch():
             raise RuntimeError(f"built for {arch}, this machine is {host_arch()}: measure it on the board "
                                "(--rpc-tracker HOST:PORT --rpc-key KEY)")
         exported = self.export(module, example, target, precision, artifact_dir)
-        engine = self._engine(tvm.runtime.load_module(str(exported.path)), target, precision)
+        engine = self._engine(_load_library(exported.path), target, precision)
         engine.details.update(exported.details)
         return engine
 
     def load(self, artifact_dir, example, target, precision):
-        import tvm
-
-        return self._engine(tvm.runtime.load_module(str(artifact_dir / self.artifact)), target, precision)
+        return self._engine(_load_library(artifact_dir / self.artifact), target, precision)

@@ -11,9 +11,11 @@ artifact-load) time ``compile_s``, the backend's ``details`` that change a numbe
   its artifact options, target and its threads, precision, input shape, library versions and the
   weights' fingerprint. Two tasks share an artifact only when all of these agree.
 - :func:`trial` loads the cached artifact or compiles it, runs it on the check input and
-  compares it with eager fp32 (:func:`check_output`). A wrong cached artifact is rebuilt once (the
-  ``rebuilt`` detail says why); an engine still wrong is ``check_failed`` and its artifact is
-  deleted, so a retry recompiles. Before any engine is trusted, eager's own output must depend on
+  compares it with eager fp32 (:func:`check_output`). A cached artifact is loaded only when this
+  installation signed it (:mod:`harness.measure.signing`: a copied or planted library is never
+  loaded, it is rebuilt); one that is unsigned, fails to load or fails the check is rebuilt once
+  into fresh files (the ``rebuilt`` detail says why); an engine still wrong is ``check_failed`` and
+  its artifact is deleted, so a retry recompiles. Before any engine is trusted, eager's own output must depend on
   its input (:func:`insensitive`): a module whose activations vanish would let any engine pass.
   Nothing is timed here.
 - Timing is the phases' (``harness.phases``): they time their ``ok`` results together through one
@@ -47,6 +49,7 @@ import torch
 from harness.backends.base import capture_cuda_graph, one_line
 from harness.env import library_versions
 from harness.measure.protocol import Measurement
+from harness.measure.signing import sign, untrusted
 
 # (rtol, atol) against eager fp32. fp32: per element, |out - eager| <= atol + rtol * |eager|. fp16:
 # against the output's scale, |out - eager| <= atol + rtol * max|eager|: a 10-bit mantissa's error
@@ -112,7 +115,7 @@ class ArtifactKey:
     @classmethod
     def of(cls, model: str, route: str, backend, target, precision: str, example: torch.Tensor,
            weights: str) -> ArtifactKey:
-        return cls(model, str(route), backend.name, precision, tuple(example.shape), weights, target.name,
+        return cls(model, str(route), backend.base_name, precision, tuple(example.shape), weights, target.name,
                    int(target.threads), json.dumps(backend.cache_key(), sort_keys=True),
                    json.dumps(library_versions(), sort_keys=True))
 
@@ -206,19 +209,37 @@ def insensitive(module: torch.nn.Module, example: torch.Tensor, ref) -> str | No
 
 
 def _compile(backend, module, example, target, precision, artifact_dir: Path, use_cache: bool):
-    """``(engine, compile_s, cached)``; raises what the backend raises."""
+    """``(engine, compile_s, cached, rebuilt)``; raises what the backend raises. A cached artifact
+    is loaded only when this installation signed it (:mod:`harness.measure.signing`) and it loads;
+    otherwise it is rebuilt into fresh files and ``rebuilt`` says why. ``use_cache=False``: rebuilt
+    into fresh files whatever is there. Every build is signed."""
+    t0 = time.perf_counter()
+    rebuilt = None
+    if use_cache and backend.has_artifact(artifact_dir):
+        why = untrusted(artifact_dir / backend.artifact)
+        if why is None:
+            try:
+                engine = backend.load(artifact_dir, example, target, precision)
+                engine.details.update(_build_details(artifact_dir))
+                return engine, time.perf_counter() - t0, True, None
+            except Exception as e:  # a stale or broken cache entry: rebuilt, and said so
+                why = f"it failed to load ({one_line(e)})"
+        rebuilt = f"the cached artifact was not loaded: {why}"
+        use_cache = False
+    if not use_cache:  # fresh files: a library rebuilt at the same path must not be the one already loaded
+        shutil.rmtree(artifact_dir, ignore_errors=True)
     artifact_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    if use_cache and backend.has_artifact(artifact_dir):
-        try:
-            engine = backend.load(artifact_dir, example, target, precision)
-            engine.details.update(_build_details(artifact_dir))
-            return engine, time.perf_counter() - t0, True
-        except Exception:  # a stale or broken cache entry: rebuild it
-            t0 = time.perf_counter()
     engine = backend.compile(module, example, target, precision, artifact_dir)
+    _signed(backend, artifact_dir)
     _keep_build_details(artifact_dir, engine.details)
-    return engine, time.perf_counter() - t0, False
+    return engine, time.perf_counter() - t0, False, rebuilt
+
+
+def _signed(backend, artifact_dir: Path) -> None:
+    """Sign the artifact a build wrote (backends without one write nothing to sign)."""
+    if backend.artifact and (artifact_dir / backend.artifact).is_file():
+        sign(artifact_dir / backend.artifact)
 
 
 BUILD_DETAILS = "build_details.json"  # what the build said of itself (e.g. TVM's tuning label), kept with the artifact
@@ -252,7 +273,8 @@ def trial(backend, module: torch.nn.Module, example: torch.Tensor, target, preci
     stale = None
     for use_cache in (True, False):
         try:
-            engine, compile_s, cached = _compile(backend, module, example, target, precision, artifact_dir, use_cache)
+            engine, compile_s, cached, rebuilt = _compile(backend, module, example, target, precision, artifact_dir,
+                                                          use_cache)
         except Exception as e:  # recorded; the caller goes on
             return Result("compile_failed", one_line(e), details=backend.details())
         if cached and built is not None and not built.details.get("cached"):
@@ -260,8 +282,8 @@ def trial(backend, module: torch.nn.Module, example: torch.Tensor, target, preci
             engine.details["build_process"] = "worker"
         built = None  # a rebuild below is this process's own
         details = {**backend.details(), **engine.details, "cached": cached}
-        if stale:
-            details["rebuilt"] = f"the cached artifact failed the check: {stale}"
+        if stale or rebuilt:
+            details["rebuilt"] = f"the cached artifact failed the check: {stale}" if stale else rebuilt
         try:
             problem = check_output(engine(example), ref, precision)
         except Exception as e:
@@ -281,10 +303,14 @@ def built(backend, module: torch.nn.Module, example: torch.Tensor, target, preci
     ``trial(..., built=)`` checks it): ``ok`` with the compile time and the build's details, or
     ``compile_failed``. An artifact already there is kept (``cached``)."""
     try:
-        engine, compile_s, cached = _compile(backend, module, example, target, precision, artifact_dir, True)
+        engine, compile_s, cached, rebuilt = _compile(backend, module, example, target, precision, artifact_dir,
+                                                      True)
     except Exception as e:
         return Result("compile_failed", one_line(e), details=backend.details())
-    return Result("ok", "", round(compile_s, 3), {**backend.details(), **engine.details, "cached": cached})
+    details = {**backend.details(), **engine.details, "cached": cached}
+    if rebuilt:
+        details["rebuilt"] = rebuilt
+    return Result("ok", "", round(compile_s, 3), details)
 
 
 def exported(backend, module: torch.nn.Module, example: torch.Tensor, target, precision: str, key: ArtifactKey,
@@ -293,19 +319,25 @@ def exported(backend, module: torch.nn.Module, example: torch.Tensor, target, pr
     ``compile_failed``. Errors that make every build impossible (a missing cross compiler) are
     the caller's to check first with ``backend.check_export``."""
     artifact_dir = key.directory(cache_root)
-    artifact_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    rebuilt = None
     if backend.has_artifact(artifact_dir):
-        return Result("ok", "", round(time.perf_counter() - t0, 3),
-                      {**backend.details(), **_build_details(artifact_dir), "cached": True},
-                      artifact=artifact_dir / backend.artifact)
+        why = untrusted(artifact_dir / backend.artifact)
+        if why is None:  # a board runs what it is sent: only what this installation built
+            return Result("ok", "", round(time.perf_counter() - t0, 3),
+                          {**backend.details(), **_build_details(artifact_dir), "cached": True},
+                          artifact=artifact_dir / backend.artifact)
+        rebuilt = f"the cached artifact was not sent: {why}"
+        shutil.rmtree(artifact_dir, ignore_errors=True)
+    artifact_dir.mkdir(parents=True, exist_ok=True)
     try:
         out = backend.export(module, example, target, precision, artifact_dir)
     except Exception as e:
         return Result("compile_failed", one_line(e), details=backend.details())
+    _signed(backend, artifact_dir)
     _keep_build_details(artifact_dir, out.details)
-    return Result("ok", "", round(time.perf_counter() - t0, 3), {**backend.details(), **out.details,
-                                                                   "cached": False}, artifact=out.path)
+    details = {**backend.details(), **out.details, "cached": False} | ({"rebuilt": rebuilt} if rebuilt else {})
+    return Result("ok", "", round(time.perf_counter() - t0, 3), details, artifact=out.path)
 
 
 def timed_call(backend, result: Result, native, cuda_graphs: bool = False) -> tuple[Callable[[], object], Result]:
