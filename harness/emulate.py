@@ -203,21 +203,50 @@ def _answers(host: str, port: int) -> bool:
 
 
 def _spawn(cmd: list[str], log: Path, pidfile: Path, env=None) -> subprocess.Popen:
-    """A detached background process (its own session, so ``stop`` ends it and its workers)."""
+    """A detached background process (its own session, so ``stop`` ends it and its workers); the
+    pid file records its pid and command line, so ``stop`` ends it only while that pid still runs it."""
     with open(log, "w") as out:
         p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                              env=env, start_new_session=True)
-    pidfile.write_text(str(p.pid))
+    pidfile.write_text(json.dumps({"pid": p.pid, "cmdline": [str(c) for c in cmd]}))
     return p
 
 
-def _alive(pidfile: Path) -> int | None:
+def _record(pidfile: Path) -> tuple[int | None, list[str] | None]:
+    """``(pid, command line)`` from a pid file; ``(pid, None)`` for an older file of a bare pid."""
     try:
-        pid = int(pidfile.read_text())
-        os.kill(pid, 0)
-        return pid
+        text = pidfile.read_text()
+        doc = json.loads(text)
     except (OSError, ValueError):
+        return None, None
+    if isinstance(doc, int):
+        return doc, None
+    if isinstance(doc, dict) and isinstance(doc.get("pid"), int) and isinstance(doc.get("cmdline"), list):
+        return doc["pid"], [str(c) for c in doc["cmdline"]]
+    return None, None
+
+
+def _runs(pid: int, cmdline: list[str]) -> bool:
+    """Whether process ``pid`` runs ``cmdline`` (its arguments after the program, in order: a script
+    started through an interpreter or an emulator has those in front)."""
+    try:
+        actual = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return False
+    want = cmdline[1:]
+    return any(actual[i:i + len(want)] == want for i in range(len(actual) - len(want) + 1))
+
+
+def _alive(pidfile: Path) -> int | None:
+    """The pid of the process the pid file describes, when that process still runs what was started."""
+    pid, cmdline = _record(pidfile)
+    if pid is None or cmdline is None:
         return None
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return None
+    return pid if _runs(pid, cmdline) else None
 
 
 def _free_boards(host: str, port: int, key: str) -> int:
@@ -296,7 +325,15 @@ def stop(root: Path, names: list[str] | None = None) -> None:
     for pidfile in sorted(run.glob("*.pid")) if run.is_dir() else []:
         if names is not None and pidfile.stem not in names:
             continue
-        pid = _alive(pidfile)
+        pid, cmdline = _record(pidfile)
+        if pid is not None and _alive(pidfile) is None:
+            try:
+                os.kill(pid, 0)
+                _say(f"emulate: not ending pid {pid} ({pidfile.stem}): it no longer runs what was started "
+                     f"({'an older pid file without its command line' if cmdline is None else ' '.join(cmdline)})")
+            except OSError:
+                pass
+            pid = None
         if pid:
             try:
                 os.killpg(pid, signal.SIGTERM)

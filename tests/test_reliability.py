@@ -306,3 +306,54 @@ def test_an_unreadable_tuning_database_says_what_to_do_and_leaves_nothing_half_w
     with pytest.raises(ValueError, match="tvm_tuning is unreadable .*; move the folder away to tune afresh"):
         TuningDatabase.best_of(workdir, target)
     assert sorted(p.name for p in workdir.iterdir()) == sorted([BEST, *RECORD_FILES])
+
+
+# -- servers and the processes the harness starts ------------------------------------------------------------
+
+def test_the_board_server_binds_loopback_unless_told_otherwise(monkeypatch, capsys):
+    """It runs every library it is sent: another address only when named, with a warning."""
+    import sys
+    import types
+
+    from harness.measure import board_server
+
+    seen = {}
+
+    class Server:
+        def __init__(self, host, port, port_end, **kw):
+            seen["host"] = host
+            self.proc = types.SimpleNamespace(join=lambda: None)
+
+    fake = types.ModuleType("tvm")
+    fake.rpc = types.SimpleNamespace(Server=Server)
+    monkeypatch.setitem(sys.modules, "tvm", fake)
+    board_server.main(["--tracker", "127.0.0.1:9190", "--key", "k"])
+    assert seen["host"] == "127.0.0.1" and "warning" not in capsys.readouterr().err
+    board_server.main(["--tracker", "10.0.0.2:9190", "--key", "k", "--host", "0.0.0.0"])
+    assert seen["host"] == "0.0.0.0"
+    assert "whoever can reach that address can run code on this board" in capsys.readouterr().err
+
+
+def test_emulate_stop_ends_only_the_processes_it_started(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from harness import emulate
+
+    run = tmp_path / "run"
+    run.mkdir()
+    started = emulate._spawn([sys.executable, "-c", "import time; time.sleep(60)"], run / "s.log",
+                             run / "server-k.pid")
+    unrelated = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        # pid files naming a process that runs something else (a reused pid), and an older bare pid
+        (run / "tracker-9190.pid").write_text(json.dumps({"pid": unrelated.pid,
+                                                          "cmdline": ["python", "-m", "tvm.exec.rpc_tracker"]}))
+        (run / "server-old.pid").write_text(str(unrelated.pid))
+        emulate.stop(tmp_path)
+        assert started.wait(timeout=10) is not None
+        assert unrelated.poll() is None, "stop ended a process it did not start"
+    finally:
+        unrelated.kill()
+        unrelated.wait()

@@ -6,7 +6,11 @@ Run on the board (or under an emulator) with the board's Python, which needs onl
 (and ``cloudpickle``); this file imports nothing from ``harness`` or ``dsnet`` and may be copied
 to a board on its own::
 
-    python3 board_server.py --tracker HOST:PORT --key KEY [--host 0.0.0.0] [--port 9090]
+    python3 board_server.py --tracker HOST:PORT --key KEY [--host 127.0.0.1] [--port 9090]
+
+It binds loopback unless ``--host`` names another address: the server runs whatever library it is
+sent, so on any other address everyone who can reach it runs code on the board (a one-line warning
+says so).
 
 It serves exactly what ``python -m tvm.exec.rpc_server`` serves, and registers
 ``harness.board_info``, which returns a JSON object: ``machine`` (``platform.machine()``),
@@ -76,14 +80,29 @@ def _register() -> None:
     tvm.register_global_func("harness.board_info", board_info, override=True)
 
 
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tracker", required=True, help="HOST:PORT of the RPC tracker")
     ap.add_argument("--key", required=True, help="the key the board registers under")
-    ap.add_argument("--host", default="0.0.0.0")
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback: the server runs "
+                                                        "whatever library it is sent)")
     ap.add_argument("--port", type=int, default=9090)
     ap.add_argument("--port-end", type=int, default=9199)
     args = ap.parse_args(argv)
+    if not _loopback(args.host):
+        print(f"warning: the board server listens on {args.host}: whoever can reach that address can run code on "
+              "this board (it runs every library it is sent)", file=sys.stderr)
     if os.environ.get("HARNESS_BOARD_EXECUTABLE"):
         sys.executable = os.environ["HARNESS_BOARD_EXECUTABLE"]
     from tvm import rpc
