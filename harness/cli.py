@@ -20,6 +20,8 @@ No CLI imports another CLI; each imports this module for:
 from __future__ import annotations
 
 import argparse
+import errno
+import sqlite3
 import sys
 import time
 import uuid
@@ -33,6 +35,10 @@ from harness.targets import TargetError, known_targets, load_target
 
 DEFAULT_MODELS = ("ds_mbnet", "mobilenet_v1")  # what harness.run measures and harness.tune tunes by default
 MAX_INPUT_SIZE = 4096
+
+
+# what an output that cannot be written raises: no space, a quota, a read-only file system, no permission
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 class UsageError(Exception):
@@ -210,3 +216,14 @@ def run_main(main: Callable[[], int], interrupted: str) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted: {interrupted}", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk, a read-only or forbidden output: one line, what is kept
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        print(f"error: cannot write{where}: {e.strerror or e} ({interrupted})", file=sys.stderr)
+        return 2
+    except sqlite3.OperationalError as e:  # the store on a full or read-only disk
+        if not any(s in str(e) for s in ("disk is full", "readonly", "disk I/O error")):
+            raise
+        print(f"error: the results store cannot be written: {e} ({interrupted})", file=sys.stderr)
+        return 2

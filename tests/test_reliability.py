@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -357,3 +358,65 @@ def test_emulate_stop_ends_only_the_processes_it_started(tmp_path):
     finally:
         unrelated.kill()
         unrelated.wait()
+
+
+# -- a full disk, a read-only output: one line, exit 2, nothing half-written --------------------------------
+
+def _mounted(tmp_path, options: str):
+    """A small tmpfs under ``tmp_path`` (skips where this user cannot mount one)."""
+    import subprocess
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("needs to mount a small tmpfs (root)")
+    return mnt
+
+
+def _umount(mnt):
+    import subprocess
+
+    subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+@pytest.mark.parametrize("size, backend, says", [
+    ("16k", "noop", "the results store"),  # the store cannot be made
+    ("400k", "torchscript", "no space left for an artifact"),  # the store fits, an artifact does not
+])
+def test_a_full_disk_is_one_line_and_exit_2(tmp_path, size, backend, says):
+    import subprocess
+    import sys
+
+    mnt = _mounted(tmp_path, f"size={size}")
+    try:
+        r = subprocess.run([sys.executable, "-m", "harness.run", "--target", _profile(tmp_path, "input_size = 32"),
+                            "--models", "ds_mbnet_tiny", "--backends", backend, "--results", str(mnt / "out")],
+                           capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith("error:") and says in last, last
+        assert not list(mnt.rglob("*.tmp"))
+    finally:
+        _umount(mnt)
+
+
+@pytest.mark.parametrize("command", ["run", "report", "compare", "export"])
+def test_a_read_only_output_is_one_line_and_exit_2(tmp_path, command, capsys):
+    from harness import compare as comparemod
+    from harness import export as exportmod
+
+    mnt = _mounted(tmp_path, "size=1m,ro")
+    committed = Path(__file__).resolve().parent.parent / "results" / "x86"
+    try:
+        code = {"run": lambda: runmod.main(["--target", _profile(tmp_path, "input_size = 32"), "--models",
+                                            "ds_mbnet_tiny", "--routes", "0", "--backends", "noop", "--results",
+                                            str(mnt / "out")]),
+                "report": lambda: reportmod.main(["--target", "x86", "--results", str(mnt)]),
+                "compare": lambda: comparemod.main([str(committed), str(committed), "--csv", str(mnt / "c.csv")]),
+                "export": lambda: exportmod.main(["--model", "ds_mbnet_tiny", "--backend", "torchscript",
+                                                  "--input-size", "32", "--out", str(mnt / "m.ts")])}[command]()
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err, err[-2000:]
+        assert err.strip().splitlines()[-1].startswith("error:")
+    finally:
+        _umount(mnt)

@@ -208,7 +208,7 @@ def _worker_main(conn) -> None:
     os.environ["TVM_NUM_THREADS"] = "1"  # read when TVM's thread pool starts, after this
     torch.set_num_threads(1)
     from harness.backends import get_backend
-    from harness.measure.pipeline import built
+    from harness.measure.pipeline import OutOfSpace, Result, built
 
     backends = {}
     while True:
@@ -220,8 +220,11 @@ def _worker_main(conn) -> None:
         key = pickle.dumps((name, options, workdir, remote))
         if key not in backends:
             backends[key] = get_backend(name, options=options, workdir=workdir, remote=remote)
-        result = built(backends[key], job["module"], job["example"], job["target"], job["precision"],
-                       job["artifact_dir"])
+        try:
+            result = built(backends[key], job["module"], job["example"], job["target"], job["precision"],
+                           job["artifact_dir"])
+        except OutOfSpace as e:  # the run stops on it (trial raises it again in the parent)
+            result = Result("compile_failed", e.strerror, details={"out_of_space": str(e.filename)})
         try:
             conn.send_bytes(pickle.dumps(result))
         except OSError:  # the parent is gone

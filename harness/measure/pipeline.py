@@ -36,6 +36,7 @@ The module given is never modified (backends work on copies) and must be in eval
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import shutil
@@ -229,11 +230,33 @@ def _compile(backend, module, example, target, precision, artifact_dir: Path, us
     if not use_cache:  # fresh files: a library rebuilt at the same path must not be the one already loaded
         shutil.rmtree(artifact_dir, ignore_errors=True)
     artifact_dir.mkdir(parents=True, exist_ok=True)
+    if backend.artifact:
+        ensure_space(module, artifact_dir)
     t0 = time.perf_counter()
     engine = backend.compile(module, example, target, precision, artifact_dir)
     _signed(backend, artifact_dir)
     _keep_build_details(artifact_dir, engine.details)
     return engine, time.perf_counter() - t0, False, rebuilt
+
+
+class OutOfSpace(OSError):
+    """Too little free space to write an artifact: it stops the run (one line, what was stored is
+    kept) rather than fail every remaining cell, and before a library's writer aborts the process
+    (PyTorch's archive writer terminates it on a full disk)."""
+
+
+MIN_FREE_BYTES = 64 << 20
+
+
+def ensure_space(module: torch.nn.Module, directory: Path) -> None:
+    """Raise :class:`OutOfSpace` when ``directory``'s file system has less free space than an artifact
+    of ``module`` may take (three times its weights, at least :data:`MIN_FREE_BYTES`)."""
+    weights = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    need = max(MIN_FREE_BYTES, 3 * weights)
+    free = shutil.disk_usage(directory).free
+    if free < need:
+        raise OutOfSpace(errno.ENOSPC, f"no space left for an artifact ({free >> 10} KiB free, about "
+                                       f"{need >> 20} MiB needed)", str(directory))
 
 
 def _signed(backend, artifact_dir: Path) -> None:
@@ -264,6 +287,8 @@ def trial(backend, module: torch.nn.Module, example: torch.Tensor, target, preci
     returned for this key in a build worker: a failed build is the result; a fresh artifact is
     loaded and counts as compiled here (the worker's compile time plus the load, not cached)."""
     if built is not None and not built.ok:
+        if built.details.get("out_of_space"):  # the worker found the disk full: so is this process's
+            raise OutOfSpace(errno.ENOSPC, built.error, built.details["out_of_space"])
         return built
     ref = reference(module, example) if ref is None else ref
     degenerate = insensitive(module, example, ref)
@@ -275,6 +300,8 @@ def trial(backend, module: torch.nn.Module, example: torch.Tensor, target, preci
         try:
             engine, compile_s, cached, rebuilt = _compile(backend, module, example, target, precision, artifact_dir,
                                                           use_cache)
+        except OutOfSpace:  # stops the run: every build after it would fail alike
+            raise
         except Exception as e:  # recorded; the caller goes on
             return Result("compile_failed", one_line(e), details=backend.details())
         if cached and built is not None and not built.details.get("cached"):
@@ -305,6 +332,8 @@ def built(backend, module: torch.nn.Module, example: torch.Tensor, target, preci
     try:
         engine, compile_s, cached, rebuilt = _compile(backend, module, example, target, precision, artifact_dir,
                                                       True)
+    except OutOfSpace:
+        raise
     except Exception as e:
         return Result("compile_failed", one_line(e), details=backend.details())
     details = {**backend.details(), **engine.details, "cached": cached}
@@ -330,6 +359,7 @@ def exported(backend, module: torch.nn.Module, example: torch.Tensor, target, pr
         rebuilt = f"the cached artifact was not sent: {why}"
         shutil.rmtree(artifact_dir, ignore_errors=True)
     artifact_dir.mkdir(parents=True, exist_ok=True)
+    ensure_space(module, artifact_dir)
     try:
         out = backend.export(module, example, target, precision, artifact_dir)
     except Exception as e:

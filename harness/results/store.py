@@ -88,11 +88,20 @@ class ResultStore:
                         self.db.execute(f"ALTER TABLE {table} ADD COLUMN {c} {_type(table, c)}")
             self.db.execute("CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, env TEXT NOT NULL)")
             self.db.commit()
+        except sqlite3.OperationalError as e:
+            full = any(w in str(e) for w in ("disk is full", "readonly", "unable to open")) or _nearly_full(self.path)
+            if not full:
+                raise self._corrupt(e) from None
+            raise StoreError(f"the results store {self.path} cannot be written ({e}): free space or choose another "
+                             "results folder; the CSV exports beside it hold the last finished run's results") from None
         except sqlite3.DatabaseError as e:
-            raise StoreError(
-                f"the results store {self.path} is corrupt or not a results store ({' '.join(str(e).split())}); "
-                f"the CSV exports beside it (lut.csv, dynamic.csv) still hold the last finished run's results; "
-                f"move it aside (mv {self.path} {self.path}.corrupt) and re-run to measure again") from None
+            raise self._corrupt(e) from None
+
+    def _corrupt(self, e) -> StoreError:
+        return StoreError(
+            f"the results store {self.path} is corrupt or not a results store ({' '.join(str(e).split())}); "
+            f"the CSV exports beside it (lut.csv, dynamic.csv) still hold the last finished run's results; "
+            f"move it aside (mv {self.path} {self.path}.corrupt) and re-run to measure again")
 
     def close(self) -> None:
         self.db.close()
@@ -171,6 +180,17 @@ class ResultStore:
         return _write_atomically(_with_rows_kept(self.frame()[LUT_COLUMNS], path, RESULT_KEY), path)
 
 
+def _nearly_full(path: Path, least: int = 1 << 20) -> bool:
+    """Whether the file system holding ``path`` has less than ``least`` bytes free (SQLite reports a
+    full disk while it maps its shared memory as a "disk I/O error")."""
+    import shutil
+
+    try:
+        return shutil.disk_usage(path.parent).free < least
+    except OSError:
+        return False
+
+
 def _encode(row: dict) -> None:
     for c in ("samples_ms", "rounds"):
         if isinstance(row.get(c), list):
@@ -206,11 +226,15 @@ def write_atomically(path: Path, write) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix + ".tmp")
     os.close(fd)
-    write(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; an export is as readable as any file written here
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; an export is as readable as any file written here
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, Ctrl-C: the old file stays whole, no stray temporary file
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class FolderLock:
