@@ -55,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rows = route_rows(model, args.input_size)
+    try:
+        rows = route_rows(model, args.input_size)
+    except ValueError as e:  # e.g. an input too small for the network's strides
+        print(f"error: {args.model}: {e}", file=sys.stderr)
+        return 2
     try:
         _print(rows, args)
     except BrokenPipeError:  # e.g. piped into `head`

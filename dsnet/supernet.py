@@ -136,13 +136,20 @@ class CostCounter:
              bias: bool = False, bn: bool = True, groups: int = 1, padding: int | None = None) -> None:
         pad = k // 2 if padding is None else padding
         h, w = ((d + 2 * pad - k) // stride + 1 for d in self.hw)
+        if h < 1 or w < 1:
+            raise ValueError(f"input size {self.input_size} is too small for this network: a {k}x{k} convolution "
+                             f"(stride {stride}) would see a {self.hw[0]}x{self.hw[1]} feature map and leave none")
         self.hw = (h, w)
         per_out = (1 if depthwise else cin // groups) * k * k
         self.madds += cout * h * w * per_out
         self.params += cout * per_out + (cout if bias else 0) + (2 * cout if bn else 0)
 
     def pool(self, k: int, stride: int, pad: int) -> None:
-        self.hw = tuple((d + 2 * pad - k) // stride + 1 for d in self.hw)  # type: ignore[assignment]
+        hw = tuple((d + 2 * pad - k) // stride + 1 for d in self.hw)
+        if min(hw) < 1:
+            raise ValueError(f"input size {self.input_size} is too small for this network: a {k}x{k} pooling "
+                             f"would see a {self.hw[0]}x{self.hw[1]} feature map and leave none")
+        self.hw = hw  # type: ignore[assignment]
 
     def linear(self, cin: int, cout: int, bias: bool = True, tokens: int = 1) -> None:
         """A fully connected layer, applied to each of ``tokens`` vectors (a transformer's sequence)."""

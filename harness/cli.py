@@ -125,7 +125,10 @@ def open_target(name: str, remote: bool = False):
         here = [n for n in known_targets() if _runs_here_quietly(n)]
         raise UsageError(f"target '{target.name}' cannot run on this machine: {why}. "
                          f"Profiles that can run here: {', '.join(here) or 'none'}")
-    target = target.resolve()
+    try:
+        target = target.resolve()
+    except TargetError as e:  # e.g. more threads than this machine has
+        raise UsageError(str(e)) from None
     envmod.configure_threads(target.threads)  # before any backend library loads
     if target.device == "cuda":
         envmod.strict_fp32()

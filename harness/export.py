@@ -96,6 +96,8 @@ def _main(args) -> int:
     if not backend_class(args.backend).one_artifact:
         raise UsageError(f"{args.backend} cannot hold the one-graph network as one artifact; backends that can: "
                          f"{', '.join(b for b in list_backends() if backend_class(b).one_artifact)}")
+    if args.check_inputs < 0:
+        raise UsageError(f"--check-inputs must be at least 0, got {args.check_inputs}")
     if not 32 <= args.input_size <= 1024:
         raise UsageError(f"--input-size must be between 32 and 1024, got {args.input_size}")
     target = open_target(args.target)

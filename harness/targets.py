@@ -18,6 +18,7 @@ own (e.g. TVM's ``mcpu``).
 from __future__ import annotations
 
 import copy
+import os
 import platform
 import sys
 from dataclasses import dataclass, field
@@ -96,6 +97,10 @@ class Target:
                 t.expected_device = env.cpu_model()
             if t.threads <= 0:
                 t.threads = env.physical_cores()
+        logical = os.cpu_count() or 1
+        if t.threads > logical:
+            raise TargetError(f"{t.path}: key 'threads' is {t.threads}, more than this machine's {logical} logical "
+                              "cores; 0 means all physical cores")
         return t
 
     def runs_here(self) -> tuple[bool, str]:
@@ -137,13 +142,19 @@ def load_target(name: str, directory: Path = TARGETS_DIR) -> Target:
         raise TargetError(str(e)) from None
     if data["device"] not in DEVICES:
         raise TargetError(f"{where}: key 'device' must be one of {', '.join(DEVICES)}, got '{data['device']}'")
-    for key, kind, allowed in (("backends", str, None), ("dynamic_backends", str, None),
+    names = tuple(list_backends())
+    for key, kind, allowed in (("backends", str, names), ("dynamic_backends", str, names),
                                ("precisions", str, PRECISIONS),
                                ("batch_sizes", int, None)):
+        if key in data and not data[key]:
+            raise TargetError(f"{where}: key '{key}' is empty; leave it out for the default or name at least one")
         for v in data.get(key, []):
             if not isinstance(v, kind) or isinstance(v, bool) or (allowed and v not in allowed):
                 valid = f"one of {', '.join(allowed)}" if allowed else type_name(kind)
                 raise TargetError(f"{where}: key '{key}' holds {v!r}; each entry must be {valid}")
+        twice = sorted({str(v) for v in data.get(key, []) if data[key].count(v) > 1})
+        if twice:
+            raise TargetError(f"{where}: key '{key}' names {', '.join(twice)} more than once")
     for key, least in (("threads", 0), ("input_size", 32)):
         if key in data and data[key] < least:
             raise TargetError(f"{where}: key '{key}' must be at least {least}, got {data[key]}")

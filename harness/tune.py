@@ -12,6 +12,7 @@ tunes nothing. Exit codes: 0 done; 2 bad input (one line on stderr); 130 interru
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from harness.cli import (
@@ -66,8 +67,8 @@ def _main(args) -> int:
         raise UsageError(f"--input-size must be between 32 and {MAX_INPUT_SIZE}, got {input_size}")
     minutes = args.minutes if args.minutes is not None else (target.options("tvm").get("tune_minutes")
                                                              or DEFAULT_MINUTES)
-    if not minutes > 0:
-        raise UsageError(f"--minutes must be greater than 0, got {minutes:g}")
+    if not (minutes > 0 and math.isfinite(minutes)):
+        raise UsageError(f"--minutes must be a finite number greater than 0, got {minutes:g}")
     remote = None
     if args.rpc_tracker:
         try:

@@ -141,10 +141,74 @@ def _profile(tmp_path, extra: str) -> str:
     ("batch_sizes = [0]", "p.toml: key 'batch_sizes' holds 0; each entry must be at least 1"),
     ("input_size = -3", "p.toml: key 'input_size' must be at least 32, got -3"),
     ("[tvm]\ntune_minutes = \"many\"", "p.toml [tvm]: key 'tune_minutes' must be"),
+    ("threads = 100000", "p.toml: key 'threads' is 100000, more than this machine's"),
+    ("precisions = []", "p.toml: key 'precisions' is empty"),
+    ("batch_sizes = [1, 1]", "p.toml: key 'batch_sizes' names 1 more than once"),
+    ("dynamic_backends = [\"noop\", \"tflite\"]", "p.toml: key 'dynamic_backends' holds 'tflite'; each entry must "
+                                                 "be one of eager"),
 ])
 def test_bad_profiles_name_the_file_and_key(tmp_path, capsys, extra, pattern):
     assert runmod.main(["--target", _profile(tmp_path, extra), "--results", str(tmp_path / "r")]) == 2
     _one_error_line(capsys, pattern)
+
+
+@pytest.mark.parametrize("backends, pattern", [
+    ("[]", "key 'backends' is empty"),
+    ('["noop", "noop"]', "key 'backends' names noop more than once"),
+    ('["noop", "tflite"]', "key 'backends' holds 'tflite'"),
+])
+def test_a_profile_s_backends_are_checked_on_load(tmp_path, capsys, backends, pattern):
+    path = tmp_path / "p.toml"
+    path.write_text(f'name = "p"\ndevice = "cpu"\nbackends = {backends}\n')
+    assert runmod.main(["--target", str(path), "--results", str(tmp_path / "r")]) == 2
+    _one_error_line(capsys, pattern)
+
+
+@pytest.mark.parametrize("main, args, pattern", [
+    ("run", ["--batch-size", "1,1"], "--batch-size names a batch size more than once"),
+    ("run", ["--batch-size", "100000000"], "needs about"),
+    ("tune", ["--minutes", "inf"], "--minutes must be a finite number greater than 0, got inf"),
+    ("export", ["--model", "ds_mbnet_tiny", "--backend", "torchscript", "--check-inputs", "-5"],
+     "--check-inputs must be at least 0, got -5"),
+    ("retrain", ["--model", "ds_mbnet_tiny", "--backend", "eager", "--latency-fraction", "5"],
+     "--latency-fraction is a fraction of the largest route's latency, in (0, 1]; got 5.0"),
+])
+def test_numbers_are_range_checked_at_the_edge(tmp_path, capsys, main, args, pattern):
+    from harness import export as exportmod
+
+    target = ["--target", _profile(tmp_path, "input_size = 32")]
+    mains = {"run": lambda: runmod.main([*target, "--models", "ds_mbnet_tiny", "--backends", "noop", *args,
+                                         "--results", str(tmp_path / "r")]),
+             "tune": lambda: tunemod.main(["--target", "x86", *args, "--results", str(tmp_path / "r")]),
+             "export": lambda: exportmod.main([*args, "--out", str(tmp_path / "m.ts")]),
+             "retrain": lambda: retrainmod.main([*args, "--target", "x86", "--out", str(tmp_path / "g")])}
+    assert mains[main]() == 2
+    _one_error_line(capsys, pattern)
+
+
+def test_a_garbage_lut_and_a_foreign_store_are_refused_in_one_line(tmp_path, capsys):
+    import sqlite3
+
+    lut = tmp_path / "lut"
+    lut.mkdir()
+    (lut / "dynamic.csv").write_bytes(os.urandom(2048))
+    assert retrainmod.main(["--model", "ds_mbnet_tiny", "--backend", "eager", "--target", "x86", "--lut", str(lut),
+                            "--out", str(tmp_path / "g")]) == 2
+    _one_error_line(capsys, "is not a dynamic.csv of harness.run")
+    ResultStore(tmp_path / "s" / "results.sqlite").close()
+    with sqlite3.connect(tmp_path / "s" / "results.sqlite") as db:
+        db.execute("CREATE TABLE extra (model TEXT, route TEXT)")
+    assert runmod.main(["--target", "x86", "--models", "ds_mbnet_tiny", "--backends", "noop",
+                        "--results", str(tmp_path / "s")]) == 2
+    _one_error_line(capsys, "holds what harness.run does not write (table extra)")
+
+
+def test_a_model_summary_refuses_an_input_its_network_cannot_take(capsys):
+    from dsnet import summary
+
+    assert summary.main(["--model", "ds_vit_pp", "--input-size", "12"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("error: ds_vit_pp: input size 12 is too small for this network") and "\n" not in line
 
 
 def test_bad_results_folders(tmp_path, capsys):

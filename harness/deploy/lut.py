@@ -69,7 +69,14 @@ class LatencyLUT:
         path = Layout(Path(results_dir)).dynamic_csv
         if not path.is_file():
             raise LUTError(f"no LUT at {path}: run `python -m harness.run --target <target>` first")
-        df = read_csv(path)
+        try:
+            df = read_csv(path)
+        except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as e:
+            raise LUTError(f"{path} is not a dynamic.csv of harness.run ({type(e).__name__})") from None
+        missing = [c for c in ("model", "backend", "precision", "batch_size", "input_size", "kind", "name",
+                               "status", "latency_ms_p50") if c not in df.columns]
+        if missing:
+            raise LUTError(f"{path} is not a dynamic.csv of harness.run: it lacks {', '.join(missing)}")
         return cls.from_frame(df, model, backend, precision, batch_size, input_size, source=str(path))
 
     @classmethod

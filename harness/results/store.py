@@ -11,7 +11,9 @@ for the dynamic engine's, Table 2's and the acceleration's rows. ``export_lut(pa
 ``export_dynamic(path)`` write the tidy CSVs atomically, keeping the rows of the previous export
 whose key this store does not hold (results of runs whose store is gone, e.g. committed exports).
 Tables and columns come from ``harness.results.layout``; a store written by an older version
-gains the new columns on open. A row whose status is not one of the layout's ``STATUSES`` is refused.
+gains the new columns on open. A store holding other tables or views, or a table of ours keyed
+otherwise, is refused on open (a :class:`StoreError` naming them): its rows would reach the
+exports. A row whose status is not one of the layout's ``STATUSES`` is refused.
 """
 
 from __future__ import annotations
@@ -88,6 +90,12 @@ class ResultStore:
                         self.db.execute(f"ALTER TABLE {table} ADD COLUMN {c} {_type(table, c)}")
             self.db.execute("CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, env TEXT NOT NULL)")
             self.db.commit()
+            foreign = self._foreign_schema()
+            if foreign:
+                self.db.close()
+                raise StoreError(f"the results store {self.path} holds what harness.run does not write ({foreign}); "
+                                 f"it is not this harness's store: move it aside (mv {self.path} {self.path}.foreign) "
+                                 "and re-run")
         except sqlite3.OperationalError as e:
             full = any(w in str(e) for w in ("disk is full", "readonly", "unable to open")) or _nearly_full(self.path)
             if not full:
@@ -96,6 +104,20 @@ class ResultStore:
                              "results folder; the CSV exports beside it hold the last finished run's results") from None
         except sqlite3.DatabaseError as e:
             raise self._corrupt(e) from None
+
+    def _foreign_schema(self) -> str:
+        """What the store holds beyond its own schema: other tables or views, unknown columns, or a
+        table of ours keyed otherwise (its rows would be exported as they are)."""
+        own = {**{t: k for t, (k, _) in TABLES.items()}, "runs": ("run_id",)}
+        problems = [f"{kind} {name}" for kind, name in self.db.execute(
+            "SELECT type, name FROM sqlite_master WHERE type IN ('table', 'view') AND name NOT LIKE 'sqlite_%'")
+            if name not in own or kind != "table"]
+        for table, key in own.items():  # (a column it does not know is never exported: the exports name theirs)
+            info = list(self.db.execute(f"PRAGMA table_info({table})"))
+            pk = tuple(r[1] for r in sorted((r for r in info if r[5]), key=lambda r: r[5]))
+            if pk != tuple(key):
+                problems.append(f"table {table} keyed by ({', '.join(pk) or 'nothing'}), not ({', '.join(key)})")
+        return "; ".join(problems)
 
     def _corrupt(self, e) -> StoreError:
         return StoreError(

@@ -146,6 +146,9 @@ def validate(s: Settings, target) -> None:
             raise RetrainingError(f"{flag} must be at least 0, got {value}")
         if least is not None and value <= least:
             raise RetrainingError(f"{flag} must be greater than {least:g}, got {value}")
+    if s.latency_fraction is not None and s.latency_fraction > 1:
+        raise RetrainingError(f"--latency-fraction is a fraction of the largest route's latency, in (0, 1]; "
+                              f"got {s.latency_fraction}")
     if s.budgets and any(v is not None for v in (s.latency_target, s.latency_fraction, s.madds_target)):
         raise RetrainingError("--latency-budget sets both penalties' targets: leave out --latency-target, "
                               "--latency-fraction and --madds-target")
