@@ -36,3 +36,24 @@ def test_every_module_states_its_contract():
     missing = [str(p.relative_to(ROOT)) for pkg in ("dsnet", "harness") for p in sorted((ROOT / pkg).rglob("*.py"))
                if not ast.get_docstring(ast.parse(p.read_text()))]
     assert not missing, missing
+
+
+def test_the_results_format_page_is_the_layout_s():
+    """docs/results-format.md is rendered from harness.results.layout (every column documented), so the
+    page cannot drift from the files a run writes."""
+    from harness.results.layout import (
+        COLUMN_DOCS,
+        DYNAMIC_COLUMNS,
+        DYNAMIC_KINDS,
+        GATE_ROUTE_COLUMNS,
+        GATE_SUMMARY_COLUMNS,
+        KIND_DOCS,
+        LUT_COLUMNS,
+        describe,
+    )
+
+    assert set(LUT_COLUMNS + DYNAMIC_COLUMNS + GATE_SUMMARY_COLUMNS + GATE_ROUTE_COLUMNS) <= set(COLUMN_DOCS)
+    assert set(DYNAMIC_KINDS) == set(KIND_DOCS)
+    assert (ROOT / "docs" / "results-format.md").read_text() == describe(), \
+        "regenerate: python -c \"from harness.results.layout import describe; print(describe(), end='')\" " \
+        "> docs/results-format.md"

@@ -77,6 +77,83 @@ GATE_LARGEST = "largest route"  # the gate column of the context row: the engine
 GATE_ROUTE_COLUMNS = ["model", "data", "input_size", "backend", "target", "gate", "route", "widths", "madds",
                       "lut_ms", "count", "share"]
 
+# What each column holds (docs/results-format.md is rendered from these by describe(); a test keeps them equal).
+COLUMN_DOCS = {
+    "model": "the registry name (dsnet.list_models())",
+    "route": "the route (`3`, `0-1-2-3`), a width (`x0.5`), or a route mix (acceleration rows)",
+    "widths": "the route's output widths of its routed stages",
+    "backend": "the compiler (`harness.backends`; `<name>+graphs`: timed as a CUDA graph's replay)",
+    "precision": "`fp32` or `fp16`",
+    "batch_size": "images per call",
+    "input_size": "square input resolution (px)",
+    "madds": "multiply-adds per image, computed analytically (a mix: its expected MAdds)",
+    "params": "parameters of the materialized route",
+    "latency_ms_p50": "median per-call latency (ms): the figure to quote",
+    "latency_ms_p90": "90th percentile (ms)",
+    "latency_ms_mean": "mean (ms)",
+    "latency_ms_std": "sample standard deviation (ms)",
+    "n": "samples",
+    "latency_ms_p50_ci_low": "low end of the median's 95% interval (binomial order statistics)",
+    "latency_ms_p50_ci_high": "high end of the median's 95% interval",
+    "valid": "1 when the interval's half-width is within the protocol's max_ci_fraction of the median and "
+             "at least min_measured_ms was measured",
+    "latency_rel": "the cell's latency over latency_rel_to's, the median of per-round ratios (drift cancels)",
+    "latency_rel_to": "the model's largest route or width on the same backend, precision and batch",
+    "latency_ms_p50_drift_corrected": "p50 of the samples each divided by its round's speed factor",
+    "status": f"one of {', '.join(STATUSES)}",
+    "error": "why it failed, one line",
+    "run_id": "the run that measured the row (env.json lists the runs)",
+    "compile_s": "compile time (s; the build worker's plus the load when backend_details says build_process "
+                 "worker), or artifact-load time when backend_details says cached",
+    "backend_details": "JSON of the settings that change a number: tuning, cached, rebuilt (why a cached "
+                       "artifact was not used), cuda_graph, build_process",
+    "device_name": "the CPU or GPU that measured the row, or the board (key@host:port)",
+    "emulated": "1 when measured on an emulated board (its latency is not the device's)",
+    "kind": "what a dynamic row measures (the kinds below)",
+    "name": "the part, route or way the row is about",
+    "predicted_ms": "what the row is set against: the LUT's price (route, stream, batch), the route's static "
+                    "engine (deployed, one_graph)",
+    "rel_error": "(predicted_ms - measured) / measured",
+    "data": "the images a gate was retrained on",
+    "target": "the target profile",
+    "gate": "the retrained gate (its penalty, and budget in a sweep), or the largest route",
+    "val_accuracy": "validation accuracy",
+    "n_val": "validation images",
+    "expected_madds": "expected MAdds per image of the routes the gate chose",
+    "lut_ms": "the LUT's deployed latency (expected, for a gate)",
+    "measured_ms_mean": "mean measured latency per image (ms), every gate in the same rounds",
+    "measured_ms_p50": "median measured latency per image (ms)",
+    "measured_n": "samples",
+    "measured_ms_ci_low": "low end of the median's 95% interval",
+    "measured_ms_ci_high": "high end of the median's 95% interval",
+    "cp_weight": "the complexity penalty's weight",
+    "routes_upto": "gates restricted to their first choices",
+    "cost_target": "the penalty's target cost",
+    "gate_epochs": "stage-II epochs",
+    "train_s": "stage-II training time (s)",
+    "penalty": "`madds` or `latency`",
+    "budget": "the latency budget (`0.6x`, `3ms`)",
+    "budget_fraction": "the budget as a fraction of the largest route's deployed latency",
+    "calibration_lambda": "the calibration's lambda (each choice's score shifted by -lambda x its cost)",
+    "count": "validation images that took the route",
+    "share": "their share",
+}
+KIND_DOCS = {
+    "segment": "a part of the compositional LUT (head, then one per stage and incoming choice)",
+    "dispatch": "the deployed path's cost per gate decision beyond its parts (name per_decision), with its interval",
+    "route": "the deployed network on a route against the LUT's price (segments + dispatch)",
+    "static": "a route's own static engine, in the same rounds",
+    "deployed": "the deployed path on a route; predicted_ms is the route's static engine",
+    "one_graph": "the one artifact on a route; predicted_ms is the route's static engine",
+    "overhead": "deployed (or one_graph) minus static per round, pooled over routes",
+    "stream": "a uniform route stream through the deployed path against the LUT's mean",
+    "batch": "eight images at batch 8 (`8`) and one by one (`1x8`)",
+    "acceleration": "Table 7: static x1.0 (`largest`) and x0.5 (`matched`), the deployed route mix of x0.5's "
+                    "MAdds (`dynamic`) and that mix on the routes' static engines (`static_mix`)",
+    "table2": "DS-Net++ Table 2's ways (full, masking, indexing, slicing, materialized, ideal)",
+    "engine": "a dynamic engine that could not be built",
+}
+
 TABLES = ("table2", "table2_ds_resnet50", "table7", "slimmable_table3")
 FIGURES = ("latency_vs_madds", "lut_vs_measured", "acceleration", "table2", "table2_ds_resnet50", "gate_retraining")
 
@@ -167,3 +244,33 @@ def read_csv(path: Path, columns: list[str] | None = None):
             if c not in df.columns:
                 df[c] = pd.NA
     return df
+
+
+def describe() -> str:
+    """The results format as Markdown (docs/results-format.md), from the names and docs above."""
+    lay = Layout(RESULTS_DIR / "<target>")
+    files = [(lay.store, "every result, written the moment it is taken (SQLite; not committed)"),
+             (lay.lut_csv, "the static sweep, one row per model x route x backend x precision x batch x input size"),
+             (lay.dynamic_csv, "the dynamic engine, Table 2 and the acceleration, one row per ("
+              + ", ".join(DYNAMIC_KEY) + ")"),
+             (lay.env_json, "the machine, the libraries, the protocol, the skipped backends and the drift of each "
+                            "round phase, per run"),
+             (lay.tables_dir, "the papers' tables (`<name>.md`, `<name>.csv`): " + ", ".join(TABLES)),
+             (lay.figures_dir, "the figures (`<name>.png`): " + ", ".join(FIGURES)),
+             (lay.gate_summary, "the gate comparison, one row per gate"), (lay.gate_routes, "its route histograms"),
+             (lay.gate_report, "its report"), (lay.cache_dir, "compiled artifacts, signed by the installation that "
+                                                             "built them (not committed)"),
+             (lay.tuning_dir("tvm"), "TVM's MetaSchedule database (not committed)")]
+    out = ["# The results format", "",
+           "Generated from `harness/results/layout.py` (`python -c \"from harness.results.layout import describe; "
+           "print(describe(), end='')\" > docs/results-format.md`); a test keeps this page equal to it.", "",
+           "## Files of a results folder", "", "| path | what |", "|---|---|"]
+    out += [f"| `{p}` | {what} |" for p, what in files]
+    for title, cols in (("`lut.csv`", LUT_COLUMNS), ("`dynamic.csv`", DYNAMIC_COLUMNS),
+                        ("`gate_retraining.csv`", GATE_SUMMARY_COLUMNS),
+                        ("`gate_retraining_routes.csv`", GATE_ROUTE_COLUMNS)):
+        out += ["", f"## {title}", "", "| column | what |", "|---|---|"]
+        out += [f"| `{c}` | {COLUMN_DOCS[c]} |" for c in cols]
+    out += ["", "## Kinds of `dynamic.csv` rows", "", "| kind | what |", "|---|---|"]
+    out += [f"| `{k}` | {KIND_DOCS[k]} |" for k in DYNAMIC_KINDS]
+    return "\n".join(out) + "\n"
