@@ -8,7 +8,7 @@ import torch
 
 import dsnet
 from conftest import randomize
-from harness.backends import get_backend, list_backends
+from harness.backends import GRAPHS, get_backend, list_backends
 from harness.backends.base import Backend, Engine
 from harness.measure.pipeline import ArtifactKey, check_output, trial, weights_fingerprint
 from harness.measure.protocol import Protocol
@@ -150,7 +150,38 @@ def test_tensorrt_probe_explains_itself_without_a_gpu():
 def test_unknown_backend_lists_valid_ones():
     with pytest.raises(ValueError, match="unknown backend 'tflite'; valid backends: eager, noop, "):
         get_backend("tflite")
-    assert set(CPU_BACKENDS + ["tensorrt", "noop"]) == set(list_backends())
+    plain = [b for b in list_backends() if not b.endswith(GRAPHS)]
+    assert set(CPU_BACKENDS + ["tensorrt", "noop"]) == set(plain)
+    with pytest.raises(ValueError, match="onnxruntime launches on streams of its own"):
+        get_backend("onnxruntime+graphs")
+
+
+def test_a_graphs_variant_is_the_backend_with_cuda_graphs_and_its_artifacts(tiny, tmp_path):
+    """``<name>+graphs`` exists exactly for the backends whose engines run on torch's stream; it is
+    the same backend (its options, its artifacts), timed as a captured graph's replay; on a CPU target
+    the row says the graph was not captured, and the plain call is timed."""
+    from harness.backends import backend_class
+
+    variants = {b[:-len(GRAPHS)] for b in list_backends() if b.endswith(GRAPHS)}
+    plain = [b for b in list_backends() if not b.endswith(GRAPHS)]
+    assert variants == {b for b in plain if backend_class(b).graph_capturable}
+    route = dsnet.materialize(tiny, tiny.routes()[-1])
+    x = torch.randn(1, 3, 32, 32)
+    base, graphs = get_backend("torchscript"), get_backend("torchscript+graphs")
+    assert (graphs.name, graphs.base_name, graphs.cuda_graphs, base.cuda_graphs) == \
+        ("torchscript+graphs", "torchscript", True, False)
+    key = lambda b: ArtifactKey.of("t", "r", b, X86, "fp32", x, weights_fingerprint(route))  # noqa: E731
+    assert key(base) == key(graphs)  # built once, timed both ways
+    store = ResultStore(tmp_path / "results.sqlite")
+    ctx = RunContext(X86, Layout(tmp_path), Protocol(warmup_calls=1, warmup_ms=0, repeat=2, min_repeat_ms=0),
+                     store, "cpu", False, "t")
+    result = ctx.trial("t", "r", "torchscript+graphs", "fp32", route, x)
+    fn, timed = ctx.timing("torchscript+graphs", x)(result)
+    assert timed.details["cuda_graph"] == "not captured: the target is not a GPU" and fn() is not None
+    plain = ctx.trial("t", "r", "torchscript", "fp32", route, x)
+    assert plain.details["cached"]  # the variant's build, loaded
+    assert "cuda_graph" not in ctx.timing("torchscript", x)(plain)[1].details
+    store.close()
 
 
 def test_importing_the_harness_imports_no_heavy_backend():

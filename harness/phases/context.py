@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from harness.backends import Backend, get_backend
+from harness.backends import Backend, base_name, get_backend
 from harness.measure.pipeline import ArtifactKey, Result, timed_call, trial, weights_fingerprint
 from harness.measure.protocol import CudaEventTimer, Protocol, Timer, WallTimer
 from harness.measure.rounds import RoundPhase
@@ -46,24 +46,29 @@ class RunContext:
     def backend(self, name: str) -> Backend:
         if name not in self._backends:
             remote = None if self.farm is None else (self.farm.host, self.farm.port, self.farm.key)
-            self._backends[name] = get_backend(name, options=self.target.options(name),
-                                               workdir=self.layout.tuning_dir(name), remote=remote)
+            self._backends[name] = get_backend(name, options=self.target.options(base_name(name)),
+                                               workdir=self.layout.tuning_dir(base_name(name)), remote=remote)
         return self._backends[name]
 
     def timer(self) -> Timer:
         """The clock of the protocol on this target: CUDA events on a GPU, wall clock on a CPU."""
         return CudaEventTimer() if self.target.device == "cuda" else WallTimer()
 
-    def timed(self, backend: str, result: Result, native) -> tuple:
-        """``(fn, result)``: what the protocol times for an ``ok`` result (a CUDA graph's replay when
-        the profile's ``cuda_graphs`` is on and the target is a GPU; see
-        :func:`harness.measure.pipeline.timed_call`)."""
-        graphs = self.protocol.cuda_graphs and self.target.device == "cuda"
-        return timed_call(self.backend(backend), result, native, graphs)
+    def timed(self, backend: str, result: Result, native, graphs: bool = True) -> tuple:
+        """``(fn, result)``: what the protocol times for an ``ok`` result: a CUDA graph's replay when
+        the profile's ``cuda_graphs`` is on or the backend is a ``+graphs`` variant, on a GPU (see
+        :func:`harness.measure.pipeline.timed_call`); ``graphs=False``: the plain call always (a
+        dynamic phase, whose routes a graph would freeze)."""
+        b = self.backend(backend)
+        wanted = graphs and (self.protocol.cuda_graphs or b.cuda_graphs)
+        if wanted and self.target.device != "cuda":
+            return timed_call(b, result, native, False)[0], result.replace(
+                details={**result.details, "cuda_graph": "not captured: the target is not a GPU"})
+        return timed_call(b, result, native, wanted)
 
-    def timing(self, backend: str, x: torch.Tensor):
+    def timing(self, backend: str, x: torch.Tensor, graphs: bool = True):
         """``timed(result)`` for :meth:`RoundPhase.add`: the engine's call on ``x`` prepared once."""
-        return lambda result: self.timed(backend, result, result.engine.prepare(x))
+        return lambda result: self.timed(backend, result, result.engine.prepare(x), graphs)
 
     def round_phase(self, name: str, seed: int = 0, protocol: Protocol | None = None,
                     shuffle: bool = True) -> RoundPhase:

@@ -254,7 +254,8 @@ class DynamicPhase:
         statics = {}
         for route in priced:
             name = str(route)
-            result = phase.add(("static", name), self._static(route), self.ctx.timing(self.backend_name, self.x))
+            result = phase.add(("static", name), self._static(route),
+                               self.ctx.timing(self.backend_name, self.x, graphs=False))
             if result.ok:
                 statics[name] = result.engine
             else:
@@ -353,7 +354,7 @@ class DynamicPhase:
             result = phase.add(("acceleration", label),
                                self.ctx.trial(static_name, f"x{w}", self.backend_name, self.precision,
                                               dsnet.materialize(model), self.x),
-                               self.ctx.timing(self.backend_name, self.x))
+                               self.ctx.timing(self.backend_name, self.x, graphs=False))
             if not result.ok:
                 extra["failed"][("acceleration", "dynamic")] = result.replace(
                     error=f"{static_name} x{w}: {result.error}")
