@@ -3,8 +3,9 @@
 One function per phase, in the order they run: :func:`plan` (options against the profile),
 :func:`open_context` (machine, store, run identity, optional board farm), :func:`tuning_phase`
 (TVM tuned within the profile's ``[tvm] tune_minutes``, as ``harness.tune`` does), :func:`static_phase`
-(every route through every backend), :func:`dynamic_phase` (the dynamic engine and its LUT),
-:func:`table2_phase` (DS-Net++ Table 2), :func:`finish` (exports, summary, tables and figures).
+(every route through every backend), :func:`dynamic_phase` (the deployed dynamic network and its
+LUT), :func:`table2_phase` (DS-Net++ Table 2), :func:`finish` (exports, summary, tables and
+figures). ``--phases`` runs some of static, dynamic and table2 (a short GPU window, a re-run of one).
 
 Writes into the results folder (``--results``, default ``results/<target>``, or
 ``results/<target>/quick`` with ``--quick``; names from ``harness.results.layout``):
@@ -44,6 +45,7 @@ from harness.results.layout import Layout
 from harness.targets import known_targets
 
 QUICK_INPUT_SIZE = 64
+PHASES = ("static", "dynamic", "table2")
 QUICK_SLOW_BACKENDS = ("inductor",)  # ~40 s of C++ compile per route on 2 cores
 
 
@@ -54,6 +56,8 @@ def parse_args(argv):
                                       "e.g. noop for the harness overhead)")
     p.add_argument("--models", help=f"comma-separated models (default: {','.join(DEFAULT_MODELS)})")
     p.add_argument("--routes", help="comma-separated route labels to keep, e.g. 0,13 or x1.0,x0.5")
+    p.add_argument("--phases", help=f"comma-separated phases to run, in their order: {', '.join(PHASES)} "
+                                    "(default: all; TVM's tuning runs before static or dynamic)")
     p.add_argument("--dynamic-backends", help="comma-separated backends the dynamic engine is measured on "
                                               "(default: the profile's dynamic_backends among the run's backends)")
     p.add_argument("--batch-size", help="comma-separated batch sizes (default: the profile's)")
@@ -79,6 +83,7 @@ class RunPlan:
     """The options resolved against the profile."""
 
     backends: list[str]
+    phases: list[str]
     dynamic: list[str] | None  # --dynamic-backends (None: the profile's)
     models: list[str]
     routes: set[str] | None
@@ -97,6 +102,7 @@ def plan(args, target) -> RunPlan:
     backends = names_option("--backends", args.backends, list_backends(), target.backends)
     dynamic = names_option("--dynamic-backends", args.dynamic_backends, list_backends(), []) \
         if args.dynamic_backends is not None else None
+    phases = names_option("--phases", args.phases, list(PHASES), list(PHASES))
     models = names_option("--models", args.models, dsnet.list_models(), list(DEFAULT_MODELS))
     try:
         batches = [int(b) for b in csv_list(args.batch_size)] if args.batch_size else list(target.batch_sizes)
@@ -104,12 +110,15 @@ def plan(args, target) -> RunPlan:
         raise UsageError(f"--batch-size takes integers, got '{args.batch_size}'") from None
     if not batches or any(b < 1 for b in batches):
         raise UsageError("--batch-size values must be at least 1")
+    if len(set(batches)) != len(batches):
+        raise UsageError(f"--batch-size names a batch size more than once: {args.batch_size}")
     input_size = args.input_size if args.input_size is not None else (
         QUICK_INPUT_SIZE if args.quick else target.input_size)
     if not 32 <= input_size <= MAX_INPUT_SIZE:
         raise UsageError(f"--input-size must be between 32 and {MAX_INPUT_SIZE}, got {input_size}")
     if args.tune_minutes is not None and not args.tune_minutes >= 0:  # also refuses nan
         raise UsageError(f"--tune-minutes must be >= 0, got {args.tune_minutes:g}")
+    check_memory(max(batches), input_size)
     routes = set(csv_list(args.routes)) if args.routes is not None else None
     if routes is not None and not routes:
         raise UsageError("--routes names nothing")
@@ -121,8 +130,23 @@ def plan(args, target) -> RunPlan:
                 if b in backends:
                     backends.remove(b)
                     skipped[b] = "left out by --quick (slow compile); name it in --backends to include"
-    return RunPlan(backends, dynamic, models, routes, batches, input_size, protocol,
+    return RunPlan(backends, phases, dynamic, models, routes, batches, input_size, protocol,
                    results_layout(args.results, target.name, args.quick), skipped)
+
+
+ACTIVATION_FACTOR = 32  # peak activations over the input's size, at least, for the models here (MobileNetV1: ~60)
+
+
+def check_memory(batch: int, input_size: int) -> None:
+    """Refuse, before anything is allocated, a batch whose input alone times
+    :data:`ACTIVATION_FACTOR` exceeds the memory available now."""
+    import psutil
+
+    need = batch * 3 * input_size * input_size * 4 * ACTIVATION_FACTOR
+    available = psutil.virtual_memory().available
+    if need > available:
+        raise UsageError(f"--batch-size {batch} at {input_size}x{input_size} needs about {need / 2**30:.1f} GiB of "
+                         f"activations; {available / 2**30:.1f} GiB are available")
 
 
 def select_workloads(p: RunPlan, quick: bool):
@@ -328,6 +352,10 @@ def finish(ctx, p: RunPlan, env_doc: dict, wall_s: float) -> None:
     an interruption, so what was measured is never lost."""
     store = ctx.store
     previous = _previous_runs(p.layout.env_json)  # read before the exports and env.json are rewritten
+    # the folder's skipped backends: this run's, and an earlier run's where this one measured nothing of it
+    measured = set(env_doc.get("backends", []))
+    env_doc["skipped"] = {**{b: why for b, why in _previous_skipped(p.layout.env_json).items()
+                             if b.split(" ")[0].split("/")[0] not in measured}, **p.skipped}
     lut = store.export_lut(p.layout.lut_csv)
     dyn = store.export_dynamic(p.layout.dynamic_csv)
     env_doc["wall_time_s"] = round(wall_s, 1)
@@ -343,6 +371,15 @@ def finish(ctx, p: RunPlan, env_doc: dict, wall_s: float) -> None:
     env_doc["drift"] = store.drift(ctx.run_id)  # per round phase: the spread of the rounds' speed factors
     p.layout.env_json.write_text(json.dumps(env_doc, indent=1))
     ctx.close()
+
+
+def _previous_skipped(env_json) -> dict:
+    """The ``skipped`` entries of the previous ``env.json`` (nothing when absent or unreadable)."""
+    try:
+        skipped = json.loads(env_json.read_text()).get("skipped", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {str(k): str(v) for k, v in skipped.items()} if isinstance(skipped, dict) else {}
 
 
 def _previous_runs(env_json) -> list[dict]:
@@ -415,16 +452,20 @@ def _main(args) -> int:
         return 3
     t0, status = time.monotonic(), 0
     try:
-        tuning_phase(ctx, p, args.quick, args.tune_minutes)
-        static_phase(ctx, p, all_workloads, args.retry_failed)
+        if {"static", "dynamic"} & set(p.phases):
+            tuning_phase(ctx, p, args.quick, args.tune_minutes)
+        if "static" in p.phases:
+            static_phase(ctx, p, all_workloads, args.retry_failed)
         if farm is not None:
             p.skipped["dynamic engine, Table 2"] = "measured on this machine only, not through --rpc-tracker"
         else:
-            dynamic_phase(ctx, p, dynamic_backends(ctx, p, csv_list(args.backends)))
-            # Table 2 on the profile's dynamic backends: --dynamic-backends may name compilers whose
-            # ResNet-50 builds no tuning covered
-            table2_phase(ctx, p, profile_dynamic_backends(ctx, p, csv_list(args.backends)),
-                         default_models=args.models is None)
+            if "dynamic" in p.phases:
+                dynamic_phase(ctx, p, dynamic_backends(ctx, p, csv_list(args.backends)))
+            if "table2" in p.phases:
+                # Table 2 on the profile's dynamic backends: --dynamic-backends may name compilers whose
+                # ResNet-50 builds no tuning covered
+                table2_phase(ctx, p, profile_dynamic_backends(ctx, p, csv_list(args.backends)),
+                             default_models=args.models is None)
     except KeyboardInterrupt:
         status = 130
         print("\ninterrupted: results measured so far are stored; re-run the same command to resume",

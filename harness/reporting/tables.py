@@ -127,7 +127,16 @@ def env_line(env: dict) -> str:
     return (f"Environment: {emulated}{env.get('device_name', '?')} ({env.get('target', '?')} profile), "
             f"{env.get('threads', '?')} threads, run {env.get('run_id', '?')}; busy: {e.get('busy')}, other "
             f"processes {e.get('other_processes_cpu_percent')}% of a core, steal {e.get('cpu_steal_percent')}%; "
-            f"{libs}." + _drift(env.get("drift", {})) + _earlier(env.get("earlier_runs", [])))
+            f"{libs}." + _not_measured(env.get("skipped", {})) + _drift(env.get("drift", {}))
+            + _earlier(env.get("earlier_runs", [])))
+
+
+def _not_measured(skipped: dict) -> str:
+    """The backends the folder lacks and why (a library missing, no GPU for it), from env.json."""
+    whole = {b: why for b, why in skipped.items() if "(" not in b and "/" not in b}
+    if not whole:
+        return ""
+    return " Not measured: " + "; ".join(f"{b} ({why})" for b, why in sorted(whole.items())) + "."
 
 
 def _drift(drift: dict) -> str:
