@@ -47,7 +47,12 @@ def eager_phase(tmp_path_factory):
 
 def test_the_phase_stores_every_kind_in_one_round_phase(eager_phase):
     df = eager_phase
-    assert (df.status == "ok").all(), df[df.status != "ok"][["kind", "name", "error"]]
+    # every row ok; the dispatch cost may be refused (an interval wholly below zero: a measured time, not
+    # a property of the code, so the test does not depend on it)
+    rest = df[df.kind != "dispatch"]
+    assert (rest.status == "ok").all(), rest[rest.status != "ok"][["kind", "name", "error"]]
+    d = df[df.kind == "dispatch"].iloc[0]
+    assert d.status == "ok" or "impossible" in d.error
     routes = [str(r) for r in dsnet.create_model("ds_mbnet").routes(64)]
     count = df.groupby("kind").size().to_dict()
     assert count == {"segment": 1 + 14, "dispatch": 1, "route": 14, "static": 14, "deployed": 14, "overhead": 1,
@@ -63,7 +68,7 @@ def test_route_rows_are_what_the_stored_lut_prices_the_deployed_route_at(eager_p
     df = eager_phase
     lut = LatencyLUT.from_frame(df, "ds_mbnet", "eager", input_size=64)
     d = df[(df.kind == "dispatch") & (df.name == DISPATCH_NAME)].iloc[0]
-    used = d.latency_ms_p50 if d.latency_ms_p50_ci_low > 0 else 0.0
+    used = d.latency_ms_p50 if d.status == "ok" and d.latency_ms_p50_ci_low > 0 else 0.0
     assert lut.dispatch_ms == pytest.approx(used)
     seg = df[df.kind == "segment"].set_index("name").latency_ms_p50
     for r in df[df.kind == "route"].itertuples():
