@@ -1,0 +1,272 @@
+"""The GPU pass: one prepared command for a short GPU window (about 15 minutes of machine time, start-up included).
+
+    python benchmarks/gpu_pass.py --target h100 [--results results/h100] [--budget-min 8]
+    python benchmarks/gpu_pass.py --target h100 --dry-run --results /tmp/dry     # the same steps, on this CPU
+    python benchmarks/gpu_pass.py --prepare-carry .carry                          # what the GPU machine lacks
+
+On the GPU machine (torch 2.11 + CUDA on Python 3.12, no apache-tvm), after ``--prepare-carry`` here::
+
+    mkdir -p /tmp/site && tar xJf .carry/site.tar.xz -C /tmp/site && \\
+    PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 python3 benchmarks/gpu_pass.py --target h100
+
+Steps, each ``python -m harness.run`` (or the report, or pytest) in a child process with a deadline
+cut from ``--budget-min`` (a step that fails or runs out is recorded and the pass goes on; what a
+step stored stays: the store commits each model's round phase as it ends):
+
+1. ``static-torch``: DS-MBNet (14 routes) and MobileNetV1 (4 widths) at the profile's input size,
+   batch 1, fp32 and fp16, on eager and TorchScript, each plain and as the replay of a captured CUDA
+   graph (``eager+graphs``, ``torchscript+graphs``: the same artifacts, one row each);
+2. ``static-tvm`` (DLight's GPU schedules, fp32) and ``static-inductor`` (AOTInductor, plain and
+   graphs, fp32 and fp16) on a spread subset: DS-MBNet routes 0, 6, 13 and MobileNetV1 x1.0, x0.5
+   (their builds take tens of seconds each);
+3. ``dynamic``: the deployed DS-MBNet on the fastest plain torch backend of step 1 (plain calls: a
+   graph would freeze the route), fp32 and fp16: its LUT against the deployed path, the dispatch
+   cost, and Table 7's acceleration against MobileNetV1 x1.0 and x0.5;
+4. ``table2``: DS-Net++ Table 2 on the slimmable ResNet-50 at 25% channels, on the fastest backend of
+   step 1 (graphs included);
+5. ``report``: ``harness.report`` (Table 2, Table 7, the figures) beside the paper's RTX 2080 Ti columns;
+6. ``pytest``: ``pytest -m gpu`` (every GPU test passes or skips with its reason).
+
+``gpu_pass.json`` in the results folder records each step: its command, exit status, wall time, and
+the end of its output. TensorRT and onnxruntime-gpu cannot be had on the lent machines: their
+backends are listed in step 1 and skipped with the reason, which env.json and the tables' notes carry.
+
+``--dry-run`` runs the same steps on this machine's CPU, the profile's device swapped for the CPU
+and the timing shortened (32 px, fp32, the tiny DS-MBNet, a few routes, three rounds; AOTInductor
+left out, its CPU builds take ~40 s each here and tests/test_dynamic.py covers them; the dynamic
+phase and Table 2 on eager, whose parts need no build), so that no GPU minute is spent on a Python error, a missing file
+or a wrong column; tests/test_gpu_pass.py runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(REPO))
+
+TORCH_STREAM = ["eager", "eager+graphs", "torchscript", "torchscript+graphs"]
+UNAVAILABLE_HERE = ["tensorrt", "onnxruntime"]  # listed so the run says why they are not measured
+COMPILER_ROUTES = "0,6,13,x1.0,x0.5"
+CARRY_LIMIT_MB = 60  # the device tool moves 64 MiB a call, the repository included
+CARRIED = ("apache-tvm==0.27.0.post1", "apache-tvm-ffi==0.1.14.post1")
+
+
+@dataclass
+class Step:
+    name: str
+    args: list[str]  # after `python`
+    share: float  # of the budget
+    picks_backend: bool = False  # its backend is chosen from step 1's results
+    record: dict = field(default_factory=dict)
+
+
+def pass_profile(target: str, out: Path, dry_run: bool, dynamic: list[str] | None = None) -> Path:
+    """The profile the pass measures with: ``target``'s, its timing fitted to a short window (and, in
+    a dry run, its device swapped for this CPU); written to ``out`` under the profile's own name."""
+    from harness.targets import load_target
+
+    t = load_target(target)
+    lines = [f'name = "{t.name}"', f'description = "{t.description} (GPU pass)"']
+    if dry_run:
+        lines += ['device = "cpu"', 'expected_device = "auto"', 'precisions = ["fp32"]', "input_size = 32",
+                  "threads = 0"]
+        protocol = {"warmup_calls": 1, "warmup_ms": 0, "repeat": 3, "min_repeat_ms": 0, "budget_s": 0}
+    else:
+        lines += [f'device = "{t.device}"', f'expected_device = "{t.expected_device}"',
+                  f"precisions = {json.dumps(list(t.precisions))}", f"input_size = {t.input_size}",
+                  f"threads = {t.threads}"]
+        # CUDA events; 40 rounds of >= 10 ms samples: enough for the 5% interval once graphs calm the jitter
+        protocol = {"warmup_calls": 10, "warmup_ms": 100, "repeat": 40, "min_repeat_ms": 10,
+                    "min_measured_ms": 300, "max_ci_fraction": 0.05, "budget_s": 10}
+    if t.arch:
+        lines.append(f'arch = "{t.arch}"')
+    backends = list(dict.fromkeys([*t.backends, *TORCH_STREAM, "inductor+graphs"]))
+    lines += [f"backends = {json.dumps(backends)}", "batch_sizes = [1]",
+              f"dynamic_backends = {json.dumps(dynamic or list(t.dynamic_backends))}", "", "[protocol]"]
+    lines += [f"{k} = {v}" for k, v in protocol.items()]
+    for name, table in t.backend_options.items():
+        if dry_run and name == "tvm":  # the GPU's TVM target on a CPU: the profile's own for this machine
+            table = load_target("x86").options("tvm") | {"tune_minutes": 0}
+        lines += ["", f"[{name}]"] + [f"{k} = {_toml(v)}" for k, v in table.items()]
+    path = out / f"{t.name}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _toml(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f'"{k}" = {_toml(x)}' for k, x in v.items()) + " }"
+    return json.dumps(v)
+
+
+def steps(profile: Path, results: Path, dry_run: bool) -> list[Step]:
+    run = ["-m", "harness.run", "--target", str(profile), "--results", str(results), "--tune-minutes", "0"]
+    # a dry run: the tiny DS-MBNet (the full one's reference statistics alone take ~20 s to estimate)
+    models = "ds_mbnet_tiny,mobilenet_v1" if dry_run else "ds_mbnet,mobilenet_v1"
+    routes = ["--routes", "0,3,x1.0,x0.5"] if dry_run else []
+    listed = TORCH_STREAM + ([] if dry_run else UNAVAILABLE_HERE)
+    out = [Step("static-torch", [*run, "--models", models, *routes, "--phases", "static",
+                                 "--backends", ",".join(listed)], 0.30),
+           Step("static-tvm", [*run, "--models", models, "--routes", "0,x1.0" if dry_run else COMPILER_ROUTES,
+                               "--phases", "static", "--backends", "tvm"], 0.12)]
+    if not dry_run:
+        out.append(Step("static-inductor", [*run, "--models", models, "--routes", COMPILER_ROUTES,
+                                            "--phases", "static", "--backends", "inductor,inductor+graphs"], 0.18))
+    out += [Step("dynamic", [*run, "--models", models, "--routes", "x1.0,x0.5", "--phases",
+                             "dynamic"], 0.15, picks_backend=True),
+            Step("table2", [*run, "--models", "s_resnet50", "--phases", "table2"], 0.08, picks_backend=True),
+            Step("report", ["-m", "harness.report", "--target", str(profile), "--results", str(results)], 0.04),
+            Step("pytest", ["-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", str(REPO / "tests")], 0.13)]
+    return out
+
+
+def fastest(results: Path, candidates: list[str], model: str = "ds_mbnet") -> str:
+    """Among ``candidates``, the backend with the lowest median p50 over ``model``'s fp32 rows of
+    ``lut.csv`` (the first candidate when none was measured)."""
+    import pandas as pd
+
+    from harness.results.layout import Layout, read_csv
+
+    path = Layout(results).lut_csv
+    if not path.is_file():
+        return candidates[0]
+    df = read_csv(path)
+    df = df[(df.model == model) & (df.precision == "fp32") & (df.status == "ok") & df.backend.isin(candidates)]
+    if df.empty:
+        return candidates[0]
+    med = pd.to_numeric(df.latency_ms_p50).groupby(df.backend).median()
+    return str(med.idxmin())
+
+
+def run_step(step: Step, timeout_s: float, env: dict) -> dict:
+    """Run one step with a deadline: SIGINT at the deadline (harness.run stores what it measured and
+    exits 130), SIGKILL 30 s later. Returns its record."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen([sys.executable, *step.args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=max(1.0, timeout_s))
+        status = "ok" if proc.returncode == 0 else "failed"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+        status = "out of time"
+    tail = "\n".join((out or "").splitlines()[-25:])
+    return {"status": status, "exit_code": proc.returncode, "wall_s": round(time.monotonic() - t0, 1),
+            "deadline_s": round(timeout_s, 1), "command": " ".join(["python", *step.args]), "output_tail": tail}
+
+
+def gpu_pass(target: str, results: Path, budget_s: float, dry_run: bool) -> dict:
+    results.mkdir(parents=True, exist_ok=True)
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+    doc = {"target": target, "dry_run": dry_run, "budget_s": budget_s, "started_utc":
+           time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "steps": []}
+    manifest = results / "gpu_pass.json"
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp:
+        plan = steps(pass_profile(target, Path(tmp), dry_run), results, dry_run)
+        for step in plan:
+            left = budget_s - (time.monotonic() - t0)
+            if step.picks_backend:  # (a dry run: eager, whose parts need no build)
+                best = "eager" if dry_run else fastest(results, ["eager", "torchscript"]) if step.name == "dynamic" \
+                    else fastest(results, TORCH_STREAM)
+                profile = pass_profile(target, Path(tmp), dry_run, dynamic=[best])
+                step.args[step.args.index("--target") + 1] = str(profile)
+                step.args += ["--backends", best]
+                if step.name == "dynamic":
+                    step.args += ["--dynamic-backends", best]
+            if left < 5:
+                record = {"status": "not run: the budget was spent", "command": " ".join(["python", *step.args])}
+            else:
+                # a step may use its share and what the steps before it left unused
+                remaining = sum(s.share for s in plan[plan.index(step):])
+                record = run_step(step, left * step.share / remaining, env)
+            doc["steps"].append({"name": step.name, **record})
+            print(f"gpu pass: {step.name}: {record['status']} ({record.get('wall_s', 0)} s)", file=sys.stderr)
+            manifest.write_text(json.dumps(doc, indent=1))
+    doc["wall_s"] = round(time.monotonic() - t0, 1)
+    manifest.write_text(json.dumps(doc, indent=1))
+    return doc
+
+
+def prepare_carry(folder: Path) -> Path:
+    """What the GPU machine lacks for the pass (apache-tvm and apache-tvm-ffi for its Python 3.12),
+    installed into one folder and packed as ``site.tar.xz`` (the wheel alone is ~100 MB; the device
+    tool moves 64 MiB a call). Raises when the archive would not fit."""
+    import tarfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        site = Path(tmp) / "site"
+        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
+               "3.12", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64", "--platform",
+               "manylinux_2_27_x86_64", "--platform", "manylinux_2_24_x86_64", "--platform", "manylinux_2_17_x86_64",
+               "--target", str(site), *CARRIED]
+        subprocess.run(cmd, check=True)
+        for junk in site.rglob("__pycache__"):
+            shutil.rmtree(junk, ignore_errors=True)
+        archive = folder / "site.tar.xz"
+        with tarfile.open(archive, "w:xz", preset=9) as tar:
+            for p in sorted(site.iterdir()):
+                tar.add(p, arcname=p.name)
+    mb = archive.stat().st_size / 2**20
+    if mb > CARRY_LIMIT_MB:
+        raise SystemExit(f"error: {archive} is {mb:.1f} MiB, over the {CARRY_LIMIT_MB} MiB a call can carry")
+    print(f"{archive}: {mb:.1f} MiB ({', '.join(CARRIED)})")
+    return archive
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python benchmarks/gpu_pass.py", description=__doc__.split("\n")[0])
+    p.add_argument("--target", default="h100", help="a GPU profile (h100, h200, rtx2080ti)")
+    p.add_argument("--results", help="results folder (default: results/<target>)")
+    p.add_argument("--budget-min", type=float, default=8.0, help="wall time for all steps (default 8)")
+    p.add_argument("--dry-run", action="store_true", help="the same steps on this CPU, timing shortened")
+    p.add_argument("--prepare-carry", metavar="DIR", help="pack what the GPU machine lacks into DIR and exit")
+    args = p.parse_args(argv)
+    if args.prepare_carry:
+        prepare_carry(Path(args.prepare_carry))
+        return 0
+    if not args.budget_min > 0:
+        print(f"error: --budget-min must be > 0, got {args.budget_min}", file=sys.stderr)
+        return 2
+    from harness.targets import TargetError, load_target
+
+    try:
+        t = load_target(args.target)
+    except TargetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if t.device != "cuda":
+        print(f"error: {args.target} is not a GPU profile (device {t.device}); the pass measures a GPU "
+              "(--dry-run swaps its device for this CPU)", file=sys.stderr)
+        return 2
+    results = Path(args.results) if args.results else REPO / "results" / t.name
+    doc = gpu_pass(args.target, results, args.budget_min * 60, args.dry_run)
+    failed = [s["name"] for s in doc["steps"] if s["status"] != "ok"]
+    print(f"gpu pass: {len(doc['steps']) - len(failed)}/{len(doc['steps'])} steps ok in {doc['wall_s']} s"
+          + (f"; not ok: {', '.join(failed)}" if failed else "") + f"; {results / 'gpu_pass.json'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
