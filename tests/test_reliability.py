@@ -326,7 +326,7 @@ def test_a_lut_at_another_input_size_names_both_sizes(tmp_path):
 
 
 @pytest.mark.parametrize("args,pattern", [
-    (["--minutes", "0"], "--minutes must be greater than 0, got 0"),
+    (["--minutes", "0"], "--minutes must be a finite number greater than 0, got 0"),
     (["--models", "nope"], "unknown model(s) nope"),
     (["--input-size", "8"], "--input-size must be between 32 and"),
     (["--rpc-tracker", "h:1"], "--rpc-tracker and --rpc-key go together"),

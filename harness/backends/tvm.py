@@ -57,17 +57,15 @@ _LOADS = itertools.count()
 
 
 def _load_library(path: Path):
-    """``tvm.runtime.load_module`` through a name of its own (a hard link, removed once loaded): the
-    dynamic loader hands back a library it already loaded under the same path, so a library rebuilt
-    at that path in this process would otherwise be the old one."""
+    """``tvm.runtime.load_module`` through a private copy of its own, removed once loaded: the dynamic
+    loader hands back a library it already loaded under the same path (a library rebuilt at that path
+    in this process would otherwise be the old one), and a library mapped from the cache's own file
+    (or a hard link to it) dies with SIGBUS when that file is later rewritten in place."""
     import tvm
 
     path = Path(path)
     alias = path.with_name(f".{path.stem}-{os.getpid()}-{next(_LOADS)}{path.suffix}")
-    try:
-        os.link(path, alias)
-    except OSError:  # a file system without hard links
-        shutil.copyfile(path, alias)
+    shutil.copyfile(path, alias)
     try:
         return tvm.runtime.load_module(str(alias))
     finally:
