@@ -20,7 +20,8 @@ routing scores; the deployed gate carries it as its routing FC's bias.
 
 ``to_static()`` gives the attention head alone as plain layers (the routing head is dropped: a
 materialized route has no gate); ``to_static_gate()`` keeps both heads, for a deployment segment
-that must emit route scores (``dsnet.split``).
+that must emit route scores (``dsnet.split``). ``HeadWithGate(body, gate)`` is such a segment:
+plain layers, then the static gate; it returns ``(features, route_logits)``.
 """
 
 from __future__ import annotations
@@ -139,3 +140,15 @@ def route_onehot(logits: torch.Tensor, training: bool, tau: float = 1.0) -> torc
     if training:
         return F.gumbel_softmax(logits, tau=tau, hard=True, dim=-1)
     return F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+
+
+class HeadWithGate(nn.Module):
+    """A deployment segment ending in a gate: ``body`` (plain layers), then the static gate;
+    returns ``(features, route_logits)``."""
+
+    def __init__(self, body: nn.Module, gate: nn.Module):
+        super().__init__()
+        self.body, self.gate = body, gate
+
+    def forward(self, x):
+        return self.gate(self.body(x))

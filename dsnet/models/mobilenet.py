@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dsnet.gate import AttentionHead, Gate, route_onehot
+from dsnet.gate import AttentionHead, Gate, HeadWithGate, route_onehot
 from dsnet.layers import DynamicConv2d, DynamicLinear, SplitBatchNorm2d
 from dsnet.registry import register_model
 from dsnet.routes import GateSpec, Route, RoutingSpace, spread
@@ -108,17 +108,6 @@ class _Post(nn.Module):
 
     def forward(self, x):
         return self.act2(self.bn2(self.conv_pw(x)))
-
-
-class HeadWithGate(nn.Module):
-    """Deployment head: fixed layers, then the gate; returns ``(features, route_logits)``."""
-
-    def __init__(self, body: nn.Module, gate: nn.Module):
-        super().__init__()
-        self.body, self.gate = body, gate
-
-    def forward(self, x):
-        return self.gate(self.body(x))
 
 
 class DSMobileNetV1(Supernet):

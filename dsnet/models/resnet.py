@@ -16,7 +16,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from dsnet.gate import AttentionHead, Gate, route_onehot
+from dsnet.gate import AttentionHead, Gate, HeadWithGate, route_onehot
 from dsnet.layers import DynamicConv2d, DynamicDepth, DynamicLinear, SplitBatchNorm2d
 from dsnet.registry import register_model
 from dsnet.routes import GateSpec, Route, RoutingSpace, spread
@@ -78,7 +78,9 @@ def _residual_init(model: nn.Module) -> None:
             nn.init.zeros_(m.bn3.weight)
 
 
-def _count_bottleneck(counter: CostCounter, cin, mid, cout, stride, project, attn_hidden):
+def count_bottleneck(counter: CostCounter, cin, mid, cout, stride, project, attn_hidden):
+    """MAdds of one bottleneck (1x1, 3x3 at ``stride``, 1x1, optional attention, projected shortcut
+    when ``project``); shared with the slimmable ResNet-50."""
     shortcut = counter.branch()
     counter.conv(cin, mid, 1)
     counter.conv(mid, mid, 3, stride)
@@ -90,7 +92,10 @@ def _count_bottleneck(counter: CostCounter, cin, mid, cout, stride, project, att
         counter.merge(shortcut)
 
 
-class _StaticStem(nn.Module):
+class StaticStem(nn.Module):
+    """ResNet's stem as plain layers: conv 7x7/2, BN, ReLU, max-pool 3x3/2 (shared with the
+    slimmable ResNet-50)."""
+
     def __init__(self, conv, bn):
         super().__init__()
         self.conv, self.bn = conv, bn
@@ -176,7 +181,7 @@ class DSResNet(Supernet):
             mid, cout = self.mid_widths[k][choice], self.out_widths[k][choice]
             for bi, block in enumerate(self.stages[k]):
                 hid = block.attn.fc1.out_features if block.attn is not None else 0
-                _count_bottleneck(counter, cin, mid, cout, self.strides[k] if bi == 0 else 1,
+                count_bottleneck(counter, cin, mid, cout, self.strides[k] if bi == 0 else 1,
                                   bi == 0, hid)
                 cin = cout
         counter.linear(cin, self.num_classes)
@@ -229,7 +234,7 @@ class DSResNet(Supernet):
 
     # -- deployment ---------------------------------------------------------------------------
     def _static_stem(self) -> nn.Module:
-        return _StaticStem(static_copy(self.conv_stem), static_copy(self.bn_stem))
+        return StaticStem(static_copy(self.conv_stem), static_copy(self.bn_stem))
 
     def _static_stage(self, k: int) -> nn.Sequential:
         return nn.Sequential(*[static_copy(b) for b in self.stages[k]])
@@ -258,31 +263,20 @@ class DSResNet(Supernet):
             if k + 1 < n_gates:
                 def build():
                     gate = self.gates[k + 1].to_static_gate()
-                    return _StageThenGate(self._static_stage(k), gate)
+                    return HeadWithGate(self._static_stage(k), gate)
             else:
                 def build():
                     return nn.Sequential(self._static_stage(k),
                                          Classifier(static_copy(self.fc)))
             return self._with_route(Route(tuple(route)), build)
 
-        head = self._with_route(Route((top,) * n_gates), lambda: _StageThenGate(
+        head = self._with_route(Route((top,) * n_gates), lambda: HeadWithGate(
             self._static_stem(), self.gates[0].to_static_gate()))
         stages = [{(None, c): segment(0, None, c) for c in range(len(self.ratios))}]
         for k in range(1, n_gates):
             stages.append({(p, c): segment(k, p, c)
                            for p in range(len(self.ratios)) for c in range(len(self.ratios))})
         return head, stages
-
-
-class _StageThenGate(nn.Module):
-    """A deployment segment ending in a gate: returns ``(features, route_logits)``."""
-
-    def __init__(self, body: nn.Module, gate: nn.Module):
-        super().__init__()
-        self.body, self.gate = body, gate
-
-    def forward(self, x):
-        return self.gate(self.body(x))
 
 
 class ResNet(Supernet):
@@ -301,7 +295,7 @@ class ResNet(Supernet):
         parts: list[tuple[str, nn.Module]] = []
         stem = nn.Sequential(DynamicConv2d(3, self.stem_width, 7, 2),
                              SplitBatchNorm2d((self.stem_width,)))
-        parts.append(("stem", _StaticStem(static_copy(stem[0]), static_copy(stem[1]))))
+        parts.append(("stem", StaticStem(static_copy(stem[0]), static_copy(stem[1]))))
         cin = self.stem_width
         for k, (mid, depth) in enumerate(zip(self.mids, depths)):
             blocks = []
@@ -328,7 +322,7 @@ class ResNet(Supernet):
         cin = self.stem_width
         for k, (mid, depth) in enumerate(zip(self.mids, self.depths)):
             for bi in range(depth):
-                _count_bottleneck(counter, cin, mid, mid * 4, 2 if (k and not bi) else 1,
+                count_bottleneck(counter, cin, mid, mid * 4, 2 if (k and not bi) else 1,
                                   bi == 0, 0)
                 cin = mid * 4
         counter.linear(cin, self.num_classes)
@@ -415,7 +409,7 @@ class DSResNetPP(Supernet):
             cout = self.widths[k][i]
             for bi in range(self.depths[k][i]):
                 hid = stage[bi].attn.fc1.out_features if stage[bi].attn is not None else 0
-                _count_bottleneck(counter, cin, cout // 4, cout, self.strides[k] if bi == 0 else 1, bi == 0, hid)
+                count_bottleneck(counter, cin, cout // 4, cout, self.strides[k] if bi == 0 else 1, bi == 0, hid)
                 cin = cout
         counter.linear(cin, self.num_classes)
 
@@ -461,7 +455,7 @@ class DSResNetPP(Supernet):
         return nn.Sequential(OrderedDict(parts))
 
     def _static_stem(self) -> nn.Module:
-        return _StaticStem(static_copy(self.conv_stem), static_copy(self.bn_stem))
+        return StaticStem(static_copy(self.conv_stem), static_copy(self.bn_stem))
 
     def static_sequence(self, route: Route) -> nn.Module:
         def build():
@@ -473,7 +467,7 @@ class DSResNetPP(Supernet):
 
     def deployment_segments(self):
         n = len(self.routing_space.gates[0])
-        head = self._with_route(Route((n - 1,)), lambda: _StageThenGate(self._static_stem(),
+        head = self._with_route(Route((n - 1,)), lambda: HeadWithGate(self._static_stem(),
                                                                         self.gate.to_static_gate()))
         return head, [{(None, c): self._with_route(Route((c,)), self._static_tail) for c in range(n)}]
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from dsnet.layers import DynamicConv2d, DynamicLinear, GroupSlicedConv2d, SwitchableBatchNorm2d
 from dsnet.models.mobilenet import MobileNetV1
-from dsnet.models.resnet import Bottleneck, _count_bottleneck, _StaticStem
+from dsnet.models.resnet import Bottleneck, StaticStem, count_bottleneck
 from dsnet.registry import register_model
 from dsnet.routes import GateSpec, Route, RouteError, RoutingSpace
 from dsnet.supernet import Classifier, CostCounter, Supernet, static_copy
@@ -279,7 +279,7 @@ class SResNet50(SlimmableNet):
         n, self.depths = len(self.width_mults), tuple(depths)
         self.stem = [max(1, int(base * w)) for w in self.width_mults]
         self.mids = [[max(1, int(base * 2 ** k * w)) for w in self.width_mults] for k in range(len(depths))]
-        parts: list[tuple[str, nn.Module]] = [("stem", _StaticStem(_conv([3] * n, self.stem, 7, 2),
+        parts: list[tuple[str, nn.Module]] = [("stem", StaticStem(_conv([3] * n, self.stem, 7, 2),
                                                                    SwitchableBatchNorm2d(self.stem)))]
         cin = self.stem
         for k, (mid, depth) in enumerate(zip(self.mids, self.depths)):
@@ -298,7 +298,7 @@ class SResNet50(SlimmableNet):
         cin = self.stem[i]
         for k, (mid, depth) in enumerate(zip(self.mids, self.depths)):
             for bi in range(depth):
-                _count_bottleneck(counter, cin, mid[i], mid[i] * 4, 2 if (k and not bi) else 1, bi == 0, 0)
+                count_bottleneck(counter, cin, mid[i], mid[i] * 4, 2 if (k and not bi) else 1, bi == 0, 0)
                 cin = mid[i] * 4
         counter.linear(cin, self.num_classes)
 

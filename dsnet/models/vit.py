@@ -25,9 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsnet.gate import Gate, route_onehot
+from dsnet.gate import Gate, HeadWithGate, route_onehot
 from dsnet.layers import DynamicConv2d, DynamicDepth, DynamicLinear, SplitBatchNorm2d, _Dynamic
-from dsnet.models.mobilenet import HeadWithGate
 from dsnet.registry import register_model
 from dsnet.routes import GateSpec, Route, RoutingSpace, spread
 from dsnet.supernet import CostCounter, DynamicOutput, Supernet, dispatch, static_copy
