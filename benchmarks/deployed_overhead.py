@@ -79,8 +79,11 @@ def report(rows: list[dict], model: str, backend: str) -> list[str]:
         line = f"  acceleration: realized {acc['realized']:.2f}x of ideal {acc['ideal']:.2f}x " \
                f"({acc['realized'] / acc['ideal']:.2f} of ideal)"
         if "deployment" in acc:
+            import dsnet
+
             line += f"; deployment's share {100 * acc['deployment']:+.1f}%, architecture's " \
-                    f"{100 * acc['architecture']:+.1f}% (the route mix on static engines over MobileNetV1 x0.5)"
+                    f"{100 * acc['architecture']:+.1f}% (the route mix on static engines over " \
+                    f"{dsnet.static_counterpart(model)} at the same MAdds)"
         out.append(line)
     return out
 
