@@ -13,8 +13,12 @@ from dsnet.layers import SplitBatchNorm2d
 @pytest.fixture(autouse=True)
 def _seeded_torch():
     """Every test starts from the same global RNG state (weights' default initialization), so a
-    failure in CI is a failure here too, whatever ran before it."""
+    failure in CI is a failure here too, whatever ran before it; and on one intra-op thread: the
+    tests' tensors are small, and with another CPU-heavy process on a 2-core machine torch's second
+    thread waits on the first (a tiny DS-ResNet's 4 epochs: 51 s on one thread, 135 s on two; 34 s
+    and 36 s on an idle machine). Timing tests set the threads their profile names."""
     torch.manual_seed(0)
+    torch.set_num_threads(1)
 
 
 def randomize(model, seed: int = 0):
