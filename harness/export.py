@@ -23,7 +23,7 @@ from pathlib import Path
 
 from harness.cli import UsageError, open_target, run_main
 
-# how each artifact is loaded with its own runtime alone (printed after an export; README shows them)
+# how each artifact is loaded with its own runtime alone (printed after an export; docs/export.md shows them)
 LOADERS = {
     "torchscript": ["import torch", "net = torch.jit.load('{path}')",
                     "logits, route = net(x)  # x: float32 tensor (1, 3, {size}, {size})"],

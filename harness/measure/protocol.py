@@ -1,4 +1,4 @@
-"""The measurement protocol: one function for every backend (docs/architecture.md; README, "One protocol").
+"""The measurement protocol: one function for every backend (docs/architecture.md; docs/run.md, the protocol).
 
 Contract
 --------
