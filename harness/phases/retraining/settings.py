@@ -19,6 +19,7 @@ from pathlib import Path
 
 import dsnet
 from harness.backends import get_backend, list_backends
+from harness.deploy.lut import LatencyLUT, LUTError
 from harness.results.gates import previous_comparisons
 from harness.results.layout import Layout
 from harness.results.store import StoreError
@@ -159,6 +160,11 @@ def validate(s: Settings, target) -> None:
             raise RetrainingError(f"--routes-upto: {e}") from None
     if s.checkpoint is not None:
         _check_checkpoint(s.checkpoint)
+    if s.lut is not None:  # a LUT from elsewhere is input: refused before the machine is probed (whose
+        try:               # busy warning would come first) or any data is loaded
+            LatencyLUT.load(s.lut, s.backend, s.model, input_size=s.input_size)
+        except LUTError as e:
+            raise RetrainingError(str(e)) from None
     try:  # an unreadable stored comparison fails now, not after training
         previous_comparisons(s.layout, s.model)
     except StoreError as e:
