@@ -20,7 +20,6 @@ from torch import nn
 
 from harness.backends import get_backend
 from harness.measure.pipeline import ArtifactKey, check_output, reference, trial, weights_fingerprint
-from harness.measure.protocol import Protocol, measure_rounds
 from harness.targets import load_target
 
 pytestmark = pytest.mark.slow
@@ -59,7 +58,7 @@ def _tasks(backend, target, module, x):
     return collect_tasks([mod], tvm_target)
 
 
-def test_tuned_beats_untuned_keeps_the_output_and_a_rerun_tunes_nothing(x86, tmp_path):
+def test_tuning_keeps_the_output_and_a_rerun_tunes_nothing(x86, tmp_path):
     from harness.backends.tvm_tuning import RECORD_FILES, SearchSettings, tune
 
     target, backend = x86
@@ -85,11 +84,8 @@ def test_tuned_beats_untuned_keeps_the_output_and_a_rerun_tunes_nothing(x86, tmp
     assert tuned.details["cached"] is False
     assert tuned.details["tuning"] == "tuned" and tuned.details["tuned_tasks"] == tuned.details["tasks"] == len(tasks)
     assert check_output(tuned.engine(x), reference(net, x), "fp32") is None  # still eager's output
-    a, b = untuned.engine, tuned.engine
-    xa, xb = a.prepare(x), b.prepare(x)
-    res = measure_rounds({"untuned": lambda: a.run(xa), "tuned": lambda: b.run(xb)},
-                         Protocol(warmup_calls=3, warmup_ms=0, repeat=9, min_repeat_ms=5))
-    assert res["tuned"].stats.p50 < 0.8 * res["untuned"].stats.p50  # a generous margin: tuning pays
+    # whether tuning pays is a measured time: benchmarks/tvm_tuning_curve.py and the committed runs say
+    # it, not a test (a busy machine must not fail the suite)
     # the same budget again tunes nothing, and the artifact is found in the cache
     again = tune(backend.open_database(target), tasks, budget_s=1e6, search=search)
     assert again["tuned_now"] == 0 and again["trials_now"] == 0
