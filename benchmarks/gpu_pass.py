@@ -246,20 +246,25 @@ def main(argv=None) -> int:
     if args.prepare_carry:
         prepare_carry(Path(args.prepare_carry))
         return 0
-    if not args.budget_min > 0:
-        print(f"error: --budget-min must be > 0, got {args.budget_min}", file=sys.stderr)
-        return 2
+    from harness.cli import UsageError, run_main
     from harness.targets import TargetError, load_target
 
-    try:
-        t = load_target(args.target)
-    except TargetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if t.device != "cuda":
-        print(f"error: {args.target} is not a GPU profile (device {t.device}); the pass measures a GPU "
-              "(--dry-run swaps its device for this CPU)", file=sys.stderr)
-        return 2
+    def checked_target():
+        if not args.budget_min > 0:
+            raise UsageError(f"--budget-min must be > 0, got {args.budget_min}")
+        try:
+            t = load_target(args.target)
+        except TargetError as e:
+            raise UsageError(str(e)) from None
+        if t.device != "cuda":
+            raise UsageError(f"{args.target} is not a GPU profile (device {t.device}); the pass measures a GPU "
+                             "(--dry-run swaps its device for this CPU)")
+        return t
+
+    return run_main(lambda: _run_pass(args, checked_target()), "gpu pass interrupted: gpu_pass.json has the steps run")
+
+
+def _run_pass(args, t) -> int:
     results = Path(args.results) if args.results else REPO / "results" / t.name
     doc = gpu_pass(args.target, results, args.budget_min * 60, args.dry_run)
     failed = [s["name"] for s in doc["steps"] if s["status"] != "ok"]
