@@ -247,3 +247,25 @@ class Supernet(nn.Module):
             for m in self.modules():
                 if isinstance(m, _Dynamic):
                     m.exec_mode = modes[id(m)]
+
+
+class StaticNetwork(Supernet):
+    """A static model: one network, no routes (an empty routing space), the baselines the dynamic
+    ones are compared with. A subclass builds ``self.features`` (a sequence ending in the
+    classifier) after ``super().__init__()`` and counts its layers in ``count``."""
+
+    features: nn.Module
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.routing_space = RoutingSpace(())
+        self.active_route = Route(())
+
+    def _apply_route(self, route: Route) -> None:
+        pass  # nothing to configure: the one route is the network
+
+    def forward(self, x):
+        return self.features(x)
+
+    def static_sequence(self, route: Route) -> nn.Module:
+        return static_copy(self.features)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from harness import env as envmod
 from harness.results.layout import Layout
-from harness.targets import TargetError, known_targets, load_target
+from harness.targets import Target, TargetError, known_targets, load_target
 
 DEFAULT_MODELS = ("ds_mbnet", "mobilenet_v1")  # what harness.run measures and harness.tune tunes by default
 MAX_INPUT_SIZE = 4096
@@ -135,7 +135,7 @@ def open_target(name: str, remote: bool = False):
     return target
 
 
-def capture_machine(target, strict: bool = False, local_device: bool = True):
+def capture_machine(target: Target, strict: bool = False, local_device: bool = True):
     """``(env, device name, device mismatch)``, warning on stderr about a mismatched device or a
     busy machine (an error line under ``strict``: the caller exits 3). ``local_device=False`` when
     the target's device is elsewhere (boards through a tracker): this machine is not checked against it."""

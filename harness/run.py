@@ -19,11 +19,17 @@ measured is kept).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
+import psutil
+
+import dsnet
+from harness.backends import backend_class, get_backend, list_backends
+from harness.backends.base import one_line
+from harness.backends.tvm import CrossCompileError  # the module imports TVM itself only when used
 from harness.cli import (
     DEFAULT_MODELS,
     MAX_INPUT_SIZE,
@@ -41,8 +47,18 @@ from harness.cli import (
     run_main,
 )
 from harness.measure.protocol import Protocol
-from harness.results.layout import Layout
-from harness.targets import known_targets
+from harness.measure.remote import Farm, RemoteError
+from harness.phases import policy
+from harness.phases.context import RunContext
+from harness.phases.dynamic import run_dynamic
+from harness.phases.static import Workload, run_static, static_steps, workloads
+from harness.phases.table2 import TABLE2_WAYS, measure_table2
+from harness.reporting.common import tuning_label
+from harness.reporting.summary import dynamic_summary, summary_table
+from harness.reporting.tables import ReportError, build
+from harness.results.layout import DYNAMIC_COLUMNS, LUT_COLUMNS, Layout, read_csv
+from harness.results.run_record import complete_document, previous_document, run_document
+from harness.targets import Target, known_targets
 
 QUICK_INPUT_SIZE = 64
 PHASES = ("static", "dynamic", "table2")
@@ -95,10 +111,7 @@ class RunPlan:
     notes: list[str] = field(default_factory=list)
 
 
-def plan(args, target) -> RunPlan:
-    import dsnet
-    from harness.backends import list_backends
-
+def plan(args, target: Target) -> RunPlan:
     backends = names_option("--backends", args.backends, list_backends(), target.backends)
     dynamic = names_option("--dynamic-backends", args.dynamic_backends, list_backends(), []) \
         if args.dynamic_backends is not None else None
@@ -140,8 +153,6 @@ ACTIVATION_FACTOR = 32  # peak activations over the input's size, at least, for 
 def check_memory(batch: int, input_size: int) -> None:
     """Refuse, before anything is allocated, a batch whose input alone times
     :data:`ACTIVATION_FACTOR` exceeds the memory available now."""
-    import psutil
-
     need = batch * 3 * input_size * input_size * 4 * ACTIVATION_FACTOR
     available = psutil.virtual_memory().available
     if need > available:
@@ -149,10 +160,8 @@ def check_memory(batch: int, input_size: int) -> None:
                          f"activations; {available / 2**30:.1f} GiB are available")
 
 
-def select_workloads(p: RunPlan, quick: bool):
+def select_workloads(p: RunPlan, quick: bool) -> list[Workload]:
     """The networks to measure; ``--routes`` labels that match nothing are an error."""
-    from harness.phases.static import workloads
-
     every = workloads(p.models, p.input_size)
     if p.routes is not None:
         unknown = sorted(p.routes - {w.route for w in every})
@@ -160,34 +169,15 @@ def select_workloads(p: RunPlan, quick: bool):
             raise UsageError(f"no route matches --routes {', '.join(unknown)} among the routes of "
                              f"{', '.join(p.models)} (e.g. {', '.join(sorted({w.route for w in every})[:6])})")
         return [w for w in every if w.route in p.routes]
-    return _quick_routes(every) if quick else every
+    return policy.quick_routes(every) if quick else every
 
 
-def _quick_routes(all_workloads):
-    """--quick: smallest, middle and largest route of each supernet; x1.0 and x0.5 of statics."""
-    keep = []
-    by_model: dict[str, list] = {}
-    for w in all_workloads:
-        by_model.setdefault(w.model, []).append(w)
-    for ws in by_model.values():
-        if ws[0].route.startswith("x"):
-            keep += [w for w in ws if w.route in ("x1.0", "x0.5")]
-        else:
-            keep += [ws[0], ws[len(ws) // 2], ws[-1]]
-    return keep
-
-
-def connect_farm(args, target, p: RunPlan):
-    """The boards behind ``--rpc-tracker`` (None without it); backends that cannot build for a
-    board are listed as skipped. Any set-up problem is a :class:`UsageError`."""
-    if bool(args.rpc_tracker) != bool(args.rpc_key):
-        raise UsageError("--rpc-tracker and --rpc-key go together")
+def connect_farm(args, target: Target, p: RunPlan) -> Farm | None:
+    """The boards behind ``--rpc-tracker`` (None without it; :func:`_main` checked that
+    ``--rpc-key`` goes with it); backends that cannot build for a board are listed as skipped. Any
+    set-up problem is a :class:`UsageError`."""
     if not args.rpc_tracker:
         return None
-    from harness.backends import backend_class, get_backend, list_backends
-    from harness.backends.tvm import CrossCompileError
-    from harness.measure.remote import Farm, RemoteError
-
     for_boards = ", ".join(b for b in list_backends() if backend_class(b).supports_remote)
     for b in [b for b in p.backends if not backend_class(b).supports_remote]:
         p.backends.remove(b)
@@ -204,11 +194,9 @@ def connect_farm(args, target, p: RunPlan):
     return farm
 
 
-def open_context(args, target, p: RunPlan, farm):
+def open_context(args, target: Target, p: RunPlan, farm: Farm | None):
     """Machine capture, the store, the run's identity: the :class:`RunContext` every phase uses, and
     the run's environment document. ``None`` when the machine is busy under ``--strict``."""
-    from harness.phases.context import RunContext
-
     lock, store = open_results(p.layout)
     env, device_name, device_mismatch = capture_machine(target, args.strict, local_device=farm is None)
     if env["busy"] and args.strict:
@@ -232,178 +220,60 @@ def open_context(args, target, p: RunPlan, farm):
             p.notes += ctx.backend(b).notes(target)
     check_interrupted()  # a Ctrl-C during a backend's import must not read as "not installed"
     p.backends = active
-    env_doc = {"run_id": ctx.run_id, "target": target.name, "profile_path": target.path,
-               "device_name": device_name, "expected_device": target.expected_device,
-               "device_mismatch": device_mismatch, "quick": args.quick, "threads": target.threads,
-               "backend_options": {b: ctx.backend(b).details() | ctx.backend(b).cache_key() for b in active},
-               "protocol": p.protocol.__dict__, "backends": active, "skipped": p.skipped, "env": env,
-               "remote": None if farm is None else {"tracker": farm.tracker_addr, "key": farm.key,
-                                                    "boards": farm.boards, "emulated": farm.emulated,
-                                                    "board_info": farm.info}}
+    env_doc = run_document(
+        run_id=ctx.run_id, target=target.name, profile_path=target.path, expected_device=target.expected_device,
+        threads=target.threads, device_name=device_name, device_mismatch=device_mismatch, quick=args.quick,
+        backend_options={b: ctx.backend(b).details() | ctx.backend(b).cache_key() for b in active},
+        protocol=p.protocol.__dict__, backends=active, skipped=p.skipped, env=env, farm=farm)
     ctx.store.record_run(ctx.run_id, env_doc)
     return ctx, env_doc
 
 
-def tuning_phase(ctx, p: RunPlan, quick: bool, minutes: float | None = None) -> None:
-    """Tune TVM within ``minutes`` (default: the profile's ``tune_minutes``; a budget over
-    re-runs: a tuned database tunes nothing) before any TVM build, so every route applies the same
-    database. Left out by ``--quick`` and when TVM is not measured."""
-    from harness.phases.tuning import SPENT, run_tuning
-
-    if "tvm" not in p.backends or ctx.target.device != "cpu":
-        return
-    budget_from = "--tune-minutes" if minutes is not None else "the profile's [tvm] tune_minutes"
-    if minutes is None:
-        minutes = float(ctx.target.options("tvm").get("tune_minutes", 0))
-    if quick or minutes <= 0:
-        if quick and minutes > 0:
-            p.notes.append(f"--quick leaves TVM tuning out: tvm uses what {p.layout.tuning_dir('tvm')} holds")
-        return
-    stale = ctx.backend("tvm").notes(ctx.target)  # e.g. "untuned": said before the database grew
-    print(f"tvm: tuning {', '.join(p.models)} at {p.input_size}px within {minutes:g} min "
-          f"({budget_from}; python -m harness.tune tunes more)", file=sys.stderr)
-    try:
-        summary = run_tuning(ctx.backend("tvm"), ctx.target, p.models, p.input_size, minutes * 60,
-                             lambda total, desc: Progress(total, desc))
-    except ValueError as e:  # a database for another target: measured untuned, said so
-        p.notes.append(f"tvm tuning skipped: {e}")
-        return
-    except Exception as e:  # tuning is optional: the run measures with what the database holds
-        from harness.backends.base import one_line
-
-        p.notes.append(f"tvm tuning failed ({one_line(e)}); tvm measured with what the database holds")
-        return
-    p.notes = [n for n in p.notes if n not in stale] + ctx.backend("tvm").notes(ctx.target)
-    p.notes.append(f"tvm: the tuning database holds {summary['tuned']} of the {summary['tasks']} tasks "
-                   f"({summary['trials_now']} trials tuned in this run"
-                   + (")" if summary["extracted"] else f"; {SPENT})"))
+def tuning_phase(ctx: RunContext, p: RunPlan, quick: bool, minutes: float | None = None) -> None:
+    """TVM tuned before any TVM build (:func:`harness.phases.policy.tune_before_measuring`)."""
+    p.notes = policy.tune_before_measuring(ctx, p.backends, p.models, p.input_size, minutes, quick,
+                                           lambda total, desc: Progress(total, desc), p.notes)
 
 
-def static_phase(ctx, p: RunPlan, all_workloads, retry_failed: bool) -> None:
+def static_phase(ctx: RunContext, p: RunPlan, all_workloads: list[Workload], retry_failed: bool) -> None:
     """Every workload through every active backend, precision and batch size the store lacks."""
-    from harness.phases.static import Task, run_static, static_steps
-
-    done = ctx.store.done_keys(("ok",)) if retry_failed else ctx.store.done_keys()
-    tasks = []
-    for w in all_workloads:
-        for b in p.backends:
-            for prec in ctx.target.precisions:
-                why = ctx.backend(b).unsupported(ctx.target, prec)
-                if why:
-                    p.skipped[f"{b}/{prec}"] = why
-                    continue
-                tasks += [t for t in (Task(w, b, prec, bs, p.input_size) for bs in p.batch_sizes) if t.key not in done]
+    tasks, n_done = policy.static_tasks(ctx, all_workloads, p.backends, p.batch_sizes, p.input_size,
+                                        retry_failed, p.skipped)
     print(f"{ctx.target.name}: {len(all_workloads)} networks x {len(p.backends)} backend(s); "
-          f"{len(tasks)} to measure, {len(done)} already stored in {p.layout.root}", file=sys.stderr)
+          f"{len(tasks)} to measure, {n_done} already stored in {p.layout.root}", file=sys.stderr)
     run_static(ctx, tasks, Progress(static_steps(ctx, tasks), "static"))
 
 
-def dynamic_backends(ctx, p: RunPlan, explicit: list[str] | None) -> list[str]:
-    """The backends the dynamic engine is measured on: ``--dynamic-backends`` among the active ones,
-    else :func:`profile_dynamic_backends`."""
-    if p.dynamic is None:
-        return profile_dynamic_backends(ctx, p, explicit)
-    for b in p.dynamic:
-        if b not in p.backends:
-            p.skipped.setdefault(f"{b} (dynamic)", "named in --dynamic-backends but not measured in this run "
-                                                  "(not in --backends, or unavailable)")
-    return [b for b in p.dynamic if b in p.backends]
-
-
-def profile_dynamic_backends(ctx, p: RunPlan, explicit: list[str] | None) -> list[str]:
-    """The profile's ``dynamic_backends`` among the active ones (those named in ``--backends`` when given)."""
-    wanted = explicit or ctx.target.dynamic_backends or ctx.target.backends
-    backends = [b for b in wanted if b in p.backends and b in (ctx.target.dynamic_backends or wanted)]
-    for b in p.backends:
-        if b not in backends and b != "noop":
-            p.skipped.setdefault(f"{b} (dynamic)", "not in the profile's dynamic_backends")
-    return backends
-
-
-def dynamic_phase(ctx, p: RunPlan, backends: list[str]) -> None:
+def dynamic_phase(ctx: RunContext, p: RunPlan, backends: list[str]) -> None:
     """The dynamic engine of every supernet among the models, on each dynamic backend."""
-    import dsnet
-    from harness.phases.dynamic import run_dynamic
-
-    for model in [m for m in p.models if dsnet.create_model(m).dynamic]:
-        for backend in backends:
-            for precision in ctx.target.precisions:
-                if not ctx.backend(backend).unsupported(ctx.target, precision):
-                    run_dynamic(ctx, model, backend, precision, p.input_size,
-                                lambda n, m=model, b=backend, p=precision: Progress(n, f"dynamic {m} {b} {p}"))
+    for model, backend, precision in policy.dynamic_runs(ctx, policy.supernets(p.models), backends):
+        run_dynamic(ctx, model, backend, precision, p.input_size,
+                    lambda n, m=model, b=backend, pr=precision: Progress(n, f"dynamic {m} {b} {pr}"))
 
 
-def table2_phase(ctx, p: RunPlan, backends: list[str], default_models: bool) -> None:
+def table2_phase(ctx: RunContext, p: RunPlan, backends: list[str], default_models: bool) -> None:
     """DS-Net++ Table 2 (ResNet-50 at 25% channels six ways) on the dynamic backends, for each of
     its supernets among the models; the default run measures the paper's (``s_resnet50``)."""
-    from harness.phases.table2 import TABLE2_MODELS, TABLE2_WAYS, measure_table2
-
-    models = [m for m in TABLE2_MODELS if m in p.models] or (list(TABLE2_MODELS[:1]) if default_models else [])
-    for model in models:
-        for backend in backends:
-            for precision in ctx.target.precisions:
-                if not ctx.backend(backend).unsupported(ctx.target, precision):
-                    measure_table2(ctx, backend, precision, p.input_size, model,
-                                   Progress(len(TABLE2_WAYS), f"table 2 {model} {backend} {precision}"))
+    for model, backend, precision in policy.dynamic_runs(ctx, policy.table2_models(p.models, default_models),
+                                                         backends):
+        measure_table2(ctx, backend, precision, p.input_size, model,
+                       Progress(len(TABLE2_WAYS), f"table 2 {model} {backend} {precision}"))
 
 
-def finish(ctx, p: RunPlan, env_doc: dict, wall_s: float) -> None:
+def finish(ctx: RunContext, p: RunPlan, env_doc: dict, wall_s: float) -> None:
     """Exports (``lut.csv``, ``dynamic.csv``, ``env.json``) from the store; always runs, even after
     an interruption, so what was measured is never lost."""
-    store = ctx.store
-    previous = _previous_runs(p.layout.env_json)  # read before the exports and env.json are rewritten
-    # the folder's skipped backends: this run's, and an earlier run's where this one measured nothing of it
-    measured = set(env_doc.get("backends", []))
-    env_doc["skipped"] = {**{b: why for b, why in _previous_skipped(p.layout.env_json).items()
-                             if b.split(" ")[0].split("/")[0] not in measured}, **p.skipped}
-    lut = store.export_lut(p.layout.lut_csv)
-    dyn = store.export_dynamic(p.layout.dynamic_csv)
-    env_doc["wall_time_s"] = round(wall_s, 1)
+    previous = previous_document(p.layout.env_json)  # read before the exports and env.json are rewritten
+    lut = ctx.store.export_lut(p.layout.lut_csv)
+    dyn = ctx.store.export_dynamic(p.layout.dynamic_csv)
     # the stored results may come from several runs (a resumed run measures only what is missing)
-    in_store = {d.get("run_id") for d in store.runs()}
     exported = set(lut.get("run_id", [])) | set(dyn.get("run_id", []))
-    env_doc["earlier_runs"] = [
-        {"run_id": d.get("run_id"), "time_utc": d.get("env", {}).get("time_utc"),
-         "busy": d.get("env", {}).get("busy"), "cpu_steal_percent": d.get("env", {}).get("cpu_steal_percent"),
-         "device_name": d.get("device_name")}
-        for d in store.runs() if d.get("run_id") != ctx.run_id] + [
-        r for r in previous if r.get("run_id") not in in_store and r.get("run_id") in exported]
-    env_doc["drift"] = store.drift(ctx.run_id)  # per round phase: the spread of the rounds' speed factors
-    p.layout.env_json.write_text(json.dumps(env_doc, indent=1))
+    complete_document(env_doc, ctx.store, p.layout, p.skipped, exported, wall_s, previous)
     ctx.close()
-
-
-def _previous_skipped(env_json) -> dict:
-    """The ``skipped`` entries of the previous ``env.json`` (nothing when absent or unreadable)."""
-    try:
-        skipped = json.loads(env_json.read_text()).get("skipped", {})
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return {str(k): str(v) for k, v in skipped.items()} if isinstance(skipped, dict) else {}
-
-
-def _previous_runs(env_json) -> list[dict]:
-    """The runs the previous ``env.json`` describes (itself and its earlier runs), as earlier-run
-    entries; nothing when it is absent or unreadable."""
-    try:
-        doc = json.loads(env_json.read_text())
-    except (OSError, ValueError):
-        return []
-    if not isinstance(doc, dict):
-        return []
-    env = doc.get("env", {}) if isinstance(doc.get("env"), dict) else {}
-    own = {"run_id": doc.get("run_id"), "time_utc": env.get("time_utc"), "busy": env.get("busy"),
-           "cpu_steal_percent": env.get("cpu_steal_percent"), "device_name": doc.get("device_name")}
-    earlier = [r for r in doc.get("earlier_runs", []) if isinstance(r, dict)]
-    return [own] + earlier
 
 
 def summarize(ctx, p: RunPlan, env_doc: dict) -> None:
     """The summary on stdout, then the tables and figures rebuilt from the exports."""
-    from harness.reporting.summary import dynamic_summary, summary_table
-    from harness.reporting.tables import ReportError, build
-    from harness.results.layout import DYNAMIC_COLUMNS, LUT_COLUMNS, read_csv
-
     df, dyn = read_csv(p.layout.lut_csv, LUT_COLUMNS), read_csv(p.layout.dynamic_csv, DYNAMIC_COLUMNS)
     p.notes += _tuning_note(df[(df.backend == "tvm") & df.model.isin(p.models) & (df.input_size == p.input_size)])
     print(summary_table(df[df.model.isin(p.models) & (df.input_size == p.input_size)], p.skipped, p.notes))
@@ -419,18 +289,12 @@ def summarize(ctx, p: RunPlan, env_doc: dict) -> None:
     except ReportError as e:
         print(f"tables and figures: none ({e})")
     except Exception as e:  # a report bug must not read as a failed run: the results are stored
-        from harness.backends.base import one_line
-
         print(f"tables and figures: failed ({one_line(e)}); the results are stored in {p.layout.root}",
               file=sys.stderr)
 
 
 def _tuning_note(tvm_rows) -> list[str]:
     """How tuned the TVM rows are, e.g. ``tvm rows: 4 tuned, 14 untuned``."""
-    from collections import Counter
-
-    from harness.reporting.common import tuning_label
-
     counts = Counter(tuning_label(d) for d in tvm_rows.backend_details if tuning_label(d))
     return [f"tvm rows: {', '.join(f'{n} {label}' for label, n in sorted(counts.items()))}"] if counts else []
 
@@ -460,11 +324,13 @@ def _main(args) -> int:
             p.skipped["dynamic engine, Table 2"] = "measured on this machine only, not through --rpc-tracker"
         else:
             if "dynamic" in p.phases:
-                dynamic_phase(ctx, p, dynamic_backends(ctx, p, csv_list(args.backends)))
+                dynamic_phase(ctx, p, policy.dynamic_backends(ctx, p.backends, p.dynamic, csv_list(args.backends),
+                                                              p.skipped))
             if "table2" in p.phases:
                 # Table 2 on the profile's dynamic backends: --dynamic-backends may name compilers whose
                 # ResNet-50 builds no tuning covered
-                table2_phase(ctx, p, profile_dynamic_backends(ctx, p, csv_list(args.backends)),
+                table2_phase(ctx, p, policy.profile_dynamic_backends(ctx, p.backends, csv_list(args.backends),
+                                                                     p.skipped),
                              default_models=args.models is None)
     except KeyboardInterrupt:
         status = 130

@@ -22,7 +22,7 @@ from dsnet.gate import AttentionHead, Gate, HeadWithGate, route_onehot
 from dsnet.layers import DynamicConv2d, DynamicLinear, SplitBatchNorm2d
 from dsnet.registry import register_model
 from dsnet.routes import GateSpec, Route, RoutingSpace, spread
-from dsnet.supernet import Classifier, CostCounter, DynamicOutput, Supernet, dispatch, static_copy
+from dsnet.supernet import Classifier, CostCounter, DynamicOutput, StaticNetwork, Supernet, dispatch, static_copy
 
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "swish": nn.SiLU}
 
@@ -394,7 +394,7 @@ class DSMobileNetPP(Supernet):
         return head, [{(None, c): self._with_route(Route((c,)), self._static_tail) for c in range(n)}]
 
 
-class MobileNetV1(Supernet):
+class MobileNetV1(StaticNetwork):
     """Static MobileNetV1 (Howard et al. 2017) at a width multiplier; ReLU, no attention."""
 
     # (output channels at width 1.0, stride)
@@ -424,14 +424,6 @@ class MobileNetV1(Supernet):
             cin = cout
         layers.append(("classifier", Classifier(nn.Linear(cin, num_classes))))
         self.features = nn.Sequential(OrderedDict(layers))
-        self.routing_space = RoutingSpace(())
-        self.active_route = Route(())
-
-    def _apply_route(self, route: Route) -> None:
-        pass
-
-    def forward(self, x):
-        return self.features(x)
 
     def count(self, counter: CostCounter, route: Route) -> None:
         counter.conv(3, self.widths[0], 3, 2)
@@ -441,9 +433,6 @@ class MobileNetV1(Supernet):
             counter.conv(cin, cout, 1)
             cin = cout
         counter.linear(cin, self.num_classes)
-
-    def static_sequence(self, route: Route) -> nn.Module:
-        return static_copy(self.features)
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from dsnet.gate import AttentionHead, Gate, HeadWithGate, route_onehot
 from dsnet.layers import DynamicConv2d, DynamicDepth, DynamicLinear, SplitBatchNorm2d
 from dsnet.registry import register_model
 from dsnet.routes import GateSpec, Route, RoutingSpace, spread
-from dsnet.supernet import Classifier, CostCounter, DynamicOutput, Supernet, dispatch, static_copy
+from dsnet.supernet import Classifier, CostCounter, DynamicOutput, StaticNetwork, Supernet, dispatch, static_copy
 
 RATIOS = (0.25, 0.5, 0.75, 1.0)
 
@@ -279,7 +279,7 @@ class DSResNet(Supernet):
         return head, stages
 
 
-class ResNet(Supernet):
+class ResNet(StaticNetwork):
     """Static ResNet-50 (v1.5) at a width multiplier applied to every layer, stem included."""
 
     def __init__(self, width_mult: float = 1.0, depths=(3, 4, 6, 3), num_classes: int = 1000):
@@ -307,14 +307,6 @@ class ResNet(Supernet):
             parts.append((f"stage{k + 1}", nn.Sequential(*blocks)))
         parts.append(("classifier", Classifier(nn.Linear(cin, num_classes))))
         self.features = nn.Sequential(OrderedDict(parts))
-        self.routing_space = RoutingSpace(())
-        self.active_route = Route(())
-
-    def _apply_route(self, route: Route) -> None:
-        pass
-
-    def forward(self, x):
-        return self.features(x)
 
     def count(self, counter: CostCounter, route: Route) -> None:
         counter.conv(3, self.stem_width, 7, 2)
@@ -326,9 +318,6 @@ class ResNet(Supernet):
                                   bi == 0, 0)
                 cin = mid * 4
         counter.linear(cin, self.num_classes)
-
-    def static_sequence(self, route: Route) -> nn.Module:
-        return static_copy(self.features)
 
 
 # DS-Net++ Table 5, lower half: per stage, the output widths and depths one gate chooses from

@@ -27,7 +27,7 @@ from dsnet.models.mobilenet import MobileNetV1
 from dsnet.models.resnet import Bottleneck, StaticStem, count_bottleneck
 from dsnet.registry import register_model
 from dsnet.routes import GateSpec, Route, RouteError, RoutingSpace
-from dsnet.supernet import Classifier, CostCounter, Supernet, static_copy
+from dsnet.supernet import Classifier, CostCounter, StaticNetwork, Supernet, static_copy
 
 
 def _conv(cins, couts, k: int, stride: int = 1, depthwise: bool = False) -> DynamicConv2d:
@@ -214,7 +214,7 @@ class SMobileNetV2(SlimmableNet):
         _count_mbv2(counter, self.stem[i], [(b[0][i], b[1][i], b[2], b[3]) for b in self.blocks], self.num_classes)
 
 
-class SingleSwitch(Supernet):
+class SingleSwitch(StaticNetwork):
     """A static model: one slimmable network's only switch, materialized (same layers, MAdds and
     params as that switch). ``count_plan(counter)`` counts it from plain widths, so no copy of the
     slimmable network is kept."""
@@ -224,20 +224,9 @@ class SingleSwitch(Supernet):
         self.width_mult, self.num_classes = slimmable.width_mults[0], slimmable.num_classes
         self.features = slimmable.static_sequence(Route((0,)))
         self._count_plan = count_plan
-        self.routing_space = RoutingSpace(())
-        self.active_route = Route(())
-
-    def _apply_route(self, route: Route) -> None:
-        pass
-
-    def forward(self, x):
-        return self.features(x)
 
     def count(self, counter: CostCounter, route: Route) -> None:
         self._count_plan(counter)
-
-    def static_sequence(self, route: Route) -> nn.Module:
-        return static_copy(self.features)
 
 
 class MobileNetV2(SingleSwitch):

@@ -7,7 +7,8 @@ its own profile table (``OPTIONS``: ``{key: (type, required)}``, checked when th
 and is built as ``Backend(options, workdir, remote)``: ``options`` the profile's table (resolved
 by :meth:`Backend.resolve_options`), ``workdir`` a folder for state shared by all its artifacts
 (a tuning database), ``remote`` an RPC tracker ``(host, port, key)`` for backends that build for
-boards (``supports_remote``). It provides:
+boards (``supports_remote``). A ``target`` below is a :class:`DeviceTarget` (what a backend
+reads of a profile). It provides:
 
 - ``unavailable(target) -> str | None``: why it cannot run for this target (library missing, no
   GPU, ...), or ``None``. Probing never raises.
@@ -41,11 +42,20 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from harness.schema import check_table
+
+
+class DeviceTarget(Protocol):
+    """What a backend reads of a target profile; :class:`harness.targets.Target` is one (the
+    backends sit below the targets, so they name this shape rather than import the class)."""
+
+    name: str
+    device: str  # "cpu" or "cuda"
+    threads: int
 
 
 def one_line(exc: BaseException) -> str:
@@ -158,10 +168,10 @@ class Backend:
         """The options that change a measured number (stored with every result)."""
         return {}
 
-    def unavailable(self, target) -> str | None:
+    def unavailable(self, target: DeviceTarget) -> str | None:
         return None
 
-    def unsupported(self, target, precision: str) -> str | None:
+    def unsupported(self, target: DeviceTarget, precision: str) -> str | None:
         """Why this backend cannot run ``precision`` on ``target``'s device, or None."""
         if target.device not in self.devices:
             return f"{self.name} does not run on {target.device}"
@@ -169,22 +179,22 @@ class Backend:
             return f"{self.name} has no {precision} path (supports {', '.join(self.precisions)})"
         return None
 
-    def notes(self, target) -> list[str]:
+    def notes(self, target: DeviceTarget) -> list[str]:
         """Caveats a reader of this backend's figures must know (printed under the summary)."""
         return []
 
-    def compile(self, module: torch.nn.Module, example: torch.Tensor, target, precision: str,
+    def compile(self, module: torch.nn.Module, example: torch.Tensor, target: DeviceTarget, precision: str,
                 artifact_dir: Path) -> Engine:
         raise NotImplementedError
 
-    def load(self, artifact_dir: Path, example: torch.Tensor, target, precision: str) -> Engine:
+    def load(self, artifact_dir: Path, example: torch.Tensor, target: DeviceTarget, precision: str) -> Engine:
         raise NotImplementedError
 
-    def export(self, module: torch.nn.Module, example: torch.Tensor, target, precision: str,
+    def export(self, module: torch.nn.Module, example: torch.Tensor, target: DeviceTarget, precision: str,
                artifact_dir: Path) -> Exported:
         raise NotImplementedError(f"{self.name} cannot build artifacts for a board")
 
-    def check_export(self, target) -> None:
+    def check_export(self, target: DeviceTarget) -> None:
         """Raise a one-line error now when :meth:`export` cannot work for ``target`` (e.g. a
         missing cross compiler), before anything is built."""
 
@@ -196,7 +206,7 @@ def device_of(target) -> torch.device:
     return torch.device("cuda" if target.device == "cuda" else "cpu")
 
 
-def cast(module: torch.nn.Module, example: torch.Tensor, target, precision: str,
+def cast(module: torch.nn.Module, example: torch.Tensor, target: DeviceTarget, precision: str,
          device: str | None = None):
     """A copy of the module and the input on ``device`` (default: the target's), in eval mode and
     the precision (fp16: half). The caller's module is never modified. On a GPU, TF32 is turned
@@ -212,7 +222,8 @@ def cast(module: torch.nn.Module, example: torch.Tensor, target, precision: str,
     return module, example
 
 
-def input_caster(target, precision: str, device: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+def input_caster(target: DeviceTarget, precision: str,
+                 device: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """``prepare`` for engines fed torch tensors: device and dtype of the compiled module."""
     dev = torch.device(device) if device else device_of(target)
     dtype = torch.half if precision == "fp16" else torch.float
@@ -223,7 +234,7 @@ def input_caster(target, precision: str, device: str | None = None) -> Callable[
     return prepare
 
 
-def cuda_sync(target) -> Callable[[], None] | None:
+def cuda_sync(target: DeviceTarget) -> Callable[[], None] | None:
     return torch.cuda.synchronize if target.device == "cuda" else None
 
 

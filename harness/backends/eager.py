@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from harness.backends.base import Backend, Engine, cast, cuda_sync, input_caster
+from harness.backends.base import Backend, DeviceTarget, Engine, cast, cuda_sync, input_caster
 
 
 class EagerBackend(Backend):
@@ -13,7 +13,7 @@ class EagerBackend(Backend):
     precisions = ("fp32", "fp16")
     graph_capturable = True
 
-    def compile(self, module, example, target, precision, artifact_dir):
+    def compile(self, module, example, target: DeviceTarget, precision, artifact_dir):
         module, _ = cast(module, example, target, precision)
 
         def run(x):
@@ -35,7 +35,7 @@ class NoopBackend(Backend):
     devices = ("cpu", "cuda")
     precisions = ("fp32", "fp16")
 
-    def compile(self, module, example, target, precision, artifact_dir):
+    def compile(self, module, example, target: DeviceTarget, precision, artifact_dir):
         module, example = cast(module, example, target, "fp32", device="cpu")
         with torch.inference_mode():
             answer = module(example)

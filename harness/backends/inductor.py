@@ -15,7 +15,16 @@ from pathlib import Path
 
 import torch
 
-from harness.backends.base import Backend, Engine, as_torch_outputs, cast, cuda_sync, exit_text, input_caster
+from harness.backends.base import (
+    Backend,
+    DeviceTarget,
+    Engine,
+    as_torch_outputs,
+    cast,
+    cuda_sync,
+    exit_text,
+    input_caster,
+)
 
 
 class InductorBackend(Backend):
@@ -26,14 +35,14 @@ class InductorBackend(Backend):
     artifact = "model.pt2"
     one_artifact = True
 
-    def unavailable(self, target):
+    def unavailable(self, target: DeviceTarget):
         import shutil
 
         if target.device == "cpu" and not (shutil.which("g++") or shutil.which("c++")):
             return "AOTInductor needs a C++ compiler (g++) on PATH"
         return None
 
-    def _engine(self, runner, target, precision):
+    def _engine(self, runner, target: DeviceTarget, precision):
         def run(x):
             with torch.inference_mode():
                 return runner(x)
@@ -41,7 +50,7 @@ class InductorBackend(Backend):
         return Engine(run, prepare=input_caster(target, precision), to_torch=as_torch_outputs,
                       sync=cuda_sync(target))
 
-    def compile(self, module, example, target, precision, artifact_dir):
+    def compile(self, module, example, target: DeviceTarget, precision, artifact_dir):
         module, example = cast(module, example, target, precision)
         with torch.no_grad():
             program = torch.export.export(module, (example,))
@@ -49,7 +58,7 @@ class InductorBackend(Backend):
                 program, package_path=str(artifact_dir / self.artifact))
         return self._engine(_load_package(path, example, target), target, precision)
 
-    def load(self, artifact_dir, example, target, precision):
+    def load(self, artifact_dir, example, target: DeviceTarget, precision):
         example = input_caster(target, precision)(example)  # the child runs it as the engine would
         return self._engine(_load_package(str(artifact_dir / self.artifact), example, target), target, precision)
 
@@ -63,7 +72,7 @@ torch.cuda.synchronize()
 """
 
 
-def _load_package(path: str, example: torch.Tensor, target):
+def _load_package(path: str, example: torch.Tensor, target: DeviceTarget):
     """The package's runner; on a GPU only after a child process loaded and ran it (see the
     module docstring)."""
     if target.device == "cuda":

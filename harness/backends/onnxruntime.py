@@ -16,7 +16,7 @@ import logging
 import numpy as np
 import torch
 
-from harness.backends.base import Backend, Engine, as_torch_outputs, cast
+from harness.backends.base import Backend, DeviceTarget, Engine, as_torch_outputs, cast
 
 
 class OnnxRuntimeBackend(Backend):
@@ -26,7 +26,7 @@ class OnnxRuntimeBackend(Backend):
     artifact = "model.onnx"
     one_artifact = True
 
-    def unavailable(self, target):
+    def unavailable(self, target: DeviceTarget):
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -39,7 +39,7 @@ class OnnxRuntimeBackend(Backend):
             return f"onnxscript is not installed ({e})"
         return None
 
-    def _engine(self, path, target):
+    def _engine(self, path, target: DeviceTarget):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -122,7 +122,7 @@ class OnnxRuntimeBackend(Backend):
                       sync=torch.cuda.synchronize, outputs=lambda b: tuple(b.get_outputs()),
                       choice=lambda scores: int(scores.numpy().argmax()))
 
-    def compile(self, module, example, target, precision, artifact_dir):
+    def compile(self, module, example, target: DeviceTarget, precision, artifact_dir):
         module, example = cast(module, example, target, precision, device="cpu")  # exported on CPU
         path = artifact_dir / self.artifact
         import torch.onnx  # noqa: F401  (creates the exporter's loggers, quieted below)
@@ -138,7 +138,7 @@ class OnnxRuntimeBackend(Backend):
         _strip_metadata(path)
         return self._engine(path, target)
 
-    def load(self, artifact_dir, example, target, precision):
+    def load(self, artifact_dir, example, target: DeviceTarget, precision):
         return self._engine(artifact_dir / self.artifact, target)
 
 

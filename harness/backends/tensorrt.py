@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from harness.backends.base import Backend, Engine, cast, input_caster
+from harness.backends.base import Backend, DeviceTarget, Engine, cast, input_caster
 
 
 class TensorRTBackend(Backend):
@@ -23,7 +23,7 @@ class TensorRTBackend(Backend):
     graph_capturable = True
     artifact = "model.ep"
 
-    def unavailable(self, target):
+    def unavailable(self, target: DeviceTarget):
         if not torch.cuda.is_available():
             return "TensorRT needs a CUDA GPU and this machine has none"
         try:
@@ -32,7 +32,7 @@ class TensorRTBackend(Backend):
             return f"torch-tensorrt is not importable ({type(e).__name__}: {e}); pip install -e '.[tensorrt]'"
         return None
 
-    def _engine(self, trt_module, target, precision):
+    def _engine(self, trt_module, target: DeviceTarget, precision):
         def run(x):
             with torch.inference_mode():
                 return trt_module(x)
@@ -40,7 +40,7 @@ class TensorRTBackend(Backend):
         return Engine(run, prepare=input_caster(target, precision),
                       sync=torch.cuda.synchronize)
 
-    def compile(self, module, example, target, precision, artifact_dir):
+    def compile(self, module, example, target: DeviceTarget, precision, artifact_dir):
         import torch_tensorrt
 
         module, example = cast(module, example, target, precision)
@@ -57,7 +57,7 @@ class TensorRTBackend(Backend):
         torch_tensorrt.save(trt_module, str(artifact_dir / self.artifact), inputs=[example])
         return self._engine(trt_module, target, precision)
 
-    def load(self, artifact_dir, example, target, precision):
+    def load(self, artifact_dir, example, target: DeviceTarget, precision):
         import torch_tensorrt  # noqa: F401  (registers the TensorRT runtime ops)
 
         return self._engine(torch.export.load(str(artifact_dir / self.artifact)).module(), target, precision)

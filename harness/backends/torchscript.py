@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from harness.backends.base import Backend, Engine, cast, cuda_sync, input_caster
+from harness.backends.base import Backend, DeviceTarget, Engine, cast, cuda_sync, input_caster
 
 
 class TorchScriptBackend(Backend):
@@ -27,7 +27,7 @@ class TorchScriptBackend(Backend):
     artifact = "model.ts"
     one_artifact = True
 
-    def _engine(self, scripted, target, precision):
+    def _engine(self, scripted, target: DeviceTarget, precision):
         def run(x):
             with torch.inference_mode():
                 return scripted(x)
@@ -35,7 +35,7 @@ class TorchScriptBackend(Backend):
         return Engine(run, prepare=input_caster(target, precision),
                       sync=cuda_sync(target))
 
-    def compile(self, module, example, target, precision, artifact_dir):
+    def compile(self, module, example, target: DeviceTarget, precision, artifact_dir):
         module, example = cast(module, example, target, precision)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -46,7 +46,7 @@ class TorchScriptBackend(Backend):
             scripted = torch.jit.optimize_for_inference(frozen)
         return self._engine(scripted, target, precision)
 
-    def load(self, artifact_dir, example, target, precision):
+    def load(self, artifact_dir, example, target: DeviceTarget, precision):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             frozen = torch.jit.load(str(artifact_dir / self.artifact),

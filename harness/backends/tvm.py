@@ -42,7 +42,16 @@ from pathlib import Path
 import torch
 
 from harness.backends import tvm_relax
-from harness.backends.base import Backend, Engine, Exported, as_torch_outputs, cast, input_caster, one_line
+from harness.backends.base import (
+    Backend,
+    DeviceTarget,
+    Engine,
+    Exported,
+    as_torch_outputs,
+    cast,
+    input_caster,
+    one_line,
+)
 
 ARCH_OF_TRIPLE = {"aarch64": "aarch64", "arm64": "aarch64", "x86_64": "x86_64"}
 CROSS_COMPILERS = {"aarch64": "aarch64-linux-gnu-g++"}
@@ -177,7 +186,7 @@ class TVMBackend(Backend):
     def details(self):
         return {"tune_minutes": self.tune_minutes}
 
-    def notes(self, target):
+    def notes(self, target: DeviceTarget):
         if target.device != "cpu":
             return []
         try:
@@ -190,7 +199,7 @@ class TVMBackend(Backend):
         why = db.foreign()
         return [f"{why}: not applied, tvm is untuned"] if why else []
 
-    def tvm_target(self, target) -> dict:
+    def tvm_target(self, target: DeviceTarget) -> dict:
         """The TVM target dict for ``target`` (``num-cores = 0``: the profile's threads)."""
         t = dict(self.options.get("target") or {})
         if t.get("num-cores") == 0:
@@ -201,7 +210,7 @@ class TVMBackend(Backend):
     def tuning_dir(self) -> Path | None:
         return self.workdir
 
-    def database(self, target):
+    def database(self, target: DeviceTarget):
         """What builds apply for ``target``: the best record per workload of the workdir's tuning
         database (:meth:`TuningDatabase.best_of`; None when nothing was tuned there), read once per
         change of the workdir's files rather than once per build."""
@@ -216,7 +225,7 @@ class TVMBackend(Backend):
             self._database_of = stamp
         return self._database
 
-    def open_database(self, target):
+    def open_database(self, target: DeviceTarget):
         """The workdir's whole tuning database for ``target`` (every record: what tuning extends),
         created when missing; its records are read on first use."""
         import tvm
@@ -241,7 +250,7 @@ class TVMBackend(Backend):
             builder = ms.builder.LocalBuilder(f_export=export_aarch64, timeout_sec=search.timeout_s)
         return builder, runner
 
-    def relax_module(self, module, example, target, precision):
+    def relax_module(self, module, example, target: DeviceTarget, precision):
         """``module`` as a Relax module after the zero pipeline (what tuning extracts tasks from
         and the database applies to), and the TVM target."""
         import tvm
@@ -268,7 +277,7 @@ class TVMBackend(Backend):
             mod = relax.transform.AttachAttrLayoutFreeBuffers()(mod)
         return mod, tvm.target.Target(self.tvm_target(target))
 
-    def unavailable(self, target):
+    def unavailable(self, target: DeviceTarget):
         try:
             import tvm  # noqa: F401
             from tvm.relax.frontend.torch import from_exported_program  # noqa: F401
@@ -284,12 +293,12 @@ class TVMBackend(Backend):
         return None
 
     @staticmethod
-    def _device(target):
+    def _device(target: DeviceTarget):
         import tvm
 
         return tvm.cuda(0) if target.device == "cuda" else tvm.cpu(0)
 
-    def _engine(self, lib, target, precision):
+    def _engine(self, lib, target: DeviceTarget, precision):
         import tvm
         from tvm import relax
 
@@ -310,10 +319,10 @@ class TVMBackend(Backend):
                       outputs=lambda out: (out,) if hasattr(out, "numpy") else tuple(out),
                       choice=lambda scores: int(scores.numpy().argmax()))
 
-    def check_export(self, target):
+    def check_export(self, target: DeviceTarget):
         cross_compiler(self.tvm_target(target))
 
-    def scheduled(self, mod, tvm_target, target) -> tuple:
+    def scheduled(self, mod, tvm_target, target: DeviceTarget) -> tuple:
         """``(mod, details)``: ``mod`` (from :meth:`relax_module`) with its schedules (DLight's default
         GPU rules on CUDA; on a CPU the tuning database's records, each prepacked weight's layout
         rewrite folded into the constant) and the tuning label of :func:`module_status`."""
@@ -344,7 +353,7 @@ class TVMBackend(Backend):
             return mod, {**details, "tuning": "untuned", "tuned_tasks": 0,
                          "tuning_error": f"the database's records did not apply: {one_line(e)}"}
 
-    def export(self, module, example, target, precision, artifact_dir) -> Exported:
+    def export(self, module, example, target: DeviceTarget, precision, artifact_dir) -> Exported:
         """Build ``module`` for the profile's TVM target (:meth:`scheduled`) and write the shared
         library; for another architecture with the cross compiler."""
         import tvm
@@ -357,7 +366,7 @@ class TVMBackend(Backend):
         lib.export_library(str(path), fcompile=fcompile) if fcompile else lib.export_library(str(path))
         return Exported(path, details)
 
-    def compile(self, module, example, target, precision, artifact_dir):
+    def compile(self, module, example, target: DeviceTarget, precision, artifact_dir):
 
         arch = target_arch(self.tvm_target(target))
         if arch != host_arch():
@@ -368,5 +377,5 @@ class TVMBackend(Backend):
         engine.details.update(exported.details)
         return engine
 
-    def load(self, artifact_dir, example, target, precision):
+    def load(self, artifact_dir, example, target: DeviceTarget, precision):
         return self._engine(_load_library(artifact_dir / self.artifact), target, precision)

@@ -42,6 +42,7 @@ import torch
 from dsnet.deploy import dispatch_argmax
 from harness.deploy.lut import route_segment_names
 from harness.measure.pipeline import ArtifactKey, Result, check_input, image_batch, trial, weights_fingerprint
+from harness.targets import Target
 
 
 class PartError(RuntimeError):
@@ -53,7 +54,7 @@ class PartError(RuntimeError):
 
 
 class DynamicEngine:
-    def __init__(self, plan, backend, target, precision: str, cache_root: Path, input_size: int,
+    def __init__(self, plan, backend, target: Target, precision: str, cache_root: Path, input_size: int,
                  batch_size: int = 1, model_name: str = "dynamic"):
         """``model_name`` names the artifacts: make it differ for plans whose parts differ in more
         than their weights (e.g. a gate restricted to fewer routes)."""

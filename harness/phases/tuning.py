@@ -30,6 +30,7 @@ import dsnet
 from harness.deploy.lut import route_segment_names
 from harness.measure.pipeline import image_batch
 from harness.phases.static import reference_model, workloads
+from harness.targets import Target
 
 
 def tuning_modules(models: list[str], input_size: int,
@@ -59,7 +60,7 @@ def tuning_modules(models: list[str], input_size: int,
                     feats, prev = (out[0] if isinstance(out, tuple) else out), c
 
 
-def tuning_tasks(backend, target, models: list[str], input_size: int,
+def tuning_tasks(backend, target: Target, models: list[str], input_size: int,
                  progress_factory: Callable[[int, str], Callable[[str, str], None]] | None = None) -> tuple[list, int]:
     """``(tasks, networks)``: the distinct MetaSchedule tasks of every network TVM builds for
     ``models`` on ``target`` (:func:`tuning_modules`), and how many networks they came from."""
@@ -79,12 +80,12 @@ def tuning_tasks(backend, target, models: list[str], input_size: int,
 SPENT = "tasks not extracted again: this budget was spent on them before"
 
 
-def _builds_dynamic(target) -> bool:
+def _builds_dynamic(target: Target) -> bool:
     """Whether the run builds the dynamic engine's parts on TVM (the profile's dynamic_backends)."""
     return "tvm" in (target.dynamic_backends or target.backends)
 
 
-def tuning_signature(backend, target, models: list[str], input_size: int) -> str:
+def tuning_signature(backend, target: Target, models: list[str], input_size: int) -> str:
     """What decides the tasks :func:`tuning_tasks` would extract, short of extracting them."""
     import tvm
 
@@ -98,7 +99,7 @@ def tuning_signature(backend, target, models: list[str], input_size: int) -> str
     return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def tune_tasks(backend, target, tasks: list, budget_s: float,
+def tune_tasks(backend, target: Target, tasks: list, budget_s: float,
                progress_factory: Callable[[int, str], Callable[[str, str], None]] | None = None,
                db=None) -> dict:
     """Spend ``budget_s`` seconds (in total over re-runs) tuning ``tasks`` into ``backend``'s
@@ -114,7 +115,7 @@ def tune_tasks(backend, target, tasks: list, budget_s: float,
     return summary | {"tuned": have, "database": str(db.directory)}
 
 
-def run_tuning(backend, target, models: list[str], input_size: int, budget_s: float,
+def run_tuning(backend, target: Target, models: list[str], input_size: int, budget_s: float,
                progress_factory: Callable[[int, str], Callable[[str, str], None]] | None = None) -> dict:
     """Tune the TVM tasks of ``models`` within ``budget_s`` seconds (in total over re-runs) with
     ``backend`` (the TVM backend, its workdir the database's folder) for ``target``: the summary

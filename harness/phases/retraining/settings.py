@@ -23,6 +23,7 @@ from harness.deploy.lut import LatencyLUT, LUTError
 from harness.results.gates import previous_comparisons
 from harness.results.layout import Layout
 from harness.results.store import StoreError
+from harness.targets import Target
 
 
 class RetrainingError(ValueError):
@@ -114,7 +115,7 @@ class Settings:
         return self.layout.gate_workspace(self.model, data_tag, self.input_size)
 
 
-def validate(s: Settings, target) -> None:
+def validate(s: Settings, target: Target) -> None:
     """The checks that need no data or training: fail in seconds, not after stage I."""
     from dsnet.training import restrict_routes
 
