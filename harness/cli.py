@@ -31,6 +31,7 @@ from pathlib import Path
 
 from harness import env as envmod
 from harness.results.layout import Layout
+from harness.results.store import FolderLock, ResultStore, StoreError
 from harness.targets import Target, TargetError, known_targets, load_target
 
 DEFAULT_MODELS = ("ds_mbnet", "mobilenet_v1")  # what harness.run measures and harness.tune tunes by default
@@ -59,8 +60,6 @@ def open_results(layout: Layout):
     ``(lock, store)``. A file in the way, no permission, a corrupt store or another run on the same
     folder is a :class:`UsageError` (one line)."""
     import os
-
-    from harness.results.store import FolderLock, ResultStore, StoreError
 
     root = layout.root
     try:

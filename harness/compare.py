@@ -14,6 +14,10 @@ import sys
 from pathlib import Path
 
 from harness.cli import UsageError, run_main
+from harness.reporting.common import ReportError
+from harness.reporting.compare import CompareError, compare, per_backend
+from harness.reporting.tables import read_lut
+from harness.results.layout import Layout
 
 
 def main(argv=None) -> int:
@@ -26,11 +30,6 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
-    from harness.reporting.common import ReportError
-    from harness.reporting.compare import CompareError, compare, per_backend
-    from harness.reporting.tables import read_lut
-    from harness.results.layout import Layout
-
     try:
         cells = compare(read_lut(Layout(args.a)), read_lut(Layout(args.b)))
     except (ReportError, CompareError) as e:

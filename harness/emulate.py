@@ -42,6 +42,8 @@ import time
 from pathlib import Path
 
 from harness.cli import UsageError, run_main
+from harness.env import cpu_model  # the host's CPU, named in the emulator's description
+from harness.measure.remote import parse_tracker
 
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 HOST_PACKAGES = {"qemu-aarch64-static": "qemu-user-static", "debootstrap": "debootstrap",
@@ -167,8 +169,6 @@ def board_python(root: Path, sysroot: Path) -> Path:
 def board_env(root: Path) -> dict:
     qemu = _run([shutil.which("qemu-aarch64-static") or "qemu-aarch64-static", "--version"],
                 "qemu-aarch64-static --version").splitlines()[0]
-    from harness.env import cpu_model  # the host's CPU, named in the emulator's description
-
     cpu = cpu_model()
     words = qemu.split()  # "qemu-aarch64 version 7.2.22 (Debian ...)"
     name = " ".join(words[:1] + words[2:3]) if len(words) > 2 and words[1] == "version" else qemu.strip()
@@ -264,8 +264,6 @@ def is_set_up(root: Path) -> bool:
 
 
 def start(root: Path, tracker: str, key: str, start_tracker: bool | None) -> None:
-    from harness.measure.remote import parse_tracker
-
     host, port = parse_tracker(tracker)
     if not is_set_up(root):
         raise UsageError(f"no emulated board set up in {root}: run python -m harness.emulate setup first")

@@ -21,7 +21,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
+import dsnet
+from dsnet.one_graph import one_graph
+from harness.backends import backend_class, get_backend, list_backends
+from harness.backends.base import one_line
 from harness.cli import UsageError, open_target, run_main
+from harness.measure.pipeline import ArtifactKey, check_output, image_batch, trial, weights_fingerprint
+from harness.phases.static import reference_model
 
 # how each artifact is loaded with its own runtime alone (printed after an export; docs/export.md shows them)
 LOADERS = {
@@ -52,9 +60,6 @@ def parse_args(argv):
 
 
 def _model(name: str, checkpoint: Path | None):
-    import dsnet
-    from harness.phases.static import reference_model
-
     if name not in dsnet.list_models():
         raise UsageError(f"unknown model '{name}'; known: {', '.join(dsnet.list_models())}")
     model = reference_model(name)
@@ -62,14 +67,10 @@ def _model(name: str, checkpoint: Path | None):
         raise UsageError(f"{name} has no gate: a static or slimmable network is one graph already "
                          "(python -m harness.run measures it)")
     if checkpoint is not None:
-        import torch
-
         try:
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)
             dsnet.load_official_state_dict(model, state)
         except Exception as e:
-            from harness.backends.base import one_line
-
             raise UsageError(f"cannot load {checkpoint}: {one_line(e)}") from None
     return model.eval()
 
@@ -77,20 +78,12 @@ def _model(name: str, checkpoint: Path | None):
 def check_inputs(example, n: int):
     """``n`` seeded inputs like ``example`` whose per-channel offsets vary, so gates see different
     inputs (and often choose different routes)."""
-    import torch
-
     g = torch.Generator().manual_seed(3)
     return [torch.randn(example.shape, generator=g) + torch.randn(1, example.shape[1], 1, 1, generator=g) * 2
             for _ in range(n)]
 
 
 def _main(args) -> int:
-    import torch
-
-    from dsnet.one_graph import one_graph
-    from harness.backends import backend_class, get_backend, list_backends
-    from harness.measure.pipeline import ArtifactKey, check_output, image_batch, trial, weights_fingerprint
-
     if args.backend not in list_backends():
         raise UsageError(f"unknown backend '{args.backend}'; known: {', '.join(list_backends())}")
     if not backend_class(args.backend).one_artifact:

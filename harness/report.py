@@ -12,6 +12,8 @@ import argparse
 import sys
 
 from harness.cli import UsageError, add_results_option, results_layout, run_main
+from harness.reporting.tables import ReportError, build
+from harness.targets import TargetError, load_target
 
 
 def main(argv=None) -> int:
@@ -24,9 +26,6 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
-    from harness.reporting.tables import ReportError, build
-    from harness.targets import TargetError, load_target
-
     input_size = args.input_size
     if input_size is None:
         try:

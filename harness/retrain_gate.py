@@ -29,6 +29,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
+from dsnet.data import DataError
+from dsnet.training import evaluate_gate
 from harness.cli import (
     Progress,
     UsageError,
@@ -40,6 +44,10 @@ from harness.cli import (
     results_layout,
     run_main,
 )
+from harness.phases import retraining as rt
+from harness.phases.context import RunContext
+from harness.phases.retraining import Settings, parse_budgets
+from harness.reporting.gates import render
 
 PENALTIES = ("madds", "latency")
 DEFAULT_INPUT_SIZE = 64  # the digits demo; ImageNet folders want 224
@@ -86,8 +94,6 @@ def parse_args(argv):
 
 
 def settings_from(args, target):
-    from harness.phases.retraining import Settings, parse_budgets
-
     return Settings(model=args.model, backend=args.backend,
                     penalties=PENALTIES if args.penalty == "both" else (args.penalty,), data=args.data,
                     input_size=args.input_size, layout=results_layout(args.results, target.name),
@@ -113,24 +119,15 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
-    from dsnet.data import DataError
-    from harness.phases import retraining as rt
-
     target = open_target(args.target)
     try:
         s = settings_from(args, target)
-        return _run(args, target, s, rt)
+        return _run(args, target, s)
     except (rt.RetrainingError, DataError) as e:  # DataError: e.g. an image that cannot be read
         raise UsageError(str(e)) from None
 
 
-def _run(args, target, s, rt) -> int:
-    import torch
-
-    from dsnet.training import evaluate_gate
-    from harness.phases.context import RunContext
-    from harness.reporting.gates import render
-
+def _run(args, target, s) -> int:
     rt.validate(s, target)
     data = rt.load_splits(s)
     env, device_name, mismatch = capture_machine(target, args.strict)

@@ -24,6 +24,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness import env
+from harness.backends import backend_class, list_backends
 from harness.measure.protocol import Protocol
 from harness.schema import SchemaError, check_table, type_name
 
@@ -89,8 +91,6 @@ class Target:
 
     def resolve(self) -> Target:
         """A copy with the ``auto`` values filled in for this machine."""
-        from harness import env
-
         t = copy.deepcopy(self)
         if t.device == "cpu":
             if t.expected_device == "auto":
@@ -130,7 +130,6 @@ def load_target(name: str, directory: Path = TARGETS_DIR) -> Target:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise TargetError(f"{where}: not valid TOML: {e}") from None
-    from harness.backends import backend_class, list_backends
 
     backend_options = {k: data.pop(k) for k in list(data) if k in list_backends() and isinstance(data[k], dict)}
     try:

@@ -15,6 +15,9 @@ import argparse
 import math
 import sys
 
+import dsnet
+from harness.backends import get_backend
+from harness.backends.base import one_line
 from harness.cli import (
     DEFAULT_MODELS,
     MAX_INPUT_SIZE,
@@ -26,6 +29,9 @@ from harness.cli import (
     results_layout,
     run_main,
 )
+from harness.measure.remote import RemoteError, parse_tracker
+from harness.phases.tuning import SPENT, run_tuning
+from harness.results.store import FolderLock, StoreError
 from harness.targets import known_targets
 
 DEFAULT_MINUTES = 30.0
@@ -50,12 +56,6 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
-    import dsnet
-    from harness.backends import get_backend
-    from harness.measure.remote import RemoteError, parse_tracker
-    from harness.phases.tuning import SPENT, run_tuning
-    from harness.results.store import FolderLock, StoreError
-
     if bool(args.rpc_tracker) != bool(args.rpc_key):
         raise UsageError("--rpc-tracker and --rpc-key go together")
     target = open_target(args.target, remote=bool(args.rpc_tracker))
@@ -101,7 +101,6 @@ def _main(args) -> int:
         except ValueError as e:  # a database tuned for another target, an unreadable ledger
             raise UsageError(str(e)) from None
         except (RuntimeError, OSError) as e:  # a network TVM cannot import, a worker that died
-            from harness.backends.base import one_line
 
             raise UsageError(f"tuning failed: {one_line(e)} (the records measured so far are kept)") from None
     finally:

@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from harness.backends.base import one_line
+from harness.measure.pipeline import check_output
 from harness.measure.protocol import Measurement, Protocol
 
 
@@ -218,9 +220,6 @@ def elf_arch(path: Path) -> str | None:
 def board_trial(board: Board, result, example: torch.Tensor, ref, precision: str, protocol: Protocol):
     """Check an exported artifact (a :class:`harness.measure.pipeline.Result` with ``artifact``)
     against eager's ``ref`` on ``board`` and time it there: the same statuses as a local trial."""
-    from harness.backends.base import one_line
-    from harness.measure.pipeline import check_output
-
     built, board_arch = elf_arch(Path(result.artifact)), board.info.get("machine")
     if built and board_arch and built != board_arch:  # the board's loader would only say "cannot open"
         return result.replace(status="measure_failed",

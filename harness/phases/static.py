@@ -38,6 +38,7 @@ import dsnet
 from harness.measure.build_worker import BuildJob, BuildWorker
 from harness.measure.pipeline import Result, exported, image_batch, reference, weights_fingerprint
 from harness.measure.protocol import paired_ratio
+from harness.measure.remote import board_trial
 from harness.phases.context import RunContext
 
 STATIC_WIDTHS = (1.0, 0.75, 0.5, 0.25)
@@ -240,8 +241,6 @@ def _run_on_boards(ctx: RunContext, tasks: list[Task], progress) -> list[dict]:
     """Artifacts are built here, one at a time; each is checked and timed on whichever board is
     free, boards in parallel; rows are stored from this thread as they come back."""
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-
-    from harness.measure.remote import board_trial
 
     farm = ctx.farm
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from harness.reporting.common import acceleration_row
+
 
 def _ms(v: float) -> str:
     if v != v:  # NaN: not measured
@@ -65,8 +67,6 @@ def deployment_line(g) -> str:
 def dynamic_summary(dyn) -> str:
     """Per model and backend: the LUT against the deployed path, the dispatch cost, the deployment's
     overhead, stream and batch, and realized against ideal speed-up."""
-    from harness.reporting.common import acceleration_row
-
     lines = ["dynamic engine (LUT = measured segments + dispatch per gate; error = (LUT - deployed) / deployed)"]
     for (model, backend, precision), g in dyn.groupby(["model", "backend", "precision"]):
         g = g[g.kind != "table2"]  # Table 2's rows (no dynamic engine) have their own table

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from harness.deploy.lut import matched_distribution
+from harness.reporting import figures
 from harness.reporting.common import (
     EMULATED_MARK,
     PAPER_ACCELERATION,
@@ -374,8 +375,6 @@ TABLES = {
 
 def build(layout: Layout, input_size: int) -> tuple[list, list[str]]:
     """Every table and figure that the stored results allow; returns (written paths, skipped reasons)."""
-    from harness.reporting import figures
-
     lut, dyn, env, gates = load_results(layout)
     written, skipped = [], []
     layout.tables_dir.mkdir(exist_ok=True)
