@@ -46,6 +46,7 @@ from typing import Any, Protocol
 
 import torch
 
+from harness.env import strict_fp32
 from harness.schema import check_table
 
 
@@ -213,8 +214,6 @@ def cast(module: torch.nn.Module, example: torch.Tensor, target: DeviceTarget, p
     off (:func:`harness.env.strict_fp32`)."""
     dev = torch.device(device) if device else device_of(target)
     if dev.type == "cuda":
-        from harness.env import strict_fp32
-
         strict_fp32()  # fp32 is fp32, not TF32 (also for callers that did not open the target)
     module, example = copy.deepcopy(module).to(dev).eval(), example.to(dev)
     if precision == "fp16":

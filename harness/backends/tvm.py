@@ -52,6 +52,7 @@ from harness.backends.base import (
     input_caster,
     one_line,
 )
+from harness.backends.tvm_tuning import TuningDatabase, files_stamp, module_status
 
 ARCH_OF_TRIPLE = {"aarch64": "aarch64", "arm64": "aarch64", "x86_64": "x86_64"}
 CROSS_COMPILERS = {"aarch64": "aarch64-linux-gnu-g++"}
@@ -216,8 +217,6 @@ class TVMBackend(Backend):
         change of the workdir's files rather than once per build."""
         import tvm
 
-        from harness.backends.tvm_tuning import TuningDatabase, files_stamp
-
         tvm_target = tvm.target.Target(self.tvm_target(target))
         stamp = (str(tvm_target), files_stamp(self.tuning_dir))
         if getattr(self, "_database_of", None) != stamp:
@@ -229,8 +228,6 @@ class TVMBackend(Backend):
         """The workdir's whole tuning database for ``target`` (every record: what tuning extends),
         created when missing; its records are read on first use."""
         import tvm
-
-        from harness.backends.tvm_tuning import TuningDatabase
 
         return TuningDatabase(self.tuning_dir, tvm.target.Target(self.tvm_target(target)))
 
@@ -328,8 +325,6 @@ class TVMBackend(Backend):
         rewrite folded into the constant) and the tuning label of :func:`module_status`."""
         from tvm import relax
 
-        from harness.backends.tvm_tuning import module_status
-
         if target.device == "cuda":
             from tvm.s_tir import dlight as dl  # TVM 0.27: DLight lives under s_tir
 
@@ -367,7 +362,6 @@ class TVMBackend(Backend):
         return Exported(path, details)
 
     def compile(self, module, example, target: DeviceTarget, precision, artifact_dir):
-
         arch = target_arch(self.tvm_target(target))
         if arch != host_arch():
             raise RuntimeError(f"built for {arch}, this machine is {host_arch()}: measure it on the board "

@@ -59,6 +59,7 @@ import numpy as np
 import torch
 
 import dsnet
+from dsnet.one_graph import input_for_route, one_graph
 from harness.backends.base import one_line
 from harness.deploy.engine import (
     DynamicEngine,
@@ -276,8 +277,6 @@ class DynamicPhase:
     def _enter_one_artifact(self, phase, priced, extra) -> None:
         """The one-graph network (:mod:`dsnet.one_graph`) compiled once, per route on an input
         crafted to take it, checked to take the route and to match eager there."""
-        from dsnet.one_graph import input_for_route, one_graph
-
         graph = one_graph(self.plan, self.x)
         artifact = self.ctx.trial(self.model_name, "one_graph", self.backend_name, self.precision, graph, self.x)
         extra["one_graph"] = artifact

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 import dsnet
+from harness.backends.tvm_tuning import SearchSettings, collect_tasks, tune
 from harness.deploy.lut import route_segment_names
 from harness.measure.pipeline import image_batch
 from harness.phases.static import reference_model, workloads
@@ -64,7 +65,6 @@ def tuning_tasks(backend, target: Target, models: list[str], input_size: int,
                  progress_factory: Callable[[int, str], Callable[[str, str], None]] | None = None) -> tuple[list, int]:
     """``(tasks, networks)``: the distinct MetaSchedule tasks of every network TVM builds for
     ``models`` on ``target`` (:func:`tuning_modules`), and how many networks they came from."""
-    from harness.backends.tvm_tuning import collect_tasks
 
     mods, tvm_target = [], None
     modules = list(tuning_modules(models, input_size, _builds_dynamic(target)))
@@ -105,7 +105,6 @@ def tune_tasks(backend, target: Target, tasks: list, budget_s: float,
     """Spend ``budget_s`` seconds (in total over re-runs) tuning ``tasks`` into ``backend``'s
     database (its workdir; ``db`` when given) for ``target``; the tuning summary and the
     database's coverage of the tasks (``tuned`` of ``tasks``)."""
-    from harness.backends.tvm_tuning import SearchSettings, tune
 
     db = db or backend.open_database(target)
     search = SearchSettings()

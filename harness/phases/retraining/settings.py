@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dsnet
+from dsnet.training import restrict_routes
 from harness.backends import get_backend, list_backends
 from harness.deploy.lut import LatencyLUT, LUTError
 from harness.results.gates import previous_comparisons
@@ -117,7 +118,6 @@ class Settings:
 
 def validate(s: Settings, target: Target) -> None:
     """The checks that need no data or training: fail in seconds, not after stage I."""
-    from dsnet.training import restrict_routes
 
     if s.model not in dsnet.list_models():
         raise RetrainingError(f"unknown model {s.model!r}; valid: {', '.join(dsnet.list_models())}")
