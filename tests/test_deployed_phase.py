@@ -1,6 +1,8 @@
 """The dynamic phase: one round phase whose rows say what is deployed, what the LUT prices it at, and
 what the dispatch costs (with its interval), checked before anything is timed."""
 
+import json
+
 import pandas as pd
 import pytest
 
@@ -90,3 +92,41 @@ def test_a_rerun_measures_nothing_when_every_row_is_stored(eager_phase, tmp_path
     run_dynamic(ctx, "ds_mbnet", "eager", "fp32", 64)
     assert set(store.dynamic_frame().run_id) == {"test"}  # nothing re-measured under the new run's id
     store.close()
+
+
+@pytest.mark.parametrize("second", ["possible", "impossible"])
+def test_an_impossible_dispatch_is_measured_again_once_then_refused(tmp_path, monkeypatch, second):
+    """The rounds that gave an impossible dispatch cost are run once more; the second value is kept
+    (refused when it is impossible again), and the row says it was re-measured and why."""
+    import harness.phases.dynamic as dynamic
+    from harness.measure.rounds import RoundPhase
+
+    calls, measured = [], []
+    real_estimate, real_measure = dynamic.dispatch_estimate, RoundPhase.measure
+
+    def estimate(deployed, parts, gates):  # the first rounds report the deployed path cheaper than its parts
+        values = real_estimate(deployed, parts, gates)
+        impossible = len(measured) == 1 or second == "impossible"
+        calls.append(impossible)
+        return [-1.0 - abs(v) for v in values] if impossible else values
+
+    def measure(self, on_round=None):
+        measured.append(self.name)
+        return real_measure(self, on_round)
+
+    monkeypatch.setattr(dynamic, "dispatch_estimate", estimate)
+    monkeypatch.setattr(RoundPhase, "measure", measure)
+    store = ResultStore(tmp_path / "results.sqlite")
+    ctx = RunContext(X86, Layout(tmp_path), FAST, store, "cpu", False, "test")
+    dynamic.DynamicPhase(ctx, "ds_mbnet_tiny", "eager", "fp32", 64).run(lut_only=True)
+    df = store.dynamic_frame()
+    store.close()
+    assert len(measured) == 2  # one phase, its rounds run twice
+    d = df[df.kind == "dispatch"].iloc[0]
+    details = json.loads(d.backend_details)
+    assert "impossible" in details["remeasured"]
+    if second == "possible":
+        assert d.status == "ok"
+    else:
+        assert d.status == "measure_failed" and "impossible" in d.error and "refused" in d.error
+    assert (df[df.kind == "segment"].status == "ok").all()

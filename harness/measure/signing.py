@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 TAG_SUFFIX = ".hmac"
@@ -45,12 +46,17 @@ def installation_key() -> bytes:
         text = path.read_text().strip()
     except FileNotFoundError:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # written whole beside it, then linked into place: a process that starts at the same moment
+        # finds either no key or the complete one, never an empty file
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".artifact.key.")
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another process made it first
-            return installation_key()
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(_KEY_BYTES) + "\n")
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(_KEY_BYTES) + "\n")
+            os.link(tmp, path)
+        except FileExistsError:  # another process made it first: its key is the key
+            pass
+        finally:
+            os.unlink(tmp)
         return installation_key()
     try:
         key = bytes.fromhex(text)

@@ -33,7 +33,9 @@ a route that fails is ``check_failed`` and never timed. Rows (``dynamic`` table,
   gate decision: the median over the priced routes and rounds of (deployed - parts) / gates, with
   the median's 95% interval. The LUT prices a route as its segments plus gates x this cost, and
   counts it as zero when the interval holds zero; an interval wholly below zero (the deployed path
-  cheaper than its parts) is impossible and is stored as ``measure_failed`` (refused);
+  cheaper than its parts) is impossible: the phase's rounds are run once more (every row then comes
+  from the second rounds, the dispatch row's details say ``remeasured`` and why), and a second
+  impossible value is stored as ``measure_failed`` (refused);
 - ``route``: the deployed path per priced route; ``predicted_ms`` what the LUT prices it at
   (segments + dispatch), ``rel_error`` the LUT's error;
 - ``static`` and ``deployed``: per route its static engine, and the deployed path with
@@ -214,7 +216,17 @@ class DynamicPhase:
         label = f"{self.model_name} {self.backend_name}"
         on_round = (lambda d, n: progress(f"{label} round {d}/{n}", f"{len(phase)} engines")) if progress else None
         results = phase.measure(on_round)
-        self._store(phase, results, chained, priced, failed, extra, lut_only)
+        first = self._dispatch(results, chained, priced, phase.protocol)
+        if first.status == "measure_failed" and first.measurement is not None:  # impossible: measured again, once
+            if progress:
+                progress(f"{label}: {first.error.split(';')[0]}", "re-measuring once")
+            results = phase.measure(on_round)
+            again = self._dispatch(results, chained, priced, phase.protocol)
+            remeasured = {"remeasured": f"the first rounds gave: {first.error}"}
+            self._store(phase, results, chained, priced, failed, extra, lut_only,
+                        again.replace(details={**again.details, **remeasured}))
+            return
+        self._store(phase, results, chained, priced, failed, extra, lut_only, first)
 
     # -- checks -----------------------------------------------------------------------------------
     def _check_natural(self) -> None:
@@ -379,7 +391,19 @@ class DynamicPhase:
         extra["acceleration"] = {"mix": mix, "madds": madds, "static": static_name}
 
     # -- rows ------------------------------------------------------------------------------------------
-    def _store(self, phase, results, chained, priced, failed, extra, lut_only) -> None:
+    def _dispatch(self, results, chained, priced, protocol) -> Result:
+        """The dispatch per decision (:func:`dispatch_result`), paired by round with each priced
+        route's own chain."""
+        diffs = []
+        for route in priced:
+            i, name = chained.index(route), str(route)
+            if ("deployed", name) in results and results[("deployed", name)].measurement is not None:
+                parts = [results[("part", i, n)].measurement for n in route_segment_names(route)]
+                if all(m is not None for m in parts):
+                    diffs += dispatch_estimate(results[("deployed", name)].measurement, parts, self.gates)
+        return dispatch_result(diffs, protocol)
+
+    def _store(self, phase, results, chained, priced, failed, extra, lut_only, dispatch: Result) -> None:
         rounds = phase.rounds
         failure = next((r for r in results.values() if not r.ok), None) if rounds is None else None
         # segments: each part's samples pooled over the chains it ran in
@@ -398,14 +422,6 @@ class DynamicPhase:
             for route in priced:
                 self._record("route", str(route), failure, route=str(route), madds=self.madds[str(route)])
             return
-        # dispatch per decision, paired by round with each route's own chain
-        diffs = []
-        for route in priced:
-            i, name = chained.index(route), str(route)
-            if ("deployed", name) in results:
-                parts = [results[("part", i, n)].measurement for n in route_segment_names(route)]
-                diffs += dispatch_estimate(results[("deployed", name)].measurement, parts, self.gates)
-        dispatch = dispatch_result(diffs, phase.protocol)
         self._record("dispatch", DISPATCH_NAME, dispatch)
         dispatch_ms = dispatch_cost(dispatch.row())[0]
         lut = LatencyLUT(self.model_name, self.backend_name, self.precision, 1, self.input_size, segment_ms, {},
