@@ -161,7 +161,7 @@ def _run(args, target, s) -> int:
            "run_id": ctx.run_id, "target": target.name, "device_name": device_name, "device_mismatch": mismatch,
            "threads": target.threads, "protocol": asdict(target.protocol), "env": env,
            "wall_time_s": round(time.monotonic() - t0, 1), "args": {k: str(v) for k, v in vars(args).items()},
-           "lut_dispatch": costs.lut_note}
+           "lut_dispatch": costs.lut_note, "lut_reliability": costs.lut_reliability}
     paths = rt.store_outcome(rt.Outcome(s, data, supernet, costs, gates, evals, measured, doc))
     paths += render(s.layout)
     print(f"wrote {', '.join(str(p) for p in paths)}")

@@ -130,3 +130,35 @@ def test_an_impossible_dispatch_is_measured_again_once_then_refused(tmp_path, mo
     else:
         assert d.status == "measure_failed" and "impossible" in d.error and "refused" in d.error
     assert (df[df.kind == "segment"].status == "ok").all()
+
+
+def _lut_frame(valid=True, with_intervals=True):
+    """A hand-made dynamic.csv of the tiny DS-MBNet (4 routes): head 1 ms, route c its tail (c + 1) ms."""
+    base = {"model": "ds_mbnet_tiny", "backend": "eager", "precision": "fp32", "batch_size": 1, "input_size": 32,
+            "status": "ok", "error": ""}
+    rows = [base | {"kind": "segment", "name": "head", "latency_ms_p50": 1.0, "latency_ms_p50_ci_low": 0.9,
+                    "latency_ms_p50_ci_high": 1.1, "valid": 1}]
+    rows += [base | {"kind": "segment", "name": f"s0_inx_c{c}", "latency_ms_p50": c + 1.0,
+                     "latency_ms_p50_ci_low": c + 1.0 - 0.2, "latency_ms_p50_ci_high": c + 1.0 + 0.2,
+                     "valid": int(valid or c != 2)} for c in range(4)]
+    rows += [base | {"kind": "route", "name": str(c), "latency_ms_p50": 2.0 + c, "rel_error": e}
+             for c, e in ((0, 0.02), (3, -0.06))]
+    df = pd.DataFrame(rows)
+    return df if with_intervals else df.drop(columns=["latency_ms_p50_ci_low", "latency_ms_p50_ci_high", "valid"])
+
+
+def test_the_lut_says_which_routes_rest_on_invalid_segments_and_how_far_its_prices_hold():
+    model = dsnet.create_model("ds_mbnet_tiny")
+    r = LatencyLUT.from_frame(_lut_frame(valid=False), "ds_mbnet_tiny", "eager").reliability(model)
+    assert r.routes == 4 and r.invalid_segments == ("s0_inx_c2",) and r.invalid_routes == ("2",)
+    # route c: half-widths 0.1 (head) + 0.2 (tail) over 2 + c ms
+    assert r.interval_max == pytest.approx(0.3 / 2) and r.interval_median == pytest.approx(
+        float(pd.Series([0.3 / (2 + c) for c in range(4)]).median()))
+    assert (r.validated, r.error_median, r.error_max) == (2, pytest.approx(0.04), pytest.approx(0.06))
+    note = r.note()
+    assert "1 of 4 routes" in note and "s0_inx_c2" in note and "routes 2" in note and "+-15.0%" in note
+    assert "every segment valid" in LatencyLUT.from_frame(_lut_frame(), "ds_mbnet_tiny", "eager").reliability(
+        model).note()
+    # an export without intervals or validity (older results): nothing is claimed of them
+    old = LatencyLUT.from_frame(_lut_frame(with_intervals=False), "ds_mbnet_tiny", "eager").reliability(model)
+    assert old.invalid_segments == () and old.interval_median is None and "+-" not in old.note()

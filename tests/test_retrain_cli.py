@@ -94,6 +94,7 @@ def test_end_to_end_resume_and_rebuild(tmp_path):
     assert "## ds_mbnet: latency penalty vs MAdds penalty under latency budgets" in md
     assert "## ds_resnet50: latency penalty vs MAdds penalty under latency budgets" in md
     assert "## ds_mbnet_tiny: MAdds penalty vs latency penalty" in md
+    assert "How far the LUT's prices hold: " in md and "LUT ds_mbnet_tiny/eager: " in r.stderr
 
     # a re-run trains nothing: every stage is reused from the workspace
     r2 = cli(*args)

@@ -19,15 +19,22 @@ model's routing space (``routing_space.all_routes()``, i.e. gate-choice order fo
 model) for the stage-II penalty. A missing or failed segment is a :class:`LUTError` naming what
 is missing, never a silent zero.
 
+``reliability(model)`` says how far the prices can be trusted (:class:`LUTReliability`): the
+segments whose interval is wider than the protocol allows (``valid`` 0) and the routes priced from
+them, how uncertain a route's price is from its parts' intervals (half-widths added: an upper
+bound), and, where the same run validated routes, the LUT's error against the deployed engine.
+``harness.retrain_gate`` prints it and keeps it with the comparison; ``harness.report`` tables it.
+
 ``matched_distribution(route_madds, target_madds)`` mixes two adjacent routes so the expected
 MAdds equal a target (the DS-MBNet-L/M/S rows of Table 7, the acceleration measurement).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -51,6 +58,39 @@ def route_segment_names(route) -> list[str]:
 DISPATCH_NAME = "per_decision"  # the name of the dispatch row in dynamic.csv
 
 
+@dataclass(frozen=True)
+class LUTReliability:
+    """How far a LUT's route prices can be trusted (see the module docstring). Fractions, not %."""
+
+    routes: int
+    invalid_segments: tuple[str, ...]
+    invalid_routes: tuple[str, ...]  # routes priced from at least one invalid segment
+    interval_median: float | None  # a route price's interval half-width over the price, median over routes
+    interval_max: float | None
+    validated: int = 0  # routes the same run timed deployed
+    error_median: float | None = None  # |LUT - deployed| / deployed over them
+    error_max: float | None = None
+
+    def note(self) -> str:
+        """One line for a log or a report."""
+        parts = []
+        if self.invalid_segments:
+            shown = ", ".join(self.invalid_routes[:8]) + (" ..." if len(self.invalid_routes) > 8 else "")
+            segs = ", ".join(self.invalid_segments[:6]) + (" ..." if len(self.invalid_segments) > 6 else "")
+            parts.append(f"{len(self.invalid_routes)} of {self.routes} routes are priced from the "
+                         f"{len(self.invalid_segments)} segment(s) whose interval is wider than the protocol allows "
+                         f"({segs}): routes {shown}")
+        else:
+            parts.append(f"every segment valid ({self.routes} routes)")
+        if self.interval_median is not None:
+            parts.append(f"a route's price within +-{100 * self.interval_median:.1f}% (median; "
+                         f"max +-{100 * self.interval_max:.1f}%) from its parts' intervals")
+        if self.validated:
+            parts.append(f"against the deployed engine in the same run {100 * self.error_median:.1f}% median "
+                         f"|error| (max {100 * self.error_max:.1f}%) over {self.validated} routes")
+        return "; ".join(parts)
+
+
 @dataclass
 class LatencyLUT:
     model: str
@@ -62,6 +102,10 @@ class LatencyLUT:
     failed: dict[str, str]
     dispatch_ms: float = 0.0  # per gate decision, added to every route (0 when its interval holds zero)
     dispatch_note: str = ""  # how dispatch_ms was obtained (one line)
+    segment_interval: dict[str, tuple[float, float]] = field(default_factory=dict)  # the p50's 95% interval (ms)
+    invalid: tuple[str, ...] = ()  # segments stored as not valid under the protocol
+    dispatch_halfwidth_ms: float = 0.0  # of the dispatch cost, when it is counted
+    route_errors: dict[str, float] = field(default_factory=dict)  # (LUT - deployed) / deployed, same run
 
     @classmethod
     def load(cls, results_dir, backend: str, model: str, precision: str = "fp32", batch_size: int = 1,
@@ -101,9 +145,21 @@ class LatencyLUT:
         d = df[(df.kind == "dispatch") & (df.name == DISPATCH_NAME) & (df.model == model) & (df.backend == backend)
                & (df.precision == precision) & (df.batch_size == batch_size) & (df.input_size == sizes[0])]
         dispatch_ms, note = dispatch_cost(d.iloc[0] if len(d) else None)
+        half = float(d.iloc[0].latency_ms_p50_ci_high - d.iloc[0].latency_ms_p50_ci_low) / 2 \
+            if dispatch_ms > 0 else 0.0
+        # older exports lack the interval and validity columns: nothing is known of them, nothing claimed
+        interval = {r.name: (float(r.latency_ms_p50_ci_low), float(r.latency_ms_p50_ci_high))
+                    for r in ok.itertuples() if not pd.isna(getattr(r, "latency_ms_p50_ci_low", float("nan")))
+                    and not pd.isna(getattr(r, "latency_ms_p50_ci_high", float("nan")))}
+        invalid = tuple(sorted(ok.name[ok.valid == 0])) if "valid" in ok.columns else ()
+        routes = df[(df.kind == "route") & (df.status == "ok") & (df.model == model) & (df.backend == backend)
+                    & (df.precision == precision) & (df.batch_size == batch_size) & (df.input_size == sizes[0])]
+        errors = {str(r.name): float(r.rel_error) for r in routes.itertuples()
+                  if "rel_error" in routes.columns and not pd.isna(r.rel_error)}
         return cls(model, backend, precision, batch_size, int(sizes[0]),
                    {r.name: float(r.latency_ms_p50) for r in ok.itertuples()},
-                   {r.name: f"{r.status}: {r.error}" for r in bad.itertuples()}, dispatch_ms, note)
+                   {r.name: f"{r.status}: {r.error}" for r in bad.itertuples()}, dispatch_ms, note,
+                   interval, invalid, half, errors)
 
     def latency(self, route) -> float:
         """Predicted latency (ms) of ``route`` as deployed: its segments plus one dispatch cost per gate."""
@@ -128,6 +184,24 @@ class LatencyLUT:
             raise LUTError(f"LUT {self.model}/{self.backend} lacks {len(missing)} of {len(routes)} routes "
                            f"of the model: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
         return torch.tensor(values, dtype=torch.float32)
+
+    def reliability(self, model) -> LUTReliability:
+        """How far the prices of ``model``'s routes can be trusted (see the module docstring)."""
+        routes = model.routing_space.all_routes()
+        invalid_routes, widths = [], []
+        for r in routes:
+            names = route_segment_names(r)
+            if any(n in self.invalid for n in names):
+                invalid_routes.append(str(r))
+            if all(n in self.segment_interval for n in names):
+                half = sum((self.segment_interval[n][1] - self.segment_interval[n][0]) / 2 for n in names)
+                widths.append((half + len(tuple(r)) * self.dispatch_halfwidth_ms) / self.latency(r))
+        errors = [abs(e) for e in self.route_errors.values()]
+        return LUTReliability(
+            len(routes), tuple(n for n in self.invalid if any(n in route_segment_names(r) for r in routes)),
+            tuple(invalid_routes), float(np.median(widths)) if widths else None,
+            float(max(widths)) if widths else None, len(errors),
+            float(np.median(errors)) if errors else None, float(max(errors)) if errors else None)
 
 
 def dispatch_cost(row) -> tuple[float, str]:

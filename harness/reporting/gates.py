@@ -126,6 +126,11 @@ def render(layout: Layout) -> list[Path]:
     return [layout.gate_report, *figures]
 
 
+def _lut_reliability(meta: dict) -> list[str]:
+    """How far the LUT's prices held (``lut_reliability``; comparisons stored before it say nothing)."""
+    return [f"How far the LUT's prices hold: {meta['lut_reliability']}.", ""] if meta.get("lut_reliability") else []
+
+
 def _environment(meta: dict) -> list[str]:
     env = meta.get("env", {})
     return [f"Environment: {meta.get('device_name')}; {meta.get('threads')} threads; busy: {env.get('busy')}; "
@@ -169,7 +174,7 @@ def comparison_section(summary: pd.DataFrame, routes: pd.DataFrame, meta: dict, 
             f"### Route histogram ({first.model}, validation set)", "",
             md_table(hist_table), "",
             f"![gate retraining, {first.model}](figures/{figure.name})", "",
-            *_environment(meta)]
+            *_lut_reliability(meta), *_environment(meta)]
 
 
 def plot(summary: pd.DataFrame, routes: pd.DataFrame, path: Path) -> Path:
@@ -355,7 +360,7 @@ def sweep_section(summary: pd.DataFrame, routes: pd.DataFrame, meta: dict, figur
     plot_sweep(rows, largest, figure)
     return lines + [_supernet_line(meta.get("supernet", {})), "",
                     f"![gate retraining under budgets, {first.model}](figures/{figure.name})", "",
-                    *_environment(meta)]
+                    *_lut_reliability(meta), *_environment(meta)]
 
 
 def plot_sweep(rows: pd.DataFrame, largest: pd.DataFrame, path: Path) -> Path:

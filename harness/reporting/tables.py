@@ -31,7 +31,8 @@ import json
 import numpy as np
 import pandas as pd
 
-from harness.deploy.lut import matched_distribution
+import dsnet
+from harness.deploy.lut import LatencyLUT, LUTError, matched_distribution
 from harness.reporting import figures
 from harness.reporting.common import (
     EMULATED_MARK,
@@ -362,12 +363,53 @@ def slimmable_table3(lut: pd.DataFrame, input_size: int):
     return t, csv.sort_values(["model", "backend", "madds"], ascending=[True, True, False]), []
 
 
+def lut_table(dyn: pd.DataFrame, input_size: int):
+    """Per dynamic model, backend and precision: how far its LUT's prices hold
+    (:meth:`harness.deploy.lut.LatencyLUT.reliability`): the invalid segments and the routes priced
+    from them, a price's interval from its parts' intervals, the LUT against the deployed engine in
+    the same run, and how the dispatch was priced."""
+    seg = dyn[(dyn.kind == "segment") & (dyn.input_size == input_size) & (dyn.batch_size == 1)] if len(dyn) else dyn
+    if seg.empty:
+        raise ReportError(f"the LUT table needs segment rows in dynamic.csv at input {input_size}")
+    cells, notes = [], []
+    for (model, backend, precision), _ in seg.groupby(["model", "backend", "precision"], sort=True):
+        try:
+            lut = LatencyLUT.from_frame(dyn, model, backend, precision, 1, input_size)
+            model_ = dsnet.create_model(model)
+            lut.tensor(model_)  # every route priced, or the row says why not
+            r = lut.reliability(model_)
+        except (LUTError, KeyError) as e:  # KeyError: a model this version no longer knows
+            notes.append(f"{model} {backend} {precision}: no LUT ({e})")
+            continue
+        pct = (lambda v: "-" if v is None else f"{100 * v:.1f}")
+        shown = ", ".join(r.invalid_routes[:6]) + (" ..." if len(r.invalid_routes) > 6 else "")
+        cells.append({"model": model, "backend": backend, "precision": precision, "routes": r.routes,
+                      "segments": len(lut.segment_ms), "invalid segments": len(r.invalid_segments),
+                      "routes priced from invalid segments": f"{len(r.invalid_routes)}"
+                      + (f" ({shown})" if shown else ""),
+                      "price interval median (%)": pct(r.interval_median),
+                      "price interval max (%)": pct(r.interval_max),
+                      "LUT vs deployed median (%)": pct(r.error_median), "LUT vs deployed max (%)": pct(r.error_max),
+                      "validated routes": r.validated, "dispatch": lut.dispatch_note})
+    if not cells:
+        raise ReportError("no LUT could be built from dynamic.csv: " + "; ".join(notes))
+    t = pd.DataFrame(cells)
+    notes = ["A route's price is its segments plus one dispatch cost per gate. Price interval: the half-widths of "
+             "its parts' 95% intervals added, over the price (an upper bound). An invalid segment's interval is wider "
+             "than the protocol allows: a penalty or budget that reads the routes priced from it may be off by its "
+             "interval. LUT vs deployed: |LUT - deployed| / deployed on the routes the same run timed deployed.",
+             *notes]
+    return t, t.drop(columns=["dispatch"]), notes
+
+
 TABLES = {
     **{name: (f"DS-Net++ Table 2: {what}, six ways (batch 1, interleaved per backend)",
               lambda lut, dyn, gates, s, model=model: table2(dyn, s, model))
        for name, (model, what) in TABLE2_VARIANTS.items()},
     "table7": ("DS-Net++ Table 7, latency column: MobileNetV1 and DS-MBNet (batch 1)",
                lambda lut, dyn, gates, s: table7(lut, dyn, s, gates)),
+    "lut": ("The latency LUT of each dynamic model: how far its prices hold (batch 1)",
+            lambda lut, dyn, gates, s: lut_table(dyn, s)),
     "slimmable_table3": ("Slimmable networks Table 3 analogue: each family's switches (batch 1)",
                          lambda lut, dyn, gates, s: slimmable_table3(lut, s)),
 }

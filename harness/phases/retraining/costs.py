@@ -7,8 +7,10 @@ space (routing-space order) its MAdds (``dsnet.profile``) and its latency on the
 ``settings.backend``: from ``--lut`` (a results folder), else from the workspace's store, else
 measured there once by the dynamic phase in LUT mode (``harness.phases.dynamic``: segments and the
 dispatch cost in one round phase) and exported beside it. The LUT prices the deployed network:
-segments plus one dispatch cost per gate (``harness.deploy.lut``); how it priced the dispatch is
-printed and kept (``Costs.lut_note``). A LUT that cannot price every route, an engine that cannot be
+segments plus one dispatch cost per gate (``harness.deploy.lut``); how it priced the dispatch, and
+how far its prices hold (invalid segments and the routes priced from them, the prices' intervals,
+the LUT's error against the deployed engine), are printed and kept (``Costs.lut_note``,
+``Costs.lut_reliability``). A LUT that cannot price every route, an engine that cannot be
 built, or a budget no route can meet is a :class:`RetrainingError`.
 """
 
@@ -56,9 +58,10 @@ def route_costs(s: Settings, data: Data, ctx: RunContext, progress_factory) -> C
     try:
         lut = LatencyLUT.load(s.lut, s.backend, s.model, input_size=s.input_size) if s.lut is not None \
             else _measured_lut(s, ctx, arch, progress_factory)
-        costs = Costs(madds, tuple(lut.tensor(arch).tolist()), lut.dispatch_note)
+        costs = Costs(madds, tuple(lut.tensor(arch).tolist()), lut.dispatch_note, lut.reliability(arch).note())
     except LUTError as e:
         raise RetrainingError(str(e)) from None
     print(f"LUT {s.model}/{s.backend}: {lut.dispatch_note}", file=sys.stderr)
+    print(f"LUT {s.model}/{s.backend}: {costs.lut_reliability}", file=sys.stderr)
     check_budgets(s.budgets, costs.route_lut_ms)
     return costs

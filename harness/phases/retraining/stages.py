@@ -80,6 +80,7 @@ class Costs:
     route_madds: tuple[int, ...]
     route_lut_ms: tuple[float, ...]
     lut_note: str = ""  # how the LUT priced the dispatch (harness.deploy.lut.dispatch_cost)
+    lut_reliability: str = ""  # how far its prices hold (harness.deploy.lut.LUTReliability.note)
 
 
 def _digest(obj) -> str:
