@@ -1,0 +1,171 @@
+"""The same run twice: how far its figures move from one run to the next, and which statistic moves least.
+
+    python benchmarks/reproducibility.py --out /tmp/repro [--hog 1] -- --target x86 --models ds_mbnet,mobilenet_v1 \
+        --backends eager,onnxruntime
+    python benchmarks/reproducibility.py --runs /tmp/repro/run1 /tmp/repro/run2      # two finished runs
+
+The first form runs ``python -m harness.run`` with the arguments after ``--`` twice, back to back,
+into ``OUT/run1`` and ``OUT/run2`` (``--hog N``: the second run shares the machine with N processes
+spinning on a core each, a machine that slows down on demand, as a VM does when its neighbours
+wake). Either form then prints, per backend, cell by cell over the two runs' shared ``ok`` cells:
+
+- absolute: the median and max |difference| of p50 (%): the machine's speed, not a goal on a VM;
+- relative latency (each network over its model's largest, same backend, measured in the same
+  rounds), computed from the stored raw samples with three statistics: ``paired median`` (the
+  median over rounds of the per-round ratio: the ``latency_rel`` a run stores), ``p10 ratio`` (the
+  ratio of the two engines' 10th percentiles: their least-disturbed samples) and ``min ratio``; for
+  each, the median and max |difference| (%) and the rank agreement of each model's routes
+  (Spearman);
+- each run's drift: the spread of its rounds' speed factors (``env.json``), so that a difference
+  is read against how much the machine moved.
+
+Issue 38's goal reads on the relative rows: median difference at most 2%, max 6%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(REPO))
+
+STATISTICS = ("paired median", "p10 ratio", "min ratio")
+
+
+def relative_latencies(results: Path) -> pd.DataFrame:
+    """Per ok static cell of a run's store: p50 and its latency relative to its model's largest
+    network on the same backend, precision and batch, under each of :data:`STATISTICS`."""
+    from harness.measure.protocol import Measurement, paired_ratios
+    from harness.results.layout import Layout
+    from harness.results.store import ResultStore
+
+    store = ResultStore(Layout(results).store)
+    try:
+        df = store.frame()
+    finally:
+        store.close()
+    df = df[df.status == "ok"]
+    rows = []
+    for (model, backend, precision, batch, size), g in df.groupby(["model", "backend", "precision", "batch_size",
+                                                                   "input_size"]):
+        g = g.sort_values("madds")
+        m = {r.route: Measurement(json.loads(r.samples_ms), 1, json.loads(r.rounds)) for r in g.itertuples()}
+        ref = g.route.iloc[-1]
+        for r in g.itertuples():
+            a, b = np.asarray(m[r.route].samples_ms), np.asarray(m[ref].samples_ms)
+            rows.append({"model": model, "backend": backend, "precision": precision, "batch_size": batch,
+                         "input_size": size, "route": r.route, "madds": r.madds, "p50": r.latency_ms_p50,
+                         "paired median": float(np.median(paired_ratios(m[r.route], m[ref]))),
+                         "p10 ratio": float(np.percentile(a, 10) / np.percentile(b, 10)),
+                         "min ratio": float(a.min() / b.min())})
+    return pd.DataFrame(rows)
+
+
+def _spearman(x: pd.Series, y: pd.Series) -> float:
+    if len(x) < 3:
+        return float("nan")
+    return float(np.corrcoef(x.rank(), y.rank())[0, 1])
+
+
+def differences(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
+    """Per backend: absolute and relative run-to-run differences (see the module docstring)."""
+    key = ["model", "backend", "precision", "batch_size", "input_size", "route"]
+    cells = a.merge(b, on=key, suffixes=("_1", "_2"))
+    if cells.empty:
+        raise SystemExit("error: the two runs share no measured cell")
+    out = []
+    for backend, g in cells.groupby("backend"):
+        row = {"backend": backend, "cells": len(g)}
+        absolute = 100 * (g.p50_2 / g.p50_1 - 1).abs()
+        row["abs median %"], row["abs max %"] = absolute.median(), absolute.max()
+        rel = g[g.madds_1 < g.groupby(["model", "precision", "batch_size", "input_size"]).madds_1.transform("max")]
+        for stat in STATISTICS:
+            d = 100 * (rel[f"{stat}_2"] / rel[f"{stat}_1"] - 1).abs()
+            row[f"{stat}: median %"], row[f"{stat}: max %"] = d.median(), d.max()
+            ranks = [_spearman(m[f"{stat}_1"], m[f"{stat}_2"]) for _, m in rel.groupby("model")]
+            row[f"{stat}: Spearman min"] = np.nanmin(ranks) if ranks and not np.all(np.isnan(ranks)) else np.nan
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def drift_line(results: Path) -> str:
+    """The spread of a run's round speed factors over its phases (from ``env.json``)."""
+    try:
+        drift = json.loads((results / "env.json").read_text()).get("drift", {})
+    except (OSError, ValueError):
+        return f"{results}: no env.json"
+    phases = [d for d in drift.values() if isinstance(d, dict) and d.get("rounds")]
+    if not phases:
+        return f"{results}: no drift recorded"
+    lo, hi = min(d["factor_min"] for d in phases), max(d["factor_max"] for d in phases)
+    iqr = float(np.median([d["factor_iqr"] for d in phases]))
+    return (f"{results}: {len(phases)} round phases, speed factors {lo:.2f}..{hi:.2f}, "
+            f"median interquartile range {iqr:.3f}")
+
+
+def _spin() -> None:
+    while True:
+        pass
+
+
+def run_twice(out: Path, run_args: list[str], hog: int) -> tuple[Path, Path]:
+    folders = (out / "run1", out / "run2")
+    for i, folder in enumerate(folders):
+        hogs = [mp.Process(target=_spin, daemon=True) for _ in range(hog if i == 1 else 0)]
+        for h in hogs:
+            h.start()
+        t0 = time.monotonic()
+        try:
+            cmd = [sys.executable, "-m", "harness.run", *run_args, "--results", str(folder)]
+            print(f"run {i + 1}: {' '.join(cmd[1:])}" + (f" (beside {hog} spinning processes)" if hogs else ""),
+                  file=sys.stderr, flush=True)
+            r = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
+        finally:
+            for h in hogs:
+                h.terminate()
+        if r.returncode != 0:
+            raise SystemExit(f"error: run {i + 1} exited {r.returncode}")
+        print(f"run {i + 1}: {time.monotonic() - t0:.0f} s", file=sys.stderr)
+    return folders
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    run_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    own = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(prog="python benchmarks/reproducibility.py", description=__doc__.split("\n")[0])
+    p.add_argument("--runs", nargs=2, type=Path, metavar=("RUN1", "RUN2"), help="two finished results folders")
+    p.add_argument("--out", type=Path, help="where the two runs go (with arguments for harness.run after --)")
+    p.add_argument("--hog", type=int, default=0, help="processes spinning beside the second run (default 0)")
+    args = p.parse_args(own)
+    if args.runs:
+        folders = args.runs
+    elif args.out and run_args:
+        if any(a.startswith("--results") for a in run_args):
+            p.error("the two runs' folders are OUT/run1 and OUT/run2: leave --results out")
+        folders = run_twice(args.out, run_args, args.hog)
+    else:
+        p.error("give --runs RUN1 RUN2, or --out OUT -- <harness.run arguments>")
+    for f in folders:
+        if not (f / "results.sqlite").is_file():
+            p.error(f"{f} holds no results.sqlite of harness.run")
+    table = differences(relative_latencies(folders[0]), relative_latencies(folders[1]))
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.2f}".format):
+        print(table.set_index("backend").T.to_string())
+    for f in folders:
+        print("drift", drift_line(f))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
