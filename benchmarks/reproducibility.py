@@ -7,15 +7,15 @@
 The first form runs ``python -m harness.run`` with the arguments after ``--`` twice, back to back,
 into ``OUT/run1`` and ``OUT/run2`` (``--hog N``: the second run shares the machine with N processes
 spinning on a core each, a machine that slows down on demand, as a VM does when its neighbours
-wake). Either form then prints, per backend, cell by cell over the two runs' shared ``ok`` cells:
+wake; ``--duty 0.3``: each spins in bursts, 30% of the time, so the load comes and goes). Either
+form then prints, per backend, cell by cell over the two runs' shared ``ok`` cells:
 
 - absolute: the median and max |difference| of p50 (%): the machine's speed, not a goal on a VM;
 - relative latency (each network over its model's largest, same backend, measured in the same
-  rounds), computed from the stored raw samples with three statistics: ``paired median`` (the
-  median over rounds of the per-round ratio: the ``latency_rel`` a run stores), ``p10 ratio`` (the
-  ratio of the two engines' 10th percentiles: their least-disturbed samples) and ``min ratio``; for
-  each, the median and max |difference| (%) and the rank agreement of each model's routes
-  (Spearman);
+  rounds) under three statistics: ``latency_rel`` as the run stored it (the median over rounds of
+  the per-round ratio), and from the stored raw samples ``p10 ratio`` (the ratio of the two
+  engines' 10th percentiles: their least-disturbed samples) and ``min ratio``; for each, the median
+  and max |difference| (%) and the rank agreement of each model's routes (Spearman);
 - each run's drift: the spread of its rounds' speed factors (``env.json``), so that a difference
   is read against how much the machine moved.
 
@@ -39,13 +39,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(REPO))
 
-STATISTICS = ("paired median", "p10 ratio", "min ratio")
+STATISTICS = ("latency_rel", "p10 ratio", "min ratio")
 
 
 def relative_latencies(results: Path) -> pd.DataFrame:
     """Per ok static cell of a run's store: p50 and its latency relative to its model's largest
     network on the same backend, precision and batch, under each of :data:`STATISTICS`."""
-    from harness.measure.protocol import Measurement, paired_ratios
+    from harness.measure.protocol import Measurement
     from harness.results.layout import Layout
     from harness.results.store import ResultStore
 
@@ -65,7 +65,7 @@ def relative_latencies(results: Path) -> pd.DataFrame:
             a, b = np.asarray(m[r.route].samples_ms), np.asarray(m[ref].samples_ms)
             rows.append({"model": model, "backend": backend, "precision": precision, "batch_size": batch,
                          "input_size": size, "route": r.route, "madds": r.madds, "p50": r.latency_ms_p50,
-                         "paired median": float(np.median(paired_ratios(m[r.route], m[ref]))),
+                         "latency_rel": float(r.latency_rel),
                          "p10 ratio": float(np.percentile(a, 10) / np.percentile(b, 10)),
                          "min ratio": float(a.min() / b.min())})
     return pd.DataFrame(rows)
@@ -113,15 +113,26 @@ def drift_line(results: Path) -> str:
             f"median interquartile range {iqr:.3f}")
 
 
-def _spin() -> None:
+def _spin(duty: float, seed: int) -> None:
+    """Spin on a core; with ``duty`` < 1, in bursts (0.2-2 s) with pauses between, so that the
+    machine's load comes and goes as a VM's neighbours' does."""
+    import random
+
+    rng = random.Random(seed)
     while True:
-        pass
+        if duty >= 1:
+            continue
+        burst = rng.uniform(0.2, 2.0)
+        end = time.monotonic() + burst
+        while time.monotonic() < end:
+            pass
+        time.sleep(burst * (1 - duty) / duty)
 
 
-def run_twice(out: Path, run_args: list[str], hog: int) -> tuple[Path, Path]:
+def run_twice(out: Path, run_args: list[str], hog: int, duty: float) -> tuple[Path, Path]:
     folders = (out / "run1", out / "run2")
     for i, folder in enumerate(folders):
-        hogs = [mp.Process(target=_spin, daemon=True) for _ in range(hog if i == 1 else 0)]
+        hogs = [mp.Process(target=_spin, args=(duty, j), daemon=True) for j in range(hog if i == 1 else 0)]
         for h in hogs:
             h.start()
         t0 = time.monotonic()
@@ -147,13 +158,17 @@ def main(argv=None) -> int:
     p.add_argument("--runs", nargs=2, type=Path, metavar=("RUN1", "RUN2"), help="two finished results folders")
     p.add_argument("--out", type=Path, help="where the two runs go (with arguments for harness.run after --)")
     p.add_argument("--hog", type=int, default=0, help="processes spinning beside the second run (default 0)")
+    p.add_argument("--duty", type=float, default=1.0,
+                   help="share of the time each of them spins, in bursts of 0.2-2 s (default 1: always)")
     args = p.parse_args(own)
     if args.runs:
         folders = args.runs
     elif args.out and run_args:
         if any(a.startswith("--results") for a in run_args):
             p.error("the two runs' folders are OUT/run1 and OUT/run2: leave --results out")
-        folders = run_twice(args.out, run_args, args.hog)
+        if not 0 < args.duty <= 1:
+            p.error(f"--duty must be in (0, 1], got {args.duty}")
+        folders = run_twice(args.out, run_args, args.hog, args.duty)
     else:
         p.error("give --runs RUN1 RUN2, or --out OUT -- <harness.run arguments>")
     for f in folders:
