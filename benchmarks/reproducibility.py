@@ -45,7 +45,6 @@ STATISTICS = ("latency_rel", "p10 ratio", "min ratio")
 def relative_latencies(results: Path) -> pd.DataFrame:
     """Per ok static cell of a run's store: p50 and its latency relative to its model's largest
     network on the same backend, precision and batch, under each of :data:`STATISTICS`."""
-    from harness.measure.protocol import Measurement
     from harness.results.layout import Layout
     from harness.results.store import ResultStore
 
@@ -59,10 +58,10 @@ def relative_latencies(results: Path) -> pd.DataFrame:
     for (model, backend, precision, batch, size), g in df.groupby(["model", "backend", "precision", "batch_size",
                                                                    "input_size"]):
         g = g.sort_values("madds")
-        m = {r.route: Measurement(json.loads(r.samples_ms), 1, json.loads(r.rounds)) for r in g.itertuples()}
+        samples = {r.route: np.asarray(json.loads(r.samples_ms)) for r in g.itertuples()}
         ref = g.route.iloc[-1]
         for r in g.itertuples():
-            a, b = np.asarray(m[r.route].samples_ms), np.asarray(m[ref].samples_ms)
+            a, b = samples[r.route], samples[ref]
             rows.append({"model": model, "backend": backend, "precision": precision, "batch_size": batch,
                          "input_size": size, "route": r.route, "madds": r.madds, "p50": r.latency_ms_p50,
                          "latency_rel": float(r.latency_rel),

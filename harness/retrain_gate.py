@@ -46,7 +46,6 @@ from harness.cli import (
 )
 from harness.phases import retraining as rt
 from harness.phases.context import RunContext
-from harness.phases.retraining import Settings, parse_budgets
 from harness.reporting.gates import render
 
 PENALTIES = ("madds", "latency")
@@ -94,17 +93,17 @@ def parse_args(argv):
 
 
 def settings_from(args, target):
-    return Settings(model=args.model, backend=args.backend,
-                    penalties=PENALTIES if args.penalty == "both" else (args.penalty,), data=args.data,
-                    input_size=args.input_size, layout=results_layout(args.results, target.name),
-                    checkpoint=args.checkpoint, lut=args.lut, supernet_epochs=args.supernet_epochs,
-                    supernet_lr=args.supernet_lr,
-                    gate_epochs=args.gate_epochs, batch_size=args.batch_size, lr=args.lr, cp_weight=args.cp_weight,
-                    routes_upto=args.routes_upto, latency_target=args.latency_target,
-                    latency_fraction=args.latency_fraction,
-                    madds_target=args.madds_target, seed=args.seed,
-                    budgets=parse_budgets(args.latency_budget) if args.latency_budget else (),
-                    calibrate=not args.no_calibrate)
+    return rt.Settings(model=args.model, backend=args.backend,
+                       penalties=PENALTIES if args.penalty == "both" else (args.penalty,), data=args.data,
+                       input_size=args.input_size, layout=results_layout(args.results, target.name),
+                       checkpoint=args.checkpoint, lut=args.lut, supernet_epochs=args.supernet_epochs,
+                       supernet_lr=args.supernet_lr,
+                       gate_epochs=args.gate_epochs, batch_size=args.batch_size, lr=args.lr, cp_weight=args.cp_weight,
+                       routes_upto=args.routes_upto, latency_target=args.latency_target,
+                       latency_fraction=args.latency_fraction,
+                       madds_target=args.madds_target, seed=args.seed,
+                       budgets=rt.parse_budgets(args.latency_budget) if args.latency_budget else (),
+                       calibrate=not args.no_calibrate)
 
 
 def _train_progress(total: int, desc: str):

@@ -231,8 +231,7 @@ def open_context(args, target: Target, p: RunPlan, farm: Farm | None):
 
 def tuning_phase(ctx: RunContext, p: RunPlan, quick: bool, minutes: float | None = None) -> None:
     """TVM tuned before any TVM build (:func:`harness.phases.policy.tune_before_measuring`)."""
-    p.notes = policy.tune_before_measuring(ctx, p.backends, p.models, p.input_size, minutes, quick,
-                                           lambda total, desc: Progress(total, desc), p.notes)
+    p.notes = policy.tune_before_measuring(ctx, p.backends, p.models, p.input_size, minutes, quick, Progress, p.notes)
 
 
 def static_phase(ctx: RunContext, p: RunPlan, all_workloads: list[Workload], retry_failed: bool) -> None:

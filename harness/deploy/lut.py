@@ -154,8 +154,8 @@ class LatencyLUT:
         invalid = tuple(sorted(ok.name[ok.valid == 0])) if "valid" in ok.columns else ()
         routes = df[(df.kind == "route") & (df.status == "ok") & (df.model == model) & (df.backend == backend)
                     & (df.precision == precision) & (df.batch_size == batch_size) & (df.input_size == sizes[0])]
-        errors = {str(r.name): float(r.rel_error) for r in routes.itertuples()
-                  if "rel_error" in routes.columns and not pd.isna(r.rel_error)}
+        errors = {str(r.name): float(r.rel_error) for r in routes.itertuples() if not pd.isna(r.rel_error)} \
+            if "rel_error" in routes.columns else {}
         return cls(model, backend, precision, batch_size, int(sizes[0]),
                    {r.name: float(r.latency_ms_p50) for r in ok.itertuples()},
                    {r.name: f"{r.status}: {r.error}" for r in bad.itertuples()}, dispatch_ms, note,
@@ -188,9 +188,10 @@ class LatencyLUT:
     def reliability(self, model) -> LUTReliability:
         """How far the prices of ``model``'s routes can be trusted (see the module docstring)."""
         routes = model.routing_space.all_routes()
-        invalid_routes, widths = [], []
+        invalid_routes, widths, used = [], [], set()
         for r in routes:
             names = route_segment_names(r)
+            used.update(names)
             if any(n in self.invalid for n in names):
                 invalid_routes.append(str(r))
             if all(n in self.segment_interval for n in names):
@@ -198,7 +199,7 @@ class LatencyLUT:
                 widths.append((half + len(tuple(r)) * self.dispatch_halfwidth_ms) / self.latency(r))
         errors = [abs(e) for e in self.route_errors.values()]
         return LUTReliability(
-            len(routes), tuple(n for n in self.invalid if any(n in route_segment_names(r) for r in routes)),
+            len(routes), tuple(n for n in self.invalid if n in used),
             tuple(invalid_routes), float(np.median(widths)) if widths else None,
             float(max(widths)) if widths else None, len(errors),
             float(np.median(errors)) if errors else None, float(max(errors)) if errors else None)

@@ -216,17 +216,15 @@ class DynamicPhase:
         label = f"{self.model_name} {self.backend_name}"
         on_round = (lambda d, n: progress(f"{label} round {d}/{n}", f"{len(phase)} engines")) if progress else None
         results = phase.measure(on_round)
-        first = self._dispatch(results, chained, priced, phase.protocol)
-        if first.status == "measure_failed" and first.measurement is not None:  # impossible: measured again, once
+        dispatch = self._dispatch(results, chained, priced, phase.protocol)
+        if dispatch.status == "measure_failed" and dispatch.measurement is not None:  # impossible: again, once
+            first = dispatch.error
             if progress:
-                progress(f"{label}: {first.error.split(';')[0]}", "re-measuring once")
+                progress(f"{label}: {first.split(';')[0]}", "re-measuring once")
             results = phase.measure(on_round)
-            again = self._dispatch(results, chained, priced, phase.protocol)
-            remeasured = {"remeasured": f"the first rounds gave: {first.error}"}
-            self._store(phase, results, chained, priced, failed, extra, lut_only,
-                        again.replace(details={**again.details, **remeasured}))
-            return
-        self._store(phase, results, chained, priced, failed, extra, lut_only, first)
+            dispatch = self._dispatch(results, chained, priced, phase.protocol)
+            dispatch = dispatch.replace(details={**dispatch.details, "remeasured": f"the first rounds gave: {first}"})
+        self._store(phase, results, chained, priced, failed, extra, lut_only, dispatch)
 
     # -- checks -----------------------------------------------------------------------------------
     def _check_natural(self) -> None:

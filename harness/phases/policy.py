@@ -31,7 +31,7 @@ from harness.phases.static import Task, Workload
 from harness.phases.table2 import TABLE2_MODELS
 from harness.phases.tuning import SPENT, run_tuning
 
-Progress = Callable[[int, str], object]
+ProgressFactory = Callable[[int, str], object]  # (total, description) -> a progress callback
 
 
 def quick_routes(workloads: list[Workload]) -> list[Workload]:
@@ -108,7 +108,7 @@ def supernets(models: list[str]) -> list[str]:
 
 
 def tune_before_measuring(ctx: RunContext, backends: list[str], models: list[str], input_size: int,
-                          minutes: float | None, quick: bool, progress: Progress, notes: list[str]) -> list[str]:
+                          minutes: float | None, quick: bool, progress: ProgressFactory, notes: list[str]) -> list[str]:
     """TVM tuned within ``minutes`` (default: the profile's ``[tvm] tune_minutes``; a budget over
     re-runs: a tuned database tunes nothing) before any TVM build. Left out by ``--quick`` and when
     TVM is not measured or not on a CPU. Returns ``notes`` (the run's) with TVM's brought up to

@@ -372,6 +372,7 @@ def lut_table(dyn: pd.DataFrame, input_size: int):
     if seg.empty:
         raise ReportError(f"the LUT table needs segment rows in dynamic.csv at input {input_size}")
     cells, notes = [], []
+    pct = (lambda v: "-" if v is None else f"{100 * v:.1f}")  # noqa: E731
     for (model, backend, precision), _ in seg.groupby(["model", "backend", "precision"], sort=True):
         try:
             lut = LatencyLUT.from_frame(dyn, model, backend, precision, 1, input_size)
@@ -381,7 +382,6 @@ def lut_table(dyn: pd.DataFrame, input_size: int):
         except (LUTError, KeyError) as e:  # KeyError: a model this version no longer knows
             notes.append(f"{model} {backend} {precision}: no LUT ({e})")
             continue
-        pct = (lambda v: "-" if v is None else f"{100 * v:.1f}")
         shown = ", ".join(r.invalid_routes[:6]) + (" ..." if len(r.invalid_routes) > 6 else "")
         cells.append({"model": model, "backend": backend, "precision": precision, "routes": r.routes,
                       "segments": len(lut.segment_ms), "invalid segments": len(r.invalid_segments),
