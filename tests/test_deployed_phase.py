@@ -162,3 +162,43 @@ def test_the_lut_says_which_routes_rest_on_invalid_segments_and_how_far_its_pric
     # an export without intervals or validity (older results): nothing is claimed of them
     old = LatencyLUT.from_frame(_lut_frame(with_intervals=False), "ds_mbnet_tiny", "eager").reliability(model)
     assert old.invalid_segments == () and old.interval_median is None and "+-" not in old.note()
+
+
+def test_crafted_inputs_are_kept_for_later_runs_and_a_planted_one_is_found_again(tmp_path, monkeypatch):
+    """The one artifact's per-route inputs (gradient steps: minutes at 224 px) are stored in the cache
+    folder as plain arrays; a later process loads one only when the eager plan still takes the route
+    on it."""
+    import numpy as np
+    import torch
+
+    import harness.phases.dynamic as dynamic
+    from dsnet.one_graph import input_for_route
+
+    store = ResultStore(tmp_path / "results.sqlite")
+    ctx = RunContext(X86, Layout(tmp_path), FAST, store, "cpu", False, "test")
+    searches = []
+
+    def counted(plan, route, example):
+        searches.append(tuple(route))
+        return input_for_route(plan, route, example)
+
+    def fresh_process():
+        monkeypatch.setattr(dynamic, "_CRAFTED", {})
+        return dynamic.DynamicPhase(ctx, "ds_mbnet_tiny", "eager", "fp32", 64)
+
+    route = tuple(int(c) for c in dsnet.create_model("ds_mbnet_tiny").routes(64)[-1])
+    first = fresh_process()._crafted(route, counted)
+    (path,) = (tmp_path / "cache" / "crafted").glob("*.npy")
+    assert searches == [tuple(route)]
+    again = fresh_process()._crafted(route, counted)
+    assert searches == [tuple(route)] and np.array_equal(again.numpy(), first.numpy())
+    zeros = np.zeros(first.shape, np.float32)
+    assert dynamic._route_taken(fresh_process().plan, torch.from_numpy(zeros)) != tuple(route)  # precondition
+    for planted in (zeros, np.array([["not", "an image"]])):
+        np.save(path, planted)
+        searches.clear()
+        phase = fresh_process()
+        x = phase._crafted(route, counted)
+        assert searches == [tuple(route)], "a planted input was used"
+        assert dynamic._route_taken(phase.plan, x) == tuple(route)
+    store.close()

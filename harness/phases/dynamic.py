@@ -57,6 +57,8 @@ Plain calls, no CUDA graphs: a graph would freeze the route chosen when captured
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -77,6 +79,7 @@ from harness.measure.protocol import Measurement, Protocol
 from harness.phases.context import RunContext
 from harness.phases.static import reference_model
 from harness.results.layout import DYNAMIC_KEY
+from harness.results.store import write_atomically
 
 E2E_ROUTES = 16  # routes validated end to end when a model has more
 BATCH = 8  # the batched path is measured on this many images
@@ -85,6 +88,33 @@ ONE_GRAPH_ROUTES = 4  # routes the one artifact is timed on (inputs crafted by g
 
 
 _CRAFTED: dict[tuple, torch.Tensor] = {}  # inputs that take a route (DynamicPhase._crafted)
+
+
+def _route_taken(plan, x: torch.Tensor) -> tuple:
+    """The route the eager plan's gates send the one image ``x`` down."""
+    with torch.no_grad():
+        return tuple(int(c) for c in plan(x)[1][0].tolist())
+
+
+def _load_array(path: Path, shape: tuple) -> torch.Tensor | None:
+    """A float32 array of ``shape`` stored at ``path`` (no pickle), or None when absent or unfit."""
+    try:
+        a = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    if a.dtype != np.float32 or a.shape != shape or not np.isfinite(a).all():
+        return None
+    return torch.from_numpy(a)
+
+
+def _save_array(path: Path, x: torch.Tensor) -> None:
+    """``x`` stored at ``path`` whole or not at all (a rename: an interrupted write leaves nothing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to the temporary name
+            np.save(f, x.detach().cpu().numpy().astype(np.float32), allow_pickle=False)
+
+    write_atomically(path, write)
 
 
 def spread(routes: list, n: int) -> list:
@@ -309,10 +339,20 @@ class DynamicPhase:
 
     def _crafted(self, route, input_for_route) -> torch.Tensor:
         """An input the plan's gates send down ``route``, found once per model, weights, size and
-        route in this process (every backend of the run reuses it)."""
-        key = (self.model_name, weights_fingerprint(self.plan), self.input_size, tuple(int(c) for c in route))
+        route (every backend of the run reuses it) and kept in the cache folder for later runs (a
+        ``.npy`` array, loaded without pickle; used only when the eager plan still takes ``route``
+        on it, else found again: a stale or planted file costs the search, never a wrong row)."""
+        route = tuple(int(c) for c in route)
+        fingerprint = weights_fingerprint(self.plan)
+        key = (self.model_name, fingerprint, self.input_size, route)
         if key not in _CRAFTED:
-            _CRAFTED[key] = input_for_route(self.plan, route, self.x)
+            path = self.ctx.layout.cache_dir / "crafted" / (
+                f"{self.model_name}-{fingerprint[:16]}-{self.input_size}-{'_'.join(map(str, route))}.npy")
+            x = _load_array(path, tuple(self.x.shape))
+            if x is None or _route_taken(self.plan, x) != route:
+                x = input_for_route(self.plan, route, self.x)
+                _save_array(path, x)
+            _CRAFTED[key] = x
         return _CRAFTED[key]
 
     def _check_one_artifact(self, graph, artifact: Result, route, xr) -> Result:
