@@ -34,7 +34,7 @@ def _main(args) -> int:
             raise UsageError(str(e)) from None
     layout = results_layout(args.results, args.target)
     try:
-        written, skipped = build(layout, input_size)
+        written, skipped = build(layout, input_size, args.target)
     except ReportError as e:
         raise UsageError(str(e)) from None
     for s in skipped:

@@ -281,8 +281,9 @@ def summarize(ctx, p: RunPlan, env_doc: dict) -> None:
         print(dynamic_summary(dyn_scope))
     print(f"wrote {p.layout.lut_csv}, {p.layout.dynamic_csv} and {p.layout.env_json} ({env_doc['wall_time_s']} s)")
     try:
-        written, _ = build(p.layout, p.input_size)
-        print(f"tables and figures: {len(written)} files under {p.layout.tables_dir} and {p.layout.figures_dir} "
+        written, _ = build(p.layout, p.input_size, ctx.target.name)
+        print(f"tables, figures and the page: {len(written)} files under {p.layout.tables_dir}, {p.layout.figures_dir} "
+              f"and {p.layout.page} "
               f"(rebuild with python -m harness.report --target {ctx.target.name} --results {p.layout.root} "
               f"--input-size {p.input_size})")
     except ReportError as e:

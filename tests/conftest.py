@@ -72,10 +72,14 @@ def _center_gates(model, x):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` skip, saying why, where torch sees no CUDA device."""
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    """Tests marked ``gpu`` skip, saying why, where torch sees no CUDA device; ``browser`` tests are
+    opt-in: they run only when ``-m`` names them (a real browser, Debian's chromium)."""
+    skips = {}
+    if not torch.cuda.is_available():
+        skips["gpu"] = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    if "browser" not in (config.option.markexpr or ""):
+        skips["browser"] = pytest.mark.skip(reason="opt-in: python -m pytest -m browser (needs Debian's chromium)")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if marker in item.keywords:
+                item.add_marker(skip)

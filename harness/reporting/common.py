@@ -40,6 +40,9 @@ TABLE2_VARIANTS = {
     "table2_ds_resnet50": ("ds_resnet50", "DS-ResNet at ratio 0.25 in every stage (full-width stem, gates and "
                                           "attention heads: the ratios also measure that architecture)"),
 }
+INVALID_MARK = "*"  # after a latency cell whose row is not valid under the protocol
+
+
 class ReportError(Exception):
     """Nothing to build from the folder: one line, exit code 2."""
 
@@ -87,6 +90,11 @@ TUNING_NOTE = ("† TVM untuned (no MetaSchedule record applies: operators left 
 EMULATED_MARK = "§"
 EMULATED_NOTE = ("§ measured on an emulated board (python -m harness.emulate: qemu-user on another machine): the "
                  "emulator's latency, not the device's; it checks that the artifact runs and is right.")
+
+
+def marked_invalid(cell) -> bool:
+    """Whether a table cell carries :data:`INVALID_MARK` (before any tuning or emulation mark)."""
+    return str(cell).rstrip("".join(TUNING_MARKS.values()) + EMULATED_MARK).endswith(INVALID_MARK)
 
 
 def cell_notes(t) -> list[str]:

@@ -36,6 +36,7 @@ from harness.deploy.lut import LatencyLUT, LUTError, matched_distribution
 from harness.reporting import figures
 from harness.reporting.common import (
     EMULATED_MARK,
+    INVALID_MARK,
     PAPER_ACCELERATION,
     PAPER_SLIMMABLE,
     PAPER_TABLE2_MS,
@@ -46,10 +47,12 @@ from harness.reporting.common import (
     ReportError,
     acceleration,
     cell_notes,
+    marked_invalid,
     md_table,
     ok_rows,
     tuning_label,
 )
+from harness.reporting.page import write_page
 from harness.results.layout import DYNAMIC_COLUMNS, GATE_ROUTE_COLUMNS, LUT_COLUMNS, Layout, read_csv
 
 # Paper values, shown only in columns labelled "paper" (the papers' tables; docs/architecture.md).
@@ -162,8 +165,6 @@ def _earlier(runs: list[dict]) -> str:
             "is in the CSVs.")
 
 
-INVALID_MARK = "*"
-_AFTER_VALIDITY = "".join(TUNING_MARKS.values()) + EMULATED_MARK  # marks written after the validity mark
 INVALID_NOTE = ("* not valid under the protocol: the 95% interval of the median is wider than the profile's "
                 "max_ci_fraction of it, or the samples cover less than min_measured_ms.")
 
@@ -415,10 +416,18 @@ TABLES = {
 }
 
 
-def build(layout: Layout, input_size: int) -> tuple[list, list[str]]:
-    """Every table and figure that the stored results allow; returns (written paths, skipped reasons)."""
+def rebuild_command(layout: Layout, input_size: int, target: str | None) -> str:
+    """The command that rebuilds a folder's tables, figures and page."""
+    return (f"python -m harness.report --target {target or '<target>'} --results {layout.root} "
+            f"--input-size {input_size}")
+
+
+def build(layout: Layout, input_size: int, target: str | None = None) -> tuple[list, list[str]]:
+    """Every table and figure that the stored results allow, and the folder's page
+    (:mod:`harness.reporting.page`); returns (written paths, skipped reasons). ``target``: the
+    profile named in the rebuild command (default: the one env.json names)."""
     lut, dyn, env, gates = load_results(layout)
-    written, skipped = [], []
+    written, skipped, sections = [], [], []
     layout.tables_dir.mkdir(exist_ok=True)
     for name, (title, fn) in TABLES.items():
         try:
@@ -428,16 +437,20 @@ def build(layout: Layout, input_size: int) -> tuple[list, list[str]]:
             continue
         md = [f"# {title}", "", f"Input {input_size}x{input_size}. Rebuilt by `python -m harness.report` from "
               "stored results; paper values only in columns labelled paper.", "", md_table(table), ""]
-        if (table.astype(str).apply(lambda c: c.str.rstrip(_AFTER_VALIDITY).str.endswith(INVALID_MARK))).any().any():
+        if table.astype(str).map(marked_invalid).any().any():
             notes = [*notes, INVALID_NOTE]
         notes = [*notes, *cell_notes(table)]
         md += [f"{n}\n" for n in notes] + [env_line(env), ""]
         layout.table(name, "md").write_text("\n".join(md))
         csv.to_csv(layout.table(name, "csv"), index=False)
         written += [layout.table(name, "md"), layout.table(name, "csv")]
+        sections.append((name, "\n".join(md)))
     if len(skipped) == len(TABLES):
         models = sorted(set(lut.model if len(lut) else []) | set(dyn.model if len(dyn) else []))
         raise ReportError(f"{layout.root} has no result the tables use at input {input_size} (it holds "
                           f"{', '.join(models) or 'nothing'}): " + "; ".join(skipped))
     written += figures.build_all(layout, lut, dyn, input_size, skipped)
+    written.append(write_page(layout, sections, env, skipped, rebuild_command(layout, input_size, target or
+                                                                              env.get("target")),
+                              {"lut.csv": lut, "dynamic.csv": dyn}, env_line(env) if env else ""))
     return written, skipped

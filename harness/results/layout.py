@@ -154,7 +154,7 @@ KIND_DOCS = {
     "engine": "a dynamic engine that could not be built",
 }
 
-TABLES = ("table2", "table2_ds_resnet50", "table7", "slimmable_table3")
+TABLES = ("table2", "table2_ds_resnet50", "table7", "lut", "slimmable_table3")
 FIGURES = ("latency_vs_madds", "lut_vs_measured", "acceleration", "table2", "table2_ds_resnet50", "gate_retraining")
 
 
@@ -200,6 +200,10 @@ class Layout:
 
     def figure(self, name: str) -> Path:
         return self.figures_dir / f"{name}.png"
+
+    @property
+    def page(self) -> Path:
+        return self.root / "index.html"
 
     # gate retraining
     @property
@@ -257,6 +261,8 @@ def describe() -> str:
                             "round phase, per run"),
              (lay.tables_dir, "the papers' tables (`<name>.md`, `<name>.csv`): " + ", ".join(TABLES)),
              (lay.figures_dir, "the figures (`<name>.png`): " + ", ".join(FIGURES)),
+             (lay.page, "every table and figure of the folder on one self-contained page (figures embedded), "
+                        "with the environment, the drift, what the folder lacks and each table's rebuild command"),
              (lay.gate_summary, "the gate comparison, one row per gate"), (lay.gate_routes, "its route histograms"),
              (lay.gate_report, "its report"), (lay.cache_dir, "compiled artifacts, signed by the installation that "
                                                              "built them (not committed)"),
