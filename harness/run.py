@@ -55,7 +55,7 @@ from harness.phases.static import Workload, run_static, static_steps, workloads
 from harness.phases.table2 import TABLE2_WAYS, measure_table2
 from harness.reporting.common import tuning_label
 from harness.reporting.summary import dynamic_summary, summary_table
-from harness.reporting.tables import ReportError, build
+from harness.reporting.tables import ReportError, build, rebuild_command
 from harness.results.layout import DYNAMIC_COLUMNS, LUT_COLUMNS, Layout, read_csv
 from harness.results.run_record import complete_document, previous_document, run_document
 from harness.targets import Target, known_targets
@@ -283,9 +283,7 @@ def summarize(ctx, p: RunPlan, env_doc: dict) -> None:
     try:
         written, _ = build(p.layout, p.input_size, ctx.target.name)
         print(f"tables, figures and the page: {len(written)} files under {p.layout.tables_dir}, {p.layout.figures_dir} "
-              f"and {p.layout.page} "
-              f"(rebuild with python -m harness.report --target {ctx.target.name} --results {p.layout.root} "
-              f"--input-size {p.input_size})")
+              f"and {p.layout.page} (rebuild with {rebuild_command(p.layout, p.input_size, ctx.target.name)})")
     except ReportError as e:
         print(f"tables and figures: none ({e})")
     except Exception as e:  # a report bug must not read as a failed run: the results are stored
