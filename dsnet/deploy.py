@@ -101,6 +101,20 @@ class DynamicPlan(nn.Module):
         return 1 + sum(len(s) for s in self.stages)
 
     @torch.no_grad()
+    def features_into(self, k: int, key: tuple, x: torch.Tensor) -> torch.Tensor:
+        """The eager features that segment ``key`` of stage ``k`` takes when ``x`` runs down a route
+        that reaches it (every earlier gate choosing ``key``'s incoming choice)."""
+        feats, _ = self.head(x)
+        prev = None
+        for j in range(k):
+            step = (prev, key[0])
+            if step not in self.stages[j]:  # a restricted gate: another way to the same incoming choice
+                step = next(s for s in self.stages[j] if s[0] == prev and (j < k - 1 or s[1] == key[0]))
+            feats, _ = self.stages[j][step](feats)
+            prev = step[1]
+        return feats
+
+    @torch.no_grad()
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(logits, choices)`` with ``choices[i]`` the route of sample ``i``."""
         return dispatch_argmax(x, self.head, lambda k, key, f: self.stages[k][key](f), len(self.stages))

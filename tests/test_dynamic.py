@@ -185,3 +185,28 @@ def test_matched_distribution_and_streams():
     assert stream.count("b") / len(stream) == pytest.approx(0.75, abs=0.03)
     with pytest.raises(ValueError, match="sum to 1"):
         stream_routes({"a": 0.5}, 10)
+
+
+def test_a_segment_is_checked_on_inputs_with_the_channel_statistics_it_really_takes(tmp_path):
+    """Standard normal features can drive a deep segment's activations a thousandfold above what its
+    real input gives (a DS-ResNet++ segment at 224 px: scale 5302 against 6.4), where fp32 rounding
+    alone fails a right engine; the check input carries the per-channel mean and spread of the
+    segment's eager input on the seeded image, and stays seeded (the same in every run)."""
+    from harness.measure.pipeline import check_input, check_input_like, image_batch
+
+    model = dsnet.reference_statistics(randomize(dsnet.create_model("ds_resnet50_tiny")))
+    plan = dsnet.split(model)
+    key = next(iter(plan.stages[2]))
+    like = plan.features_into(2, key, image_batch(1, 32))
+    with torch.no_grad():  # the features really reach that segment: it runs on them
+        plan.stages[2][key](like)
+    x = check_input_like((3, *like.shape[1:]), like)
+    assert torch.equal(x, check_input_like((3, *like.shape[1:]), like))
+    dims = (0, 2, 3)
+    assert torch.allclose(x.mean(dims), like.mean(dims), atol=0.35 * like.std(dims).max().item() + 1e-6)
+    assert torch.allclose(x.std(dims), like.std(dims), rtol=0.35, atol=1e-6)
+    assert not torch.allclose(x, check_input(x.shape))
+    engine = DynamicEngine(plan, get_backend("onnxruntime"), X86, "fp32", tmp_path, 32)
+    engine.segment(2, key, torch.zeros_like(like))  # compiled and checked on the seeded like-input
+    (result,) = [r for name, r in engine.parts.items() if name.startswith(plan.segment_name(2, key))]
+    assert result.ok

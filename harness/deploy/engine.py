@@ -6,7 +6,7 @@ Contract
 the head of a ``dsnet.split`` plan (fixed layers + gate, returning features and route scores) and,
 on demand, one engine per later segment and input shape, each through
 :func:`harness.measure.pipeline.trial`: cached under the one artifact key and checked against
-its eager segment (on the seeded :func:`~harness.measure.pipeline.check_input` of its shape) before
+its eager segment (on the seeded :func:`~harness.measure.pipeline.check_input_like` of its shape) before
 use. A part that fails raises :class:`PartError` carrying its
 :class:`~harness.measure.pipeline.Result`; ``engine.parts`` holds every part's result (compile time,
 details). Models know nothing of this module; backends know nothing of DS-Net.
@@ -41,7 +41,7 @@ import torch
 
 from dsnet.deploy import dispatch_argmax
 from harness.deploy.lut import route_segment_names
-from harness.measure.pipeline import ArtifactKey, Result, check_input, image_batch, trial, weights_fingerprint
+from harness.measure.pipeline import ArtifactKey, Result, check_input_like, image_batch, trial, weights_fingerprint
 from harness.targets import Target
 
 
@@ -59,7 +59,7 @@ class DynamicEngine:
         """``model_name`` names the artifacts: make it differ for plans whose parts differ in more
         than their weights (e.g. a gate restricted to fewer routes)."""
         self.plan, self.backend, self.target, self.precision = plan, backend, target, precision
-        self.cache_root, self.model_name = Path(cache_root), model_name
+        self.cache_root, self.model_name, self.input_size = Path(cache_root), model_name, input_size
         self.n_gates = len(plan.stages)
         self.parts: dict[str, Result] = {}
         self.head = self._compile("head", plan.head, image_batch(batch_size, input_size))
@@ -84,8 +84,12 @@ class DynamicEngine:
             # Compiled and checked on seeded data of the features' shape, not on ``feats``: what first
             # arrives may be degenerate (a narrow slice of one image's features can be all zero after
             # ReLU), which would make the check against eager meaningless and the artifact depend on it.
+            # The seeded data carries the channel statistics of the segment's eager input on the seeded
+            # image (check_input_like): standard normal features can drive a deep segment's activations
+            # so high that fp32 rounding alone fails a right engine.
+            like = self.plan.features_into(k, key, image_batch(1, self.input_size))
             self._segments[cache_key] = self._compile(name, self.plan.stages[k][key],
-                                                      check_input(feats.shape, feats.dtype))
+                                                      check_input_like(feats.shape, like, feats.dtype))
         return self._segments[cache_key]
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

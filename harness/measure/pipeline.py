@@ -24,7 +24,7 @@ artifact-load) time ``compile_s``, the backend's ``details`` that change a numbe
   profile asks for CUDA graphs, the replay of a captured call, checked against the plain call first;
   the result's ``cuda_graph`` detail says which was timed and why.
 - :func:`check_input` (and :func:`image_batch`) is the one seeded input engines are checked and
-  timed on.
+  timed on; :func:`check_input_like` the same with the channel statistics of a segment's real input.
 - :func:`exported` builds the artifact only, for a board (``harness.measure.remote`` checks and
   times it there); :func:`built` compiles it without checking it, in a build worker
   (:mod:`harness.measure.build_worker`), and ``trial(..., built=that result)`` then loads and checks
@@ -134,6 +134,20 @@ def check_input(shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     ``shape`` (an image batch ``(n, 3, h, w)``, or the features a segment of the dynamic engine takes),
     the same in every run, so cached artifacts and their checks agree."""
     return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(CHECK_SEED), dtype=dtype)
+
+
+def check_input_like(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """:func:`check_input` of ``shape`` given the per-channel mean and standard deviation of
+    ``like`` (features a segment really takes: channels on dim 1 of an image-like tensor, else on
+    the last dim). A deep segment fed standard normal values where its trained input is, say,
+    non-negative and small can blow its activations up a thousandfold (measured: a DS-ResNet++
+    segment at 224 px, output scale 5302 on standard normal input, 6.4 on inputs like its own), and
+    fp32 rounding at that scale fails an engine that is right."""
+    like = like.detach().float()
+    dims = (0, 2, 3) if like.dim() == 4 else tuple(range(like.dim() - 1))
+    mean, std = like.mean(dim=dims, keepdim=True), like.std(dim=dims, keepdim=True)
+    base = check_input(shape)
+    return (base * std.nan_to_num(0.0) + mean).to(dtype or like.dtype)
 
 
 def image_batch(batch_size: int, input_size: int) -> torch.Tensor:
