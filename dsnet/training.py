@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsnet.calibration import calibration_routes, recalibrate_bn
+from dsnet.distributed import World, average_buffers, gather, mean_across
 from dsnet.gate import Gate, model_gates
 from dsnet.layers import SplitBatchNorm2d
 from dsnet.routes import Route
@@ -63,9 +64,17 @@ def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torc
 
 def train_supernet(model, loader, epochs: int, lr: float = 0.05, n_random: int = 2, distill: bool = True,
                    ema_decay: float | None = None, weight_decay: float = 1e-4, seed: int = 0,
-                   calibration_batches: int | None = None, progress: Progress | None = None) -> dict:
+                   calibration_batches: int | None = None, progress: Progress | None = None,
+                   world: World | None = None, resume: dict | None = None,
+                   on_epoch: Callable[[dict], None] | None = None) -> dict:
     """Stage I in place; returns the last epoch's mean loss. BN is re-calibrated at the end, over
-    every route or, in a large routing space, a seeded draw of them (``calibration_routes``)."""
+    every route or, in a large routing space, a seeded draw of them (``calibration_routes``).
+
+    Over several processes (``world``, ``loader`` from :func:`dsnet.distributed.shard_loader`) the
+    model runs under ``DistributedDataParallel``; the sandwich's random routes come from one seeded
+    generator, the same on every rank; the re-calibrated statistics are averaged over the ranks.
+    ``on_epoch(state)`` gets, after every epoch, what ``resume=state`` continues from (model,
+    optimizer, schedule, generators, the epoch): a run resumed from it goes on as if never stopped."""
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
     g = torch.Generator().manual_seed(seed)
@@ -77,15 +86,20 @@ def train_supernet(model, loader, epochs: int, lr: float = 0.05, n_random: int =
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         teacher = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+    first = 0
+    if resume is not None:
+        first = _resume(resume, model, opt, sched, world, generator=g, teacher=teacher)
+    net = _parallel(_Forward(model), world)
     model.train()
     total, n = 0.0, 0
-    for epoch in range(epochs):
+    for epoch in range(first, epochs):
+        _set_epoch(loader, epoch)
         total, n = 0.0, 0
         for step, (x, y) in enumerate(loader):
             opt.zero_grad(set_to_none=True)
             routes = sandwich_routes(model, n_random, g)
             model.set_route(routes[0])
-            out = model(x)
+            out = net(x)
             loss = F.cross_entropy(out, y)
             loss.backward()
             soft = None
@@ -99,7 +113,7 @@ def train_supernet(model, loader, epochs: int, lr: float = 0.05, n_random: int =
                     soft = out.detach().softmax(-1)
             for route in routes[1:]:
                 model.set_route(route)
-                out_r = model(x)
+                out_r = net(x)
                 loss_r = soft_cross_entropy(out_r, soft) if soft is not None else F.cross_entropy(out_r, y)
                 loss_r.backward()
             opt.step()
@@ -110,9 +124,69 @@ def train_supernet(model, loader, epochs: int, lr: float = 0.05, n_random: int =
             if progress:
                 progress(f"stage I epoch {epoch + 1}/{epochs} step {step + 1}/{len(loader)}",
                          {"loss": loss.item()})
+        if on_epoch:
+            on_epoch(_state(epoch, model, opt, sched, world, generator=g, teacher=teacher, loss=total / max(1, n)))
+    if n == 0 and resume is not None:  # every epoch was done before: the loss is the one stored
+        total, n = resume.get("loss", 0.0), 1
     recalibrate_bn(model, loader, calibration_routes(model, seed=seed), max_batches=calibration_batches)
+    average_buffers([b for m in model.modules() if isinstance(m, SplitBatchNorm2d) for b in m.buffers()], world)
     model.eval()
     return {"loss": total / max(1, n)}
+
+
+class _Forward(nn.Module):
+    """``model(x)`` (stage I: the route set on the model) or ``model.forward_dynamic(x)`` (stage II)
+    as a module's forward: what ``DistributedDataParallel`` wraps and syncs the gradients of."""
+
+    def __init__(self, model, dynamic: bool = False):
+        super().__init__()
+        self.model, self.dynamic = model, dynamic
+
+    def forward(self, x):
+        return self.model.forward_dynamic(x) if self.dynamic else self.model(x)
+
+
+def _parallel(module: nn.Module, world: World | None):
+    """``module`` under ``DistributedDataParallel`` over ``world`` (itself for one process). Some
+    parameters sit out a step (a route's unused choices, the routing heads in stage I)."""
+    if world is None or not world.distributed:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    on_cuda = next(module.parameters()).is_cuda
+    return DistributedDataParallel(module, device_ids=[world.local_rank] if on_cuda else None,
+                                   find_unused_parameters=True, broadcast_buffers=False)
+
+
+def _set_epoch(loader, epoch: int) -> None:
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):  # DistributedSampler: each epoch its own shuffle, the same on every rank
+        sampler.set_epoch(epoch)
+
+
+def _state(epoch: int, model, opt, sched, world, generator=None, teacher=None, **extra) -> dict:
+    """What a resumed run continues from after ``epoch``; every rank's RNG state (a collective: all
+    ranks call it)."""
+    return {"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "generator": None if generator is None else generator.get_state(),
+            "teacher": None if teacher is None else teacher.state_dict(),
+            "torch_rng": gather(torch.get_rng_state(), world), **extra}
+
+
+def _resume(state: dict, model, opt, sched, world, generator=None, teacher=None) -> int:
+    """Load ``state`` (:func:`_state`); returns the first epoch still to run."""
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    if generator is not None and state.get("generator") is not None:
+        generator.set_state(state["generator"])
+    if teacher is not None and state.get("teacher") is not None:
+        teacher.load_state_dict(state["teacher"])
+    rngs = state.get("torch_rng") or []
+    rank = 0 if world is None else world.rank
+    if len(rngs) > rank:  # saved by as many ranks as now run
+        torch.set_rng_state(rngs[rank])
+    return int(state["epoch"])
 
 
 # -- stage II --------------------------------------------------------------------------------------
@@ -171,8 +245,17 @@ class ComplexityPenalty:
         """Per-sample cost of the chosen routes ``(N,)``."""
         return route_probabilities(onehots) @ self.costs.to(onehots[0].dtype)
 
-    def __call__(self, onehots: list[torch.Tensor]) -> torch.Tensor:
-        return ((self.expected(onehots).mean() - self.target) / self.normalizer) ** 2
+    def __call__(self, onehots: list[torch.Tensor], world: World | None = None) -> torch.Tensor:
+        """The penalty of the batch; over several processes, of the global batch. The penalty is not
+        linear in the batch's mean cost, so each rank reads the global mean (one all-reduce, in the
+        forward pass) and passes back the penalty's slope there times its own share's mean: averaged
+        over the ranks (``DistributedDataParallel``), that is the one-process gradient. No collective
+        runs inside the backward pass, where it would race the gradient buckets' own."""
+        local = self.expected(onehots).mean()
+        mean = mean_across(local.detach(), world)
+        value = ((mean - self.target) / self.normalizer) ** 2
+        slope = 2 * (mean - self.target) / self.normalizer ** 2
+        return value + slope * (local - local.detach())
 
     @classmethod
     def madds(cls, model, input_size: int, target: float | None = None) -> ComplexityPenalty:
@@ -223,28 +306,39 @@ def freeze_supernet(model) -> list[nn.Parameter]:
 
 
 def train_gate(model, loader, penalty: ComplexityPenalty, epochs: int, lr: float = 0.05, lr_decay: float = 0.9,
-               weights: LossWeights | None = None, seed: int = 0, progress: Progress | None = None) -> list[dict]:
-    """Stage II in place; returns per-epoch means of the losses."""
+               weights: LossWeights | None = None, seed: int = 0, progress: Progress | None = None,
+               world: World | None = None, resume: dict | None = None,
+               on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
+    """Stage II in place; returns per-epoch means of the losses. Over several processes (see
+    :func:`train_supernet`) the gate trains under ``DistributedDataParallel``, the penalty reads the
+    global batch's mean cost and each rank draws its own Gumbel noise (seed + rank); ``on_epoch``
+    and ``resume`` as in :func:`train_supernet`."""
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
     if len(penalty.costs) != len(model.routing_space):
         raise ValueError(f"the penalty prices {len(penalty.costs)} routes, the model has {len(model.routing_space)}")
     weights = weights or LossWeights()
-    torch.manual_seed(seed)  # Gumbel noise
+    torch.manual_seed(seed + (0 if world is None else world.rank))  # Gumbel noise, each rank its own
     params = freeze_supernet(model)
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, lr_decay)
     model.set_route(None)
-    history = []
+    history, first = [], 0
+    if resume is not None:
+        first = _resume(resume, model, opt, sched, world)
+        history = list(resume.get("history", []))
+        freeze_supernet(model)
+    net = _parallel(_Forward(model, dynamic=True), world)
     try:
-        for epoch in range(epochs):
+        for epoch in range(first, epochs):
+            _set_epoch(loader, epoch)
             sums = {"loss": 0.0, "cls": 0.0, "cp": 0.0, "sgs": 0.0, "cost": 0.0}
             n = 0
             for step, (x, y) in enumerate(loader):
                 targets = sgs_targets(model, x, y)
-                out = model.forward_dynamic(x)
+                out = net(x)
                 l_cls = F.cross_entropy(out.logits, y)
-                l_cp = penalty(out.onehots)
+                l_cp = penalty(out.onehots, world)
                 l_sgs = sum(F.cross_entropy(s, t) for s, t in zip(out.scores, targets)) / len(targets)
                 loss = weights.cls * l_cls + weights.cp * l_cp + weights.sgs * l_sgs
                 opt.zero_grad(set_to_none=True)
@@ -260,6 +354,8 @@ def train_gate(model, loader, penalty: ComplexityPenalty, epochs: int, lr: float
                              {"loss": loss.item(), f"cost_{penalty.unit}": cost})
             sched.step()
             history.append({k: v / max(1, n) for k, v in sums.items()} | {"epoch": epoch + 1})
+            if on_epoch:
+                on_epoch(_state(epoch, model, opt, sched, world, history=list(history)))
     finally:
         for p in model.parameters():
             p.requires_grad_(True)
