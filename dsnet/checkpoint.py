@@ -9,6 +9,11 @@ The project's format (:data:`CHECKPOINT_FORMAT`): ``save_checkpoint(path, model,
 :class:`CheckpointError`; a readable PyTorch file in another format :class:`ForeignCheckpoint`
 (a subclass: e.g. the official layout below, which the caller may try next).
 
+Training state (resuming a stage after its last complete epoch): ``save_training_state(path,
+state, settings)`` / ``load_training_state(path, settings)``, the state ``dsnet.training``'s loops
+hand to ``on_epoch`` and take as ``resume``; ``None`` when absent, unreadable or made with other
+settings.
+
 The official DS-Net code's layout (changlin31/DS-Net, ``dyn_slim``):
 ``load_official_state_dict(model, state_dict)`` fills a ``ds_mbnet`` (or any
 :class:`~dsnet.models.mobilenet.DSMobileNetV1`) from a state dict of the official
@@ -170,3 +175,33 @@ def load_official_state_dict(model, state_dict) -> None:
     with torch.no_grad():
         for dest, src in assign:
             dest.copy_(src.reshape(dest.shape) if dest.dim() == 0 else src)
+
+
+TRAINING_STATE_FORMAT = "dsnet-harness/training-state-1"
+
+
+def save_training_state(path, state: dict, settings: dict) -> Path:
+    """A stage's state after an epoch (``dsnet.training``'s ``on_epoch``) with the settings that
+    made it, written atomically: what a re-run of the same command resumes from."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"format": TRAINING_STATE_FORMAT, "settings": settings, "state": state}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_training_state(path, settings: dict) -> dict | None:
+    """The state :func:`save_training_state` kept at ``path`` for these ``settings``; None when there
+    is none, it is unreadable (loaded without running code: tensors and plain values only) or it was
+    made with other settings."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        doc = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a truncated or foreign file: the stage starts over
+        return None
+    if not isinstance(doc, dict) or doc.get("format") != TRAINING_STATE_FORMAT or doc.get("settings") != settings:
+        return None
+    return doc["state"]

@@ -87,8 +87,10 @@ def world_from_env(environ=None) -> World | None:
     return World(rank, size, local)
 
 
-def start(world: World, device: str = "cpu", timeout_s: float = 1800) -> None:
-    """Open the process group of ``world`` (gloo on CPU, NCCL on CUDA); nothing for one process."""
+def start(world: World, device: str = "cpu", timeout_s: float = 6 * 3600) -> None:
+    """Open the process group of ``world`` (gloo on CPU, NCCL on CUDA); nothing for one process.
+    The timeout is long: the other ranks wait while rank 0 alone measures a LUT (an hour at 224 px
+    on a small CPU); a rank that dies ends the job sooner (torchrun stops the others)."""
     if not world.distributed or dist.is_initialized():
         return
     backend = "nccl" if device == "cuda" else "gloo"

@@ -89,7 +89,7 @@ def train_supernet(model, loader, epochs: int, lr: float = 0.05, n_random: int =
     first = 0
     if resume is not None:
         first = _resume(resume, model, opt, sched, world, generator=g, teacher=teacher)
-    net = _parallel(_Forward(model), world)
+    net = _parallel(_Forward(model), world, unused=True)
     model.train()
     total, n = 0.0, 0
     for epoch in range(first, epochs):
@@ -146,16 +146,16 @@ class _Forward(nn.Module):
         return self.model.forward_dynamic(x) if self.dynamic else self.model(x)
 
 
-def _parallel(module: nn.Module, world: World | None):
-    """``module`` under ``DistributedDataParallel`` over ``world`` (itself for one process). Some
-    parameters sit out a step (a route's unused choices, the routing heads in stage I)."""
+def _parallel(module: nn.Module, world: World | None, unused: bool = False):
+    """``module`` under ``DistributedDataParallel`` over ``world`` (itself for one process);
+    ``unused``: some parameters sit out a step (stage I: the routing heads)."""
     if world is None or not world.distributed:
         return module
     from torch.nn.parallel import DistributedDataParallel
 
     on_cuda = next(module.parameters()).is_cuda
     return DistributedDataParallel(module, device_ids=[world.local_rank] if on_cuda else None,
-                                   find_unused_parameters=True, broadcast_buffers=False)
+                                   find_unused_parameters=unused, broadcast_buffers=False)
 
 
 def _set_epoch(loader, epoch: int) -> None:

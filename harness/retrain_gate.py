@@ -11,10 +11,18 @@ in ``harness.phases.retraining``:
 
 - ``gate_retraining/<model>-<data>-<size>px/``: the workspace. ``supernet.pt`` (stage I),
   ``gate-<penalty>-<backend>.pt`` (stage II), ``results.sqlite`` and ``dynamic.csv`` (the LUT,
-  when measured here). A re-run reuses every checkpoint whose settings match: an interrupted run
-  loses at most the stage it was in.
+  when measured here). A re-run reuses every checkpoint whose settings match, and resumes a stage
+  after its last complete epoch: an interrupted run loses at most the epoch it was in.
 - ``gate_retraining.md`` / ``.csv`` / ``_routes.csv`` and ``figures/gate_retraining.png``: the
   comparison, with the environment.
+
+Over several processes (``torchrun --nproc_per_node N -m harness.retrain_gate ...``, or with
+``--nnodes``), both stages train under ``DistributedDataParallel`` (``dsnet.distributed``: gloo on
+CPU, NCCL on CUDA), each rank taking ``--batch-size / N`` images of every global batch; rank 0
+alone measures the LUT (handed to the others), reads and writes the results folder, checkpoints and
+measures the retrained gates. Every stage keeps its state after each epoch
+(``<checkpoint>.partial.pt``): a re-run of the same command after any rank died resumes after the
+last complete epoch, whatever the number of processes.
 
 Exit codes: 0 done; 2 bad input (one line: unknown model or backend, missing data folder, a LUT
 that does not match the model, unreadable checkpoint, a target this machine cannot run); 3 busy
@@ -32,6 +40,7 @@ from pathlib import Path
 import torch
 
 from dsnet.data import DataError
+from dsnet.distributed import DistributedError, World, share, start, stop, world_from_env
 from dsnet.training import evaluate_gate
 from harness.cli import (
     Progress,
@@ -70,7 +79,9 @@ def parse_args(argv):
     p.add_argument("--supernet-epochs", type=int, default=10)
     p.add_argument("--supernet-lr", type=float, default=0.1, help="stage-I learning rate (cosine schedule)")
     p.add_argument("--gate-epochs", type=int, default=6)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="the global batch: under torchrun each of the N processes takes batch-size / N images "
+                        "of every step (it must divide evenly), so the steps are those of one process")
     p.add_argument("--lr", type=float, default=0.05, help="stage-II learning rate (x0.9 per epoch)")
     p.add_argument("--cp-weight", type=float, default=0.5, help="weight of the complexity penalty (paper: 0.5)")
     p.add_argument("--routes-upto", type=int, help="let each gate choose only its first K choices")
@@ -120,32 +131,46 @@ def main(argv=None) -> int:
 def _main(args) -> int:
     target = open_target(args.target)
     try:
+        world = world_from_env()
+        if world is not None:
+            world.split_batch(args.batch_size)  # before any process group: every rank says it alike
+    except DistributedError as e:
+        raise UsageError(str(e)) from None
+    world = world or World.single()
+    try:
         s = settings_from(args, target)
-        return _run(args, target, s)
+        start(world, target.device)
+        return _run(args, target, s, world)
     except (rt.RetrainingError, DataError) as e:  # DataError: e.g. an image that cannot be read
         raise UsageError(str(e)) from None
+    finally:
+        stop(world)
 
 
-def _run(args, target, s) -> int:
-    rt.validate(s, target)
-    data = rt.load_splits(s)
+def _run(args, target, s, world: World) -> int:
+    """The retraining on every rank; rank 0 alone measures, reads and writes the results folder."""
+    if world.main:  # it reads the results folder (a stored comparison); a refusal ends every rank (torchrun)
+        rt.validate(s, target)
+    data = rt.load_splits(s, world)
+    if not world.main:
+        return _train_on_a_rank(args, s, data, world)
     env, device_name, mismatch = capture_machine(target, args.strict)
-    if env["busy"] and args.strict:
+    if share(env["busy"] and args.strict, world):
         return 3
     ws = s.workspace
     lock, store = open_results(ws)
     t0 = time.monotonic()
     ctx = RunContext(target, ws, target.protocol, store, device_name, mismatch, new_run_id())
     try:
-        costs = rt.route_costs(s, data, ctx, lambda n, desc: Progress(n, desc))  # before training: fails fast
-        supernet = rt.stage1(s, data, _train_progress)
+        costs = share(rt.route_costs(s, data, ctx, lambda n, desc: Progress(n, desc)), world)  # fails fast
+        supernet = rt.stage1(s, data, _train_progress, world)
         gates, evals = {}, {}
         as_tensor = {"madds": torch.tensor(costs.route_madds, dtype=torch.float64),
                      "lut_ms": torch.tensor(costs.route_lut_ms, dtype=torch.float64)}
         for budget in s.budgets or (None,):
             for penalty in s.penalties:
                 name = rt.gate_name(penalty, budget)
-                gates[name] = rt.stage2(s, data, supernet, costs, penalty, _train_progress, budget)
+                gates[name] = rt.stage2(s, data, supernet, costs, penalty, _train_progress, budget, world)
                 e = evals[name] = evaluate_gate(gates[name].model, data.val_loader, as_tensor)
                 print(f"{name} gate: val accuracy {e.accuracy:.3f}, expected {e.expected['madds'] / 1e6:.2f}M MAdds, "
                       f"LUT {e.expected['lut_ms']:.3f} ms", file=sys.stderr)
@@ -164,6 +189,19 @@ def _run(args, target, s) -> int:
     paths = rt.store_outcome(rt.Outcome(s, data, supernet, costs, gates, evals, measured, doc))
     paths += render(s.layout)
     print(f"wrote {', '.join(str(p) for p in paths)}")
+    return 0
+
+
+def _train_on_a_rank(args, s, data, world: World) -> int:
+    """Another rank than 0: the same collectives as rank 0's :func:`_run` (the busy check, the
+    costs rank 0 measured, both stages), no file read or written, no measurement."""
+    if share(None, world):
+        return 3
+    costs = share(None, world)
+    supernet = rt.stage1(s, data, _train_progress, world)
+    for budget in s.budgets or (None,):
+        for penalty in s.penalties:
+            rt.stage2(s, data, supernet, costs, penalty, _train_progress, budget, world)
     return 0
 
 

@@ -189,3 +189,78 @@ def test_the_launch_is_read_from_torchrun_variables_or_refused_in_one_line():
         world_from_env({**env, "RANK": "2"})
     with pytest.raises(DistributedError, match="not divisible by the 3 processes"):
         World(0, 3, 0).split_batch(64)
+
+
+AUDIT = '''
+import os, sys
+if os.environ.get("RANK", "0") != "0" and os.environ.get("AUDIT_RESULTS"):
+    _root, _log = os.path.realpath(os.environ["AUDIT_RESULTS"]), os.environ["AUDIT_LOG"]
+    _events = {"open", "os.mkdir", "os.rename", "os.remove", "os.listdir", "os.scandir", "sqlite3.connect",
+               "shutil.rmtree", "os.chmod"}
+
+    def _hook(event, args):
+        if event in _events and args and isinstance(args[0], (str, bytes, os.PathLike)):
+            path = os.path.realpath(os.fsdecode(args[0]))
+            if path == _root or path.startswith(_root + os.sep):
+                with open(_log, "a") as f:  # outside the results folder
+                    f.write(f"{event} {path}\\n")
+
+    sys.addaudithook(_hook)
+'''
+
+
+def test_torchrun_two_ranks_resume_after_a_killed_rank_and_only_rank_0_touches_the_results(tmp_path):
+    """``torchrun --nproc_per_node 2 -m harness.retrain_gate``: rank 1 is killed after stage II's
+    first epoch, the job fails; the same command then resumes after that epoch (the gate's history
+    counts each epoch once). An audit hook in rank 1 records any file it opens, lists or writes under
+    the results folder: none, in both runs."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import psutil
+
+    from dsnet.checkpoint import load_checkpoint, save_checkpoint
+
+    root = Path(__file__).resolve().parent.parent
+    model, _ = _supernet()
+    supernet = save_checkpoint(tmp_path / "supernet.pt", model, {"num_classes": 10})
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(AUDIT)
+    results, log = tmp_path / "results", tmp_path / "audit.log"
+    text = (root / "targets" / "x86.toml").read_text()
+    start_, end = text.index("\n[protocol]"), text.find("\n[", text.index("\n[protocol]") + 1)
+    profile = tmp_path / "x86.toml"
+    profile.write_text(text[:start_] + "\n[protocol]\nwarmup_calls = 2\nwarmup_ms = 0\nrepeat = 5\nmin_repeat_ms = 0\n"
+                       "budget_s = 0\n" + (text[end:] if end >= 0 else ""))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+           "AUDIT_RESULTS": str(results), "AUDIT_LOG": str(log)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), "-m", "harness.retrain_gate", "--model", "ds_mbnet_tiny", "--target", str(profile),
+               "--input-size", "32", "--backend", "eager", "--checkpoint", str(supernet), "--penalty", "madds",
+               "--gate-epochs", "3", "--batch-size", "64", "--out", str(results)]
+    ws = results / "gate_retraining" / "ds_mbnet_tiny-digits-32px"
+    partial = ws / "gate-madds-eager.partial.pt"
+    job = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 400
+    while not partial.exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert partial.exists(), job.communicate()[0][-3000:]
+    ranks = [p for p in psutil.Process(job.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
+    assert len(ranks) == 1
+    ranks[0].kill()
+    out, _ = job.communicate(timeout=300)
+    assert job.returncode != 0, out[-3000:]
+    assert not (ws / "gate-madds-eager.pt").exists()  # the stage did not finish
+    again = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    assert "stage II (madds): resuming after epoch" in again.stderr
+    _, meta = load_checkpoint(ws / "gate-madds-eager.pt")
+    assert meta["resumed_after_epoch"] >= 1 and meta["processes"] == 2
+    assert [h["epoch"] for h in meta["history"]] == [1, 2, 3]  # each epoch once
+    assert not partial.exists()
+    assert (results / "gate_retraining.csv").is_file()
+    assert not log.exists(), log.read_text()  # rank 1 never opened, listed or wrote anything under the results

@@ -13,8 +13,11 @@ validation images it is evaluated on).
 
 Every stage's result is a checkpoint in the workspace (``supernet.pt``,
 ``gate-<penalty>-<backend>[-<budget>].pt``) with the settings that made it: a stage whose settings
-match is reused (:func:`_reused`, the one cache check), so an interrupted run loses at most the
-stage it was in. A problem with the input is a :class:`RetrainingError`.
+match is reused (:func:`_reused`, the one cache check). Between epochs a stage keeps its training
+state beside it (``<name>.partial.pt``, :func:`dsnet.checkpoint.save_training_state`), so an
+interrupted run loses at most the epoch it was in. Over several processes (``world``) every rank
+trains and rank 0 alone reads and writes the workspace, handing what it read to the others. A
+problem with the input is a :class:`RetrainingError`.
 """
 
 from __future__ import annotations
@@ -30,7 +33,15 @@ from pathlib import Path
 import torch
 
 import dsnet
-from dsnet.checkpoint import CheckpointError, ForeignCheckpoint, load_checkpoint, save_checkpoint
+from dsnet.checkpoint import (
+    CheckpointError,
+    ForeignCheckpoint,
+    load_checkpoint,
+    load_training_state,
+    save_checkpoint,
+    save_training_state,
+)
+from dsnet.distributed import World, shard_loader, share
 from dsnet.training import (
     ComplexityPenalty,
     LossWeights,
@@ -102,19 +113,54 @@ def _reused(path: Path, settings: dict, what: str):
     return model, meta
 
 
-def load_splits(s: Settings) -> Data:
+def load_splits(s: Settings, world: World | None = None) -> Data:
+    """The training and validation loaders; over several processes the training loader gives each
+    rank its share of every global batch of ``s.batch_size`` (``dsnet.distributed.shard_loader``)."""
     from dsnet.data import DataError, load_data  # scikit-learn's digits load on first use
 
     try:
         splits = load_data(s.data, s.input_size)
     except DataError as e:
         raise RetrainingError(str(e)) from None
-    g = torch.Generator().manual_seed(s.seed)
-    train = torch.utils.data.DataLoader(splits.train, batch_size=s.batch_size, shuffle=True, generator=g,
-                                        drop_last=True)
+    if world is not None and world.distributed:
+        train = shard_loader(splits.train, s.batch_size, world, s.seed)
+    else:
+        g = torch.Generator().manual_seed(s.seed)
+        train = torch.utils.data.DataLoader(splits.train, batch_size=s.batch_size, shuffle=True, generator=g,
+                                            drop_last=True)
     if len(train) == 0:
         raise RetrainingError(f"{len(splits.train)} training images are fewer than one batch of {s.batch_size}")
     return Data(splits, train, torch.utils.data.DataLoader(splits.val, batch_size=256))
+
+
+def _shared_reuse(path: Path, settings: dict, what: str, world: World | None):
+    """:func:`_reused` on rank 0 (the only process that reads the workspace), handed to every rank."""
+    main = world is None or world.main
+    return share(_reused(path, settings, what) if main else None, world)
+
+
+def _resumable(path: Path, settings: dict, what: str, world: World | None):
+    """``(resume, on_epoch)`` of a stage: the state a killed run left at ``path`` (read on rank 0,
+    handed to every rank), and the callback that keeps each epoch's state there (written by rank 0)."""
+    main = world is None or world.main
+    resume = share(load_training_state(path, settings) if main else None, world)
+    if resume is not None and main:
+        print(f"{what}: resuming after epoch {resume['epoch']} from {path}", file=sys.stderr)
+
+    def on_epoch(state: dict) -> None:
+        if main:
+            save_training_state(path, state, settings)
+
+    return resume, on_epoch
+
+
+def _size(world: World | None) -> int:
+    return 1 if world is None else world.size
+
+
+def _partial(path: Path) -> Path:
+    """Where a stage keeps its state between epochs, beside its finished checkpoint."""
+    return path.with_name(path.stem + ".partial.pt")
 
 
 def route_accuracy(model, route, loader) -> float:
@@ -144,29 +190,38 @@ def _given_checkpoint(s: Settings, kwargs: dict) -> TrainedSupernet:
     return TrainedSupernet(model.eval(), {"source": str(s.checkpoint)})
 
 
-def stage1(s: Settings, data: Data, progress_factory) -> TrainedSupernet:
-    """Stage I (sandwich rule, in-place distillation), or the given checkpoint; cached."""
+def stage1(s: Settings, data: Data, progress_factory, world: World | None = None) -> TrainedSupernet:
+    """Stage I (sandwich rule, in-place distillation), or the given checkpoint; cached, and resumed
+    after the last complete epoch. Over several processes every rank trains (``world``); rank 0
+    alone reads and writes the workspace and hands what it read to the others."""
     kwargs = {"num_classes": data.num_classes}
+    main = world is None or world.main
     if s.checkpoint is not None:
-        return _given_checkpoint(s, kwargs)
+        return share(_given_checkpoint(s, kwargs) if main else None, world)
     settings = {"model": s.model, "data": data.splits.source, "input_size": s.input_size,
                 "epochs": s.supernet_epochs, "batch_size": s.batch_size, "seed": s.seed, "lr": s.supernet_lr}
     path = s.workspace.root / "supernet.pt"
-    cached = _reused(path, settings, "stage I")
+    cached = _shared_reuse(path, settings, "stage I", world)
     if cached:
         return TrainedSupernet(*cached)
     torch.manual_seed(s.seed)
     model = dsnet.create_model(s.model, **kwargs)
     model.init_for_training()
     t0 = time.monotonic()
+    resume, on_epoch = _resumable(_partial(path), settings, "stage I", world)
     train_supernet(model, data.train_loader, s.supernet_epochs, lr=s.supernet_lr, seed=s.seed,
-                   progress=progress_factory(s.supernet_epochs * len(data.train_loader), "stage I"))
-    acc = {label: route_accuracy(model, route, data.val_loader)
-           for label, route in (("smallest", model.routes()[0]), ("largest", model.routes()[-1]))}
-    meta = {"stage": "I", "settings": settings, "route_accuracy": acc, "train_s": round(time.monotonic() - t0, 1)}
-    save_checkpoint(path, model, kwargs, **meta)
-    print(f"stage I: {time.monotonic() - t0:.0f} s; val accuracy smallest route {acc['smallest']:.3f}, "
-          f"largest {acc['largest']:.3f}; saved {path}", file=sys.stderr)
+                   progress=progress_factory(s.supernet_epochs * len(data.train_loader), "stage I") if main else None,
+                   world=world, resume=resume, on_epoch=on_epoch)
+    meta = {"stage": "I", "settings": settings, "train_s": round(time.monotonic() - t0, 1),
+            "resumed_after_epoch": 0 if resume is None else resume["epoch"], "processes": _size(world)}
+    if main:
+        acc = {label: route_accuracy(model, route, data.val_loader)
+               for label, route in (("smallest", model.routes()[0]), ("largest", model.routes()[-1]))}
+        meta["route_accuracy"] = acc
+        save_checkpoint(path, model, kwargs, **meta)
+        _partial(path).unlink(missing_ok=True)
+        print(f"stage I: {time.monotonic() - t0:.0f} s; val accuracy smallest route {acc['smallest']:.3f}, "
+              f"largest {acc['largest']:.3f}; saved {path}", file=sys.stderr)
     return TrainedSupernet(model, meta)
 
 
@@ -176,9 +231,10 @@ def gate_name(penalty: str, budget: Budget | None) -> str:
 
 
 def stage2(s: Settings, data: Data, supernet: TrainedSupernet, costs: Costs, penalty: str, progress_factory,
-           budget: Budget | None = None) -> RetrainedGate:
+           budget: Budget | None = None, world: World | None = None) -> RetrainedGate:
     """Stage II with ``penalty`` on a copy of the supernet (toward ``budget`` when given, then
-    calibrated to it when ``s.calibrate``); cached."""
+    calibrated to it when ``s.calibrate``); cached and resumed as :func:`stage1`. The calibration
+    runs on rank 0 and its gate is handed to every rank."""
     model = copy.deepcopy(supernet.model)
     try:
         restrict_routes(model, s.routes_upto)
@@ -205,14 +261,20 @@ def stage2(s: Settings, data: Data, supernet: TrainedSupernet, costs: Costs, pen
     suffix = "" if budget is None else f"-{budget.label}"
     path = s.workspace.root / f"gate-{penalty}-{s.backend}{suffix}.pt"
     name = gate_name(penalty, budget)
-    cached = _reused(path, settings, f"stage II ({name})")
+    main = world is None or world.main
+    cached = _shared_reuse(path, settings, f"stage II ({name})", world)
     if cached:
         return RetrainedGate(penalty, *cached)
     t0 = time.monotonic()
+    resume, on_epoch = _resumable(_partial(path), settings, f"stage II ({name})", world)
     history = train_gate(model, data.train_loader, cp, s.gate_epochs, lr=s.lr, weights=LossWeights(cp=s.cp_weight),
                          seed=s.seed, progress=progress_factory(s.gate_epochs * len(data.train_loader),
-                                                                f"stage II {penalty}"))
-    meta = {"stage": "II", "settings": settings, "history": history, "train_s": round(time.monotonic() - t0, 1)}
+                                                                f"stage II {penalty}") if main else None,
+                         world=world, resume=resume, on_epoch=on_epoch)
+    meta = {"stage": "II", "settings": settings, "history": history, "train_s": round(time.monotonic() - t0, 1),
+            "resumed_after_epoch": 0 if resume is None else resume["epoch"], "processes": _size(world)}
+    if not main:  # rank 0 calibrates and keeps the gate; every rank then holds the same
+        return share(None, world)
     if calibrate:
         images = torch.stack([x for x, _ in (data.splits.train[i] for i in
                                              range(min(CALIBRATION_IMAGES, len(data.splits.train))))])
@@ -224,5 +286,6 @@ def stage2(s: Settings, data: Data, supernet: TrainedSupernet, costs: Costs, pen
         except ValueError as e:
             raise RetrainingError(f"calibrating the {name} gate: {e}") from None
     save_checkpoint(path, model, {"num_classes": data.num_classes}, **meta)
+    _partial(path).unlink(missing_ok=True)
     print(f"stage II ({name}): {meta['train_s']:.0f} s; saved {path}", file=sys.stderr)
-    return RetrainedGate(penalty, model, meta)
+    return share(RetrainedGate(penalty, model, meta), world)
