@@ -13,14 +13,16 @@ Contract
   per-image difficulty, what a gate can route on): :func:`corrupt` (deterministic: the image's
   index seeds it).
 - ``source=<folder>``: an ImageFolder in ImageNet layout, ``<folder>/train/<class>/*.jpg`` and
-  ``<folder>/val/<class>/*.jpg``: shorter side resized to ``S / 0.875``, centre crop ``S``,
-  ImageNet mean/std normalisation. Images are read lazily, one at a time.
+  ``<folder>/val/<class>/*.jpg``: training images random-resized-cropped to ``S`` and flipped half
+  the time, validation images' shorter side resized to ``S / 0.875`` and centre-cropped to ``S``;
+  ImageNet mean/std normalisation. Images are read lazily, one at a time (in DataLoader workers).
 
 Bad input raises :class:`DataError` with one line naming the path and what is wrong.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,9 +114,12 @@ def digits(input_size: int, val_fraction: float = 0.2, seed: int = 0, hard: bool
 
 
 class ImageFolder(Dataset):
-    """``root/<class>/<image>``: classes sorted by name, labels their index."""
+    """``root/<class>/<image>``: classes sorted by name, labels their index. ``train=True``: the
+    standard ImageNet training transform (random-resized crop, scale 0.08-1 and aspect ratio 3/4-4/3,
+    then a horizontal flip half the time; drawn from torch's RNG, which a DataLoader seeds per
+    worker); else resize and centre crop."""
 
-    def __init__(self, root: Path, input_size: int, classes: list[str] | None = None):
+    def __init__(self, root: Path, input_size: int, classes: list[str] | None = None, train: bool = False):
         _check_folder(root)
         found = sorted(p.name for p in root.iterdir() if p.is_dir())
         self.classes = classes if classes is not None else found
@@ -127,7 +132,7 @@ class ImageFolder(Dataset):
                       for p in sorted((root / c).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
         if not self.items:
             raise DataError(f"{root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        self.input_size = input_size
+        self.input_size, self.train = input_size, train
         self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
@@ -140,19 +145,52 @@ class ImageFolder(Dataset):
         path, label = self.items[i]
         try:
             with Image.open(path) as im:
-                im = im.convert("RGB")
-                s = self.input_size
-                short = round(s / 0.875)
-                w, h = im.size
-                scale = short / min(w, h)
-                im = im.resize((max(s, round(w * scale)), max(s, round(h * scale))), Image.BILINEAR)
-                w, h = im.size
-                left, top = (w - s) // 2, (h - s) // 2
-                im = im.crop((left, top, left + s, top + s))
+                im = _random_resized_crop(im.convert("RGB"), self.input_size) if self.train \
+                    else _centre_crop(im.convert("RGB"), self.input_size)
                 a = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
         except OSError as e:
             raise DataError(f"cannot read image {path}: {e}") from None
         return (a - self.mean) / self.std, label
+
+
+def _centre_crop(im, s: int):
+    """Evaluation: the shorter side resized to ``s / 0.875``, the centre ``s`` x ``s`` cut out."""
+    from PIL import Image
+
+    short = round(s / 0.875)
+    w, h = im.size
+    scale = short / min(w, h)
+    im = im.resize((max(s, round(w * scale)), max(s, round(h * scale))), Image.BILINEAR)
+    w, h = im.size
+    left, top = (w - s) // 2, (h - s) // 2
+    return im.crop((left, top, left + s, top + s))
+
+
+def _random_resized_crop(im, s: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """Training: a random box of ``scale`` of the area and ``ratio`` aspect resized to ``s`` x ``s``
+    (ten tries, else the centred largest box of a ratio in range), flipped half the time."""
+    from PIL import Image
+
+    w, h = im.size
+    box = None
+    for _ in range(10):
+        area = w * h * float(torch.empty(1).uniform_(*scale))
+        aspect = math.exp(float(torch.empty(1).uniform_(math.log(ratio[0]), math.log(ratio[1]))))
+        cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            left = int(torch.randint(0, w - cw + 1, (1,)))
+            top = int(torch.randint(0, h - ch + 1, (1,)))
+            box = (left, top, left + cw, top + ch)
+            break
+    if box is None:
+        aspect = min(max(w / h, ratio[0]), ratio[1])
+        cw, ch = (w, round(w / aspect)) if w / h < aspect else (round(h * aspect), h)
+        cw, ch = min(cw, w), min(ch, h)
+        box = ((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch)
+    im = im.crop(box).resize((s, s), Image.BILINEAR)
+    if float(torch.rand(1)) < 0.5:
+        im = im.transpose(Image.FLIP_LEFT_RIGHT)
+    return im
 
 
 def _check_folder(root: Path) -> None:
@@ -168,6 +206,6 @@ def image_folder(root: Path, input_size: int) -> Splits:
     if missing:
         raise DataError(f"data folder {root} lacks {' and '.join(missing)}/: expected the ImageNet layout "
                         f"{root}/train/<class>/<image> and {root}/val/<class>/<image>")
-    train = ImageFolder(root / "train", input_size)
+    train = ImageFolder(root / "train", input_size, train=True)
     val = ImageFolder(root / "val", input_size, train.classes)
     return Splits(train, val, train.classes, str(root))

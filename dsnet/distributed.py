@@ -104,7 +104,8 @@ def stop(world: World) -> None:
         dist.destroy_process_group()
 
 
-def shard_loader(dataset, global_batch: int, world: World, seed: int) -> torch.utils.data.DataLoader:
+def shard_loader(dataset, global_batch: int, world: World, seed: int, num_workers: int = 0,
+                 pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """The rank's loader: ``global_batch / world.size`` images a step from a ``DistributedSampler``
     (shuffled from ``seed`` and the epoch: call ``loader.sampler.set_epoch(epoch)``). Rank ``r``
     takes every ``size``-th image of one seeded permutation, so a step's shares make up the images
@@ -112,7 +113,7 @@ def shard_loader(dataset, global_batch: int, world: World, seed: int) -> torch.u
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world.size, rank=world.rank, shuffle=True,
                                                   seed=seed, drop_last=False)
     return torch.utils.data.DataLoader(dataset, batch_size=world.split_batch(global_batch), sampler=sampler,
-                                       drop_last=True, pin_memory=torch.cuda.is_available())
+                                       drop_last=True, num_workers=num_workers, pin_memory=pin_memory)
 
 
 def mean_across(value: torch.Tensor, world: World | None) -> torch.Tensor:

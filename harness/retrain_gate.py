@@ -97,6 +97,8 @@ def parse_args(argv):
                         "largest route's MAdds), calibrates each to its budget, measures all in one run")
     p.add_argument("--no-calibrate", action="store_true",
                    help="with --latency-budget: keep the trained gates as they are (no score calibration)")
+    p.add_argument("--workers", type=int, help="DataLoader worker processes per rank (default: 4 for an image "
+                                               "folder, 0 for the in-memory digits)")
     add_results_option(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--strict", action="store_true", help="refuse to measure on a busy machine")
@@ -114,7 +116,7 @@ def settings_from(args, target):
                        latency_fraction=args.latency_fraction,
                        madds_target=args.madds_target, seed=args.seed,
                        budgets=rt.parse_budgets(args.latency_budget) if args.latency_budget else (),
-                       calibrate=not args.no_calibrate)
+                       calibrate=not args.no_calibrate, workers=args.workers)
 
 
 def _train_progress(total: int, desc: str):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -211,3 +212,14 @@ def test_data_sources(tmp_path):
     folder = load_data(tmp_path, 32)
     assert folder.classes == ["cat", "dog"] and len(folder.train) == 2
     assert folder.val[1][0].shape == (3, 32, 32) and folder.val[1][1] == 1
+    # training images: a random-resized crop and a flip, different draws; validation: the same every time
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(
+        tmp_path / "train" / "cat" / "a.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(
+        tmp_path / "val" / "cat" / "a.png")
+    folder = load_data(tmp_path, 32)
+    torch.manual_seed(0)
+    draws = [folder.train[0][0] for _ in range(4)]
+    assert all(d.shape == (3, 32, 32) for d in draws)
+    assert any(not torch.equal(draws[0], d) for d in draws[1:])
+    assert torch.equal(folder.val[0][0], folder.val[0][0])

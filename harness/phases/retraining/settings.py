@@ -13,6 +13,7 @@ network, dispatch included: ``harness.deploy.lut``).
 from __future__ import annotations
 
 import math
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +110,13 @@ class Settings:
     seed: int = 0
     budgets: tuple = ()  # Budget: one gate per budget and penalty, calibrated to it
     calibrate: bool = True  # with budgets: calibrate each gate's scores to its budget
+    workers: int | None = None  # DataLoader workers (None: 4 for an image folder, 0 for the in-memory digits)
+
+    @property
+    def loader_workers(self) -> int:
+        if self.workers is not None:
+            return self.workers
+        return 0 if self.data in ("digits", "digits-hard") else min(4, os.cpu_count() or 1)
 
     @property
     def workspace(self) -> Layout:
@@ -128,6 +136,8 @@ def validate(s: Settings, target: Target) -> None:
     why = get_backend(s.backend, target.options(s.backend)).unavailable(target)
     if why:
         raise RetrainingError(f"backend {s.backend} cannot run here: {why}")
+    if s.workers is not None and s.workers < 0:
+        raise RetrainingError(f"--workers must be at least 0, got {s.workers}")
     for name in ("supernet_epochs", "gate_epochs"):
         if getattr(s, name) < 1:
             raise RetrainingError(f"--{name.replace('_', '-')} must be at least 1")

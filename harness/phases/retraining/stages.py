@@ -122,15 +122,16 @@ def load_splits(s: Settings, world: World | None = None) -> Data:
         splits = load_data(s.data, s.input_size)
     except DataError as e:
         raise RetrainingError(str(e)) from None
+    workers = {"num_workers": s.loader_workers, "pin_memory": torch.cuda.is_available()}
     if world is not None and world.distributed:
-        train = shard_loader(splits.train, s.batch_size, world, s.seed)
+        train = shard_loader(splits.train, s.batch_size, world, s.seed, **workers)
     else:
         g = torch.Generator().manual_seed(s.seed)
         train = torch.utils.data.DataLoader(splits.train, batch_size=s.batch_size, shuffle=True, generator=g,
-                                            drop_last=True)
+                                            drop_last=True, **workers)
     if len(train) == 0:
         raise RetrainingError(f"{len(splits.train)} training images are fewer than one batch of {s.batch_size}")
-    return Data(splits, train, torch.utils.data.DataLoader(splits.val, batch_size=256))
+    return Data(splits, train, torch.utils.data.DataLoader(splits.val, batch_size=256, **workers))
 
 
 def _shared_reuse(path: Path, settings: dict, what: str, world: World | None):
