@@ -10,7 +10,7 @@ import dsnet
 from harness.deploy.lut import DISPATCH_NAME, LatencyLUT, route_segment_names
 from harness.measure.protocol import Measurement, Protocol
 from harness.phases.context import RunContext
-from harness.phases.dynamic import dispatch_estimate, dispatch_result, run_dynamic
+from harness.phases.dynamic import dispatch_estimate, dispatch_result, record_engine_failure, run_dynamic
 from harness.results.layout import Layout
 from harness.results.store import ResultStore
 from harness.targets import load_target
@@ -41,6 +41,8 @@ def eager_phase(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("phase")
     store = ResultStore(tmp / "results.sqlite")
     ctx = RunContext(X86, Layout(tmp), FAST, store, "cpu", False, "test")
+    # an earlier run's failed build, which this run's must replace
+    record_engine_failure(ctx, "ds_mbnet", "eager", "fp32", 64, RuntimeError("an earlier build failed"))
     run_dynamic(ctx, "ds_mbnet", "eager", "fp32", 64)
     df = store.dynamic_frame()
     store.close()
@@ -58,7 +60,8 @@ def test_the_phase_stores_every_kind_in_one_round_phase(eager_phase):
     routes = [str(r) for r in dsnet.create_model("ds_mbnet").routes(64)]
     count = df.groupby("kind").size().to_dict()
     assert count == {"segment": 1 + 14, "dispatch": 1, "route": 14, "static": 14, "deployed": 14, "overhead": 1,
-                     "stream": 1, "batch": 2, "acceleration": 4}
+                     "stream": 1, "batch": 2, "acceleration": 4, "engine": 1}
+    assert df[df.kind == "engine"].status.tolist() == ["ok"]  # the earlier failure no longer stands
     for kind in ("route", "static", "deployed"):
         assert sorted(df[df.kind == kind].name, key=int) == routes
     acc = df[df.kind == "acceleration"].set_index("name")

@@ -60,8 +60,11 @@ from harness.measure.signing import sign, untrusted
 TOLERANCE = {"fp32": (1e-3, 1e-4), "fp16": (3e-2, 2e-2)}
 # fp32 also allows this fraction of max|eager| on every element: an element near zero among large
 # ones carries the rounding of the large sums (measured: a DS-MBNet segment's logits up to 86 on
-# seeded features, TorchScript's folded convs 2.5e-4 off on a near-zero logit: 3e-6 of the scale)
-FP32_SCALE_RTOL = 1e-5
+# seeded features, TorchScript's folded convs 2.5e-4 off on a near-zero logit: 3e-6 of the scale;
+# DS-MBNet++'s wide segments at 224 px under the reference weights, outputs up to 8128 on inputs
+# like their own, TorchScript 0.9e-6..4.3e-5 of the scale, growing with it). A wrong slice, statistic
+# or route is off by the scale itself: 1e-4 of it still tells them apart by four orders of magnitude.
+FP32_SCALE_RTOL = 1e-4
 
 
 @dataclass(frozen=True)

@@ -456,6 +456,8 @@ class DynamicPhase:
             m = Measurement(samples, 1, rnds, phase.protocol)
             segment_ms[name] = m.stats.p50
             self._record("segment", name, self._part(name).replace(measurement=m))
+        # the engine was built and checked: an earlier run's failed build of it no longer stands
+        self._record("engine", "build", Result("ok"))
         if failure is not None:  # the rounds themselves failed: every row says so
             for route in priced:
                 self._record("route", str(route), failure, route=str(route), madds=self.madds[str(route)])

@@ -151,7 +151,7 @@ KIND_DOCS = {
     "acceleration": "Table 7: static x1.0 (`largest`) and x0.5 (`matched`), the deployed route mix of x0.5's "
                     "MAdds (`dynamic`) and that mix on the routes' static engines (`static_mix`)",
     "table2": "DS-Net++ Table 2's ways (full, masking, indexing, slicing, materialized, ideal)",
-    "engine": "a dynamic engine that could not be built",
+    "engine": "the dynamic engine's build (`build`): `ok`, or the part that could not be built and why",
 }
 
 TABLES = ("table2", "table2_ds_resnet50", "table7", "lut", "slimmable_table3")
