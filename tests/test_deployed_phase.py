@@ -94,6 +94,11 @@ def test_a_rerun_measures_nothing_when_every_row_is_stored(eager_phase, tmp_path
     ctx = RunContext(X86, Layout(tmp_path), FAST, store, "cpu", False, "rerun")
     run_dynamic(ctx, "ds_mbnet", "eager", "fp32", 64)
     assert set(store.dynamic_frame().run_id) == {"test"}  # nothing re-measured under the new run's id
+    # a failed build left by an older run beside rows measured since: built again here, it says ok
+    record_engine_failure(ctx, "ds_mbnet", "eager", "fp32", 64, RuntimeError("an earlier build failed"))
+    run_dynamic(ctx, "ds_mbnet", "eager", "fp32", 64)
+    df = store.dynamic_frame()
+    assert df[df.kind == "engine"].status.tolist() == ["ok"] and set(df[df.kind != "engine"].run_id) == {"test"}
     store.close()
 
 

@@ -219,6 +219,9 @@ class DynamicPhase:
         """Measure what the store lacks (see the module docstring)."""
         done = self.ctx.store.dynamic_done()
         if all(k in done for k in self.wanted(lut_only)):
+            if self.ctx.store.dynamic_status(self._key("engine", "build")) not in (None, "ok"):
+                # an earlier run's failed build, measured since: this process built and checked it again
+                self._record("engine", "build", Result("ok"))
             return
         priced = covering_routes(self.plan, self.routes) if lut_only else validation_routes(self.routes)
         chained = list(dict.fromkeys([*covering_routes(self.plan, self.routes), *priced]))

@@ -170,6 +170,12 @@ class ResultStore:
             by_phase.setdefault(phase, []).append(factor)
         return {p: drift_summary(f) for p, f in by_phase.items()}
 
+    def dynamic_status(self, key: tuple) -> str | None:
+        """The stored status of the dynamic row ``key`` (:data:`~harness.results.layout.DYNAMIC_KEY`), or None."""
+        row = self.db.execute(f"SELECT status FROM dynamic WHERE {' AND '.join(f'{k} = ?' for k in DYNAMIC_KEY)}",
+                              key).fetchone()
+        return None if row is None else row[0]
+
     def dynamic_done(self) -> set[tuple]:
         return {tuple(r) for r in self.db.execute(f"SELECT {', '.join(DYNAMIC_KEY)} FROM dynamic")}
 
