@@ -264,3 +264,23 @@ def test_torchrun_two_ranks_resume_after_a_killed_rank_and_only_rank_0_touches_t
     assert not partial.exists()
     assert (results / "gate_retraining.csv").is_file()
     assert not log.exists(), log.read_text()  # rank 1 never opened, listed or wrote anything under the results
+
+
+@pytest.mark.parametrize("change, pattern", [({"WORLD_SIZE": "3", "RANK": "0"}, "not divisible by the 3 processes"),
+                                             ({"MASTER_PORT": None}, "MASTER_PORT not set")])
+def test_a_launch_that_cannot_work_is_one_line_before_any_training(change, pattern, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port())}
+    for k, v in change.items():
+        env.pop(k) if v is None else env.__setitem__(k, v)
+    r = subprocess.run([sys.executable, "-m", "harness.retrain_gate", "--model", "ds_mbnet_tiny", "--target", "x86",
+                        "--backend", "eager", "--batch-size", "64", "--out", str(tmp_path / "results")],
+                       capture_output=True, text=True, env=env, timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and pattern in lines[0] and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "results").exists()
