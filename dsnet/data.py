@@ -37,7 +37,15 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class DataError(ValueError):
-    """A data source that cannot be read: missing folder, wrong layout, no images."""
+    """A data source that cannot be read: missing folder, wrong layout, no images. One line: a
+    DataLoader worker re-raises the error with the worker's traceback as its message, of which the
+    original message, its last line, is kept."""
+
+    def __init__(self, message: str = ""):
+        if message.startswith("Caught ") and "Original Traceback" in message:
+            last = [line for line in message.splitlines() if line.strip()][-1]
+            message = last.split(": ", 1)[1] if last.startswith(("DataError: ", "dsnet.data.DataError: ")) else last
+        super().__init__(message)
 
 
 @dataclass
