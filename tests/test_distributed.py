@@ -221,6 +221,7 @@ def test_torchrun_two_ranks_resume_after_a_killed_rank_and_only_rank_0_touches_t
     from pathlib import Path
 
     import psutil
+    from test_retrain_cli import _fast_x86
 
     from dsnet.checkpoint import load_checkpoint, save_checkpoint
 
@@ -231,11 +232,7 @@ def test_torchrun_two_ranks_resume_after_a_killed_rank_and_only_rank_0_touches_t
     site.mkdir()
     (site / "sitecustomize.py").write_text(AUDIT)
     results, log = tmp_path / "results", tmp_path / "audit.log"
-    text = (root / "targets" / "x86.toml").read_text()
-    start_, end = text.index("\n[protocol]"), text.find("\n[", text.index("\n[protocol]") + 1)
-    profile = tmp_path / "x86.toml"
-    profile.write_text(text[:start_] + "\n[protocol]\nwarmup_calls = 2\nwarmup_ms = 0\nrepeat = 5\nmin_repeat_ms = 0\n"
-                       "budget_s = 0\n" + (text[end:] if end >= 0 else ""))
+    profile = _fast_x86(tmp_path)  # the x86 profile with a short protocol: the flow is checked, not timings
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
            "AUDIT_RESULTS": str(results), "AUDIT_LOG": str(log)}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",

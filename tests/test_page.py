@@ -11,14 +11,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_report import STORED, STORED_FILES  # the committed x86 run's stored results
 
 from harness import report
 from harness.reporting.common import marked_invalid
-
-ROOT = Path(__file__).resolve().parent.parent
-STORED = ROOT / "results" / "x86"
-STORED_FILES = ("lut.csv", "dynamic.csv", "env.json", "gate_retraining.csv", "gate_retraining_routes.csv",
-                "gate_retraining.json")
 
 
 class Page(HTMLParser):

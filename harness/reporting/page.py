@@ -141,8 +141,7 @@ def write_page(layout: Layout, sections: list[tuple[str, str]], env: dict, skipp
         nav.append(("figures", "figures"))
     body.append("<nav>" + "".join(f'<a href="#{html.escape(a)}">{html.escape(t)}</a>' for a, t in nav) + "</nav>")
     missing = [f"not built: {s}" for s in skipped] + _failed(frames or {})
-    not_measured = {b: why for b, why in (env.get("skipped") or {}).items()}
-    missing += [f"not measured: {b} ({why})" for b, why in sorted(not_measured.items())]
+    missing += [f"not measured: {b} ({why})" for b, why in sorted((env.get("skipped") or {}).items())]
     if missing:
         body.append('<div class="missing"><h2>What this folder lacks</h2><ul>'
                     + "".join(f"<li>{_inline(m)}</li>" for m in missing) + "</ul></div>")
