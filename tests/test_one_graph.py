@@ -205,3 +205,29 @@ def test_export_refuses_in_one_line(args, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not (tmp_path / "a").exists()
+
+
+def test_onnx_branches_hold_their_own_weights(mbnet, tmp_path):
+    """ONNX Runtime optimizes an ``If`` branch as a graph of its own and cannot fuse or pre-pack a
+    weight of the outer graph: the written one artifact keeps in the outer graph only the weights
+    its own nodes (the head and gate) read, every route's weights inside the branch that runs it."""
+    onnx = pytest.importorskip("onnx")
+    x = torch.randn(1, 3, 32, 32)
+    _compiled("onnxruntime", one_graph(mbnet, x), x, tmp_path)
+    (path,) = tmp_path.glob("onnxruntime/*/model.onnx")
+    graph = onnx.load(str(path)).graph
+    outer_reads = {name for node in graph.node for name in node.input}
+
+    def branch_reads(g):
+        out, weights = set(), 0
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    names, n = branch_reads(attr.g)
+                    out |= names | {name for inner in attr.g.node for name in inner.input}
+                    weights += n + len(attr.g.initializer)
+        return out, weights
+
+    inner_reads, branch_weights = branch_reads(graph)
+    assert not {i.name for i in graph.initializer} & (inner_reads - outer_reads)
+    assert branch_weights >= len(mbnet.routes())  # each route's convolutions at least

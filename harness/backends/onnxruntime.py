@@ -4,6 +4,13 @@ CPU execution provider with the target's thread count; the CUDA provider when th
 and the installed onnxruntime has it. Both run through I/O binding: outputs written where the
 engine keeps them, inputs bound where they lie, so the parts of a dynamic chain hand their arrays
 (or, on a GPU, OrtValues) on without a copy.
+
+The exported file is tidied before it is written (:func:`_tidy`): the exporter's per-node metadata
+dropped, and the weights that only an ``If`` branch reads (the one-graph dynamic network's routes)
+moved into that branch. ONNX Runtime optimizes a branch as a graph of its own and treats weights of
+the outer graph as values it cannot see: left there, every convolution of a route ran unfused and
+unpacked (measured on DS-MBNet at 224, one artifact over the route's static engine: 2.05 ms before,
+0.13 ms after).
 """
 
 from __future__ import annotations
@@ -38,6 +45,10 @@ class OnnxRuntimeBackend(Backend):
         except ImportError as e:
             return f"onnxscript is not installed ({e})"
         return None
+
+    def cache_key(self):
+        # artifacts written before the weights of If branches were moved into them are rebuilt
+        return {"branch_weights": "inside"}
 
     def _engine(self, path, target: DeviceTarget):
         import onnxruntime as ort
@@ -135,7 +146,7 @@ class OnnxRuntimeBackend(Backend):
             one_file = {"external_data": False} if "external_data" in inspect.signature(torch.onnx.export).parameters \
                 else {}
             torch.onnx.export(module, (example,), str(path), dynamo=True, verbose=False, **one_file)
-        _strip_metadata(path)
+        _tidy(path)
         return self._engine(path, target)
 
     def load(self, artifact_dir, example, target: DeviceTarget, precision):
@@ -145,23 +156,71 @@ class OnnxRuntimeBackend(Backend):
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(float16)": np.float16}
 
 
-def _strip_metadata(path) -> None:
-    """Drop the exporter's per-node metadata (source stack traces: 98% of a small network's file)."""
+def _tidy(path) -> None:
+    """Rewrite the exported file: no per-node metadata, branch-only weights inside their branch."""
     import onnx
 
     model = onnx.load(str(path))
-
-    def strip(graph):
-        for node in graph.node:
-            del node.metadata_props[:]
-            node.doc_string = ""
-            for attr in node.attribute:
-                if attr.HasField("g"):
-                    strip(attr.g)
-                for g in attr.graphs:
-                    strip(g)
-        for value in list(graph.value_info) + list(graph.input) + list(graph.output):
-            del value.metadata_props[:]
-
-    strip(model.graph)
+    _strip_metadata(model.graph)
+    _move_weights_into_branches(model.graph)
     onnx.save_model(model, str(path))
+
+
+def _strip_metadata(graph) -> None:
+    """Drop the exporter's per-node metadata (source stack traces: 98% of a small network's file)."""
+    for node in graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                _strip_metadata(attr.g)
+            for g in attr.graphs:
+                _strip_metadata(g)
+    for value in list(graph.value_info) + list(graph.input) + list(graph.output):
+        del value.metadata_props[:]
+
+
+def _subgraphs(node):
+    """``(attribute name, graph)`` of each graph attribute of ``node`` (an ``If``'s two branches)."""
+    for attr in node.attribute:
+        if attr.HasField("g"):
+            yield attr.name, attr.g
+        for j, g in enumerate(attr.graphs):
+            yield f"{attr.name}[{j}]", g
+
+
+def _move_weights_into_branches(graph) -> int:
+    """Move each initializer of ``graph`` that no node of ``graph`` itself reads into the subgraphs
+    whose nodes read it (at any depth): into the outermost subgraph of each reader, so one copy per
+    branch where several branches read it (the exporter shares equal tensors, e.g. the classifier's
+    bias of every route). ONNX forbids a subgraph to shadow an outer name, so a moved name means the
+    same value there. Returns how many initializers left the outer graph."""
+    readers: dict[str, set[tuple]] = {}  # name -> the subgraph path of each node reading it
+
+    def visit(g, path):
+        for i, node in enumerate(g.node):
+            for name in node.input:
+                readers.setdefault(name, set()).add(path)
+            for attr_name, sub in _subgraphs(node):
+                visit(sub, path + ((i, attr_name),))
+
+    visit(graph, ())
+    graph_inputs = {v.name for v in graph.input}
+    stay, moved = [], 0
+    for init in graph.initializer:
+        paths = readers.get(init.name, set())
+        if not paths or () in paths or init.name in graph_inputs:
+            stay.append(init)
+            continue
+        for home in (p for p in paths if not any(q != p and p[:len(q)] == q for q in paths)):
+            _graph_at(graph, home).initializer.append(init)
+        moved += 1
+    del graph.initializer[:]
+    graph.initializer.extend(stay)
+    return moved
+
+
+def _graph_at(graph, path: tuple):
+    for i, attr_name in path:
+        graph = dict(_subgraphs(graph.node[i]))[attr_name]
+    return graph
