@@ -74,7 +74,8 @@ def report(rows: list[dict], model: str, backend: str) -> list[str]:
     if err.size:
         out.append(f"  LUT vs deployed: median |error| {100 * np.median(err):.1f}%, max {100 * err.max():.1f}% "
                    f"over {err.size} routes")
-    acc = acceleration_row(pd.DataFrame([r for r in rows if r["kind"] == "acceleration"]))
+    accelerations = [r for r in rows if r["kind"] == "acceleration"]  # none without a static counterpart
+    acc = acceleration_row(pd.DataFrame(accelerations)) if accelerations else None
     if acc:
         line = f"  acceleration: realized {acc['realized']:.2f}x of ideal {acc['ideal']:.2f}x " \
                f"({acc['realized'] / acc['ideal']:.2f} of ideal)"
