@@ -32,7 +32,7 @@ def recalibrate_bn(model, loader, routes=None, max_batches: int | None = None):
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average
-    seen = 0
+    seen, device = 0, next(model.parameters()).device
     try:
         model.train()
         for route in routes:
@@ -41,7 +41,7 @@ def recalibrate_bn(model, loader, routes=None, max_batches: int | None = None):
                 if max_batches is not None and i >= max_batches:
                     break
                 images = batch[0] if isinstance(batch, (tuple, list)) else batch
-                model(images)
+                model(images.to(device, non_blocking=True))
                 seen += 1
     finally:
         for bn, m in zip(bns, momenta):

@@ -25,6 +25,11 @@ limits the gates to their first choices (the paper's -S gate). :func:`evaluate_g
 accuracy, the route histogram and expected costs. The project's checkpoints (a model with its
 gate restriction and metadata) are :mod:`dsnet.checkpoint`'s.
 
+Both stages train where the model's parameters lie (a CUDA model: every batch is moved there as it
+comes, from pinned memory without blocking) and, with ``amp``, in mixed precision
+(:class:`MixedPrecision`: float16 autocast with loss scaling on CUDA, bfloat16 on CPU); the
+complexity penalty is computed in float32 whatever the autocast (MAdds overflow float16).
+
 After stage II, :func:`calibrate_to_budget` (not the paper's) shifts each gate's scores by
 ``-lambda * cost`` of each choice (``Gate.score_bias``), ``lambda`` found by bisection on given
 images so that the mean cost of the routes the gates choose meets a budget: how a gate trained
@@ -49,6 +54,37 @@ from dsnet.routes import Route
 Progress = Callable[[str, dict], None]  # (label, figures) after each step
 
 
+def device_of(model) -> torch.device:
+    """Where the model's parameters lie (where its training batches must go)."""
+    return next(model.parameters()).device
+
+
+class MixedPrecision:
+    """Autocast and loss scaling for a training loop on ``device``: float16 with a dynamic loss
+    scale (``torch.amp.GradScaler``) on CUDA; bfloat16 on CPU, unscaled (bfloat16 has float32's
+    range); disabled, plain float32 and every method a pass-through."""
+
+    def __init__(self, device: torch.device, enabled: bool):
+        self.device_type, self.enabled = device.type, bool(enabled)
+        self.dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.enabled and device.type == "cuda")
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self, opt) -> None:
+        """``opt.step()``, skipped by the scaler when a scaled gradient overflowed."""
+        self.scaler.step(opt)
+        self.scaler.update()
+
+
+def _to(device: torch.device, *tensors):
+    return tuple(t.to(device, non_blocking=True) for t in tensors)
+
+
 # -- stage I ---------------------------------------------------------------------------------------
 
 def sandwich_routes(model, n_random: int, generator: torch.Generator) -> list[Route]:
@@ -66,7 +102,7 @@ def train_supernet(model, loader, epochs: int, lr: float = 0.05, n_random: int =
                    ema_decay: float | None = None, weight_decay: float = 1e-4, seed: int = 0,
                    calibration_batches: int | None = None, progress: Progress | None = None,
                    world: World | None = None, resume: dict | None = None,
-                   on_epoch: Callable[[dict], None] | None = None) -> dict:
+                   on_epoch: Callable[[dict], None] | None = None, amp: bool = False) -> dict:
     """Stage I in place; returns the last epoch's mean loss. BN is re-calibrated at the end, over
     every route or, in a large routing space, a seeded draw of them (``calibration_routes``).
 
@@ -74,13 +110,15 @@ def train_supernet(model, loader, epochs: int, lr: float = 0.05, n_random: int =
     model runs under ``DistributedDataParallel``; the sandwich's random routes come from one seeded
     generator, the same on every rank; the re-calibrated statistics are averaged over the ranks.
     ``on_epoch(state)`` gets, after every epoch, what ``resume=state`` continues from (model,
-    optimizer, schedule, generators, the epoch): a run resumed from it goes on as if never stopped."""
+    optimizer, schedule, generators, the epoch): a run resumed from it goes on as if never stopped.
+    ``amp``: mixed precision (:class:`MixedPrecision`) on the model's device."""
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
     g = torch.Generator().manual_seed(seed)
     params = [p for n, p in model.named_parameters() if not n.endswith("route.weight")]
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * max(1, len(loader)))
+    device, mp = device_of(model), MixedPrecision(device_of(model), amp)
     teacher = None
     if ema_decay is not None:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -88,7 +126,7 @@ def train_supernet(model, loader, epochs: int, lr: float = 0.05, n_random: int =
         teacher = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
     first = 0
     if resume is not None:
-        first = _resume(resume, model, opt, sched, world, generator=g, teacher=teacher)
+        first = _resume(resume, model, opt, sched, world, generator=g, teacher=teacher, mp=mp)
     net = _parallel(_Forward(model), world, unused=True)
     model.train()
     total, n = 0.0, 0
@@ -96,27 +134,30 @@ def train_supernet(model, loader, epochs: int, lr: float = 0.05, n_random: int =
         _set_epoch(loader, epoch)
         total, n = 0.0, 0
         for step, (x, y) in enumerate(loader):
+            x, y = _to(device, x, y)
             opt.zero_grad(set_to_none=True)
             routes = sandwich_routes(model, n_random, g)
             model.set_route(routes[0])
-            out = net(x)
-            loss = F.cross_entropy(out, y)
-            loss.backward()
+            with mp.autocast():
+                out = net(x)
+                loss = F.cross_entropy(out, y)
+            mp.backward(loss)
             soft = None
             if distill:
                 if teacher is not None:
-                    with torch.no_grad():
+                    with torch.no_grad(), mp.autocast():
                         teacher.module.set_route(routes[0])
                         teacher.eval()
-                        soft = teacher(x).softmax(-1)
+                        soft = teacher(x).float().softmax(-1)
                 else:
-                    soft = out.detach().softmax(-1)
+                    soft = out.detach().float().softmax(-1)
             for route in routes[1:]:
                 model.set_route(route)
-                out_r = net(x)
-                loss_r = soft_cross_entropy(out_r, soft) if soft is not None else F.cross_entropy(out_r, y)
-                loss_r.backward()
-            opt.step()
+                with mp.autocast():
+                    out_r = net(x)
+                    loss_r = soft_cross_entropy(out_r, soft) if soft is not None else F.cross_entropy(out_r, y)
+                mp.backward(loss_r)
+            mp.step(opt)
             sched.step()
             if teacher is not None:
                 teacher.update_parameters(model)
@@ -125,7 +166,8 @@ def train_supernet(model, loader, epochs: int, lr: float = 0.05, n_random: int =
                 progress(f"stage I epoch {epoch + 1}/{epochs} step {step + 1}/{len(loader)}",
                          {"loss": loss.item()})
         if on_epoch:
-            on_epoch(_state(epoch, model, opt, sched, world, generator=g, teacher=teacher, loss=total / max(1, n)))
+            on_epoch(_state(epoch, model, opt, sched, world, generator=g, teacher=teacher, mp=mp,
+                            loss=total / max(1, n)))
     if n == 0 and resume is not None:  # every epoch was done before: the loss is the one stored
         total, n = resume.get("loss", 0.0), 1
     recalibrate_bn(model, loader, calibration_routes(model, seed=seed), max_batches=calibration_batches)
@@ -164,16 +206,21 @@ def _set_epoch(loader, epoch: int) -> None:
         sampler.set_epoch(epoch)
 
 
-def _state(epoch: int, model, opt, sched, world, generator=None, teacher=None, **extra) -> dict:
-    """What a resumed run continues from after ``epoch``; every rank's RNG state (a collective: all
-    ranks call it)."""
+def _state(epoch: int, model, opt, sched, world, generator=None, teacher=None, mp: MixedPrecision | None = None,
+           **extra) -> dict:
+    """What a resumed run continues from after ``epoch``; every rank's RNG states, the CPU's and
+    (training on CUDA) its device's (a collective: all ranks call it); the loss scale."""
+    on_cuda = device_of(model).type == "cuda"
     return {"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(), "generator": None if generator is None else generator.get_state(),
             "teacher": None if teacher is None else teacher.state_dict(),
-            "torch_rng": gather(torch.get_rng_state(), world), **extra}
+            "torch_rng": gather(torch.get_rng_state(), world),
+            "cuda_rng": gather(torch.cuda.get_rng_state(), world) if on_cuda else None,
+            "scaler": None if mp is None else mp.scaler.state_dict(), **extra}
 
 
-def _resume(state: dict, model, opt, sched, world, generator=None, teacher=None) -> int:
+def _resume(state: dict, model, opt, sched, world, generator=None, teacher=None,
+            mp: MixedPrecision | None = None) -> int:
     """Load ``state`` (:func:`_state`); returns the first epoch still to run."""
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
@@ -182,10 +229,15 @@ def _resume(state: dict, model, opt, sched, world, generator=None, teacher=None)
         generator.set_state(state["generator"])
     if teacher is not None and state.get("teacher") is not None:
         teacher.load_state_dict(state["teacher"])
-    rngs = state.get("torch_rng") or []
+    if mp is not None and state.get("scaler"):
+        mp.scaler.load_state_dict(state["scaler"])
     rank = 0 if world is None else world.rank
+    rngs = state.get("torch_rng") or []
     if len(rngs) > rank:  # saved by as many ranks as now run
         torch.set_rng_state(rngs[rank])
+    cuda_rngs = state.get("cuda_rng") or []
+    if device_of(model).type == "cuda" and len(cuda_rngs) > rank:
+        torch.cuda.set_rng_state(cuda_rngs[rank])
     return int(state["epoch"])
 
 
@@ -243,7 +295,8 @@ class ComplexityPenalty:
 
     def expected(self, onehots: list[torch.Tensor]) -> torch.Tensor:
         """Per-sample cost of the chosen routes ``(N,)``."""
-        return route_probabilities(onehots) @ self.costs.to(onehots[0].dtype)
+        probs = route_probabilities([o.float() for o in onehots])  # float32 under autocast: MAdds overflow float16
+        return probs @ self.costs.to(probs.device, torch.float32)
 
     def __call__(self, onehots: list[torch.Tensor], world: World | None = None) -> torch.Tensor:
         """The penalty of the batch; over several processes, of the global batch. The penalty is not
@@ -308,11 +361,12 @@ def freeze_supernet(model) -> list[nn.Parameter]:
 def train_gate(model, loader, penalty: ComplexityPenalty, epochs: int, lr: float = 0.05, lr_decay: float = 0.9,
                weights: LossWeights | None = None, seed: int = 0, progress: Progress | None = None,
                world: World | None = None, resume: dict | None = None,
-               on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
+               on_epoch: Callable[[dict], None] | None = None, amp: bool = False) -> list[dict]:
     """Stage II in place; returns per-epoch means of the losses. Over several processes (see
     :func:`train_supernet`) the gate trains under ``DistributedDataParallel``, the penalty reads the
     global batch's mean cost and each rank draws its own Gumbel noise (seed + rank); ``on_epoch``
-    and ``resume`` as in :func:`train_supernet`."""
+    and ``resume`` as in :func:`train_supernet`; ``amp``: mixed precision (:class:`MixedPrecision`),
+    the penalty in float32."""
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
     if len(penalty.costs) != len(model.routing_space):
@@ -322,10 +376,11 @@ def train_gate(model, loader, penalty: ComplexityPenalty, epochs: int, lr: float
     params = freeze_supernet(model)
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, lr_decay)
+    device, mp = device_of(model), MixedPrecision(device_of(model), amp)
     model.set_route(None)
     history, first = [], 0
     if resume is not None:
-        first = _resume(resume, model, opt, sched, world)
+        first = _resume(resume, model, opt, sched, world, mp=mp)
         history = list(resume.get("history", []))
         freeze_supernet(model)
     net = _parallel(_Forward(model, dynamic=True), world)
@@ -335,15 +390,17 @@ def train_gate(model, loader, penalty: ComplexityPenalty, epochs: int, lr: float
             sums = {"loss": 0.0, "cls": 0.0, "cp": 0.0, "sgs": 0.0, "cost": 0.0}
             n = 0
             for step, (x, y) in enumerate(loader):
-                targets = sgs_targets(model, x, y)
-                out = net(x)
-                l_cls = F.cross_entropy(out.logits, y)
+                x, y = _to(device, x, y)
+                with mp.autocast():
+                    targets = sgs_targets(model, x, y)
+                    out = net(x)
+                    l_cls = F.cross_entropy(out.logits, y)
+                    l_sgs = sum(F.cross_entropy(s, t) for s, t in zip(out.scores, targets)) / len(targets)
                 l_cp = penalty(out.onehots, world)
-                l_sgs = sum(F.cross_entropy(s, t) for s, t in zip(out.scores, targets)) / len(targets)
                 loss = weights.cls * l_cls + weights.cp * l_cp + weights.sgs * l_sgs
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                mp.backward(loss)
+                mp.step(opt)
                 cost = penalty.expected([o.detach() for o in out.onehots]).mean().item()
                 for k, v in (("loss", loss), ("cls", l_cls), ("cp", l_cp), ("sgs", l_sgs)):
                     sums[k] += v.item()
@@ -355,7 +412,7 @@ def train_gate(model, loader, penalty: ComplexityPenalty, epochs: int, lr: float
             sched.step()
             history.append({k: v / max(1, n) for k, v in sums.items()} | {"epoch": epoch + 1})
             if on_epoch:
-                on_epoch(_state(epoch, model, opt, sched, world, history=list(history)))
+                on_epoch(_state(epoch, model, opt, sched, world, mp=mp, history=list(history)))
     finally:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -383,11 +440,13 @@ def evaluate_gate(model, loader, costs: dict[str, torch.Tensor] | None = None) -
     routes = model.routing_space.all_routes()
     counts = torch.zeros(len(routes), dtype=torch.long)
     correct = n = 0
+    device = device_of(model)
     for x, y in loader:
+        x, y = _to(device, x, y)
         out = model.forward_dynamic(x)
         correct += int((out.logits.argmax(-1) == y).sum())
         n += len(y)
-        counts += route_probabilities(out.onehots).round().long().sum(0)
+        counts += route_probabilities(out.onehots).round().long().sum(0).cpu()
     if n == 0:
         raise ValueError("the evaluation data is empty")
     expected = {name: float((counts.double() * c.double()).sum() / n) for name, c in (costs or {}).items()}
@@ -420,6 +479,7 @@ def calibrate_to_budget(model, images: torch.Tensor, costs: torch.Tensor, budget
         raise ValueError(f"{len(costs)} costs for {len(routes)} routes")
     choice_cost = [torch.tensor([float(costs[[i for i, r in enumerate(routes) if r[k] == j]].mean() / costs.max())
                                  for j in range(g.num_choices)]) for k, g in enumerate(gs)]
+    images = images.to(device_of(model))
     cache = {(): plan.head(images)}
 
     def scores_after(prefix: tuple):
@@ -431,14 +491,14 @@ def calibrate_to_budget(model, images: torch.Tensor, costs: torch.Tensor, budget
         return cache[prefix]
 
     def mean_cost(lam: float) -> float:
-        groups = {(): torch.arange(len(images))}
+        groups = {(): torch.arange(len(images), device=images.device)}
         for k in range(len(gs)):
             nxt = {}
             for prefix, idx in groups.items():
                 # in the scores' own dtype, as the gate adds its bias when deployed: a decision taken
                 # in double here could differ from the float32 one on a near tie
                 s = scores_after(prefix)[1][idx]
-                c = (s + (-lam * choice_cost[k]).to(s.dtype)).argmax(-1)
+                c = (s + (-lam * choice_cost[k]).to(s.device, s.dtype)).argmax(-1)
                 for j in c.unique().tolist():
                     nxt[prefix + (j,)] = idx[c == j]
             groups = nxt
@@ -460,5 +520,5 @@ def calibrate_to_budget(model, images: torch.Tensor, costs: torch.Tensor, budget
             mid = (lo + hi) / 2
             lo, hi = (lo, mid) if mean_cost(mid) <= budget else (mid, hi)
     for g, cc in zip(gs, choice_cost):
-        g.score_bias.copy_((-hi * cc).to(g.score_bias.dtype))
+        g.score_bias.copy_((-hi * cc).to(g.score_bias))
     return {"lambda": hi, "mean_cost": mean_cost(hi), "budget": budget, "images": len(images)}

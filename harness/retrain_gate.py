@@ -20,7 +20,8 @@ Over several processes (``torchrun --nproc_per_node N -m harness.retrain_gate ..
 ``--nnodes``), both stages train under ``DistributedDataParallel`` (``dsnet.distributed``: gloo on
 CPU, NCCL on CUDA), each rank taking ``--batch-size / N`` images of every global batch; rank 0
 alone measures the LUT (handed to the others), reads and writes the results folder, checkpoints and
-measures the retrained gates. Every stage keeps its state after each epoch
+measures the retrained gates. On a CUDA target both stages train on the GPU (each rank its own,
+``LOCAL_RANK``), in mixed precision with ``--amp``. Every stage keeps its state after each epoch
 (``<checkpoint>.partial.pt``): a re-run of the same command after any rank died resumes after the
 last complete epoch, whatever the number of processes.
 
@@ -97,6 +98,8 @@ def parse_args(argv):
                         "largest route's MAdds), calibrates each to its budget, measures all in one run")
     p.add_argument("--no-calibrate", action="store_true",
                    help="with --latency-budget: keep the trained gates as they are (no score calibration)")
+    p.add_argument("--amp", action="store_true",
+                   help="mixed precision in both stages: float16 with loss scaling on a CUDA target, bfloat16 on CPU")
     p.add_argument("--workers", type=int, help="DataLoader worker processes per rank (default: 4 for an image "
                                                "folder, 0 for the in-memory digits)")
     add_results_option(p)
@@ -116,7 +119,8 @@ def settings_from(args, target):
                        latency_fraction=args.latency_fraction,
                        madds_target=args.madds_target, seed=args.seed,
                        budgets=rt.parse_budgets(args.latency_budget) if args.latency_budget else (),
-                       calibrate=not args.no_calibrate, workers=args.workers)
+                       calibrate=not args.no_calibrate, workers=args.workers, device=target.device,
+                       amp=args.amp)
 
 
 def _train_progress(total: int, desc: str):

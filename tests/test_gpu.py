@@ -160,3 +160,26 @@ def test_a_gpu_run_with_cuda_graphs_measures_static_and_dynamic_engines(tmp_path
     dyn = pd.read_csv(out / "dynamic.csv")
     assert set(dyn["status"]) == {"ok"}, dyn[["backend", "precision", "kind", "name", "status", "error"]]
     assert {"eager", "torchscript"} <= set(dyn["backend"])
+
+
+def test_both_training_stages_run_on_cuda_in_mixed_precision():
+    """Stage I and II on the GPU with float16 autocast and a loss scale: finite losses, float32
+    weights left on the GPU, the loss scale kept in the epoch's state; the evaluation reads the GPU
+    model from CPU batches."""
+    from dsnet.data import digits
+    from dsnet.training import ComplexityPenalty, evaluate_gate, train_gate, train_supernet
+
+    splits = digits(32)
+    train = torch.utils.data.DataLoader(torch.utils.data.Subset(splits.train, range(128)), batch_size=32,
+                                        shuffle=True, generator=torch.Generator().manual_seed(0), pin_memory=True)
+    val = torch.utils.data.DataLoader(torch.utils.data.Subset(splits.val, range(64)), batch_size=64)
+    torch.manual_seed(0)
+    model = dsnet.create_model("ds_mbnet_tiny", num_classes=10).cuda()
+    states = []
+    out = train_supernet(model, train, epochs=1, amp=True, on_epoch=states.append)
+    assert torch.isfinite(torch.tensor(out["loss"]))
+    assert states[0]["scaler"]["scale"] > 0 and states[0]["cuda_rng"] is not None
+    history = train_gate(model, train, ComplexityPenalty.madds(model, 32), epochs=1, amp=True)
+    assert torch.isfinite(torch.tensor(history[0]["loss"]))
+    assert all(p.is_cuda and p.dtype == torch.float32 for p in model.parameters())
+    assert evaluate_gate(model, val).n == 64

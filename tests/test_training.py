@@ -223,3 +223,34 @@ def test_data_sources(tmp_path):
     assert all(d.shape == (3, 32, 32) for d in draws)
     assert any(not torch.equal(draws[0], d) for d in draws[1:])
     assert torch.equal(folder.val[0][0], folder.val[0][0])
+
+
+def test_the_penalty_is_computed_in_float32_whatever_the_autocast():
+    """Under float16 autocast the gates' one-hots come in float16; per-route MAdds (~1e8) would
+    overflow float16 (max 65504) in the product, so the penalty casts to float32 first."""
+    model = dsnet.create_model("ds_mbnet_tiny", num_classes=10)
+    penalty = ComplexityPenalty.madds(model, 224)
+    assert float(penalty.costs.max()) > 65504
+    onehots = [torch.eye(len(penalty.costs))[[0, len(penalty.costs) - 1]]]
+    exact = penalty.expected(onehots)
+    half = penalty.expected([o.half() for o in onehots])
+    assert half.dtype == torch.float32 and torch.equal(half, exact)
+    assert torch.isfinite(penalty([o.half() for o in onehots]))
+
+
+def test_mixed_precision_trains_both_stages_on_the_cpu(demo):
+    """``amp`` on the CPU: bfloat16 autocast (no loss scale). Both stages train, the weights stay
+    float32, and the loss is the float32 run's within bfloat16's rounding but not equal to it (the
+    autocast did run)."""
+    _, train, val = demo
+    losses = {}
+    for amp in (False, True):
+        torch.manual_seed(0)
+        model = dsnet.create_model("ds_mbnet_tiny", num_classes=10)
+        losses[amp] = train_supernet(model, train, epochs=1, amp=amp, seed=0)["loss"]
+        history = train_gate(model, train, ComplexityPenalty.madds(model, 32), epochs=1, amp=amp)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert np.isfinite(history[0]["loss"]) and np.isfinite(history[0]["cost"])
+        assert evaluate_gate(model, val).n == 64
+    assert losses[True] != losses[False]
+    assert losses[True] == pytest.approx(losses[False], rel=0.05)

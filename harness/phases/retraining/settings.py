@@ -111,6 +111,8 @@ class Settings:
     budgets: tuple = ()  # Budget: one gate per budget and penalty, calibrated to it
     calibrate: bool = True  # with budgets: calibrate each gate's scores to its budget
     workers: int | None = None  # DataLoader workers (None: 4 for an image folder, 0 for the in-memory digits)
+    device: str = "cpu"  # where both stages train: the target's device ("cuda": the rank's GPU)
+    amp: bool = False  # mixed precision (dsnet.training.MixedPrecision)
 
     @property
     def loader_workers(self) -> int:

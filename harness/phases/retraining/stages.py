@@ -16,8 +16,10 @@ Every stage's result is a checkpoint in the workspace (``supernet.pt``,
 match is reused (:func:`_reused`, the one cache check). Between epochs a stage keeps its training
 state beside it (``<name>.partial.pt``, :func:`dsnet.checkpoint.save_training_state`), so an
 interrupted run loses at most the epoch it was in. Over several processes (``world``) every rank
-trains and rank 0 alone reads and writes the workspace, handing what it read to the others. A
-problem with the input is a :class:`RetrainingError`.
+trains and rank 0 alone reads and writes the workspace, handing what it read to the others. Both
+stages train on ``settings.device`` (a CUDA target: the rank's GPU; checkpoints are read onto it and
+written from it), with ``settings.amp`` in mixed precision. A problem with the input is a
+:class:`RetrainingError`.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from dsnet.training import (
     ComplexityPenalty,
     LossWeights,
     calibrate_to_budget,
+    device_of,
     restrict_routes,
     train_gate,
     train_supernet,
@@ -155,6 +158,12 @@ def _resumable(path: Path, settings: dict, what: str, world: World | None):
     return resume, on_epoch
 
 
+def _amp(s: Settings) -> dict:
+    """The settings entry of mixed precision: absent when off, so checkpoints trained before the
+    option existed still match."""
+    return {"amp": True} if s.amp else {}
+
+
 def _size(world: World | None) -> int:
     return 1 if world is None else world.size
 
@@ -166,9 +175,10 @@ def _partial(path: Path) -> Path:
 
 def route_accuracy(model, route, loader) -> float:
     model.eval()
-    correct = n = 0
+    correct, n, device = 0, 0, device_of(model)
     with torch.no_grad():
         for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             correct += int((model._with_route(route, lambda x=x: model(x)).argmax(-1) == y).sum())
             n += len(y)
     return correct / max(1, n)
@@ -198,21 +208,25 @@ def stage1(s: Settings, data: Data, progress_factory, world: World | None = None
     kwargs = {"num_classes": data.num_classes}
     main = world is None or world.main
     if s.checkpoint is not None:
-        return share(_given_checkpoint(s, kwargs) if main else None, world)
+        given = share(_given_checkpoint(s, kwargs) if main else None, world)
+        return TrainedSupernet(given.model.to(s.device), given.meta)
     settings = {"model": s.model, "data": data.splits.source, "input_size": s.input_size,
-                "epochs": s.supernet_epochs, "batch_size": s.batch_size, "seed": s.seed, "lr": s.supernet_lr}
+                "epochs": s.supernet_epochs, "batch_size": s.batch_size, "seed": s.seed, "lr": s.supernet_lr,
+                **_amp(s)}
     path = s.workspace.root / "supernet.pt"
     cached = _shared_reuse(path, settings, "stage I", world)
     if cached:
-        return TrainedSupernet(*cached)
+        model, meta = cached
+        return TrainedSupernet(model.to(s.device), meta)
     torch.manual_seed(s.seed)
     model = dsnet.create_model(s.model, **kwargs)
     model.init_for_training()
+    model.to(s.device)
     t0 = time.monotonic()
     resume, on_epoch = _resumable(_partial(path), settings, "stage I", world)
     train_supernet(model, data.train_loader, s.supernet_epochs, lr=s.supernet_lr, seed=s.seed,
                    progress=progress_factory(s.supernet_epochs * len(data.train_loader), "stage I") if main else None,
-                   world=world, resume=resume, on_epoch=on_epoch)
+                   world=world, resume=resume, on_epoch=on_epoch, amp=s.amp)
     meta = {"stage": "I", "settings": settings, "train_s": round(time.monotonic() - t0, 1),
             "resumed_after_epoch": 0 if resume is None else resume["epoch"], "processes": _size(world)}
     if main:
@@ -258,20 +272,21 @@ def stage2(s: Settings, data: Data, supernet: TrainedSupernet, costs: Costs, pen
                 "cp_weight": s.cp_weight, "routes_upto": s.routes_upto, "target": cp.target,
                 "costs": _digest(cp.costs.tolist()), "seed": s.seed, "supernet": _digest(supernet.meta),
                 "budget": None if budget is None else budget.label, "budget_fraction": fraction,
-                "calibrated": calibrate}
+                "calibrated": calibrate, **_amp(s)}
     suffix = "" if budget is None else f"-{budget.label}"
     path = s.workspace.root / f"gate-{penalty}-{s.backend}{suffix}.pt"
     name = gate_name(penalty, budget)
     main = world is None or world.main
     cached = _shared_reuse(path, settings, f"stage II ({name})", world)
     if cached:
-        return RetrainedGate(penalty, *cached)
+        model, meta = cached
+        return RetrainedGate(penalty, model.to(s.device), meta)
     t0 = time.monotonic()
     resume, on_epoch = _resumable(_partial(path), settings, f"stage II ({name})", world)
     history = train_gate(model, data.train_loader, cp, s.gate_epochs, lr=s.lr, weights=LossWeights(cp=s.cp_weight),
                          seed=s.seed, progress=progress_factory(s.gate_epochs * len(data.train_loader),
                                                                 f"stage II {penalty}") if main else None,
-                         world=world, resume=resume, on_epoch=on_epoch)
+                         world=world, resume=resume, on_epoch=on_epoch, amp=s.amp)
     meta = {"stage": "II", "settings": settings, "history": history, "train_s": round(time.monotonic() - t0, 1),
             "resumed_after_epoch": 0 if resume is None else resume["epoch"], "processes": _size(world)}
     if not main:  # rank 0 calibrates and keeps the gate; every rank then holds the same

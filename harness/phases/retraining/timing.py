@@ -91,6 +91,11 @@ def measure_gates(ctx: RunContext, s: Settings, data: Data, supernet: TrainedSup
                   gates: dict[str, RetrainedGate], check_images: int = 16) -> dict[str, Measured]:
     """See the module docstring."""
     images = [x[None] for x, _ in data.splits.val]
+    # checked and timed from the models on the CPU (trained on a GPU, they are moved back: training
+    # is over); each backend puts the compiled parts on the target's device itself
+    supernet.model.cpu()
+    for gate in gates.values():
+        gate.model.cpu()
     phase = ctx.round_phase(f"gates {s.model} {s.backend}", seed=s.seed)
     results: dict[str, Measured] = {}
     repeat_of = None
