@@ -231,3 +231,48 @@ def test_onnx_branches_hold_their_own_weights(mbnet, tmp_path):
     inner_reads, branch_weights = branch_reads(graph)
     assert not {i.name for i in graph.initializer} & (inner_reads - outer_reads)
     assert branch_weights >= len(mbnet.routes())  # each route's convolutions at least
+
+
+def test_weights_over_protobufs_limit_go_beside_the_graph_and_under_its_signature(mbnet, tmp_path, monkeypatch):
+    """A network whose weights exceed what one protobuf holds (the one-graph DS-ResNets at 224) keeps
+    them in ``model.onnx.data`` beside the graph: forced here by lowering the limit. The session
+    matches eager, the cached pair loads again, and changed weights beside it are not loaded (the
+    signature covers them); ``harness.export`` writes both files."""
+    pytest.importorskip("onnxruntime")
+    import harness.backends.onnxruntime as ort_backend
+    from harness.export import main as export_main
+
+    monkeypatch.setattr(ort_backend, "ONE_FILE_BYTES", 0)
+    x = torch.randn(1, 3, 32, 32)
+    graph = one_graph(mbnet, x)
+    b = get_backend("onnxruntime", X86.options("onnxruntime"))
+    key = ArtifactKey.of("one_graph", "all", b, X86, "fp32", x, weights_fingerprint(graph))
+    first = trial(b, graph, x, X86, "fp32", key, tmp_path / "cache")
+    assert first.ok, first.error
+    folder = key.directory(tmp_path / "cache")
+    data = folder / ort_backend.EXTERNAL_DATA
+    onnx = pytest.importorskip("onnx")
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    tensors = list(_get_all_tensors(onnx.load(str(folder / "model.onnx"), load_external_data=False)))
+    outside = [t for t in tensors if uses_external_data(t)]
+    assert outside and all(t.name in {i.name for i in outside} for t in tensors if len(t.raw_data) >= 1024)
+    assert {e.value for t in outside for e in t.external_data if e.key == "location"} == {data.name}
+    route = mbnet.routes()[-1]
+    xr = input_for_route(dsnet.split(mbnet), route, x)
+    logits, taken = first.engine(xr)
+    assert taken.tolist() == [list(route)] and (logits - _expected(mbnet, route, xr)).abs().max().item() <= 1e-5
+    assert trial(b, graph, x, X86, "fp32", key, tmp_path / "cache").details["cached"]
+    blob = bytearray(data.read_bytes())
+    blob[-1] ^= 0xFF
+    data.write_bytes(bytes(blob))
+    again = trial(b, graph, x, X86, "fp32", key, tmp_path / "cache")
+    assert again.ok and not again.details["cached"] and "tag does not match" in again.details["rebuilt"]
+    out = tmp_path / "out" / "tiny.onnx"
+    assert export_main(["--model", "ds_mbnet_tiny", "--backend", "onnxruntime", "--out", str(out),
+                        "--input-size", "32", "--check-inputs", "1"]) == 0
+    assert (out.parent / ort_backend.EXTERNAL_DATA).is_file()
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert session.run(None, {session.get_inputs()[0].name: np.zeros((1, 3, 32, 32), np.float32)})[1].shape == (1, 1)
