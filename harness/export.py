@@ -120,17 +120,9 @@ def _main(args) -> int:
             routes.add(tuple(ref[1].tolist()[0]))
         out = args.out / backend.artifact if args.out.is_dir() else args.out
         out.parent.mkdir(parents=True, exist_ok=True)
-        built = key.directory(Path(tmp)) / backend.artifact
-        shutil.copyfile(built, out)
-        # weights kept beside the graph (an ONNX model over 2 GB): the graph names the file, which must follow it
-        beside = [out.parent / f.name for f in built.parent.iterdir()
-                  if f.name.startswith(built.name + ".") and f.suffix != ".hmac"]
-        for f in beside:
-            shutil.copyfile(built.parent / f.name, f)
-    also = "".join(f" and {f} (its weights; keep it beside)" for f in beside)
-    size = (out.stat().st_size + sum(f.stat().st_size for f in beside)) / 2**20
-    print(f"wrote {out}{also} ({size:.1f} MiB); checked against eager on {1 + args.check_inputs} inputs, "
-          f"routes taken: {', '.join(map(str, sorted(routes)))}")
+        shutil.copyfile(key.directory(Path(tmp)) / backend.artifact, out)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB); checked against eager on {1 + args.check_inputs} "
+          f"inputs, routes taken: {', '.join(map(str, sorted(routes)))}")
     print("load it with its runtime alone:")
     for line in LOADERS[args.backend]:
         print("    " + line.format(path=out, size=args.input_size))

@@ -11,10 +11,6 @@ moved into that branch. ONNX Runtime optimizes a branch as a graph of its own an
 the outer graph as values it cannot see: left there, every convolution of a route ran unfused and
 unpacked (measured on DS-MBNet at 224, one artifact over the route's static engine: 2.05 ms before,
 0.13 ms after).
-
-A protobuf message holds at most 2 GB: a network whose weights exceed :data:`ONE_FILE_BYTES` (the
-one-graph DS-ResNets at 224, every segment of every stage) keeps them beside the graph, in
-``model.onnx.data`` (ONNX external data), which the artifact's signature covers with it.
 """
 
 from __future__ import annotations
@@ -23,15 +19,11 @@ import contextlib
 import inspect
 import io
 import logging
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from harness.backends.base import Backend, DeviceTarget, Engine, as_torch_outputs, cast
-
-ONE_FILE_BYTES = 1_800_000_000  # weights above this go to model.onnx.data (protobuf's limit is 2 GiB)
-EXTERNAL_DATA = "model.onnx.data"
 
 
 class OnnxRuntimeBackend(Backend):
@@ -149,14 +141,12 @@ class OnnxRuntimeBackend(Backend):
         for name in list(logging.root.manager.loggerDict):  # e.g. "torchvision is not installed"
             if name.startswith("torch.onnx"):
                 logging.getLogger(name).setLevel(logging.ERROR)
-        weights = sum(t.numel() * t.element_size() for t in module.state_dict().values())
-        external = weights > ONE_FILE_BYTES
         with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
-            # one self-contained file where protobuf can hold it (the default writes the weights beside it)
-            takes_it = "external_data" in inspect.signature(torch.onnx.export).parameters
-            one_file = {"external_data": external} if takes_it else {}
+            # one self-contained file (the default writes the weights beside it, as model.onnx.data)
+            one_file = {"external_data": False} if "external_data" in inspect.signature(torch.onnx.export).parameters \
+                else {}
             torch.onnx.export(module, (example,), str(path), dynamo=True, verbose=False, **one_file)
-        _tidy(path, external)
+        _tidy(path)
         return self._engine(path, target)
 
     def load(self, artifact_dir, example, target: DeviceTarget, precision):
@@ -166,23 +156,14 @@ class OnnxRuntimeBackend(Backend):
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(float16)": np.float16}
 
 
-def _tidy(path, external: bool = False) -> None:
-    """Rewrite the exported file: no per-node metadata, branch-only weights inside their branch;
-    ``external``: every weight in :data:`EXTERNAL_DATA` beside it (whatever the exporter named its
-    data file: written afresh, the exporter's removed)."""
+def _tidy(path) -> None:
+    """Rewrite the exported file: no per-node metadata, branch-only weights inside their branch."""
     import onnx
 
-    path = Path(path)
-    model = onnx.load(str(path))  # its external data read into memory, if any
-    for data in path.parent.glob(path.name + ".*"):  # the exporter's data file: onnx appends to an existing one
-        data.unlink()
+    model = onnx.load(str(path))
     _strip_metadata(model.graph)
     _move_weights_into_branches(model.graph)
-    if external:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=EXTERNAL_DATA, size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
+    onnx.save_model(model, str(path))
 
 
 def _strip_metadata(graph) -> None:

@@ -5,8 +5,7 @@ Contract
 A results folder's ``cache/`` holds compiled code (shared libraries, serialized programs): loading
 one runs it. Every artifact the pipeline builds is signed (:func:`sign`): an HMAC-SHA256 of its
 bytes with a key of this user's, kept outside any results folder, written beside the artifact as
-``<artifact>.hmac`` (covering ``<artifact>.data`` too where the artifact keeps its weights beside
-it). Before a cached artifact is loaded, :func:`untrusted` checks that tag: a missing
+``<artifact>.hmac``. Before a cached artifact is loaded, :func:`untrusted` checks that tag: a missing
 or wrong tag (an artifact copied from another machine or user, or planted) means it is rebuilt,
 never loaded, and the row's ``backend_details`` say why (``rebuilt``).
 
@@ -70,16 +69,10 @@ def installation_key() -> bytes:
 
 
 def _digest(path: Path) -> str:
-    """The HMAC of the artifact's bytes and, when present, of the weights it keeps beside it
-    (``<artifact>.data``: an ONNX model over protobuf's 2 GB), so that neither changes unseen."""
     mac = hmac.new(installation_key(), digestmod=hashlib.sha256)
-    data = Path(path).with_name(Path(path).name + ".data")
-    for part in [Path(path)] + ([data] if data.is_file() else []):
-        if part != Path(path):
-            mac.update(b"\0" + part.name.encode() + b"\0")
-        with open(part, "rb") as f:
-            for chunk in iter(lambda: f.read(_CHUNK), b""):
-                mac.update(chunk)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            mac.update(chunk)
     return mac.hexdigest()
 
 
