@@ -118,7 +118,8 @@ def train_supernet(model, loader, epochs: int, lr: float = 0.05, n_random: int =
     params = [p for n, p in model.named_parameters() if not n.endswith("route.weight")]
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * max(1, len(loader)))
-    device, mp = device_of(model), MixedPrecision(device_of(model), amp)
+    device = device_of(model)
+    mp = MixedPrecision(device, amp)
     teacher = None
     if ema_decay is not None:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -376,7 +377,8 @@ def train_gate(model, loader, penalty: ComplexityPenalty, epochs: int, lr: float
     params = freeze_supernet(model)
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, lr_decay)
-    device, mp = device_of(model), MixedPrecision(device_of(model), amp)
+    device = device_of(model)
+    mp = MixedPrecision(device, amp)
     model.set_route(None)
     history, first = [], 0
     if resume is not None:

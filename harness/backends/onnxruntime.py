@@ -171,11 +171,8 @@ def _strip_metadata(graph) -> None:
     for node in graph.node:
         del node.metadata_props[:]
         node.doc_string = ""
-        for attr in node.attribute:
-            if attr.HasField("g"):
-                _strip_metadata(attr.g)
-            for g in attr.graphs:
-                _strip_metadata(g)
+        for _, sub in _subgraphs(node):
+            _strip_metadata(sub)
     for value in list(graph.value_info) + list(graph.input) + list(graph.output):
         del value.metadata_props[:]
 
