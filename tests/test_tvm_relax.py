@@ -101,3 +101,54 @@ def test_call_tir_on_constants_runs_in_one_build(monkeypatch):
     assert len(consts) == 2
     for want in (a.transpose(1, 2, 0), (a * 2).transpose(1, 2, 0)):
         assert any(np.array_equal(c, want) for c in consts), want
+
+
+class _TwoWays(nn.Module):
+    """One of two convolution + batch norm branches, by the sign of the input's mean (``torch.cond``,
+    nested once, as :mod:`dsnet.one_graph` writes a gate's choice)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ways = nn.ModuleList(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                                                nn.ReLU()) for _ in range(3))
+        for way in self.ways:
+            way[1].running_mean.uniform_(-1, 1), way[1].running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        m = x.mean()
+        inner = lambda x: torch.cond(m > 1.0, lambda x: self.ways[0](x), lambda x: self.ways[1](x), (x,))  # noqa: E731
+        return torch.cond(m > 0.0, inner, lambda x: self.ways[2](x), (x,))
+
+
+def test_branches_get_their_weights_as_constants_and_fuse_like_a_static_network():
+    """The importer passes every weight a ``torch.cond`` branch reads as a parameter: without binding
+    them, batch norm, the layout rewrite and fusion never reach the branch (each ran unfused, at a
+    multiple of its route's static engine). After the backend's import every branch's batch norm is
+    folded, its convolutions fused with their epilogues, no function takes a weight, and each branch
+    computes what eager does."""
+    from harness.backends import get_backend
+    from harness.targets import load_target
+
+    torch.manual_seed(0)
+    net = _TwoWays().eval()
+    x = torch.randn(1, 3, 8, 8)
+    target = load_target("x86").resolve()
+    backend = get_backend("tvm", {**target.options("tvm"), "tune_minutes": 0})
+    mod, tvm_target = backend.relax_module(net, x, target, "fp32")
+    functions = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, relax.Function)}
+    assert len(functions) > 1  # the branches stay functions of their own
+    for name, func in functions.items():
+        weights = [p for p in func.params if len(p.ty.shape) == 4 and int(p.ty.shape[0]) == 8]
+        assert not weights, f"{name} takes weights as parameters"
+    script = mod.script()
+    assert "batch_norm" not in script
+    fused_convs = [gv.name_hint for gv, _ in mod.functions_items() if gv.name_hint.startswith("fused_conv2d")]
+    assert fused_convs, "no branch convolution was fused with its epilogue"
+    vm = relax.VirtualMachine(tvm.compile(mod, target=tvm_target), tvm.cpu())
+    for shift in (2.0, 0.5, -1.0):  # the three ways
+        xi = x - x.mean() + shift
+        with torch.no_grad():
+            want = net.ways[0 if shift > 1 else 1 if shift > 0 else 2](xi)
+        got = vm["main"](tvm.runtime.from_dlpack(xi.contiguous()))
+        got = got if hasattr(got, "numpy") else got[0]
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-4)

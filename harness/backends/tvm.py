@@ -182,7 +182,8 @@ class TVMBackend(Backend):
     def cache_key(self):
         return {"target": self.options.get("target"), "host": self.options.get("host"),
                 "layout": self.layout, "weight_prepack": self.weight_prepack, "fast_math": self.fast_math,
-                "tuning_records": self.database_digest()}
+                "tuning_records": self.database_digest(),
+                "branch_weights": "bound"}
 
     def details(self):
         return {"tune_minutes": self.tune_minutes}
@@ -258,6 +259,10 @@ class TVMBackend(Backend):
         with torch.no_grad():
             program = torch.export.export(module, (example,))
         mod = from_exported_program(program, keep_params_as_input=False)
+        # a one-graph network's branches as the passes below see a static network: without it each
+        # branch ran unfused, its batch norm and layout rewrites computed per call, and no tuning
+        # record applied to it
+        mod = tvm_relax.inline_branch_weights(mod)
         # batch norm folded into the convolution before it, as ONNX Runtime and TorchScript's
         # optimize_for_inference do: one fused task (conv + bias + activation) per layer instead of
         # a convolution task and a batch-norm task, half the tasks to tune and one pass over memory

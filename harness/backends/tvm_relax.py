@@ -16,6 +16,11 @@ beyond the rounding the docstring states.
   runs from one library built for all of them. Anything else goes to ``FoldConstant``.
 - :func:`fast_math`: ``exp``, ``tanh``, ``erf``, ``softmax`` and ``sigmoid`` by TOPI's
   vectorizable approximations.
+- :func:`inline_branch_weights`: a module with control flow (``torch.cond``'s branches, which the
+  importer writes as functions taking every weight they read as a parameter) with each branch's
+  weights bound into its body as constants and its body in dataflow form, so that batch norm
+  folding, the layout rewrite, weight prepacking, fusion and the tuning database reach the branches
+  as they reach a static network. A module without function calls is returned as it is.
 """
 
 from __future__ import annotations
@@ -163,6 +168,79 @@ def _fold_call_tir(mod):
             return tup.fields[new.index] if isinstance(tup, relax.Tuple) else new
 
     return _mutate_functions(mod, CallTIRFold(mod))
+
+
+def inline_branch_weights(mod):
+    """``mod`` with constant arguments bound into the functions they are passed to (see the
+    module's contract). Outermost first: binding a branch's weights makes them constants at the
+    call of the branch nested in it, bound on the next pass; a function called from more than one
+    place keeps its parameters."""
+    from tvm import relax
+
+    changed = False
+    while True:
+        sites = _call_sites(mod)
+        bind = {gv: [i for i, a in enumerate(calls[0].args) if _is_constant(a)]
+                for gv, calls in sites.items() if len(calls) == 1}
+        bind = {gv: (sites[gv][0], idx) for gv, idx in bind.items() if idx}
+        if not bind:
+            return relax.transform.ConvertToDataflow()(mod) if changed else mod
+        mod, changed = _bind_arguments(mod, bind), True
+
+
+def _is_constant(expr) -> bool:
+    import tvm
+
+    return isinstance(expr, tvm.ir.Constant)
+
+
+def _call_sites(mod) -> dict:
+    """GlobalVar of each Relax function -> the calls of it in ``mod``."""
+    import tvm
+    from tvm import relax
+    from tvm.relax import PyExprVisitor, expr_functor
+
+    sites: dict = {}
+
+    @expr_functor.visitor
+    class Calls(PyExprVisitor):
+        def visit_call_(self, call):
+            if isinstance(call.op, tvm.ir.GlobalVar) and isinstance(mod[call.op], relax.Function):
+                sites.setdefault(call.op, []).append(call)
+            super().visit_call_(call)
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            Calls().visit_expr(func)
+    return sites
+
+
+def _bind_arguments(mod, bind: dict):
+    """``mod`` with each function of ``bind`` ({GlobalVar: (its one call, argument indices)}) taking
+    those arguments of its call as constants in its body, and the call no longer passing them. The
+    bound functions get new GlobalVars (their signatures change)."""
+    import tvm
+    from tvm import relax
+    from tvm.relax import PyExprMutator, expr_functor
+
+    builder = relax.BlockBuilder(tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv not in bind},
+                                              attrs=mod.attrs))
+    renamed = {}
+    for gv, (call, idx) in bind.items():
+        func = mod[gv]
+        renamed[gv] = builder.add_func(func.bind_params({func.params[i]: call.args[i] for i in idx}), gv.name_hint)
+
+    @expr_functor.mutator
+    class DropBound(PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if isinstance(call.op, tvm.ir.GlobalVar) and call.op in bind:
+                idx = bind[call.op][1]
+                args = [a for i, a in enumerate(call.args) if i not in idx]
+                return relax.Call(renamed[call.op], args, call.attrs, call.ty_args)
+            return call
+
+    return _mutate_functions(builder.get(), DropBound(builder.get()))
 
 
 def fast_math(mod):
