@@ -229,9 +229,11 @@ def open_context(args, target: Target, p: RunPlan, farm: Farm | None):
     return ctx, env_doc
 
 
-def tuning_phase(ctx: RunContext, p: RunPlan, quick: bool, minutes: float | None = None) -> None:
-    """TVM tuned before any TVM build (:func:`harness.phases.policy.tune_before_measuring`)."""
-    p.notes = policy.tune_before_measuring(ctx, p.backends, p.models, p.input_size, minutes, quick, Progress, p.notes)
+def tuning_phase(ctx: RunContext, p: RunPlan, quick: bool, minutes: float | None, dynamic_backends: list[str]) -> None:
+    """TVM tuned before any TVM build (:func:`harness.phases.policy.tune_before_measuring`), the
+    dynamic engine's parts too when the dynamic phase runs on TVM."""
+    p.notes = policy.tune_before_measuring(ctx, p.backends, p.models, p.input_size, minutes, quick, Progress, p.notes,
+                                           dynamic="tvm" in dynamic_backends)
 
 
 def static_phase(ctx: RunContext, p: RunPlan, all_workloads: list[Workload], retry_failed: bool) -> None:
@@ -314,16 +316,17 @@ def _main(args) -> int:
         return 3
     t0, status = time.monotonic(), 0
     try:
+        dynamic_on = policy.dynamic_backends(ctx, p.backends, p.dynamic, csv_list(args.backends), p.skipped) \
+            if "dynamic" in p.phases and farm is None else []
         if {"static", "dynamic"} & set(p.phases):
-            tuning_phase(ctx, p, args.quick, args.tune_minutes)
+            tuning_phase(ctx, p, args.quick, args.tune_minutes, dynamic_on)
         if "static" in p.phases:
             static_phase(ctx, p, all_workloads, args.retry_failed)
         if farm is not None:
             p.skipped["dynamic engine, Table 2"] = "measured on this machine only, not through --rpc-tracker"
         else:
             if "dynamic" in p.phases:
-                dynamic_phase(ctx, p, policy.dynamic_backends(ctx, p.backends, p.dynamic, csv_list(args.backends),
-                                                              p.skipped))
+                dynamic_phase(ctx, p, dynamic_on)
             if "table2" in p.phases:
                 # Table 2 on the profile's dynamic backends: --dynamic-backends may name compilers whose
                 # ResNet-50 builds no tuning covered

@@ -229,6 +229,7 @@ def test_the_run_tunes_within_the_profiles_budget_and_labels_its_rows(x86, tmp_p
     assert runmod.main(args) == 0
     out = capsys.readouterr()
     assert "tvm: tuning ds_mbnet_tiny at 32px within 0.03 min (--tune-minutes;" in out.err
+    assert "ds_mbnet_tiny head: extracted" in out.err  # the dynamic engine's parts are tuned too
     rows = pd.read_csv(tmp_path / "out" / "lut.csv")
     details = json.loads(rows.backend_details[0])
     assert rows.status[0] == "ok" and details["tuning"].startswith("partly tuned") and 0 < details["tuned_tasks"]
@@ -249,3 +250,29 @@ def test_the_run_tunes_within_the_profiles_budget_and_labels_its_rows(x86, tmp_p
     assert ": extracted" not in again.err and SPENT in again.out
     assert runmod.main([*args[:-1], "0.05"]) == 0
     assert ": extracted" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dynamic_backends, tunes_parts", [("tvm", True), ("eager", False)])
+def test_the_dynamic_engines_parts_are_tuned_when_the_run_measures_it_on_tvm(tmp_path, monkeypatch,
+                                                                             dynamic_backends, tunes_parts):
+    """Which tasks the run tunes follows ``--dynamic-backends``, not only the profile's
+    ``dynamic_backends`` (which here leaves TVM out): measuring the dynamic engine on TVM builds
+    its head and segments, and their tasks are tuned with the routes'."""
+    from harness import run as runmod
+    from harness.phases import policy
+
+    asked = []
+
+    def tuning(backend, target, models, input_size, budget_s, progress, dynamic=None):
+        asked.append(dynamic)
+        raise KeyboardInterrupt  # what the run would tune is all this test needs
+
+    monkeypatch.setattr(policy, "run_tuning", tuning)
+    profile = tmp_path / "tvm-test.toml"
+    profile.write_text('name = "tvm-test"\ndevice = "cpu"\nbackends = ["eager", "tvm"]\ndynamic_backends = ["eager"]\n'
+                       'input_size = 32\n[tvm]\ntarget = { kind = "llvm", mcpu = "auto", num-cores = 0 }\n'
+                       'tune_minutes = 1\n')
+    args = ["--target", str(profile), "--models", "ds_mbnet_tiny", "--phases", "dynamic",
+            "--dynamic-backends", dynamic_backends, "--out", str(tmp_path / "out")]
+    assert runmod.main(args) == 130
+    assert asked == [tunes_parts]

@@ -108,12 +108,14 @@ def supernets(models: list[str]) -> list[str]:
 
 
 def tune_before_measuring(ctx: RunContext, backends: list[str], models: list[str], input_size: int,
-                          minutes: float | None, quick: bool, progress: ProgressFactory, notes: list[str]) -> list[str]:
+                          minutes: float | None, quick: bool, progress: ProgressFactory, notes: list[str],
+                          dynamic: bool | None = None) -> list[str]:
     """TVM tuned within ``minutes`` (default: the profile's ``[tvm] tune_minutes``; a budget over
     re-runs: a tuned database tunes nothing) before any TVM build. Left out by ``--quick`` and when
     TVM is not measured or not on a CPU. Returns ``notes`` (the run's) with TVM's brought up to
     date; a tuning that fails is a note, never a failed run (TVM is measured with what the database
-    holds)."""
+    holds). ``dynamic``: whether the run measures the dynamic engine on TVM (its parts' tasks tuned
+    too; default: the profile's dynamic_backends say)."""
     if "tvm" not in backends or ctx.target.device != "cpu":
         return notes
     budget_from = "--tune-minutes" if minutes is not None else "the profile's [tvm] tune_minutes"
@@ -128,7 +130,7 @@ def tune_before_measuring(ctx: RunContext, backends: list[str], models: list[str
     print(f"tvm: tuning {', '.join(models)} at {input_size}px within {minutes:g} min "
           f"({budget_from}; python -m harness.tune tunes more)", file=sys.stderr)
     try:
-        summary = run_tuning(tvm, ctx.target, models, input_size, minutes * 60, progress)
+        summary = run_tuning(tvm, ctx.target, models, input_size, minutes * 60, progress, dynamic)
     except ValueError as e:  # a database for another target: measured untuned, said so
         return notes + [f"tvm tuning skipped: {e}"]
     except Exception as e:  # tuning is optional: the run measures with what the database holds

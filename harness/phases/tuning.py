@@ -62,12 +62,14 @@ def tuning_modules(models: list[str], input_size: int,
 
 
 def tuning_tasks(backend, target: Target, models: list[str], input_size: int,
-                 progress_factory: Callable[[int, str], Callable[[str, str], None]] | None = None) -> tuple[list, int]:
+                 progress_factory: Callable[[int, str], Callable[[str, str], None]] | None = None,
+                 dynamic: bool | None = None) -> tuple[list, int]:
     """``(tasks, networks)``: the distinct MetaSchedule tasks of every network TVM builds for
-    ``models`` on ``target`` (:func:`tuning_modules`), and how many networks they came from."""
+    ``models`` on ``target`` (:func:`tuning_modules`; the dynamic engine's parts with ``dynamic``,
+    by default when the profile measures it on TVM), and how many networks they came from."""
 
     mods, tvm_target = [], None
-    modules = list(tuning_modules(models, input_size, _builds_dynamic(target)))
+    modules = list(tuning_modules(models, input_size, _builds_dynamic(target, dynamic)))
     extract = progress_factory(len(modules), "tasks") if progress_factory else None
     for label, module, example in modules:
         mod, tvm_target = backend.relax_module(module, example, target, "fp32")
@@ -80,19 +82,20 @@ def tuning_tasks(backend, target: Target, models: list[str], input_size: int,
 SPENT = "tasks not extracted again: this budget was spent on them before"
 
 
-def _builds_dynamic(target: Target) -> bool:
-    """Whether the run builds the dynamic engine's parts on TVM (the profile's dynamic_backends)."""
-    return "tvm" in (target.dynamic_backends or target.backends)
+def _builds_dynamic(target: Target, dynamic: bool | None) -> bool:
+    """Whether the run builds the dynamic engine's parts on TVM: ``dynamic`` when the run says
+    (``harness.run --dynamic-backends``), else whether the profile's dynamic_backends hold TVM."""
+    return "tvm" in (target.dynamic_backends or target.backends) if dynamic is None else dynamic
 
 
-def tuning_signature(backend, target: Target, models: list[str], input_size: int) -> str:
+def tuning_signature(backend, target: Target, models: list[str], input_size: int, dynamic: bool | None = None) -> str:
     """What decides the tasks :func:`tuning_tasks` would extract, short of extracting them."""
     import tvm
 
     sources = hashlib.sha1()
     for path in sorted(Path(dsnet.__file__).parent.rglob("*.py")):
         sources.update(path.read_bytes())
-    key = {"models": sorted(models), "input_size": input_size, "dynamic": _builds_dynamic(target),
+    key = {"models": sorted(models), "input_size": input_size, "dynamic": _builds_dynamic(target, dynamic),
            "backend": {k: v for k, v in backend.cache_key().items() if k != "tuning_records"},
            "tvm_target": backend.tvm_target(target), "versions": [tvm.__version__, torch.__version__],
            "dsnet": sources.hexdigest()}
@@ -115,20 +118,22 @@ def tune_tasks(backend, target: Target, tasks: list, budget_s: float,
 
 
 def run_tuning(backend, target: Target, models: list[str], input_size: int, budget_s: float,
-               progress_factory: Callable[[int, str], Callable[[str, str], None]] | None = None) -> dict:
+               progress_factory: Callable[[int, str], Callable[[str, str], None]] | None = None,
+               dynamic: bool | None = None) -> dict:
     """Tune the TVM tasks of ``models`` within ``budget_s`` seconds (in total over re-runs) with
     ``backend`` (the TVM backend, its workdir the database's folder) for ``target``: the summary
-    of :func:`tune_tasks` and how many ``networks`` the tasks came from."""
+    of :func:`tune_tasks` and how many ``networks`` the tasks came from. ``dynamic``: whether the
+    dynamic engine's parts are built on TVM (default: the profile's dynamic_backends say)."""
     db = backend.open_database(target)
     why = db.foreign()  # refused before minutes of task extraction
     if why:
         raise ValueError(f"{why}: tune into another results folder, or move the folder away")
-    signature = tuning_signature(backend, target, models, input_size)
+    signature = tuning_signature(backend, target, models, input_size, dynamic)
     spent = db.spent(signature)
     if spent and spent["budget_s"] >= budget_s:  # tune() would find the budget spent
         return {"tasks": spent["tasks"], "tuned": spent["tuned"], "networks": spent["networks"], "tuned_now": 0,
                 "trials_now": 0, "seconds_now": 0.0, "database": str(db.directory), "extracted": False}
-    tasks, networks = tuning_tasks(backend, target, models, input_size, progress_factory)
+    tasks, networks = tuning_tasks(backend, target, models, input_size, progress_factory, dynamic)
     summary = tune_tasks(backend, target, tasks, budget_s, progress_factory, db) | {"networks": networks}
     db.note_spent(signature, {"budget_s": budget_s, "tasks": summary["tasks"], "tuned": summary["tuned"],
                               "networks": networks})
