@@ -137,6 +137,9 @@ def load_target(name: str, directory: Path = TARGETS_DIR) -> Target:
         check_table(data.get("protocol", {}), PROTOCOL_SCHEMA, f"{where} [protocol]")
         for name, table in backend_options.items():
             check_table(table, backend_class(name).OPTIONS, f"{where} [{name}]")
+            for key in backend_class(name).PATH_OPTIONS:  # relative to the profile, wherever the run starts
+                if key in table:
+                    table[key] = str((path.parent / table[key]).resolve())
     except SchemaError as e:
         raise TargetError(str(e)) from None
     if data["device"] not in DEVICES:

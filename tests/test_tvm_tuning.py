@@ -104,7 +104,7 @@ def test_prepacked_weights_and_nhwc_keep_eagers_output_once_tuned(x86, tmp_path,
     """With ``weight_prepack`` MetaSchedule may rewrite a weight's layout for its schedule; the
     build folds that rewrite into the constant, so the deployed function takes the same input and
     gives eager's output (a depthwise layer too: its weight layout differs in NHWC)."""
-    from harness.backends.tvm_tuning import SearchSettings, tune
+    from harness.backends.tvm_tuning import SearchSettings, apply_records, tune
 
     target, _ = x86
     backend = get_backend("tvm", {**target.options("tvm"), **options}, workdir=tmp_path / "tvm_tuning")
@@ -120,7 +120,8 @@ def test_prepacked_weights_and_nhwc_keep_eagers_output_once_tuned(x86, tmp_path,
     def rewriting(m):  # the functions that rewrite a weight's layout in every call
         return [gv.name_hint for gv, f in m.functions.items() if "layout_rewrite_preproc" in str(f)]
 
-    assert rewriting(backend.open_database(target).apply(mod)), "no schedule rewrote a weight: nothing tested"
+    applied = apply_records(mod, tvm_target, [backend.open_database(target)])
+    assert rewriting(applied), "no schedule rewrote a weight: nothing tested"
     scheduled, details = backend.scheduled(mod, tvm_target, target)
     assert details["tuning"] == "tuned" and not rewriting(scheduled)  # folded into the constants
     tuned = _build(backend, target, net, x, tmp_path / "cache")
@@ -210,6 +211,55 @@ def test_a_database_tuned_for_another_target_is_not_applied(x86, tmp_path):
     assert result.details["tuning"] == "untuned"
     with pytest.raises(ValueError, match="was tuned for llvm -mcpu=some-other-cpu"):
         tune(backend.open_database(target), _tasks(backend, target, net, x), 10, SearchSettings())
+
+
+def test_shipped_records_build_a_folder_that_has_no_database_and_are_refused_where_they_do_not_apply(x86, tmp_path):
+    """Records shipped in the repository (the best per workload of a database tuned elsewhere, with
+    what they were tuned with) build a results folder that has tuned nothing: its rows say
+    ``shipped``, its output is eager's. Its own records come first once it has some. Records of
+    another TVM version or for CPU features this CPU lacks are refused in one line, never applied."""
+    from harness.backends.tvm_tuning import ABOUT, SearchSettings, ship_records, tune
+
+    target, elsewhere = x86  # "elsewhere": the machine that tuned and shipped the records
+    net, x = _net(), torch.randn(1, 3, 16, 16)
+    tasks = _tasks(elsewhere, target, net, x)
+    tune(elsewhere.open_database(target), tasks, budget_s=1e6,
+         search=SearchSettings(first_trials=4, trials_per_iter=4, max_trials_per_task=4))
+    shipped = ship_records(elsewhere.tuning_dir, elsewhere.open_database(target).target, tmp_path / "shipped",
+                           cpu_flags=[], about={"networks": ["net"]})
+    assert json.loads((shipped / ABOUT).read_text())["networks"] == ["net"]
+
+    def backend_with(workdir, records):
+        b = get_backend("tvm", {**target.options("tvm"), "shipped_records": str(records)}, workdir=workdir)
+        return b
+
+    fresh = backend_with(tmp_path / "fresh", shipped)
+    notes = fresh.notes(target)
+    assert any("shipped records" in n for n in notes) and not any("untuned" in n for n in notes), notes
+    built = _build(fresh, target, net, x, tmp_path / "cache")
+    assert built.details["records"] == "shipped" and built.details["tuning"] == "tuned"
+    assert check_output(built.engine(x), reference(net, x), "fp32") is None
+    own = _build(backend_with(elsewhere.tuning_dir, shipped), target, net, x, tmp_path / "cache")
+    assert own.details["records"] == "local"
+
+    about = json.loads((shipped / ABOUT).read_text())
+    for change, says in (({"tvm": "0.0.1"}, "were tuned with TVM 0.0.1"),
+                         ({"cpu_flags": ["no_such_feature"]}, "need CPU features this CPU lacks (no_such_feature)")):
+        (shipped / ABOUT).write_text(json.dumps({**about, **change}))
+        refused = backend_with(tmp_path / f"fresh-{len(says)}", shipped)
+        notes = refused.notes(target)
+        assert any(says in n and "not applied" in n for n in notes), notes
+        assert any("tvm is untuned" in n for n in notes), notes
+        assert _build(refused, target, net, x, tmp_path / "cache").details["records"] == "none"
+
+
+def test_a_profiles_shipped_records_are_found_beside_the_profile(tmp_path):
+    profile = tmp_path / "profiles" / "box.toml"
+    profile.parent.mkdir()
+    profile.write_text('name = "box"\ndevice = "cpu"\nbackends = ["tvm"]\n'
+                       '[tvm]\ntarget = { kind = "llvm" }\nshipped_records = "tvm_records/box"\n')
+    options = load_target(str(profile)).options("tvm")
+    assert options["shipped_records"] == str(tmp_path / "profiles" / "tvm_records" / "box")
 
 
 def test_the_run_tunes_within_the_profiles_budget_and_labels_its_rows(x86, tmp_path, capsys):

@@ -129,6 +129,7 @@ class Backend:
     precisions: tuple[str, ...] = ("fp32",)
     artifact: str = ""  # file name inside the artifact directory ("" = nothing to cache)
     OPTIONS: dict[str, tuple] = {}  # the schema of the profile's [<name>] table
+    PATH_OPTIONS: tuple[str, ...] = ()  # options that are paths, relative to the profile's folder
     supports_remote = False  # can build artifacts that run on a board behind an RPC tracker
     # its engines launch their CUDA work on torch's current stream, so a CUDA graph can capture a
     # call (TVM and ONNX Runtime launch on streams of their own)

@@ -52,7 +52,7 @@ from harness.backends.base import (
     input_caster,
     one_line,
 )
-from harness.backends.tvm_tuning import TuningDatabase, files_stamp, module_status
+from harness.backends.tvm_tuning import ShippedRecords, TuningDatabase, apply_records, files_stamp, module_status
 
 ARCH_OF_TRIPLE = {"aarch64": "aarch64", "arm64": "aarch64", "x86_64": "x86_64"}
 CROSS_COMPILERS = {"aarch64": "aarch64-linux-gnu-g++"}
@@ -138,7 +138,9 @@ class TVMBackend(Backend):
     one_artifact = True
     tuned_per_shape = True  # on a CPU: MetaSchedule's records (on a GPU, DLight schedules any shape)
     OPTIONS = {"target": (dict, False), "tune_minutes": ((int, float), False), "host": (dict, False),
-               "layout": (str, False), "weight_prepack": (bool, False), "fast_math": (bool, False)}
+               "layout": (str, False), "weight_prepack": (bool, False), "fast_math": (bool, False),
+               "shipped_records": (str, False)}
+    PATH_OPTIONS = ("shipped_records",)
     LAYOUTS = ("NCHW", "NHWC")
     supports_remote = True
 
@@ -170,20 +172,27 @@ class TVMBackend(Backend):
 
     def database_digest(self) -> str:
         """A digest of the tuning records (empty without a database): part of the cache key."""
-        records = None if self.workdir is None else self.workdir / "database_tuning_record.json"
+        return self._digest(self.workdir / "database_tuning_record.json" if self.workdir is not None else None)
+
+    def _digest(self, records: Path | None) -> str:
+        """A digest of one records file (empty when there is none), computed again only when the file changes."""
         if records is None or not records.is_file():
             return ""
         stat = records.stat()
-        if getattr(self, "_digest_of", None) != (stat.st_mtime_ns, stat.st_size):
-            self._digest = hashlib.sha1(records.read_bytes()).hexdigest()[:16]
-            self._digest_of = (stat.st_mtime_ns, stat.st_size)
-        return self._digest
+        memo = self.__dict__.setdefault("_digests", {})
+        if memo.get(records, (None,))[0] != (stat.st_mtime_ns, stat.st_size):
+            memo[records] = ((stat.st_mtime_ns, stat.st_size), hashlib.sha1(records.read_bytes()).hexdigest()[:16])
+        return memo[records][1]
 
     def cache_key(self):
-        return {"target": self.options.get("target"), "host": self.options.get("host"),
-                "layout": self.layout, "weight_prepack": self.weight_prepack, "fast_math": self.fast_math,
-                "tuning_records": self.database_digest(),
-                "branch_weights": "bound"}
+        key = {"target": self.options.get("target"), "host": self.options.get("host"),
+               "layout": self.layout, "weight_prepack": self.weight_prepack, "fast_math": self.fast_math,
+               "tuning_records": self.database_digest(), "branch_weights": "bound"}
+        if self.options.get("shipped_records"):  # the records a build may apply besides the local ones
+            folder = Path(self.options["shipped_records"])
+            key["shipped_records"] = [self._digest(folder / "database_tuning_record.json"),
+                                      self._digest(folder / "about.json")]
+        return key
 
     def details(self):
         return {"tune_minutes": self.tune_minutes}
@@ -191,15 +200,25 @@ class TVMBackend(Backend):
     def notes(self, target: DeviceTarget):
         if target.device != "cpu":
             return []
+        refused = self.shipped_refusal()
         try:
             db = self.database(target)
         except ValueError as e:  # an unreadable database: every TVM build will say so too
             return [f"tvm: {e}"]
-        if db is None:
-            return [f"tvm is untuned (no tuning database in {self.workdir}): untuned CPU convolutions are far "
-                    f"slower than tuned ones; run python -m harness.tune --target {target.name}"]
-        why = db.foreign()
-        return [f"{why}: not applied, tvm is untuned"] if why else []
+        shipped = self.shipped(target)
+        notes = [f"tvm: {refused}"] if refused else []
+        if db is None and shipped is None:
+            return notes + [f"tvm is untuned (no tuning database in {self.workdir}): untuned CPU convolutions are far "
+                            f"slower than tuned ones; run python -m harness.tune --target {target.name}"]
+        why = db.foreign() if db is not None else None
+        if why:
+            notes.append(f"{why}: not applied" + (", tvm is untuned" if shipped is None else ""))
+        if shipped is not None and (db is None or why):
+            about = self._shipped_records()[0].about
+            notes.append(f"tvm builds with the shipped records in {shipped.records} (tuned for "
+                         f"{about.get('target', '?')}); python -m harness.tune --target {target.name} "
+                         "tunes further for this CPU")
+        return notes
 
     def tvm_target(self, target: DeviceTarget) -> dict:
         """The TVM target dict for ``target`` (``num-cores = 0``: the profile's threads)."""
@@ -224,6 +243,34 @@ class TVMBackend(Backend):
             self._database = TuningDatabase.best_of(self.tuning_dir, tvm_target)
             self._database_of = stamp
         return self._database
+
+    def shipped(self, target: DeviceTarget) -> TuningDatabase | None:
+        """The profile's shipped records (``[tvm] shipped_records``) as builds read them, None when
+        the profile names none or they are refused here (:meth:`shipped_refusal` says why)."""
+        records, why = self._shipped_records()
+        if records is None or why:
+            return None
+        import tvm
+
+        tvm_target = tvm.target.Target(self.tvm_target(target))
+        if getattr(self, "_shipped_of", None) != str(tvm_target):
+            self._shipped, self._shipped_of = records.database(tvm_target), str(tvm_target)
+        return self._shipped
+
+    def shipped_refusal(self) -> str | None:
+        """Why the profile's shipped records are not applied here (one line), None when they are
+        or the profile names none."""
+        return self._shipped_records()[1]
+
+    def _shipped_records(self) -> tuple[ShippedRecords | None, str | None]:
+        folder = self.options.get("shipped_records")
+        if not folder:
+            return None, None
+        try:
+            records = ShippedRecords(Path(folder))
+        except ValueError as e:
+            return None, f"{e}: not applied"
+        return records, records.refusal()
 
     def open_database(self, target: DeviceTarget):
         """The workdir's whole tuning database for ``target`` (every record: what tuning extends),
@@ -336,13 +383,14 @@ class TVMBackend(Backend):
             with tvm_target:
                 return dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                                dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod), {}
-        db = self.database(target)
-        status = module_status(db, mod, tvm_target)
+        db, shipped = self.database(target), self.shipped(target)
+        status = module_status(db, mod, tvm_target, shipped)
         details = status.details()
         if not status.tuned:
             return mod, details
         try:
-            applied = db.apply(mod)
+            local = [] if db is None or db.foreign() else [db]
+            applied = apply_records(mod, tvm_target, local + ([shipped] if shipped is not None else []))
             if self.weight_prepack:  # the rewrite runs once, here, instead of in every call
                 applied = tvm_relax.fold_constants(relax.transform.SplitLayoutRewritePreproc()(applied))
             return applied, details

@@ -27,7 +27,16 @@ module that uses them). :func:`tune` spends a budget in seconds:
 Each task is tuned by its own ``tune_tasks`` call; MetaSchedule commits records as they are
 measured, so kill -9 keeps them, and a task whose ledger entry was not written is tuned again.
 :func:`module_status` says how many of a module's tasks the database holds (the label of a
-``lut.csv`` row: untuned, partly tuned k/n, tuned).
+``lut.csv`` row: untuned, partly tuned k/n, tuned) and which records serve them.
+
+Shipped records (:class:`ShippedRecords`, a folder in the repository named by the profile's ``[tvm]
+shipped_records``): the best record per workload of a database tuned elsewhere, with ``about.json``
+(the TVM version and target they were tuned with, the CPU features their schedules need, the
+networks they cover). A build applies the results folder's own records first and the shipped ones
+for the workloads it lacks (MetaSchedule's ``OrderedUnionDatabase``: no record is ranked against a
+time measured on another machine); records tuned with another TVM version, or needing a feature
+this CPU lacks, are refused in one line and not applied. :func:`ship_records` writes such a folder
+from a results folder's database.
 
 MetaSchedule lives in ``tvm.s_tir.meta_schedule`` in TVM 0.27. The search ranks candidates with
 MetaSchedule's XGBoost cost model (``xgboost``, a dependency of the harness); without the package,
@@ -50,6 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 LEDGER = "ledger.json"
+ABOUT = "about.json"  # beside shipped records: what they were tuned with, for, and on
 RECORD_FILES = ("database_workload.json", "database_tuning_record.json")  # MetaSchedule's JSONDatabase
 BEST = "best"  # subfolder: the best record per workload (TuningDatabase.best_of)
 PRUNED_FROM = "pruned_from.json"  # in BEST: the sizes and times of the records it was pruned from
@@ -104,9 +114,10 @@ class Task:
 
 @dataclass(frozen=True)
 class TuningStatus:
-    tuned: int
+    tuned: int  # tasks with a record, local or shipped
     tasks: int
     trials: int
+    shipped: int = 0  # of ``tuned``, those served by shipped records
 
     @property
     def label(self) -> str:
@@ -114,8 +125,15 @@ class TuningStatus:
             return "untuned"
         return "tuned" if self.tuned == self.tasks else f"partly tuned ({self.tuned}/{self.tasks})"
 
+    @property
+    def records(self) -> str:
+        """Which records built it: ``local``, ``shipped``, ``local + shipped`` or ``none``."""
+        local = self.tuned - self.shipped
+        return " + ".join(n for n, k in (("local", local), ("shipped", self.shipped)) if k) or "none"
+
     def details(self) -> dict:
-        return {"tuning": self.label, "tuned_tasks": self.tuned, "tasks": self.tasks, "tune_trials": self.trials}
+        return {"tuning": self.label, "tuned_tasks": self.tuned, "tasks": self.tasks, "tune_trials": self.trials,
+                "records": self.records}
 
 
 class TuningDatabase:
@@ -229,14 +247,6 @@ class TuningDatabase:
     def entry(self, key: str) -> dict:
         return self.ledger["tasks"].setdefault(key, {"trials": 0, "seconds": 0.0})
 
-    def apply(self, mod):
-        """``mod`` (after the zero pipeline) with every tuned function replaced by its best schedule."""
-        import tvm
-        from tvm import relax
-
-        with self.target, self.ms, tvm.transform.PassContext(opt_level=3):
-            return relax.transform.MetaScheduleApplyDatabase()(mod)
-
 
 def files_stamp(directory: Path | None, names: tuple[str, ...] | None = None) -> tuple:
     """``(name, mtime_ns, size)`` of every file directly in ``directory`` (or of those ``names``):
@@ -280,17 +290,102 @@ def collect_tasks(modules, tvm_target) -> list[Task]:
     return list(tasks.values())
 
 
-def module_status(db: TuningDatabase | None, mod, tvm_target) -> TuningStatus:
-    """How many of ``mod``'s tasks ``db`` holds a record for, and the trials spent on them."""
+def module_status(db: TuningDatabase | None, mod, tvm_target, shipped: TuningDatabase | None = None) -> TuningStatus:
+    """How many of ``mod``'s tasks ``db`` (or, for those it lacks, ``shipped``) holds a record for,
+    and the trials spent on them here."""
     tasks = extract(mod, tvm_target)
-    if db is None or db.foreign():
-        return TuningStatus(0, len(tasks), 0)
-    tuned, trials = 0, 0
+    local = None if db is None or db.foreign() else db
+    tuned, trials, from_shipped = 0, 0, 0
     for t in tasks:
-        if db.best_ms(t.dispatched[0]) is not None:
+        if local is not None and local.best_ms(t.dispatched[0]) is not None:
             tuned += 1
-            trials += int(db.ledger["tasks"].get(db.key(t.dispatched[0]), {}).get("trials", 0))
-    return TuningStatus(tuned, len(tasks), trials)
+            trials += int(local.ledger["tasks"].get(local.key(t.dispatched[0]), {}).get("trials", 0))
+        elif shipped is not None and shipped.best_ms(t.dispatched[0]) is not None:
+            tuned += 1
+            from_shipped += 1
+    return TuningStatus(tuned, len(tasks), trials, from_shipped)
+
+
+def apply_records(mod, tvm_target, databases: list[TuningDatabase]):
+    """``mod`` (after the zero pipeline) with every function that ``databases`` hold a record for
+    replaced by its schedule: the first database holding a workload serves it."""
+    import tvm
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+
+    union = databases[0].ms if len(databases) == 1 else ms.database.OrderedUnionDatabase(*[d.ms for d in databases])
+    with tvm_target, union, tvm.transform.PassContext(opt_level=3):
+        return relax.transform.MetaScheduleApplyDatabase()(mod)
+
+
+def host_cpu_flags() -> set[str]:
+    """The CPU feature flags Linux reports for this machine (``/proc/cpuinfo``); empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):  # x86, aarch64
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+class ShippedRecords:
+    """Tuning records shipped in the repository (see the module's contract): ``directory`` holds
+    MetaSchedule's two JSON files (the best record per workload) and :data:`ABOUT`."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        path = self.directory / ABOUT
+        try:
+            self.about = json.loads(path.read_text())
+            if not isinstance(self.about, dict) or not isinstance(self.about.get("tvm"), str):
+                raise ValueError("no TVM version")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"shipped TVM records {self.directory}: {ABOUT} is missing or unreadable ({e})") from None
+        missing = [f for f in RECORD_FILES if not (self.directory / f).is_file()]
+        if missing:
+            raise ValueError(f"shipped TVM records {self.directory}: {', '.join(missing)} missing")
+
+    def refusal(self, tvm_version: str | None = None, cpu_flags: set[str] | None = None) -> str | None:
+        """Why these records must not build here (one line), None when they may."""
+        import tvm
+
+        version = tvm_version or tvm.__version__
+        if self.about["tvm"] != version:
+            return (f"the shipped TVM records in {self.directory} were tuned with TVM {self.about['tvm']}, "
+                    f"this is TVM {version}: not applied")
+        flags = host_cpu_flags() if cpu_flags is None else cpu_flags
+        lacking = sorted(set(self.about.get("cpu_flags", [])) - flags)
+        if lacking:
+            return (f"the shipped TVM records in {self.directory} need CPU features this CPU lacks "
+                    f"({', '.join(lacking)}): not applied")
+        return None
+
+    def database(self, tvm_target) -> TuningDatabase:
+        """The records as a database builds read (its ledger in memory: never written)."""
+        return TuningDatabase(self.directory, tvm_target)
+
+
+def ship_records(database_dir: Path, tvm_target, out_dir: Path, cpu_flags: list[str], about: dict) -> Path:
+    """Write the best record per workload of the database in ``database_dir`` (tuned for
+    ``tvm_target``) into ``out_dir`` as shipped records: MetaSchedule's two files and :data:`ABOUT`
+    (``about`` plus the TVM version, the target and the ``cpu_flags`` the schedules need)."""
+    import tvm
+
+    best = TuningDatabase.best_of(database_dir, tvm_target)
+    if best is None:
+        raise ValueError(f"no tuning database in {database_dir}")
+    why = best.foreign()
+    if why:
+        raise ValueError(why)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in RECORD_FILES:
+        shutil.copyfile(best.records / name, out_dir / name)
+    (out_dir / ABOUT).write_text(json.dumps({**about, "tvm": tvm.__version__, "target": str(tvm_target),
+                                             "cpu_flags": sorted(cpu_flags)}, indent=1, sort_keys=True) + "\n")
+    return out_dir
 
 
 def import_tensor_intrinsics() -> None:

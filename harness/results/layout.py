@@ -105,8 +105,8 @@ COLUMN_DOCS = {
     "run_id": "the run that measured the row (env.json lists the runs)",
     "compile_s": "compile time (s; the build worker's plus the load when backend_details says build_process "
                  "worker), or artifact-load time when backend_details says cached",
-    "backend_details": "JSON of the settings that change a number: tuning, cached, rebuilt (why a cached "
-                       "artifact was not used), cuda_graph, build_process",
+    "backend_details": "JSON of the settings that change a number: tuning, records (TVM: local, shipped), "
+                       "cached, rebuilt (why a cached artifact was not used), cuda_graph, build_process",
     "device_name": "the CPU or GPU that measured the row, or the board (key@host:port)",
     "emulated": "1 when measured on an emulated board (its latency is not the device's)",
     "kind": "what a dynamic row measures (the kinds below)",
