@@ -50,6 +50,11 @@ def test_engine_matches_eager_and_reloads_from_cache(backend, tiny, tmp_path):
         assert result.ok, result
         assert check_output(result.engine(x), ref, "fp32") is None
         assert ref.abs().max() > 1e-3  # a meaningful comparison, not zeros against zeros
+        # any CPU tensor of the shape: data 4 bytes past an aligned address (as NumPy may load a
+        # file: TVM's DLPack import refuses data not 64-byte aligned), and channels-last strides
+        unaligned = torch.empty(x.numel() + 1)[1:].view_as(x).copy_(x)
+        for odd in (unaligned, x.contiguous(memory_format=torch.channels_last)):
+            assert check_output(result.engine(odd), ref, "fp32") is None
         assert result.compile_s > 0 and result.details["cached"] is False
         if b.artifact:
             assert b.has_artifact(key.directory(tmp_path))

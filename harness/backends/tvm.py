@@ -54,6 +54,7 @@ from harness.backends.base import (
 )
 from harness.backends.tvm_tuning import ShippedRecords, TuningDatabase, apply_records, files_stamp, module_status
 
+TVM_ALIGNMENT = 64  # bytes: tvm.runtime.from_dlpack refuses data less aligned than this
 ARCH_OF_TRIPLE = {"aarch64": "aarch64", "arm64": "aarch64", "x86_64": "x86_64"}
 CROSS_COMPILERS = {"aarch64": "aarch64-linux-gnu-g++"}
 INSTALL_HINT = {"aarch64": "install Debian's g++-aarch64-linux-gnu (apt-get install g++-aarch64-linux-gnu)"}
@@ -357,8 +358,11 @@ class TVMBackend(Backend):
 
         to_dev = input_caster(target, precision)
 
-        def prepare(x):  # zero-copy through DLPack
-            return tvm.runtime.from_dlpack(to_dev(x).detach())
+        def prepare(x):  # zero-copy through DLPack, unless the data is not where TVM can take it
+            x = to_dev(x).detach()
+            if not x.is_contiguous() or x.data_ptr() % TVM_ALIGNMENT:  # e.g. an array NumPy loaded
+                x = x.clone(memory_format=torch.contiguous_format)  # torch allocates 64-byte aligned
+            return tvm.runtime.from_dlpack(x)
 
         def to_torch(out):
             return as_torch_outputs(out, lambda t: torch.from_dlpack(t).clone())

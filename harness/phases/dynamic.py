@@ -361,7 +361,10 @@ class DynamicPhase:
     def _check_one_artifact(self, graph, artifact: Result, route, xr) -> Result:
         with torch.no_grad():
             ref = graph(xr)
-        out = artifact.engine(xr)
+        try:
+            out = artifact.engine(xr)
+        except Exception as e:  # an engine that raises on this input: its rows say so, the run goes on
+            return artifact.replace(status="check_failed", error=f"one artifact on route {route} raised: {one_line(e)}")
         taken = [int(c) for c in torch.as_tensor(out[1]).reshape(-1).tolist()]
         if taken != [int(c) for c in route]:
             return artifact.replace(status="check_failed",
