@@ -326,3 +326,20 @@ def test_the_dynamic_engines_parts_are_tuned_when_the_run_measures_it_on_tvm(tmp
             "--dynamic-backends", dynamic_backends, "--out", str(tmp_path / "out")]
     assert runmod.main(args) == 130
     assert asked == [tunes_parts]
+
+
+def test_the_tuned_networks_include_what_the_dynamic_phase_builds():
+    """With the dynamic engine on TVM the run builds the head, every segment and, for Table 7's
+    acceleration, the static counterpart at x1.0 and x0.5: all are tuned (the counterpart once,
+    when the run measures it anyway)."""
+    from harness.phases.tuning import tuning_modules
+
+    def labels(models, dynamic):
+        return [label for label, _, _ in tuning_modules(models, 64, dynamic)]
+
+    static_only = labels(["ds_mbnet"], dynamic=False)
+    assert "mobilenet_v1 x1.0" not in static_only and not any("head" in label for label in static_only)
+    with_dynamic = labels(["ds_mbnet"], dynamic=True)
+    assert {"ds_mbnet head", "mobilenet_v1 x1.0", "mobilenet_v1 x0.5"} <= set(with_dynamic)
+    both = labels(["ds_mbnet", "mobilenet_v1"], dynamic=True)
+    assert len(both) == len(set(both)) and both.count("mobilenet_v1 x1.0") == 1  # once, as its own workload

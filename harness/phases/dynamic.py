@@ -84,6 +84,7 @@ from harness.results.store import write_atomically
 E2E_ROUTES = 16  # routes validated end to end when a model has more
 BATCH = 8  # the batched path is measured on this many images
 STREAM_CHUNK = 16  # calls per sample of a route stream: a sample's mean is the stream's, its median robust
+ACCELERATION_WIDTHS = {"largest": 1.0, "matched": 0.5}  # Table 7: the static counterpart's widths built
 ONE_GRAPH_ROUTES = 4  # routes the one artifact is timed on (inputs crafted by gradient steps: costly at 224 px)
 
 
@@ -403,7 +404,7 @@ class DynamicPhase:
 
     def _enter_acceleration(self, phase, static_name: str, head_in, extra) -> None:
         engines, madds = {}, {}
-        for label, w in (("largest", 1.0), ("matched", 0.5)):
+        for label, w in ACCELERATION_WIDTHS.items():
             model = reference_model(static_name, width_mult=w)
             madds[label] = dsnet.profile(model, None, self.input_size).madds
             result = phase.add(("acceleration", label),

@@ -3,9 +3,10 @@
 Contract
 --------
 :func:`tuning_modules` lists the networks TVM will build for ``models`` at ``input_size``: every
-static workload (each route of a supernet, each width of a static model) and, where the profile
-measures the dynamic engine on TVM (its ``dynamic_backends``), every part of each supernet's
-dynamic engine (the head and each segment, on the features the chain feeds it).
+static workload (each route of a supernet, each width of a static model) and, where the run
+measures the dynamic engine on TVM, every part of each supernet's dynamic engine (the head and each
+segment, on the features the chain feeds it) and the widths of its static counterpart that Table
+7's acceleration is measured against.
 :func:`tuning_tasks` turns them into Relax and collects their distinct tasks; :func:`tune_tasks`
 spends a budget on them (:func:`harness.backends.tvm_tuning.tune`) into the TVM backend's
 database under the results folder, then reports how many tasks the database holds;
@@ -30,6 +31,7 @@ import dsnet
 from harness.backends.tvm_tuning import SearchSettings, collect_tasks, tune
 from harness.deploy.lut import route_segment_names
 from harness.measure.pipeline import image_batch
+from harness.phases.dynamic import ACCELERATION_WIDTHS
 from harness.phases.static import reference_model, workloads
 from harness.targets import Target
 
@@ -44,6 +46,10 @@ def tuning_modules(models: list[str], input_size: int,
     for name in models if dynamic else ():
         if not dsnet.create_model(name).dynamic:
             continue
+        counterpart = dsnet.static_counterpart(name)
+        if counterpart and counterpart not in models:  # Table 7's acceleration builds its widths too
+            for w in ACCELERATION_WIDTHS.values():
+                yield f"{counterpart} x{w}", dsnet.materialize(reference_model(counterpart, width_mult=w)), x
         model = reference_model(name).eval()
         plan = dsnet.split(model)
         yield f"{name} head", plan.head, x
