@@ -7,6 +7,11 @@ which every later ``harness.run`` build applies. The budget (``--minutes``, defa
 ``[tvm] tune_minutes``, else :data:`DEFAULT_MINUTES`) counts over re-runs: an interrupted run
 keeps its records and the next one tunes only what is missing; a re-run with the same budget
 tunes nothing. Exit codes: 0 done; 2 bad input (one line on stderr); 130 interrupted (records kept).
+
+Shipping records (docs/tuning.md, "Shipped records"): ``--mcpu x86-64-v3`` tunes for that
+baseline instead of the profile's CPU, into its own folder (default ``results/<target>-<mcpu>``, so
+the host's database is never mixed with it), and ``--ship DIR`` then writes the best record per
+workload into ``DIR`` with ``about.json``: what a profile's ``[tvm] shipped_records`` names.
 """
 
 from __future__ import annotations
@@ -14,10 +19,13 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
+from pathlib import Path
 
 import dsnet
 from harness.backends import get_backend
 from harness.backends.base import one_line
+from harness.backends.tvm_tuning import BASELINE_CPU_FLAGS, host_cpu_flags, ship_records
 from harness.cli import (
     DEFAULT_MODELS,
     MAX_INPUT_SIZE,
@@ -29,8 +37,10 @@ from harness.cli import (
     results_layout,
     run_main,
 )
+from harness.env import cpu_model
 from harness.measure.remote import RemoteError, parse_tracker
 from harness.phases.tuning import SPENT, run_tuning
+from harness.results.layout import Layout
 from harness.results.store import FolderLock, StoreError
 from harness.targets import known_targets
 
@@ -47,6 +57,11 @@ def parse_args(argv):
     add_results_option(p)
     p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="tune on boards through TVM's RPC tracker")
     p.add_argument("--rpc-key", help="the boards' key at the tracker (with --rpc-tracker)")
+    p.add_argument("--mcpu", choices=sorted(BASELINE_CPU_FLAGS),
+                   help="tune for this x86-64 baseline instead of the profile's CPU (records to ship; default "
+                        "results folder results/<target>-<mcpu>)")
+    p.add_argument("--ship", type=Path, metavar="DIR",
+                   help="then write the best record per workload into DIR as shipped records (needs --mcpu)")
     return p.parse_args(argv)
 
 
@@ -76,9 +91,16 @@ def _main(args) -> int:
         except RemoteError as e:
             raise UsageError(str(e)) from None
         remote = (host, port, args.rpc_key)
-    layout = results_layout(args.results, target.name)
+    options = dict(target.options("tvm"))
+    if args.ship and not args.mcpu:
+        raise UsageError("--ship needs --mcpu: records are shipped for a baseline every CPU of the kind runs "
+                         f"({', '.join(sorted(BASELINE_CPU_FLAGS))}), not for this CPU")
+    if args.mcpu:
+        options["target"] = _baseline_target(options.get("target"), args.mcpu, remote)
+    layout = (results_layout(args.results, target.name) if args.results is not None or not args.mcpu
+              else Layout(Path("results") / f"{target.name}-{args.mcpu}"))
     try:
-        backend = get_backend("tvm", target.options("tvm"), workdir=layout.tuning_dir("tvm"), remote=remote)
+        backend = get_backend("tvm", options, workdir=layout.tuning_dir("tvm"), remote=remote)
     except ValueError as e:
         raise UsageError(str(e)) from None
     why = backend.unavailable(target)
@@ -108,7 +130,31 @@ def _main(args) -> int:
     print(f"tuned {summary['tuned_now']} task(s) now ({summary['trials_now']} trials, {summary['seconds_now']:.0f} s); "
           f"the database holds {summary['tuned']} of the {summary['tasks']} tasks of {summary['networks']} networks"
           + ("" if summary["extracted"] else f" ({SPENT})"))
+    if args.ship:
+        tvm_target = backend.open_database(target).target
+        about = {"networks": models, "input_size": input_size, "minutes": minutes, "tasks": summary["tasks"],
+                 "tuned": summary["tuned"], "tuned_on": cpu_model(),
+                 "date": time.strftime("%Y-%m-%d", time.gmtime())}
+        try:
+            out = ship_records(layout.tuning_dir("tvm"), tvm_target, args.ship, list(BASELINE_CPU_FLAGS[args.mcpu]),
+                               about)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--ship {args.ship}: {one_line(e)}") from None
+        print(f"shipped the best record per workload to {out} (name it in a profile's [tvm] shipped_records)")
     return 0
+
+
+def _baseline_target(tvm_target: dict | None, mcpu: str, remote) -> dict:
+    """The profile's TVM target tuned for the x86-64 baseline ``mcpu``; refused where this CPU could
+    not run what it measures."""
+    if remote is not None:
+        raise UsageError("--mcpu tunes on this machine, not on boards through a tracker")
+    if not tvm_target or not str(tvm_target.get("mtriple", "")).startswith("x86_64"):
+        raise UsageError(f"--mcpu {mcpu} is an x86-64 baseline; the profile's TVM target is {tvm_target}")
+    lacking = sorted(set(BASELINE_CPU_FLAGS[mcpu]) - host_cpu_flags())
+    if lacking:
+        raise UsageError(f"--mcpu {mcpu}: this CPU lacks {', '.join(lacking)} and cannot run what it would measure")
+    return {**tvm_target, "mcpu": mcpu}
 
 
 if __name__ == "__main__":

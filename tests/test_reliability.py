@@ -330,10 +330,22 @@ def test_a_lut_at_another_input_size_names_both_sizes(tmp_path):
     (["--models", "nope"], "unknown model(s) nope"),
     (["--input-size", "8"], "--input-size must be between 32 and"),
     (["--rpc-tracker", "h:1"], "--rpc-tracker and --rpc-key go together"),
+    (["--ship", "out"], "--ship needs --mcpu: records are shipped for a baseline"),
+    (["--mcpu", "x86-64-v3", "--rpc-tracker", "h:1", "--rpc-key", "k"], "--mcpu tunes on this machine"),
 ])
 def test_bad_tuning_input_is_one_line(args, pattern, capsys, tmp_path):
     assert tunemod.main(["--target", "x86", "--results", str(tmp_path), *args]) == 2
     _one_error_line(capsys, pattern)
+
+
+def test_tuning_for_a_baseline_this_cpu_cannot_run_is_refused(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(tunemod, "host_cpu_flags", lambda: {"sse4_2"})
+    assert tunemod.main(["--target", "x86", "--results", str(tmp_path), "--mcpu", "x86-64-v3"]) == 2
+    _one_error_line(capsys, "--mcpu x86-64-v3: this CPU lacks abm, avx, avx2")
+    profile = tmp_path / "board.toml"  # a TVM target that is not x86-64 has no x86-64 baseline
+    profile.write_text('name = "board"\ndevice = "cpu"\nbackends = ["tvm"]\n[tvm]\ntarget = { kind = "llvm" }\n')
+    assert tunemod.main(["--target", str(profile), "--results", str(tmp_path), "--mcpu", "x86-64-v3"]) == 2
+    _one_error_line(capsys, "--mcpu x86-64-v3 is an x86-64 baseline; the profile's TVM target is")
 
 
 def test_tuning_into_a_database_of_another_target_is_refused(capsys, tmp_path):

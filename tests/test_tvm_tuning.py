@@ -220,13 +220,20 @@ def test_shipped_records_build_a_folder_that_has_no_database_and_are_refused_whe
     another TVM version or for CPU features this CPU lacks are refused in one line, never applied."""
     from harness.backends.tvm_tuning import ABOUT, SearchSettings, ship_records, tune
 
-    target, elsewhere = x86  # "elsewhere": the machine that tuned and shipped the records
+    target, _ = x86
+    # "elsewhere": the machine that tuned and shipped the records, for the x86-64-v3 baseline (the
+    # records then build for this CPU's own mcpu)
+    tvm_options = target.options("tvm")
+    elsewhere = get_backend("tvm", {**tvm_options, "target": {**tvm_options["target"], "mcpu": "x86-64-v3"}},
+                            workdir=tmp_path / "elsewhere")
     net, x = _net(), torch.randn(1, 3, 16, 16)
     tasks = _tasks(elsewhere, target, net, x)
     tune(elsewhere.open_database(target), tasks, budget_s=1e6,
          search=SearchSettings(first_trials=4, trials_per_iter=4, max_trials_per_task=4))
     shipped = ship_records(elsewhere.tuning_dir, elsewhere.open_database(target).target, tmp_path / "shipped",
                            cpu_flags=[], about={"networks": ["net"]})
+    assert "x86-64-v3" in json.loads((shipped / ABOUT).read_text())["target"]
+    assert tvm_options["target"]["mcpu"] != "x86-64-v3"
     assert json.loads((shipped / ABOUT).read_text())["networks"] == ["net"]
 
     def backend_with(workdir, records):
@@ -239,7 +246,10 @@ def test_shipped_records_build_a_folder_that_has_no_database_and_are_refused_whe
     built = _build(fresh, target, net, x, tmp_path / "cache")
     assert built.details["records"] == "shipped" and built.details["tuning"] == "tuned"
     assert check_output(built.engine(x), reference(net, x), "fp32") is None
-    own = _build(backend_with(elsewhere.tuning_dir, shipped), target, net, x, tmp_path / "cache")
+    own_dir = tmp_path / "own"
+    tune(backend_with(own_dir, shipped).open_database(target), tasks, budget_s=1e6,
+         search=SearchSettings(first_trials=2, trials_per_iter=2, max_trials_per_task=2))
+    own = _build(backend_with(own_dir, shipped), target, net, x, tmp_path / "cache")
     assert own.details["records"] == "local"
 
     about = json.loads((shipped / ABOUT).read_text())
@@ -251,6 +261,29 @@ def test_shipped_records_build_a_folder_that_has_no_database_and_are_refused_whe
         assert any(says in n and "not applied" in n for n in notes), notes
         assert any("tvm is untuned" in n for n in notes), notes
         assert _build(refused, target, net, x, tmp_path / "cache").details["records"] == "none"
+
+
+def test_harness_tune_ships_records_for_a_baseline_in_a_folder_of_its_own(x86, tmp_path, capsys, monkeypatch):
+    """``harness.tune --mcpu x86-64-v3 --ship DIR``: tuned for the baseline (never into the host's
+    database: its default folder is its own) and written as shipped records that say what they
+    cover and which CPU features they need."""
+    from harness import tune as tunemod
+    from harness.backends.tvm_tuning import ABOUT, BASELINE_CPU_FLAGS
+
+    monkeypatch.chdir(tmp_path)
+    args = ["--target", "x86", "--models", "ds_mbnet_tiny", "--input-size", "32", "--minutes", "0.03",
+            "--mcpu", "x86-64-v3", "--ship", str(tmp_path / "shipped")]
+    assert tunemod.main(args) == 0
+    out = capsys.readouterr()
+    assert str(Path("results") / "x86-x86-64-v3" / "tvm_tuning") in out.err
+    assert not (tmp_path / "results" / "x86").exists()
+    about = json.loads((tmp_path / "shipped" / ABOUT).read_text())
+    assert json.loads(about["target"])["mcpu"] == "x86-64-v3" and about["networks"] == ["ds_mbnet_tiny"]
+    assert about["cpu_flags"] == sorted(BASELINE_CPU_FLAGS["x86-64-v3"]) and 0 < about["tuned"] <= about["tasks"]
+    assert "shipped the best record per workload to" in out.out
+    shipped = get_backend("tvm", {**x86[0].options("tvm"), "shipped_records": str(tmp_path / "shipped")},
+                          workdir=tmp_path / "fresh")
+    assert shipped.shipped_refusal() is None and shipped.shipped(x86[0]) is not None
 
 
 def test_a_profiles_shipped_records_are_found_beside_the_profile(tmp_path):

@@ -60,6 +60,12 @@ from pathlib import Path
 
 LEDGER = "ledger.json"
 ABOUT = "about.json"  # beside shipped records: what they were tuned with, for, and on
+# The x86-64 microarchitecture levels (the psABI's, as LLVM names them) and the CPU features, as Linux's
+# /proc/cpuinfo names them, that code built for each may use: the baselines records are shipped for.
+_V2 = ("cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3")
+_V3 = _V2 + ("abm", "avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe", "xsave")
+BASELINE_CPU_FLAGS = {"x86-64-v2": _V2, "x86-64-v3": _V3,
+                      "x86-64-v4": _V3 + ("avx512bw", "avx512cd", "avx512dq", "avx512f", "avx512vl")}
 RECORD_FILES = ("database_workload.json", "database_tuning_record.json")  # MetaSchedule's JSONDatabase
 BEST = "best"  # subfolder: the best record per workload (TuningDatabase.best_of)
 PRUNED_FROM = "pruned_from.json"  # in BEST: the sizes and times of the records it was pruned from
