@@ -52,8 +52,17 @@ from harness.backends.base import (
     input_caster,
     one_line,
 )
-from harness.backends.tvm_tuning import ShippedRecords, TuningDatabase, apply_records, files_stamp, module_status
+from harness.backends.tvm_tuning import (
+    ABOUT,
+    RECORD_FILES,
+    ShippedRecords,
+    TuningDatabase,
+    apply_records,
+    files_stamp,
+    module_status,
+)
 
+TUNING_RECORDS = RECORD_FILES[1]  # the file that changes when records do
 TVM_ALIGNMENT = 64  # bytes: tvm.runtime.from_dlpack refuses data less aligned than this
 ARCH_OF_TRIPLE = {"aarch64": "aarch64", "arm64": "aarch64", "x86_64": "x86_64"}
 CROSS_COMPILERS = {"aarch64": "aarch64-linux-gnu-g++"}
@@ -173,7 +182,7 @@ class TVMBackend(Backend):
 
     def database_digest(self) -> str:
         """A digest of the tuning records (empty without a database): part of the cache key."""
-        return self._digest(self.workdir / "database_tuning_record.json" if self.workdir is not None else None)
+        return self._digest(self.workdir / TUNING_RECORDS if self.workdir is not None else None)
 
     def _digest(self, records: Path | None) -> str:
         """A digest of one records file (empty when there is none), computed again only when the file changes."""
@@ -191,8 +200,7 @@ class TVMBackend(Backend):
                "tuning_records": self.database_digest(), "branch_weights": "bound"}
         if self.options.get("shipped_records"):  # the records a build may apply besides the local ones
             folder = Path(self.options["shipped_records"])
-            key["shipped_records"] = [self._digest(folder / "database_tuning_record.json"),
-                                      self._digest(folder / "about.json")]
+            key["shipped_records"] = [self._digest(folder / TUNING_RECORDS), self._digest(folder / ABOUT)]
         return key
 
     def details(self):
@@ -264,14 +272,18 @@ class TVMBackend(Backend):
         return self._shipped_records()[1]
 
     def _shipped_records(self) -> tuple[ShippedRecords | None, str | None]:
-        folder = self.options.get("shipped_records")
-        if not folder:
-            return None, None
-        try:
-            records = ShippedRecords(Path(folder))
-        except ValueError as e:
-            return None, f"{e}: not applied"
-        return records, records.refusal()
+        """The shipped records and why they are refused, read once (every build and note asks)."""
+        if "_shipped_memo" not in self.__dict__:
+            folder = self.options.get("shipped_records")
+            if not folder:
+                self._shipped_memo = None, None
+            else:
+                try:
+                    records = ShippedRecords(Path(folder))
+                    self._shipped_memo = records, records.refusal()
+                except ValueError as e:
+                    self._shipped_memo = None, f"{e}: not applied"
+        return self._shipped_memo
 
     def open_database(self, target: DeviceTarget):
         """The workdir's whole tuning database for ``target`` (every record: what tuning extends),
