@@ -12,10 +12,15 @@ form then prints, per backend, cell by cell over the two runs' shared ``ok`` cel
 
 - absolute: the median and max |difference| of p50 (%): the machine's speed, not a goal on a VM;
 - relative latency (each network over its model's largest, same backend, measured in the same
-  rounds) under three statistics: ``latency_rel`` as the run stored it (the median over rounds of
-  the per-round ratio), and from the stored raw samples ``p10 ratio`` (the ratio of the two
-  engines' 10th percentiles: their least-disturbed samples) and ``min ratio``; for each, the median
-  and max |difference| (%) and the rank agreement of each model's routes (Spearman);
+  rounds) under four statistics: ``latency_rel`` as the run stored it (the median over rounds of
+  the per-round ratio); from the stored raw samples ``p10 ratio`` (the ratio of the two engines'
+  10th percentiles: their least-disturbed samples), ``min ratio``, and ``local ratio`` (the
+  per-round ratio with each sample first divided by its local speed factor: the other engines'
+  samples timed just before and after it, from the stored ``sample_order``, since the machine's
+  speed moves within a round). For each: the median and max |difference| (%), the largest shift of
+  a model's whole curve (the median of its cells' signed differences: what its reference cell, or a
+  speed change that is not uniform over network sizes, moved), the median difference around that
+  shift, and the rank agreement of each model's routes (Spearman);
 - each run's drift: the spread of its rounds' speed factors (``env.json``), so that a difference
   is read against how much the machine moved.
 
@@ -39,7 +44,28 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(REPO))
 
-STATISTICS = ("latency_rel", "p10 ratio", "min ratio")
+STATISTICS = ("latency_rel", "p10 ratio", "min ratio", "local ratio")
+LOCAL_WINDOW = 3  # samples before and after: ~0.15 s each way at 50 ms a sample
+
+
+def _local_factors(cells: pd.DataFrame, window: int = LOCAL_WINDOW) -> dict:
+    """Each sample's local speed factor in one round phase (``cells``: its rows, with
+    ``sample_order``): the median, over the other engines' samples timed within ``window`` positions
+    of it, of sample / that engine's median. ``{row index: factors}``; 1.0 where the order was not
+    stored (a store written before it was)."""
+    timeline, norm = [], {}
+    for i, r in cells.iterrows():
+        s = np.asarray(json.loads(r.samples_ms))
+        norm[i] = s / np.median(s)
+        order = json.loads(r.sample_order) if isinstance(r.get("sample_order"), str) else None
+        timeline += [(o, i, j) for j, o in enumerate(order or [])]
+    timeline.sort()
+    factors = {i: np.ones(len(v)) for i, v in norm.items()}
+    for pos, (_, i, j) in enumerate(timeline):
+        near = [norm[k][m] for _, k, m in timeline[max(0, pos - window):pos + window + 1] if k != i]
+        if near:
+            factors[i][j] = np.median(near)
+    return factors
 
 
 def relative_latencies(results: Path) -> pd.DataFrame:
@@ -54,19 +80,27 @@ def relative_latencies(results: Path) -> pd.DataFrame:
     finally:
         store.close()
     df = df[df.status == "ok"]
+    factors = {}
+    for _, phase in df.groupby(["model", "input_size"]):  # a model's static cells share one round phase
+        factors |= _local_factors(phase)
     rows = []
     for (model, backend, precision, batch, size), g in df.groupby(["model", "backend", "precision", "batch_size",
                                                                    "input_size"]):
         g = g.sort_values("madds")
         samples = {r.route: np.asarray(json.loads(r.samples_ms)) for r in g.itertuples()}
+        rounds = {r.route: json.loads(r.rounds) for r in g.itertuples()}
+        local = {r.route: samples[r.route] / factors[r.Index] for r in g.itertuples()}
         ref = g.route.iloc[-1]
         for r in g.itertuples():
             a, b = samples[r.route], samples[ref]
+            ref_by_round = dict(zip(rounds[ref], local[ref]))
+            paired = [x / ref_by_round[k] for k, x in zip(rounds[r.route], local[r.route]) if k in ref_by_round]
             rows.append({"model": model, "backend": backend, "precision": precision, "batch_size": batch,
                          "input_size": size, "route": r.route, "madds": r.madds, "p50": r.latency_ms_p50,
                          "latency_rel": float(r.latency_rel),
                          "p10 ratio": float(np.percentile(a, 10) / np.percentile(b, 10)),
-                         "min ratio": float(a.min() / b.min())})
+                         "min ratio": float(a.min() / b.min()),
+                         "local ratio": float(np.median(paired))})
     return pd.DataFrame(rows)
 
 
@@ -89,8 +123,14 @@ def differences(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
         row["abs median %"], row["abs max %"] = absolute.median(), absolute.max()
         rel = g[g.madds_1 < g.groupby(["model", "precision", "batch_size", "input_size"]).madds_1.transform("max")]
         for stat in STATISTICS:
-            d = 100 * (rel[f"{stat}_2"] / rel[f"{stat}_1"] - 1).abs()
+            signed = 100 * (rel[f"{stat}_2"] / rel[f"{stat}_1"] - 1)
+            d = signed.abs()
             row[f"{stat}: median %"], row[f"{stat}: max %"] = d.median(), d.max()
+            # the whole curve of a model moving together (its reference cell's error, or a speed change
+            # that is not uniform over sizes) against what moves cell by cell around it
+            shift = signed.groupby(rel.model).transform("median")
+            row[f"{stat}: curve shift %"] = shift.abs().groupby(rel.model).first().max()
+            row[f"{stat}: around it %"] = (signed - shift).abs().median()
             ranks = [_spearman(m[f"{stat}_1"], m[f"{stat}_2"]) for _, m in rel.groupby("model")]
             row[f"{stat}: Spearman min"] = np.nanmin(ranks) if ranks and not np.all(np.isnan(ranks)) else np.nan
         out.append(row)

@@ -134,6 +134,8 @@ def test_every_round_visits_every_engine_once_in_a_fresh_seeded_order():
     assert len(rounds) == 12 and all(sorted(r) == list("abcd") for r in rounds)
     assert len({tuple(r) for r in rounds}) > 1  # the order changes from round to round
     assert res["a"].rounds == list(range(12))
+    for n in "abcd":  # each sample's place in the phase's timing sequence, kept with it
+        assert res[n].order == [i for i, name in enumerate(timed) if name == n]
     first = list(log)
     log.clear()
     measure_rounds(fns, p, Timer(), seed=3)

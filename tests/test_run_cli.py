@@ -131,6 +131,26 @@ def test_device_mismatch_is_recorded(tmp_path):
         assert db.execute("SELECT DISTINCT device_mismatch FROM results").fetchall() == [(1,)]
 
 
+def test_raw_samples_are_stored_with_their_round_and_place_in_the_timing_sequence(tmp_path):
+    """Two engines in one round phase: every sample keeps its round and its position among all the
+    phase's samples (what the machine's speed at that moment is read from, e.g. by
+    benchmarks/reproducibility.py's local ratio)."""
+    out = tmp_path / "out"
+    assert runmod.main(["--target", _profile(tmp_path, repeat=3), "--models", "ds_mbnet_tiny", "--routes", "0,1",
+                        "--backends", "noop", "--out", str(out)]) == 0
+    with sqlite3.connect(out / "results.sqlite") as db:
+        rows = db.execute("SELECT samples_ms, rounds, sample_order FROM results").fetchall()
+    assert len(rows) == 2
+    placed = {}
+    for samples, rounds, order in rows:
+        samples, rounds, order = json.loads(samples), json.loads(rounds), json.loads(order)
+        assert len(samples) == len(rounds) == len(order) >= 3
+        placed |= dict(zip(order, rounds))
+    assert sorted(placed) == list(range(len(placed)))  # one sequence over both engines, no gaps
+    assert [placed[o] for o in sorted(placed)] == sorted(placed.values())  # rounds follow one another in it
+    assert all(o // 2 == r for o, r in placed.items())  # two engines a round
+
+
 def test_killed_run_loses_nothing_and_the_rerun_measures_only_what_is_missing(tmp_path):
     """Each model is one round phase: killed (-9) once the first model's phase is stored, during
     the second's, the re-run keeps the first untouched and measures only the second."""

@@ -100,7 +100,8 @@ def stats_row(m) -> dict:
     s = m.stats
     return {"latency_ms_p50": s.p50, "latency_ms_p90": s.p90, "latency_ms_mean": s.mean, "latency_ms_std": s.std,
             "n": s.n, "latency_ms_p50_ci_low": s.ci_low, "latency_ms_p50_ci_high": s.ci_high, "valid": int(s.valid),
-            "number": m.number, "samples_ms": m.samples_ms, "rounds": m.rounds}
+            "number": m.number, "samples_ms": m.samples_ms, "rounds": m.rounds,
+            "sample_order": m.order}
 
 
 @dataclass(frozen=True)

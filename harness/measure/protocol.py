@@ -27,6 +27,7 @@ optional device synchronize) and :class:`CudaEventTimer`; tests inject a fake cl
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import time
@@ -113,6 +114,7 @@ class Measurement:
     number: int
     rounds: list[int] | None = None  # the round of each sample (measure_rounds)
     protocol: Protocol | None = field(default=None, repr=False)
+    order: list[int] | None = None  # each sample's position in its round phase's timing sequence
     stats: Stats = field(init=False)
 
     def __post_init__(self) -> None:
@@ -253,6 +255,8 @@ def measure_rounds(fns: dict[str, Callable[[], object]], protocol: Protocol, tim
         _warmup(fns[k], protocol, timer)
     samples: dict[str, list[float]] = {k: [] for k in fns}
     rounds: dict[str, list[int]] = {k: [] for k in fns}
+    order: dict[str, list[int]] = {k: [] for k in fns}
+    position = itertools.count()
     rng = random.Random(seed)
 
     def one_round(r: int, todo: list[list[str]]) -> None:
@@ -262,6 +266,7 @@ def measure_rounds(fns: dict[str, Callable[[], object]], protocol: Protocol, tim
             for k in unit:
                 samples[k].append(timer.elapsed_ms(fns[k], numbers[k]) / numbers[k])
                 rounds[k].append(r)
+                order[k].append(next(position))
 
     for r in range(protocol.repeat):
         one_round(r, units)
@@ -274,7 +279,7 @@ def measure_rounds(fns: dict[str, Callable[[], object]], protocol: Protocol, tim
             break
         one_round(r, [u for u in units if invalid & set(u)])  # a part is re-timed in its chain
         r += 1
-    measurements = {k: Measurement(samples[k], numbers[k], rounds[k], protocol) for k in fns}
+    measurements = {k: Measurement(samples[k], numbers[k], rounds[k], protocol, order[k]) for k in fns}
     return Rounds(measurements, _round_factors(measurements))
 
 

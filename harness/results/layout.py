@@ -46,7 +46,7 @@ LUT_COLUMNS = ["model", "route", "widths", "backend", "precision", "batch_size",
 # latency_rel: the cell's latency over that of latency_rel_to (the model's largest route or width on
 # the same backend, precision and batch), the median of per-round ratios measured in the same rounds.
 # latency_ms_p50_drift_corrected: p50 of the samples divided by their round's speed factor.
-RESULT_EXTRA_COLUMNS = ["number", "samples_ms", "rounds", "device_mismatch", "time_utc"]
+RESULT_EXTRA_COLUMNS = ["number", "samples_ms", "rounds", "sample_order", "device_mismatch", "time_utc"]
 
 # -- the dynamic engine, Table 2 and acceleration: one row per (... kind, name) ------------------------
 DYNAMIC_KEY = ("model", "backend", "precision", "batch_size", "input_size", "kind", "name")
@@ -63,7 +63,7 @@ DYNAMIC_KINDS = ("segment", "dispatch", "route", "static", "deployed", "one_grap
                  "acceleration", "table2", "engine")
 DYNAMIC_COLUMNS = [*DYNAMIC_KEY, "route", "madds", *STATS_COLUMNS, "predicted_ms", "rel_error", "status", "error",
                    "run_id", "compile_s", "backend_details"]
-DYNAMIC_EXTRA_COLUMNS = ["samples_ms", "rounds"]
+DYNAMIC_EXTRA_COLUMNS = ["samples_ms", "rounds", "sample_order"]
 # the speed factor of every round of a round phase (sample / engine median, median over the round)
 DRIFT_COLUMNS = ["run_id", "phase", "round", "factor"]
 

@@ -220,7 +220,7 @@ def _nearly_full(path: Path, least: int = 1 << 20) -> bool:
 
 
 def _encode(row: dict) -> None:
-    for c in ("samples_ms", "rounds"):
+    for c in ("samples_ms", "rounds", "sample_order"):
         if isinstance(row.get(c), list):
             row[c] = json.dumps(row[c])
 
