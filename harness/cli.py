@@ -20,7 +20,9 @@ No CLI imports another CLI; each imports this module for:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
+import os
 import sqlite3
 import sys
 import time
@@ -59,8 +61,6 @@ def open_results(layout: Layout):
     """Create the results folder, check it is writable, take its lock and open its store:
     ``(lock, store)``. A file in the way, no permission, a corrupt store or another run on the same
     folder is a :class:`UsageError` (one line)."""
-    import os
-
     root = layout.root
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -109,14 +109,21 @@ def _runs_here_quietly(name: str) -> bool:
         return False
 
 
-def open_target(name: str, remote: bool = False):
+def open_target(name: str, remote: bool = False, threads: int | None = None):
     """The resolved profile ``name``, threads configured; :class:`UsageError` for an unknown or
     malformed profile, or one this machine cannot run (naming the profiles that can). ``remote``:
-    measured on boards through an RPC tracker, so the profile's architecture need not be this one's."""
+    measured on boards through an RPC tracker, so the profile's architecture need not be this one's.
+    ``threads``: the profile's thread count overridden (``--threads``; 0: all physical cores)."""
     try:
         target = load_target(name)
     except TargetError as e:
         raise UsageError(str(e)) from None
+    if threads is not None:
+        logical = os.cpu_count() or 1
+        if not 0 <= threads <= logical:
+            raise UsageError(f"--threads must be 0 (all physical cores) to {logical} (this machine's logical cores), "
+                             f"got {threads}")
+        target = dataclasses.replace(target, threads=threads)
     if remote and target.device != "cpu":
         raise UsageError(f"--rpc-tracker measures CPU boards; profile '{target.name}' is a {target.device} profile")
     runnable, why = (True, "") if remote else target.runs_here()

@@ -8,7 +8,8 @@ LUT), :func:`table2_phase` (DS-Net++ Table 2), :func:`finish` (exports, summary,
 figures). ``--phases`` runs some of static, dynamic and table2 (a short GPU window, a re-run of one).
 
 Writes into the results folder (``--results``, default ``results/<target>``, or
-``results/<target>/quick`` with ``--quick``; names from ``harness.results.layout``):
+``results/<target>/quick`` with ``--quick``, ``results/<target>-threads<N>`` with ``--threads N``: a
+thread count other than the profile's never mixes with its rows; names from ``harness.results.layout``):
 ``results.sqlite`` (every result, the moment it is taken), ``lut.csv``, ``dynamic.csv``,
 ``env.json``, ``tables/`` and ``figures/``. A re-run resumes: what the store holds is skipped
 (``--retry-failed`` retries failures). Exit codes: 0 done; 2 bad input or a target this machine
@@ -79,6 +80,10 @@ def parse_args(argv):
     p.add_argument("--batch-size", help="comma-separated batch sizes (default: the profile's)")
     p.add_argument("--input-size", type=int, help="square input resolution (default: the profile's)")
     add_results_option(p, "results/<target>, or results/<target>/quick with --quick")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="threads per engine instead of the profile's (0: all physical cores), e.g. the count "
+                        "a deployment pins; results go to results/<target>-threads<N> unless --results names a "
+                        "folder")
     p.add_argument("--strict", action="store_true", help="refuse to measure on a busy machine")
     p.add_argument("--quick", action="store_true",
                    help=f"input {QUICK_INPUT_SIZE}, 3 DS-MBNet routes and 2 widths, few repeats; "
@@ -144,7 +149,8 @@ def plan(args, target: Target) -> RunPlan:
                     backends.remove(b)
                     skipped[b] = "left out by --quick (slow compile); name it in --backends to include"
     return RunPlan(backends, phases, dynamic, models, routes, batches, input_size, protocol,
-                   results_layout(args.results, target.name, args.quick), skipped)
+                   results_layout(args.results, target.name + (f"-threads{args.threads}" if args.threads is not None
+                                                               else ""), args.quick), skipped)
 
 
 ACTIVATION_FACTOR = 32  # peak activations over the input's size, at least, for the models here (MobileNetV1: ~60)
@@ -307,7 +313,7 @@ def main(argv=None) -> int:
 def _main(args) -> int:
     if bool(args.rpc_tracker) != bool(args.rpc_key):
         raise UsageError("--rpc-tracker and --rpc-key go together")
-    target = open_target(args.target, remote=bool(args.rpc_tracker))
+    target = open_target(args.target, remote=bool(args.rpc_tracker), threads=args.threads)
     p = plan(args, target)
     all_workloads = select_workloads(p, args.quick)
     farm = connect_farm(args, target, p)

@@ -93,7 +93,9 @@ def test_bad_options_exit_2_with_one_line(tmp_path, capsys):
                           (["--models", ""], "--models names nothing"),
                           (["--input-size", "0"], "--input-size must be between 32 and 4096, got 0"),
                           (["--input-size", "100000"], "--input-size must be between 32 and 4096"),
-                          (["--tune-minutes", "-1"], "--tune-minutes must be >= 0, got -1")]:
+                          (["--tune-minutes", "-1"], "--tune-minutes must be >= 0, got -1"),
+                          (["--threads", "-1"], "--threads must be 0 (all physical cores) to"),
+                          (["--threads", str((os.cpu_count() or 1) + 1)], "this machine's logical cores")]:
         assert runmod.main(["--target", "x86", "--out", str(tmp_path), *args]) == 2, args
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: ") and message in err[-1], (args, err)
@@ -149,6 +151,21 @@ def test_raw_samples_are_stored_with_their_round_and_place_in_the_timing_sequenc
     assert sorted(placed) == list(range(len(placed)))  # one sequence over both engines, no gaps
     assert [placed[o] for o in sorted(placed)] == sorted(placed.values())  # rounds follow one another in it
     assert all(o // 2 == r for o, r in placed.items())  # two engines a round
+
+
+def test_threads_override_the_profile_and_go_to_a_folder_of_their_own(tmp_path, monkeypatch):
+    """--threads 1 measures with one thread (env.json says so) into results/<target>-threads1 by
+    default, so its rows never mix with those of the profile's thread count."""
+    monkeypatch.chdir(tmp_path)  # the default folder is relative: results/...
+    configured = []
+    monkeypatch.setattr(clitools.envmod, "configure_threads", lambda n: configured.append(n) or n)
+    profile = _profile(tmp_path, repeat=2)
+    assert runmod.main(["--target", profile, "--models", "ds_mbnet_tiny", "--routes", "0", "--backends", "noop",
+                        "--threads", "1", "--phases", "static"]) == 0
+    assert configured == [1]
+    env = json.loads((tmp_path / "results" / "cpu-test-threads1" / "env.json").read_text())
+    assert env["threads"] == 1
+    assert not (tmp_path / "results" / "cpu-test").exists()
 
 
 def test_killed_run_loses_nothing_and_the_rerun_measures_only_what_is_missing(tmp_path):
