@@ -17,9 +17,10 @@ nowhere else.
 Several engines are compared in rounds (:func:`measure_rounds`): every engine is warmed up and
 given its ``number`` first, then each round visits every engine once, in a fresh seeded random
 order, one sample each, so slow drift of the machine falls on every engine alike. Each sample
-keeps its round; each round gets a speed factor (the median over its engines of sample / engine
-median), the run's drift; :meth:`Rounds.drift_corrected` divides it out. Cells not yet valid
-get more rounds, up to ``budget_s``.
+keeps its round and its place in the phase's timing sequence (``Measurement.order``); each round
+gets a speed factor (the median over its engines of sample / engine median), the run's drift;
+:meth:`Rounds.drift_corrected` divides it out. Cells not yet valid get more rounds, up to
+``budget_s``.
 ``measure_interleaved`` is the same with a fixed order (A B A B ...: parts of one chain timed in
 context). A :class:`Timer` abstracts the clock: :class:`WallTimer` (``perf_counter``, with an
 optional device synchronize) and :class:`CudaEventTimer`; tests inject a fake clock.
