@@ -5,10 +5,10 @@ their samples disagrees as the time between the two grows.
         [--threads 0] [--input-size 224]
 
 Times the two networks (eager, the harness's own workloads and thread setting; 0: all physical
-cores) alternately, A B A B ..., each sample the mean of the calls that fill ``--sample-ms``
-(the protocol's ``min_repeat_ms``), for ``--seconds``. Prints each engine's spread (standard
-deviation of log samples), the spread of the log ratio of A's i-th sample to B's sample ``lag``
-samples later (lag 0: timed back to back) and A's autocorrelation at those lags.
+cores) alternately, A B A B ... (``measure_interleaved``), each sample the mean of the calls that
+fill ``--sample-ms`` (the protocol's ``min_repeat_ms``), for about ``--seconds``. Prints each
+engine's spread (standard deviation of log samples), the spread of the log ratio of A's i-th sample
+to B's sample ``lag`` samples later (lag 0: timed back to back) and A's autocorrelation at those lags.
 
 Read against a round phase: a round of the static sweep times every engine of a model once (28 on
 DS-MBNet, ~1.5 s at 50 ms a sample), so a cell and its reference are on average half a round apart;
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -49,11 +48,12 @@ def main(argv=None) -> int:
 
     import torch
 
-    from harness.env import physical_cores
+    from harness.env import configure_threads
     from harness.measure.pipeline import image_batch
+    from harness.measure.protocol import Protocol, measure_interleaved
     from harness.phases.static import workloads
 
-    torch.set_num_threads(args.threads or physical_cores())
+    configure_threads(args.threads)  # as harness.run does: the thread count, the process pinned
     try:
         found = {w.route: w for w in workloads([args.model], args.input_size, set(labels))}
     except ValueError as e:
@@ -63,23 +63,11 @@ def main(argv=None) -> int:
         p.error(f"{args.model} has no route(s) {', '.join(missing)}")
     x = image_batch(1, args.input_size)
     nets = [found[lb].build().eval() for lb in labels]
-    with torch.inference_mode():
-        numbers = []
-        for net in nets:
-            for _ in range(10):
-                net(x)
-            t0 = time.perf_counter()
-            for _ in range(5):
-                net(x)
-            numbers.append(max(1, round(args.sample_ms / ((time.perf_counter() - t0) / 5 * 1e3))))
-        logs: list[list[float]] = [[], []]
-        end = time.monotonic() + args.seconds
-        while time.monotonic() < end:
-            for k, net in enumerate(nets):
-                t0 = time.perf_counter()
-                for _ in range(numbers[k]):
-                    net(x)
-                logs[k].append(np.log((time.perf_counter() - t0) / numbers[k] * 1e3))
+    protocol = Protocol(repeat=max(3, round(args.seconds * 1e3 / (2 * args.sample_ms))), min_repeat_ms=args.sample_ms)
+    with torch.inference_mode():  # A B A B ..., one sample each per round, in this order
+        res = measure_interleaved({"A": lambda: nets[0](x), "B": lambda: nets[1](x)}, protocol)
+    logs = [np.log(res[k].samples_ms) for k in "AB"]
+    numbers = [res[k].number for k in "AB"]
     n = min(map(len, logs))
     a, b = (np.asarray(v[:n]) for v in logs)
     print(f"{args.model} {labels[0]} (A) and {labels[1]} (B), eager, {torch.get_num_threads()} thread(s), "

@@ -71,6 +71,7 @@ def _local_factors(cells: pd.DataFrame, window: int = LOCAL_WINDOW) -> dict:
 def relative_latencies(results: Path) -> pd.DataFrame:
     """Per ok static cell of a run's store: p50 and its latency relative to its model's largest
     network on the same backend, precision and batch, under each of :data:`STATISTICS`."""
+    from harness.measure.protocol import Measurement, paired_ratio
     from harness.results.layout import Layout
     from harness.results.store import ResultStore
 
@@ -93,14 +94,13 @@ def relative_latencies(results: Path) -> pd.DataFrame:
         ref = g.route.iloc[-1]
         for r in g.itertuples():
             a, b = samples[r.route], samples[ref]
-            ref_by_round = dict(zip(rounds[ref], local[ref]))
-            paired = [x / ref_by_round[k] for k, x in zip(rounds[r.route], local[r.route]) if k in ref_by_round]
             rows.append({"model": model, "backend": backend, "precision": precision, "batch_size": batch,
                          "input_size": size, "route": r.route, "madds": r.madds, "p50": r.latency_ms_p50,
                          "latency_rel": float(r.latency_rel),
                          "p10 ratio": float(np.percentile(a, 10) / np.percentile(b, 10)),
                          "min ratio": float(a.min() / b.min()),
-                         "local ratio": float(np.median(paired))})
+                         "local ratio": paired_ratio(Measurement(list(local[r.route]), 1, rounds[r.route]),
+                                                     Measurement(list(local[ref]), 1, rounds[ref]))})
     return pd.DataFrame(rows)
 
 
