@@ -16,7 +16,6 @@ The artifact returns ``(logits, route)``, ``route`` an int64 tensor ``(1, gates)
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -120,8 +119,10 @@ def _main(args) -> int:
             routes.add(tuple(ref[1].tolist()[0]))
         out = args.out / backend.artifact if args.out.is_dir() else args.out
         out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(key.directory(Path(tmp)) / backend.artifact, out)
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB); checked against eager on {1 + args.check_inputs} "
+        written = backend.copy_artifact(key.directory(Path(tmp)), out)
+    size = sum(f.stat().st_size for f in written) / 2**20
+    beside = f", its weights in {', '.join(f.name for f in written[1:])}" if len(written) > 1 else ""
+    print(f"wrote {out} ({size:.1f} MiB{beside}); checked against eager on {1 + args.check_inputs} "
           f"inputs, routes taken: {', '.join(map(str, sorted(routes)))}")
     print("load it with its runtime alone:")
     for line in LOADERS[args.backend]:

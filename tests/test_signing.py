@@ -113,3 +113,39 @@ def test_a_results_folder_copied_from_another_key_is_rebuilt(route, tmp_path, mo
     assert mine.ok and not mine.details["cached"] and "tag does not match" in mine.details["rebuilt"]
     again = trial(b, route, x, X86, "fp32", k, tmp_path / "cache")
     assert again.details["cached"] and "rebuilt" not in again.details
+
+
+def test_an_onnx_model_with_its_weights_beside_it_is_signed_and_checked_whole(key, route, tmp_path, monkeypatch):
+    """Over protobuf's 2 GiB an ONNX model keeps its weights in a file beside it (the flattened one-graph
+    DS-ResNet-50): both files are signed, a changed weights file means a rebuild, and an export copies
+    both under the new name, loadable with ONNX Runtime alone."""
+    import harness.backends.onnxruntime as ortb
+
+    b = get_backend("onnxruntime")
+    if b.unavailable(X86):
+        pytest.skip(f"onnxruntime unavailable: {b.unavailable(X86)}")
+    monkeypatch.setattr(ortb, "ONE_FILE_WEIGHTS", 1024)  # this small route counts as large
+    x = torch.randn(1, 3, 32, 32)
+    k = _key(b, route, x)
+    built = trial(b, route, x, X86, "fp32", k, tmp_path / "cache")
+    slot = k.directory(tmp_path / "cache")
+    assert built.ok, built.error
+    assert [f.name for f in b.artifact_files(slot)] == ["model.onnx", ortb.WEIGHTS]
+    assert (slot / ortb.WEIGHTS).stat().st_size > 0
+    assert all(untrusted(f) is None for f in b.artifact_files(slot))
+    assert trial(b, route, x, X86, "fp32", k, tmp_path / "cache").details["cached"]
+    data = bytearray((slot / ortb.WEIGHTS).read_bytes())
+    data[0] ^= 0xFF  # the weights changed after the build
+    (slot / ortb.WEIGHTS).write_bytes(bytes(data))
+    again = trial(b, route, x, X86, "fp32", k, tmp_path / "cache")
+    assert again.ok and not again.details["cached"] and f"{ortb.WEIGHTS}: its tag does not match" in \
+        again.details["rebuilt"]
+    out = tmp_path / "export" / "net.onnx"
+    out.parent.mkdir()
+    assert b.copy_artifact(slot, out) == [out, out.with_name("net.onnx.data")]
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        assert torch.allclose(torch.from_numpy(got), route(x), atol=1e-4)

@@ -203,6 +203,19 @@ class Backend:
     def has_artifact(self, artifact_dir: Path) -> bool:
         return bool(self.artifact) and (artifact_dir / self.artifact).is_file()
 
+    def artifact_files(self, artifact_dir: Path) -> list[Path]:
+        """Every file the artifact in ``artifact_dir`` is made of: ``artifact`` and any file it
+        reads beside it (ONNX Runtime: the weights of a model too large for one file). All are
+        signed after a build and checked before a load."""
+        return [artifact_dir / self.artifact] if self.artifact else []
+
+    def copy_artifact(self, artifact_dir: Path, out: Path) -> list[Path]:
+        """Copy the artifact to ``out`` (a file path) with whatever it reads; returns the files written."""
+        import shutil
+
+        shutil.copyfile(artifact_dir / self.artifact, out)
+        return [out]
+
 
 def device_of(target) -> torch.device:
     return torch.device("cuda" if target.device == "cuda" else "cpu")

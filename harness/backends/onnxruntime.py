@@ -10,13 +10,15 @@ dropped, and the weights that only an ``If`` branch reads (the one-graph dynamic
 moved into that branch. ONNX Runtime optimizes a branch as a graph of its own and treats weights of
 the outer graph as values it cannot see: left there, every convolution of a route ran unfused and
 unpacked (measured on DS-MBNet at 224, one artifact over the route's static engine: 2.05 ms before,
-0.13 ms after).
+0.13 ms after). A module with more than :data:`ONE_FILE_WEIGHTS` of weights (the one-graph
+DS-ResNet-50: every stage's segments for every incoming width, 1.0 GiB) is written with its weights in
+:data:`WEIGHTS` beside the model (protobuf caps one file at 2 GiB); both files make the artifact
+(``artifact_files``: signed and checked together; ``copy_artifact`` renames the weights with the copy).
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import io
 import logging
 
@@ -142,28 +144,71 @@ class OnnxRuntimeBackend(Backend):
             if name.startswith("torch.onnx"):
                 logging.getLogger(name).setLevel(logging.ERROR)
         with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
-            # one self-contained file (the default writes the weights beside it, as model.onnx.data)
-            one_file = {"external_data": False} if "external_data" in inspect.signature(torch.onnx.export).parameters \
-                else {}
-            torch.onnx.export(module, (example,), str(path), dynamo=True, verbose=False, **one_file)
-        _tidy(path)
-        return self._engine(path, target)
+            # kept in memory (no file argument), tidied, then written: the exporter's own writer failed
+            # on the one-graph DS-ResNet-50 even with its weights in a file beside it
+            model = torch.onnx.export(module, (example,), dynamo=True, verbose=False).model_proto
+        _tidy(model)
+        _save(model, path, WEIGHTS if _weight_bytes(module) > ONE_FILE_WEIGHTS else None)
+        del model
+        engine = self._engine(path, target)
+        if (artifact_dir / WEIGHTS).is_file():
+            engine.details["weights_file_mib"] = round((artifact_dir / WEIGHTS).stat().st_size / 2**20, 1)
+        return engine
 
     def load(self, artifact_dir, example, target: DeviceTarget, precision):
         return self._engine(artifact_dir / self.artifact, target)
 
+    def artifact_files(self, artifact_dir):
+        weights = artifact_dir / WEIGHTS
+        return [artifact_dir / self.artifact] + ([weights] if weights.is_file() else [])
+
+    def copy_artifact(self, artifact_dir, out):
+        if not (artifact_dir / WEIGHTS).is_file():
+            return super().copy_artifact(artifact_dir, out)
+        import onnx
+
+        # the model names its weights file: written again under the name of the copy
+        data = out.with_name(out.name + ".data")
+        _save(onnx.load(str(artifact_dir / self.artifact)), out, data.name)
+        return [out, data]
+
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(float16)": np.float16}
 
+# Protobuf caps a file at 2 GiB. Over this many bytes of weights (the tidy may copy a weight into
+# several branches) the weights go to a file beside the model (the flattened one-graph DS-ResNet-50).
+ONE_FILE_WEIGHTS = 1 << 30
+WEIGHTS = "model.onnx.data"  # that file's name (the model names it; ONNX Runtime reads it from the model's folder)
 
-def _tidy(path) -> None:
-    """Rewrite the exported file: no per-node metadata, branch-only weights inside their branch."""
-    import onnx
 
-    model = onnx.load(str(path))
+def _weight_bytes(module) -> int:
+    """Bytes of ``module``'s parameters and buffers, each tensor counted once."""
+    tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _tidy(model) -> None:
+    """Tidy the exported model in place: no per-node metadata, branch-only weights inside their branch."""
     _strip_metadata(model.graph)
     _move_weights_into_branches(model.graph)
-    onnx.save_model(model, str(path))
+
+
+def _save(model, path, weights: str | None) -> None:
+    """``model`` at ``path``: one file, or with ``weights`` every tensor of 1 KiB or more (initializers
+    and constants, in branches too) in that file beside it."""
+    import onnx
+    from google.protobuf.message import EncodeError
+
+    if weights is None:
+        try:
+            onnx.save_model(model, str(path))
+            return
+        except EncodeError:  # over 2 GiB after all
+            path.unlink(missing_ok=True)
+            weights = WEIGHTS
+    path.with_name(weights).unlink(missing_ok=True)  # onnx appends to an existing weights file
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=weights, size_threshold=1024, convert_attribute=True)
 
 
 def _strip_metadata(graph) -> None:

@@ -50,7 +50,7 @@ import torch
 from harness.backends.base import capture_cuda_graph, one_line
 from harness.env import library_versions
 from harness.measure.protocol import Measurement
-from harness.measure.signing import sign, untrusted
+from harness.measure.signing import sign, untrusted_files
 
 # (rtol, atol) against eager fp32. fp32: per element, |out - eager| <= atol + rtol * |eager|. fp16:
 # against the output's scale, |out - eager| <= atol + rtol * max|eager|: a 10-bit mantissa's error
@@ -235,7 +235,7 @@ def _compile(backend, module, example, target, precision, artifact_dir: Path, us
     t0 = time.perf_counter()
     rebuilt = None
     if use_cache and backend.has_artifact(artifact_dir):
-        why = untrusted(artifact_dir / backend.artifact)
+        why = untrusted_files(backend.artifact_files(artifact_dir))
         if why is None:
             try:
                 engine = backend.load(artifact_dir, example, target, precision)
@@ -278,9 +278,10 @@ def ensure_space(module: torch.nn.Module, directory: Path) -> None:
 
 
 def _signed(backend, artifact_dir: Path) -> None:
-    """Sign the artifact a build wrote (backends without one write nothing to sign)."""
-    if backend.artifact and (artifact_dir / backend.artifact).is_file():
-        sign(artifact_dir / backend.artifact)
+    """Sign every file of the artifact a build wrote (backends without one write nothing to sign)."""
+    for f in backend.artifact_files(artifact_dir):
+        if f.is_file():
+            sign(f)
 
 
 BUILD_DETAILS = "build_details.json"  # what the build said of itself (e.g. TVM's tuning label), kept with the artifact
@@ -369,7 +370,7 @@ def exported(backend, module: torch.nn.Module, example: torch.Tensor, target, pr
     t0 = time.perf_counter()
     rebuilt = None
     if backend.has_artifact(artifact_dir):
-        why = untrusted(artifact_dir / backend.artifact)
+        why = untrusted_files(backend.artifact_files(artifact_dir))
         if why is None:  # a board runs what it is sent: only what this installation built
             return Result("ok", "", round(time.perf_counter() - t0, 3),
                           {**backend.details(), **_build_details(artifact_dir), "cached": True},

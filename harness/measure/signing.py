@@ -5,9 +5,10 @@ Contract
 A results folder's ``cache/`` holds compiled code (shared libraries, serialized programs): loading
 one runs it. Every artifact the pipeline builds is signed (:func:`sign`): an HMAC-SHA256 of its
 bytes with a key of this user's, kept outside any results folder, written beside the artifact as
-``<artifact>.hmac``. Before a cached artifact is loaded, :func:`untrusted` checks that tag: a missing
-or wrong tag (an artifact copied from another machine or user, or planted) means it is rebuilt,
-never loaded, and the row's ``backend_details`` say why (``rebuilt``).
+``<artifact>.hmac``; an artifact of several files (``Backend.artifact_files``: an ONNX model and its
+weights file) has a tag per file. Before a cached artifact is loaded, :func:`untrusted_files` checks
+every tag: a missing or wrong tag (an artifact copied from another machine or user, or planted, or
+changed since) means it is rebuilt, never loaded, and the row's ``backend_details`` say why (``rebuilt``).
 
 The key (:func:`installation_key`): 32 random bytes in ``$DSNET_HARNESS_KEY`` when set, else
 ``$XDG_CONFIG_HOME/dsnet-harness/artifact.key`` (``~/.config/...``), created on first use with
@@ -100,4 +101,14 @@ def untrusted(artifact: Path) -> str | None:
         return "its tag cannot be read"
     if not hmac.compare_digest(stored, _digest(Path(artifact))):
         return "its tag does not match: built by another installation (another user's key), or changed since"
+    return None
+
+
+def untrusted_files(files) -> str | None:
+    """Why an artifact made of several ``files`` must not be loaded (the first file's reason,
+    named), or None when this installation signed every one of them as it is."""
+    for f in files:
+        why = untrusted(f)
+        if why is not None:
+            return why if f == files[0] else f"{Path(f).name}: {why}"
     return None
