@@ -170,6 +170,9 @@ def one_graph(model, example: torch.Tensor) -> OneGraph:
     return OneGraph(plan.eval(), example)
 
 
+STUCK_STEPS = 10  # steps without any gradient after which input_for_route gives up
+
+
 def input_for_route(plan: DynamicPlan, route, example: torch.Tensor, steps: int = 200, seed: int = 0) -> torch.Tensor:
     """An input shaped like ``example`` that the plan's gates send down ``route`` (batch 1): found
     by gradient steps on the input, each gate's score for its choice pushed above the others by a
@@ -189,7 +192,8 @@ def input_for_route(plan: DynamicPlan, route, example: torch.Tensor, steps: int 
             prev = c
         return out
 
-    for _ in range(steps):
+    flat = 0  # consecutive steps with no gradient: the search is stuck (e.g. a gate's ReLU hidden all zero)
+    for step in range(steps):
         all_scores = scores_along(x)
         margins = []
         for s, c in zip(all_scores, route):
@@ -200,5 +204,9 @@ def input_for_route(plan: DynamicPlan, route, example: torch.Tensor, steps: int 
         loss = sum(torch.relu(m + 1.0) for m in margins)
         opt.zero_grad()
         loss.backward()
+        flat = flat + 1 if not bool(x.grad.abs().max() > 0) else 0
+        if flat >= STUCK_STEPS:
+            raise ValueError(f"no input found that takes route {route}: the gates' scores stopped depending on "
+                             f"the input after {step + 1} steps")
         opt.step()
     raise ValueError(f"no input found that takes route {route} in {steps} steps")

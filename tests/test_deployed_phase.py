@@ -210,3 +210,47 @@ def test_crafted_inputs_are_kept_for_later_runs_and_a_planted_one_is_found_again
         assert searches == [tuple(route)], "a planted input was used"
         assert dynamic._route_taken(phase.plan, x) == tuple(route)
     store.close()
+
+
+def test_a_search_that_fails_is_remembered_and_the_one_artifact_is_timed_on_the_gates_own_route(tmp_path,
+                                                                                                monkeypatch):
+    """Where no input is found for a route (a gate that never ranks that choice first), the search is
+    not run again by a later process, and the one artifact is still timed: on the route the gates take
+    on the seeded image, beside that route's static engine, even when it is not among the priced routes."""
+    import harness.phases.dynamic as dynamic
+    from harness.measure.pipeline import image_batch
+
+    searches = []
+
+    def unreachable(plan, route, example):
+        searches.append(tuple(route))
+        raise ValueError(f"no input found that takes route {list(route)} in 0 steps")
+
+    monkeypatch.setattr(dynamic, "input_for_route", unreachable)
+    monkeypatch.setattr(dynamic, "_CRAFTED", {})
+    model = dynamic.reference_model("ds_mbnet_tiny").eval()
+    routes = model.routes(64)
+    natural = dynamic._route_taken(dsnet.split(model), image_batch(1, 64))
+    others = [r for r in routes if tuple(int(c) for c in r) != natural]
+    monkeypatch.setattr(dynamic, "validation_routes", lambda routes: others[:2])  # the natural route is not priced
+    store = ResultStore(tmp_path / "results.sqlite")
+    ctx = RunContext(X86, Layout(tmp_path), FAST, store, "cpu", False, "test")
+    run_dynamic(ctx, "ds_mbnet_tiny", "torchscript", "fp32", 64)
+    df = store.dynamic_frame()
+    name = "-".join(map(str, natural))
+    one = df[df.kind == "one_graph"].set_index("name")
+    assert sorted(searches) == sorted(tuple(int(c) for c in r) for r in others[:2])
+    assert (one.drop(index=name).status == "measure_failed").all()
+    assert one.drop(index=name).error.str.contains("no input found that takes route").all()
+    assert one.loc[name, "status"] == "ok" and one.loc[name, "predicted_ms"] > 0  # beside its static engine
+    assert df[(df.kind == "static") & (df.name == name)].status.tolist() == ["ok"]
+    assert df[(df.kind == "deployed") & (df.name == name)].empty  # not priced: no deployed row
+    assert len(list((tmp_path / "cache" / "crafted").glob("*.unreachable"))) == 2
+    # a later process: the failures are read back, not searched again
+    searches.clear()
+    monkeypatch.setattr(dynamic, "_CRAFTED", {})
+    phase = dynamic.DynamicPhase(ctx, "ds_mbnet_tiny", "torchscript", "fp32", 64)
+    with pytest.raises(ValueError, match="an earlier run's search"):
+        phase._crafted(others[0])
+    assert searches == []
+    store.close()

@@ -17,7 +17,8 @@ hot), so every figure below is compared with the others measured in the same rou
   decision computed, then replaced by the route's);
 - unless ``lut_only``: each route's own static engine (the route materialized and compiled whole, as
   the static sweep builds it), the one artifact (backends with ``one_artifact``) on inputs crafted
-  to take :data:`ONE_GRAPH_ROUTES` routes spread over the priced ones, a uniform route stream
+  to take :data:`ONE_GRAPH_ROUTES` routes spread over the priced ones (where no input is found for
+  some, also on the seeded image's own route, beside that route's static engine), a uniform route stream
   through the deployed path, eight images at batch 8 and one by one (not on a backend whose CPU
   builds are fast only for tuned shapes, ``Backend.tuned_per_shape``), and, when the model has a
   static counterpart (``dsnet.static_counterpart``), that network at x1.0 and x0.5 beside the route
@@ -88,7 +89,7 @@ ACCELERATION_WIDTHS = {"largest": 1.0, "matched": 0.5}  # Table 7: the static co
 ONE_GRAPH_ROUTES = 4  # routes the one artifact is timed on (inputs crafted by gradient steps: costly at 224 px)
 
 
-_CRAFTED: dict[tuple, torch.Tensor] = {}  # inputs that take a route (DynamicPhase._crafted)
+_CRAFTED: dict[tuple, torch.Tensor | ValueError] = {}  # inputs that take a route, or why none (DynamicPhase._crafted)
 
 
 def _route_taken(plan, x: torch.Tensor) -> tuple:
@@ -320,44 +321,83 @@ class DynamicPhase:
 
     def _enter_one_artifact(self, phase, priced, extra) -> None:
         """The one-graph network (:mod:`dsnet.one_graph`) compiled once, per route on an input
-        crafted to take it, checked to take the route and to match eager there."""
+        crafted to take it, checked to take the route and to match eager there. When an input is
+        found for fewer than all of those routes (gates at the reference weights rank some choices
+        first for no input: DS-ResNet's), the route the gates take on the seeded image is timed too,
+        beside its own static engine (``extra["natural"]``), so the artifact is timed on one route at least."""
         graph = one_graph(self.plan, self.x)
         artifact = self.ctx.trial(self.model_name, "one_graph", self.backend_name, self.precision, graph, self.x)
         extra["one_graph"] = artifact
-        for route in spread(priced, ONE_GRAPH_ROUTES):
-            name = str(route)
+        targets = spread(priced, ONE_GRAPH_ROUTES)
+        timed = []
+        for route in targets:
             result = artifact
             if artifact.ok:
                 try:
-                    xr = self._crafted(route, input_for_route)
+                    xr = self._crafted(route)
                 except ValueError as e:  # e.g. a choice the gate's scores never rank first
                     result = artifact.replace(status="measure_failed",
                                               error=f"{one_line(e)} (the gate may never choose it)")
                 else:
                     result = self._check_one_artifact(graph, artifact, route, xr)
-            if result.ok:
-                native = artifact.engine.prepare(xr)
-                phase.add(("one_graph", name), result, lambda r, e=artifact.engine, i=native: (lambda: e.run(i), r))
-            else:
-                extra["failed"][("one_graph", name)] = result
+            if self._enter_one_route(phase, artifact, route, result, xr if result.ok else None, extra):
+                timed.append(route)
+        taken = _route_taken(self.plan, self.x)
+        natural = next((r for r in self.routes if tuple(int(c) for c in r) == taken), None)
+        if artifact.ok and len(timed) < len(targets) and natural is not None and natural not in timed:
+            if natural not in priced:  # its static engine, in the same rounds
+                static = phase.add(("static", str(natural)), self._static(natural),
+                                   self.ctx.timing(self.backend_name, self.x, graphs=False))
+                if not static.ok:
+                    extra["failed"][("static", str(natural))] = static
+                extra["natural"] = [natural]
+            extra["failed"].pop(("one_graph", str(natural)), None)  # its crafted input was not found: this one takes it
+            self._enter_one_route(phase, artifact, natural,
+                                  self._check_one_artifact(graph, artifact, natural, self.x), self.x, extra)
 
-    def _crafted(self, route, input_for_route) -> torch.Tensor:
+    def _enter_one_route(self, phase, artifact: Result, route, result: Result, xr, extra) -> bool:
+        """Time the one artifact on ``route`` (input ``xr``) when ``result`` is ok, else keep the
+        failure for its row; returns whether it is timed."""
+        if not result.ok:
+            extra["failed"][("one_graph", str(route))] = result
+            return False
+        native = artifact.engine.prepare(xr)
+        phase.add(("one_graph", str(route)), result, lambda r, e=artifact.engine, i=native: (lambda: e.run(i), r))
+        return True
+
+    def _crafted(self, route, search=None) -> torch.Tensor:
         """An input the plan's gates send down ``route``, found once per model, weights, size and
         route (every backend of the run reuses it) and kept in the cache folder for later runs (a
         ``.npy`` array, loaded without pickle; used only when the eager plan still takes ``route``
-        on it, else found again: a stale or planted file costs the search, never a wrong row)."""
+        on it, else found again: a stale or planted file costs the search, never a wrong row). A
+        search that fails is remembered too (a ``.unreachable`` text file beside it, holding the
+        error): raised again without searching, until the file is deleted."""
         route = tuple(int(c) for c in route)
         fingerprint = weights_fingerprint(self.plan)
         key = (self.model_name, fingerprint, self.input_size, route)
         if key not in _CRAFTED:
             path = self.ctx.layout.cache_dir / "crafted" / (
                 f"{self.model_name}-{fingerprint[:16]}-{self.input_size}-{'_'.join(map(str, route))}.npy")
+            failed = path.with_suffix(".unreachable")
             x = _load_array(path, tuple(self.x.shape))
             if x is None or _route_taken(self.plan, x) != route:
-                x = input_for_route(self.plan, route, self.x)
-                _save_array(path, x)
-            _CRAFTED[key] = x
-        return _CRAFTED[key]
+                if failed.is_file():
+                    _CRAFTED[key] = ValueError(f"{failed.read_text(errors='replace').strip()[:300]} (an earlier "
+                                               f"run's search; delete cache/crafted/{failed.name} to search again)")
+                else:
+                    try:
+                        x = (search or input_for_route)(self.plan, route, self.x)
+                    except ValueError as e:
+                        _CRAFTED[key], why = e, str(e)
+                        failed.parent.mkdir(parents=True, exist_ok=True)
+                        write_atomically(failed, lambda tmp: Path(tmp).write_text(why + "\n"))
+                    else:
+                        _save_array(path, x)
+            _CRAFTED.setdefault(key, x)
+        found = _CRAFTED[key]
+        if isinstance(found, ValueError):
+            raise found
+        return found
 
     def _check_one_artifact(self, graph, artifact: Result, route, xr) -> Result:
         with torch.no_grad():
@@ -483,21 +523,23 @@ class DynamicPhase:
         for (kind, name), res in extra["failed"].items():
             self._record(kind, name, res, route=name if kind in ("static", "one_graph") else "",
                          madds=self.madds.get(name), batch=BATCH if kind == "batch" and name == str(BATCH) else 1)
-        for route in priced:
+        compared = [*priced, *extra.get("natural", [])]  # the one artifact's natural route: no deployed row
+        for route in compared:
             name = str(route)
             static = results.get(("static", name))
             static_ms = static.measurement.stats.p50 if static is not None and static.ok else None
             if static is not None:
                 self._record("static", name, static, route=name, madds=self.madds[name])
             dep = results.get(("deployed", name), failed.get(name))
-            self._record("deployed", name, dep, predicted_ms=static_ms, route=name, madds=self.madds[name])
+            if dep is not None:
+                self._record("deployed", name, dep, predicted_ms=static_ms, route=name, madds=self.madds[name])
             if ("one_graph", name) in results:
                 self._record("one_graph", name, results[("one_graph", name)], predicted_ms=static_ms, route=name,
                              madds=self.madds[name])
         self._record("stream", "uniform", results[("stream", "uniform")],
                      predicted_ms=float(np.mean([lut.latency(r) for r in priced])))
         for kind in ("deployed", "one_graph"):  # pooled over routes, paired by round with the static engines
-            diffs = [d for route in priced if (kind, str(route)) in results and ("static", str(route)) in results
+            diffs = [d for route in compared if (kind, str(route)) in results and ("static", str(route)) in results
                      for d in paired_differences(results[(kind, str(route))].measurement,
                                                  results[("static", str(route))].measurement)]
             if diffs:
