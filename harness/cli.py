@@ -174,6 +174,14 @@ class Progress:
         self.done, self.start, self.last = 0, time.monotonic(), -float("inf")
         self.bar = tqdm(total=total, desc=desc, file=self.stream, dynamic_ncols=True, leave=True) if self.tty else None
 
+    def note(self, text: str) -> None:
+        """One line about long work between steps (a build of minutes), without advancing."""
+        if self.bar is not None:
+            self.bar.write(f"{self.desc}: {text}", file=self.stream)
+            return
+        self.stream.write(f"{self.desc} [{time.monotonic() - self.start:.0f} s]: {text}\n")
+        self.stream.flush()
+
     def __call__(self, label: str, text: str) -> None:
         self.done += 1
         if self.bar is not None:

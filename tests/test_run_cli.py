@@ -199,6 +199,8 @@ def test_killed_run_loses_nothing_and_the_rerun_measures_only_what_is_missing(tm
     rerun = cli(*args)
     assert rerun.returncode == 0, rerun.stderr
     assert f"{8 - len(before)} to measure, {len(before)} already stored" in rerun.stderr
+    # the dynamic phase's builds (minutes at 224 px) say so before its first step
+    assert "dynamic ds_mbnet_tiny torchscript fp32 [" in rerun.stderr and "and the one artifact" in rerun.stderr
     lut = pd.read_csv(out / "lut.csv", dtype={"route": str})
     assert list(lut.columns) == LUT_COLUMNS
     assert len(lut) == 8 and (lut.status == "ok").all()  # every cell once: none lost, none twice

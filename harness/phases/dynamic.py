@@ -188,7 +188,7 @@ class DynamicPhase:
         self.madds = {str(r): dsnet.profile(self.model, r, input_size).madds for r in self.routes}
 
     def steps(self) -> int:
-        """Progress steps of :meth:`run`: the checks, then the rounds."""
+        """Progress steps of :meth:`run`: the checks, then the rounds (:func:`run_dynamic` counts alike)."""
         return 1 + self.ctx.protocol.repeat
 
     def _key(self, kind: str, name: str, batch: int = 1) -> tuple:
@@ -245,6 +245,10 @@ class DynamicPhase:
                                lambda r, route=route: (lambda: self.engine.deployed(head_in, route), r))
             if not result.ok:
                 failed[name] = result
+        if not lut_only and hasattr(progress, "note"):
+            progress.note(f"loading or building {len(priced)} routes' static engines"
+                          + (" and the one artifact" if self.ctx.backend(
+                              self.backend_name).one_artifact else ""))
         extra = {} if lut_only else self._enter_comparisons(phase, priced, head_in)
         if progress:
             progress(f"{self.model_name} {self.backend_name} checked", f"{len(phase)} engines")
@@ -571,12 +575,15 @@ def record_engine_failure(ctx: RunContext, model: str, backend: str, precision: 
 def run_dynamic(ctx: RunContext, model: str, backend: str, precision: str, input_size: int,
                 progress_factory=None) -> None:
     """Measure one supernet's dynamic engine on one backend; a part that fails is recorded."""
+    progress = progress_factory(1 + ctx.protocol.repeat) if progress_factory else None  # DynamicPhase.steps
+    if progress is not None:
+        progress.note("loading or building its parts")
     try:
         phase = DynamicPhase(ctx, model, backend, precision, input_size)
     except Exception as e:  # a part that does not compile or check: recorded, the run goes on
         record_engine_failure(ctx, model, backend, precision, input_size, e)
         return
     try:
-        phase.run(progress_factory(phase.steps()) if progress_factory else None)
+        phase.run(progress)
     except PartError as e:  # a segment built on demand, or the deployed path's check
         record_engine_failure(ctx, model, backend, precision, input_size, e)
