@@ -18,7 +18,7 @@ hot), so every figure below is compared with the others measured in the same rou
 - unless ``lut_only``: each route's own static engine (the route materialized and compiled whole, as
   the static sweep builds it), the one artifact (backends with ``one_artifact``) on inputs crafted
   to take :data:`ONE_GRAPH_ROUTES` routes spread over the priced ones (where no input is found for
-  some, also on the seeded image's own route, beside that route's static engine), a uniform route stream
+  some, on routes the gates take on seeded images instead, each beside its static engine), a uniform route stream
   through the deployed path, eight images at batch 8 and one by one (not on a backend whose CPU
   builds are fast only for tuned shapes, ``Backend.tuned_per_shape``), and, when the model has a
   static counterpart (``dsnet.static_counterpart``), that network at x1.0 and x0.5 beside the route
@@ -87,6 +87,7 @@ BATCH = 8  # the batched path is measured on this many images
 STREAM_CHUNK = 16  # calls per sample of a route stream: a sample's mean is the stream's, its median robust
 ACCELERATION_WIDTHS = {"largest": 1.0, "matched": 0.5}  # Table 7: the static counterpart's widths built
 ONE_GRAPH_ROUTES = 4  # routes the one artifact is timed on (inputs crafted by gradient steps: costly at 224 px)
+NATURAL_PROBES = 16  # seeded images whose routes stand in for routes no crafted input takes
 
 
 _CRAFTED: dict[tuple, torch.Tensor | ValueError] = {}  # inputs that take a route, or why none (DynamicPhase._crafted)
@@ -327,8 +328,9 @@ class DynamicPhase:
         """The one-graph network (:mod:`dsnet.one_graph`) compiled once, per route on an input
         crafted to take it, checked to take the route and to match eager there. When an input is
         found for fewer than all of those routes (gates at the reference weights rank some choices
-        first for no input: DS-ResNet's), the route the gates take on the seeded image is timed too,
-        beside its own static engine (``extra["natural"]``), so the artifact is timed on one route at least."""
+        first for no input: DS-ResNet's), the routes the gates take on seeded images make up the
+        number (:meth:`_natural_routes`), each beside its own static engine (``extra["natural"]``
+        lists those not priced), so the artifact is timed on one route at least."""
         graph = one_graph(self.plan, self.x)
         artifact = self.ctx.trial(self.model_name, "one_graph", self.backend_name, self.precision, graph, self.x)
         extra["one_graph"] = artifact
@@ -346,18 +348,37 @@ class DynamicPhase:
                     result = self._check_one_artifact(graph, artifact, route, xr)
             if self._enter_one_route(phase, artifact, route, result, xr if result.ok else None, extra):
                 timed.append(route)
-        taken = _route_taken(self.plan, self.x)
-        natural = next((r for r in self.routes if tuple(int(c) for c in r) == taken), None)
-        if artifact.ok and len(timed) < len(targets) and natural is not None and natural not in timed:
-            if natural not in priced:  # its static engine, in the same rounds
-                static = phase.add(("static", str(natural)), self._static(natural),
+        if not artifact.ok or len(timed) >= len(targets):
+            return
+        for route, image in self._natural_routes():  # the gates' own routes, up to as many as were sought
+            if len(timed) >= len(targets):
+                break
+            if route in timed:
+                continue
+            if route not in priced:  # its static engine, in the same rounds
+                static = phase.add(("static", str(route)), self._static(route),
                                    self.ctx.timing(self.backend_name, self.x, graphs=False))
                 if not static.ok:
-                    extra["failed"][("static", str(natural))] = static
-                extra["natural"] = [natural]
-            extra["failed"].pop(("one_graph", str(natural)), None)  # its crafted input was not found: this one takes it
-            self._enter_one_route(phase, artifact, natural,
-                                  self._check_one_artifact(graph, artifact, natural, self.x), self.x, extra)
+                    extra["failed"][("static", str(route))] = static
+                extra.setdefault("natural", []).append(route)
+            extra["failed"].pop(("one_graph", str(route)), None)  # no crafted input for it: this image takes it
+            if self._enter_one_route(phase, artifact, route, self._check_one_artifact(graph, artifact, route, image),
+                                     image, extra):
+                timed.append(route)
+
+    def _natural_routes(self) -> list[tuple]:
+        """``(route, image)`` for each distinct route the gates take on seeded images, in the order
+        found: the phase's own image, then standard normal images of seeds 1.. at scales 1..4 (a
+        larger input moves DS-ResNet's later gates)."""
+        found = {}
+        for i in range(NATURAL_PROBES):
+            seeded = torch.Generator().manual_seed(i)
+            x = self.x if i == 0 else torch.randn(self.x.shape, generator=seeded) * (1 + i % 4)
+            taken = _route_taken(self.plan, x)
+            route = next((r for r in self.routes if tuple(int(c) for c in r) == taken), None)
+            if route is not None and route not in found:
+                found[route] = x
+        return list(found.items())
 
     def _enter_one_route(self, phase, artifact: Result, route, result: Result, xr, extra) -> bool:
         """Time the one artifact on ``route`` (input ``xr``) when ``result`` is ok, else keep the
