@@ -265,7 +265,9 @@ def describe() -> str:
                         "with the environment, the drift, what the folder lacks and each table's rebuild command"),
              (lay.gate_summary, "the gate comparison, one row per gate"), (lay.gate_routes, "its route histograms"),
              (lay.gate_report, "its report"), (lay.cache_dir, "compiled artifacts, signed by the installation that "
-                                                             "built them (not committed)"),
+                                                             "built them (not committed); `crafted/`: inputs found to "
+                                                             "take a route (`.npy`, no pickle) and searches that "
+                                                             "found none (`.unreachable`, text)"),
              (lay.tuning_dir("tvm"), "TVM's MetaSchedule database (not committed)")]
     out = ["# The results format", "",
            "Generated from `harness/results/layout.py` (`python -c \"from harness.results.layout import describe; "
