@@ -230,7 +230,7 @@ def test_a_search_that_fails_is_remembered_and_the_one_artifact_is_timed_on_the_
     store = ResultStore(tmp_path / "results.sqlite")
     ctx = RunContext(X86, Layout(tmp_path), FAST, store, "cpu", False, "test")
     probe = dynamic.DynamicPhase(ctx, "ds_mbnet_tiny", "torchscript", "fp32", 64)
-    natural = [r for r, _ in probe._natural_routes()]
+    natural = [r for r, _ in probe._natural_routes()]  # all of them: the probe is not stopped early
     others = [r for r in probe.routes if r != natural[0]]
     monkeypatch.setattr(dynamic, "validation_routes", lambda routes: others[:2])  # the image's own route not priced
     run_dynamic(ctx, "ds_mbnet_tiny", "torchscript", "fp32", 64)

@@ -58,6 +58,7 @@ Plain calls, no CUDA graphs: a graph would freeze the route chosen when captured
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +119,11 @@ def _save_array(path: Path, x: torch.Tensor) -> None:
             np.save(f, x.detach().cpu().numpy().astype(np.float32), allow_pickle=False)
 
     write_atomically(path, write)
+
+
+def dynamic_steps(protocol: Protocol) -> int:
+    """Progress steps of a dynamic phase: the checks, then the rounds."""
+    return 1 + protocol.repeat
 
 
 def spread(routes: list, n: int) -> list:
@@ -188,9 +194,14 @@ class DynamicPhase:
         self.routes = self.model.routes(input_size)
         self.madds = {str(r): dsnet.profile(self.model, r, input_size).madds for r in self.routes}
 
+    @functools.cached_property
+    def _fingerprint(self) -> str:
+        """The plan's weights' fingerprint (a hash of every weight: computed once)."""
+        return weights_fingerprint(self.plan)
+
     def steps(self) -> int:
-        """Progress steps of :meth:`run`: the checks, then the rounds (:func:`run_dynamic` counts alike)."""
-        return 1 + self.ctx.protocol.repeat
+        """Progress steps of :meth:`run` (:func:`dynamic_steps`)."""
+        return dynamic_steps(self.ctx.protocol)
 
     def _key(self, kind: str, name: str, batch: int = 1) -> tuple:
         return (self.model_name, self.backend_name, self.precision, batch, self.input_size, kind, name)
@@ -298,19 +309,19 @@ class DynamicPhase:
         return self.ctx.trial(self.model_name, str(route), self.backend_name, self.precision,
                               dsnet.materialize(self.model, route), self.x)
 
+    def _enter_static(self, phase, route, extra) -> None:
+        """Time ``route``'s own static engine in the phase's rounds, or keep its failure for its row."""
+        result = phase.add(("static", str(route)), self._static(route),
+                           self.ctx.timing(self.backend_name, self.x, graphs=False))
+        if not result.ok:
+            extra["failed"][("static", str(route))] = result
+
     def _enter_comparisons(self, phase, priced, head_in) -> dict:
         """Enter static engines, the one artifact, the stream, batch 8 and the acceleration; returns
         what :meth:`_store` needs of them (failures to store, the batch's routes, the mix)."""
         extra = {"failed": {}}
-        statics = {}
         for route in priced:
-            name = str(route)
-            result = phase.add(("static", name), self._static(route),
-                               self.ctx.timing(self.backend_name, self.x, graphs=False))
-            if result.ok:
-                statics[name] = result.engine
-            else:
-                extra["failed"][("static", name)] = result
+            self._enter_static(phase, route, extra)
         if self.ctx.backend(self.backend_name).one_artifact:
             self._enter_one_artifact(phase, priced, extra)
         uniform = stream_routes({r: 1.0 / len(priced) for r in priced}, 256)
@@ -356,29 +367,26 @@ class DynamicPhase:
             if route in timed:
                 continue
             if route not in priced:  # its static engine, in the same rounds
-                static = phase.add(("static", str(route)), self._static(route),
-                                   self.ctx.timing(self.backend_name, self.x, graphs=False))
-                if not static.ok:
-                    extra["failed"][("static", str(route))] = static
+                self._enter_static(phase, route, extra)
                 extra.setdefault("natural", []).append(route)
             extra["failed"].pop(("one_graph", str(route)), None)  # no crafted input for it: this image takes it
             if self._enter_one_route(phase, artifact, route, self._check_one_artifact(graph, artifact, route, image),
                                      image, extra):
                 timed.append(route)
 
-    def _natural_routes(self) -> list[tuple]:
-        """``(route, image)`` for each distinct route the gates take on seeded images, in the order
+    def _natural_routes(self):
+        """Yields ``(route, image)`` for each distinct route the gates take on seeded images, in the order
         found: the phase's own image, then standard normal images of seeds 1... Not scaled up:
         DS-ResNet-50's later gates move at 2-4x the scale, but its activations then grow until fp32
         rounding alone fails the one artifact's check (tried: max abs diff 1.5 and 2.9e3)."""
-        found = {}
+        found = set()
         for i in range(NATURAL_PROBES):
             x = self.x if i == 0 else torch.randn(self.x.shape, generator=torch.Generator().manual_seed(i))
             taken = _route_taken(self.plan, x)
             route = next((r for r in self.routes if tuple(int(c) for c in r) == taken), None)
             if route is not None and route not in found:
-                found[route] = x
-        return list(found.items())
+                found.add(route)
+                yield route, x
 
     def _enter_one_route(self, phase, artifact: Result, route, result: Result, xr, extra) -> bool:
         """Time the one artifact on ``route`` (input ``xr``) when ``result`` is ok, else keep the
@@ -398,7 +406,7 @@ class DynamicPhase:
         search that fails is remembered too (a ``.unreachable`` text file beside it, holding the
         error): raised again without searching, until the file is deleted."""
         route = tuple(int(c) for c in route)
-        fingerprint = weights_fingerprint(self.plan)
+        fingerprint = self._fingerprint
         key = (self.model_name, fingerprint, self.input_size, route)
         if key not in _CRAFTED:
             path = self.ctx.layout.cache_dir / "crafted" / (
@@ -596,7 +604,7 @@ def record_engine_failure(ctx: RunContext, model: str, backend: str, precision: 
 def run_dynamic(ctx: RunContext, model: str, backend: str, precision: str, input_size: int,
                 progress_factory=None) -> None:
     """Measure one supernet's dynamic engine on one backend; a part that fails is recorded."""
-    progress = progress_factory(1 + ctx.protocol.repeat) if progress_factory else None  # DynamicPhase.steps
+    progress = progress_factory(dynamic_steps(ctx.protocol)) if progress_factory else None
     if progress is not None:
         progress.note("loading or building its parts")
     try:
