@@ -246,6 +246,24 @@ def test_shipped_records_build_a_folder_that_has_no_database_and_are_refused_whe
     built = _build(fresh, target, net, x, tmp_path / "cache")
     assert built.details["records"] == "shipped" and built.details["tuning"] == "tuned"
     assert check_output(built.engine(x), reference(net, x), "fp32") is None
+    # a run's tuning (harness.run: beyond the shipped records) spends its budget only on the tasks
+    # they lack (a deeper net's last layer and what follows it), never on those the records cover;
+    # the budget ends after the first task it tunes
+    from harness.phases.tuning import tune_tasks
+
+    deeper, gaps = _net((8, 16, 32)), backend_with(tmp_path / "gaps", shipped)
+    deeper_tasks = _tasks(gaps, target, deeper, x)
+    records = gaps.shipped(target)
+    covered = {t.key for t in deeper_tasks if records.best_ms(t.extracted.dispatched[0]) is not None}
+    assert 0 < len(covered) < len(deeper_tasks)
+    summary = tune_tasks(gaps, target, deeper_tasks, budget_s=1.0, beyond=records)
+    assert summary["tasks"] == len(deeper_tasks) and summary["shipped"] == len(covered), summary
+    assert summary["tuned_now"] == 1 and summary["tuned"] == len(covered) + 1, summary
+    tuned_here = set(gaps.open_database(target).ledger["tasks"])
+    assert len(tuned_here) == 1 and tuned_here.isdisjoint(covered), tuned_here
+    built = _build(gaps, target, deeper, x, tmp_path / "cache")
+    assert built.details["records"] == "local + shipped", built.details
+    assert check_output(built.engine(x), reference(deeper, x), "fp32") is None
     own_dir = tmp_path / "own"
     tune(backend_with(own_dir, shipped).open_database(target), tasks, budget_s=1e6,
          search=SearchSettings(first_trials=2, trials_per_iter=2, max_trials_per_task=2))
@@ -346,8 +364,9 @@ def test_the_dynamic_engines_parts_are_tuned_when_the_run_measures_it_on_tvm(tmp
 
     asked = []
 
-    def tuning(backend, target, models, input_size, budget_s, progress, dynamic=None):
+    def tuning(backend, target, models, input_size, budget_s, progress, dynamic=None, beyond_shipped=False):
         asked.append(dynamic)
+        assert beyond_shipped  # the run tunes only what shipped records lack (none here)
         raise KeyboardInterrupt  # what the run would tune is all this test needs
 
     monkeypatch.setattr(policy, "run_tuning", tuning)

@@ -127,14 +127,18 @@ def tune_before_measuring(ctx: RunContext, backends: list[str], models: list[str
         return notes
     tvm = ctx.backend("tvm")
     stale = tvm.notes(ctx.target)  # e.g. "untuned": said before the database grew
-    print(f"tvm: tuning {', '.join(models)} at {input_size}px within {minutes:g} min "
-          f"({budget_from}; python -m harness.tune tunes more)", file=sys.stderr)
+    shipped = tvm.shipped(ctx.target) is not None
+    print(f"tvm: tuning {', '.join(models)} at {input_size}px within {minutes:g} min ({budget_from}"
+          + ("; tasks the shipped records cover are left out" if shipped else "")
+          + "; python -m harness.tune tunes more)", file=sys.stderr)
     try:
-        summary = run_tuning(tvm, ctx.target, models, input_size, minutes * 60, progress, dynamic)
+        summary = run_tuning(tvm, ctx.target, models, input_size, minutes * 60, progress, dynamic,
+                             beyond_shipped=True)
     except ValueError as e:  # a database for another target: measured untuned, said so
         return notes + [f"tvm tuning skipped: {e}"]
     except Exception as e:  # tuning is optional: the run measures with what the database holds
         return notes + [f"tvm tuning failed ({one_line(e)}); tvm measured with what the database holds"]
+    from_shipped = f", {summary['shipped']} of them from the shipped records" if summary.get("shipped") else ""
     return [n for n in notes if n not in stale] + tvm.notes(ctx.target) + [
-        f"tvm: the tuning database holds {summary['tuned']} of the {summary['tasks']} tasks "
+        f"tvm: records cover {summary['tuned']} of the {summary['tasks']} tasks{from_shipped} "
         f"({summary['trials_now']} trials tuned in this run" + (")" if summary["extracted"] else f"; {SPENT})")]

@@ -15,7 +15,10 @@ it spent on the tasks of one :func:`tuning_signature` (models, input size, the b
 the TVM target, the library versions and the ``dsnet`` sources): a later call with no larger a
 budget would tune nothing, so it returns that note without the minutes of task extraction. The TVM
 backend applies that database to every later build (``harness.run``), so tuning is shared by all
-routes and all phases.
+routes and all phases. With ``beyond_shipped`` (``harness.run``'s tuning) the tasks the profile's
+shipped records cover are left out: a fresh results folder builds from those records at once and
+the run spends its budget only on what they lack; ``harness.tune`` tunes every task, shipped or
+not, for this CPU.
 """
 
 from __future__ import annotations
@@ -94,8 +97,10 @@ def _builds_dynamic(target: Target, dynamic: bool | None) -> bool:
     return "tvm" in (target.dynamic_backends or target.backends) if dynamic is None else dynamic
 
 
-def tuning_signature(backend, target: Target, models: list[str], input_size: int, dynamic: bool | None = None) -> str:
-    """What decides the tasks :func:`tuning_tasks` would extract, short of extracting them."""
+def tuning_signature(backend, target: Target, models: list[str], input_size: int, dynamic: bool | None = None,
+                     beyond_shipped: bool = False) -> str:
+    """What decides the tasks :func:`tuning_tasks` would extract and which of them are tuned,
+    short of extracting them."""
     import tvm
 
     sources = hashlib.sha1()
@@ -105,42 +110,55 @@ def tuning_signature(backend, target: Target, models: list[str], input_size: int
            "backend": {k: v for k, v in backend.cache_key().items() if k != "tuning_records"},
            "tvm_target": backend.tvm_target(target), "versions": [tvm.__version__, torch.__version__],
            "dsnet": sources.hexdigest()}
+    if beyond_shipped:  # a budget spent on what the shipped records lack is not one spent on every task
+        key["beyond_shipped"] = True
     return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def tune_tasks(backend, target: Target, tasks: list, budget_s: float,
                progress_factory: Callable[[int, str], Callable[[str, str], None]] | None = None,
-               db=None) -> dict:
+               db=None, beyond=None) -> dict:
     """Spend ``budget_s`` seconds (in total over re-runs) tuning ``tasks`` into ``backend``'s
-    database (its workdir; ``db`` when given) for ``target``; the tuning summary and the
-    database's coverage of the tasks (``tuned`` of ``tasks``)."""
+    database (its workdir; ``db`` when given) for ``target``, leaving out those ``beyond`` (a
+    database: the shipped records) holds a record for; the tuning summary, the coverage of the
+    tasks by either database (``tuned`` of ``tasks``) and how many ``beyond`` covers (``shipped``)."""
 
     db = db or backend.open_database(target)
+    covered = {t.key for t in tasks if beyond is not None and beyond.best_ms(_mod(t)) is not None}
     search = SearchSettings()
     builder, runner = backend.search_builder_runner(search)
-    summary = tune(db, tasks, budget_s, search, builder, runner, progress_factory)
-    have = sum(1 for t in tasks if db.best_ms(t.extracted.dispatched[0]) is not None)
-    return summary | {"tuned": have, "database": str(db.directory)}
+    summary = tune(db, [t for t in tasks if t.key not in covered], budget_s, search, builder, runner,
+                   progress_factory)
+    have = sum(1 for t in tasks if t.key in covered or db.best_ms(_mod(t)) is not None)
+    return summary | {"tasks": len(tasks), "tuned": have, "shipped": len(covered), "database": str(db.directory)}
+
+
+def _mod(task):
+    """The workload a task's records are looked up by."""
+    return task.extracted.dispatched[0]
 
 
 def run_tuning(backend, target: Target, models: list[str], input_size: int, budget_s: float,
                progress_factory: Callable[[int, str], Callable[[str, str], None]] | None = None,
-               dynamic: bool | None = None) -> dict:
+               dynamic: bool | None = None, beyond_shipped: bool = False) -> dict:
     """Tune the TVM tasks of ``models`` within ``budget_s`` seconds (in total over re-runs) with
     ``backend`` (the TVM backend, its workdir the database's folder) for ``target``: the summary
     of :func:`tune_tasks` and how many ``networks`` the tasks came from. ``dynamic``: whether the
-    dynamic engine's parts are built on TVM (default: the profile's dynamic_backends say)."""
+    dynamic engine's parts are built on TVM (default: the profile's dynamic_backends say);
+    ``beyond_shipped``: leave out the tasks the profile's applicable shipped records cover."""
     db = backend.open_database(target)
     why = db.foreign()  # refused before minutes of task extraction
     if why:
         raise ValueError(f"{why}: tune into another results folder, or move the folder away")
-    signature = tuning_signature(backend, target, models, input_size, dynamic)
+    shipped = backend.shipped(target) if beyond_shipped else None
+    signature = tuning_signature(backend, target, models, input_size, dynamic, shipped is not None)
     spent = db.spent(signature)
     if spent and spent["budget_s"] >= budget_s:  # tune() would find the budget spent
-        return {"tasks": spent["tasks"], "tuned": spent["tuned"], "networks": spent["networks"], "tuned_now": 0,
-                "trials_now": 0, "seconds_now": 0.0, "database": str(db.directory), "extracted": False}
+        return {"tasks": spent["tasks"], "tuned": spent["tuned"], "shipped": spent.get("shipped", 0),
+                "networks": spent["networks"], "tuned_now": 0, "trials_now": 0, "seconds_now": 0.0,
+                "database": str(db.directory), "extracted": False}
     tasks, networks = tuning_tasks(backend, target, models, input_size, progress_factory, dynamic)
-    summary = tune_tasks(backend, target, tasks, budget_s, progress_factory, db) | {"networks": networks}
+    summary = tune_tasks(backend, target, tasks, budget_s, progress_factory, db, shipped) | {"networks": networks}
     db.note_spent(signature, {"budget_s": budget_s, "tasks": summary["tasks"], "tuned": summary["tuned"],
-                              "networks": networks})
+                              "shipped": summary["shipped"], "networks": networks})
     return summary | {"extracted": True}
