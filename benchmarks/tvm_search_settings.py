@@ -7,9 +7,16 @@ Each arm (a set of ``[tvm]`` options and a cost model, :data:`ARMS`) tunes the c
 its own database under ``--root`` for ``--minutes`` (the harness's budgeted tuner, its other search
 settings as in ``SearchSettings``), then every arm's build, ONNX Runtime and eager are compiled
 and checked against eager's output (the harness's pipeline) and timed in one round phase with
-the x86 profile's protocol. Prints one line per engine: its p50 and its ratio to ONNX Runtime
-paired round by round. ``--measure-only`` times the databases already under ``--root`` again
-(another run's rounds, same builds).
+the x86 profile's protocol. Prints one line per engine: its p50 and its ratios to ONNX Runtime
+and to the first arm, each the median of per-round ratios with its 95% interval.
+``--measure-only`` times the databases already under ``--root`` again (another run's rounds, same
+builds).
+
+The profile's shipped records against a database tuned on this machine (DB), in the same rounds::
+
+    mkdir -p ROOT/shipped && cp -r DB ROOT/unshipped
+    python benchmarks/tvm_search_settings.py --model ds_mbnet --routes 0,6,13 \\
+        --arms unshipped,shipped --root ROOT --measure-only
 
 Fast math against exact on one database (DS-MBNet's SiLU; MobileNetV1 has none)::
 
@@ -41,6 +48,13 @@ ARMS = {
     # the same tasks as nhwc_prepack (the anchor convolutions do not change): --measure-only on a
     # copy of one database under both arms times exact against fast math on the same records
     "nhwc_prepack_fast": ({"layout": "NHWC", "weight_prepack": True, "fast_math": True}, "xgb"),
+    # the x86 profile as it is, and without its shipped records: with --measure-only, an empty
+    # ROOT/shipped builds from the shipped records alone, ROOT/unshipped from a database tuned here;
+    # an empty ROOT/shipped_v3 builds them for the x86-64-v3 baseline they were tuned for, not this CPU
+    "shipped": ({}, "xgb"),
+    "unshipped": ({"shipped_records": ""}, "xgb"),
+    "shipped_v3": ({"target": {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v3", "num-cores": 0}},
+                   "xgb"),
 }
 
 
@@ -49,11 +63,12 @@ def main(argv=None) -> int:
     from harness.backends.tvm_tuning import SearchSettings, collect_tasks, tune
     from harness.cli import open_target
     from harness.measure.pipeline import ArtifactKey, reference, trial, weights_fingerprint
-    from harness.measure.protocol import measure_rounds, paired_ratio
+    from harness.measure.protocol import measure_rounds, median_interval, paired_ratio, paired_ratios
     from harness.phases.static import workloads
 
     p = argparse.ArgumentParser(prog="python benchmarks/tvm_search_settings.py", description=__doc__.split("\n")[0])
-    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
+    p.add_argument("--arms", default=",".join(a for a in ARMS if "shipped" not in a),
+                   help=f"comma-separated, of {', '.join(ARMS)}")
     p.add_argument("--minutes", type=float, default=8.0, help="tuning budget per arm")
     p.add_argument("--model", default="mobilenet_v1")
     p.add_argument("--routes", default="x1.0", help="comma-separated routes or widths of --model")
@@ -93,9 +108,18 @@ def main(argv=None) -> int:
                 prepared = result.engine.prepare(x)
                 fns[f"{w.route} {name}"] = lambda e=result.engine, p=prepared: e.run(p)
     res = measure_rounds(fns, target.protocol, None, seed=3)
+
+    def ratio(label, ref):  # median of the per-round ratios and its 95% interval
+        if ref not in fns:
+            return "    -"
+        r = sorted(paired_ratios(res[label], res[ref]))
+        lo, hi = median_interval(len(r))
+        return f"{paired_ratio(res[label], res[ref]):5.2f} ({r[lo]:.2f}-{r[hi]:.2f})"
+
     for label in fns:
-        ref = label.rsplit(" ", 1)[0] + " onnxruntime"
-        print(f"{label:28s} p50 {res[label].stats.p50:8.3f} ms  / ORT {paired_ratio(res[label], res[ref]):5.2f}")
+        route = label.rsplit(" ", 1)[0]
+        print(f"{label:28s} p50 {res[label].stats.p50:8.3f} ms  / ORT {ratio(label, route + ' onnxruntime')}"
+              f"  / {arms[0]} {ratio(label, f'{route} {arms[0]}')}")
     return 0
 
 

@@ -218,7 +218,7 @@ def test_shipped_records_build_a_folder_that_has_no_database_and_are_refused_whe
     what they were tuned with) build a results folder that has tuned nothing: its rows say
     ``shipped``, its output is eager's. Its own records come first once it has some. Records of
     another TVM version or for CPU features this CPU lacks are refused in one line, never applied."""
-    from harness.backends.tvm_tuning import ABOUT, SearchSettings, ship_records, tune
+    from harness.backends.tvm_tuning import ABOUT, SHIPPED_FILES, SearchSettings, ship_records, tune
 
     target, _ = x86
     # "elsewhere": the machine that tuned and shipped the records, for the x86-64-v3 baseline (the
@@ -233,6 +233,7 @@ def test_shipped_records_build_a_folder_that_has_no_database_and_are_refused_whe
     shipped = ship_records(elsewhere.tuning_dir, elsewhere.open_database(target).target, tmp_path / "shipped",
                            cpu_flags=[], about={"networks": ["net"]})
     assert "x86-64-v3" in json.loads((shipped / ABOUT).read_text())["target"]
+    assert sorted(p.name for p in shipped.iterdir()) == sorted([ABOUT, *SHIPPED_FILES])  # compressed
     assert tvm_options["target"]["mcpu"] != "x86-64-v3"
     assert json.loads((shipped / ABOUT).read_text())["networks"] == ["net"]
 
@@ -279,6 +280,25 @@ def test_shipped_records_build_a_folder_that_has_no_database_and_are_refused_whe
         assert any(says in n and "not applied" in n for n in notes), notes
         assert any("tvm is untuned" in n for n in notes), notes
         assert _build(refused, target, net, x, tmp_path / "cache").details["records"] == "none"
+
+
+def test_shipped_records_that_do_not_unpack_are_refused_in_one_line(x86, tmp_path):
+    import tvm
+
+    from harness.backends.tvm_tuning import ABOUT, SHIPPED_FILES
+
+    target, _ = x86
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    (shipped / ABOUT).write_text(json.dumps({"tvm": tvm.__version__, "cpu_flags": []}))
+    for name in SHIPPED_FILES:
+        (shipped / name).write_bytes(b"not xz")
+    backend = get_backend("tvm", {**target.options("tvm"), "shipped_records": str(shipped)}, workdir=tmp_path / "tvm")
+    notes = backend.notes(target)
+    assert any(f"{SHIPPED_FILES[0]} is unreadable" in n and n.endswith("not applied") for n in notes), notes
+    assert any("tvm is untuned" in n for n in notes), notes
+    assert all("\n" not in n for n in notes)
+    assert backend.shipped(target) is None
 
 
 def test_harness_tune_ships_records_for_a_baseline_in_a_folder_of_its_own(x86, tmp_path, capsys, monkeypatch):

@@ -55,6 +55,7 @@ from harness.backends.base import (
 from harness.backends.tvm_tuning import (
     ABOUT,
     RECORD_FILES,
+    SHIPPED_FILES,
     ShippedRecords,
     TuningDatabase,
     apply_records,
@@ -200,7 +201,7 @@ class TVMBackend(Backend):
                "tuning_records": self.database_digest(), "branch_weights": "bound"}
         if self.options.get("shipped_records"):  # the records a build may apply besides the local ones
             folder = Path(self.options["shipped_records"])
-            key["shipped_records"] = [self._digest(folder / TUNING_RECORDS), self._digest(folder / ABOUT)]
+            key["shipped_records"] = [self._digest(folder / SHIPPED_FILES[1]), self._digest(folder / ABOUT)]
         return key
 
     def details(self):
@@ -209,12 +210,12 @@ class TVMBackend(Backend):
     def notes(self, target: DeviceTarget):
         if target.device != "cpu":
             return []
-        refused = self.shipped_refusal()
         try:
             db = self.database(target)
         except ValueError as e:  # an unreadable database: every TVM build will say so too
             return [f"tvm: {e}"]
         shipped = self.shipped(target)
+        refused = self.shipped_refusal()  # after shipped(): records that do not unpack are refused there
         notes = [f"tvm: {refused}"] if refused else []
         if db is None and shipped is None:
             return notes + [f"tvm is untuned (no tuning database in {self.workdir}): untuned CPU convolutions are far "
@@ -263,7 +264,11 @@ class TVMBackend(Backend):
 
         tvm_target = tvm.target.Target(self.tvm_target(target))
         if getattr(self, "_shipped_of", None) != str(tvm_target):
-            self._shipped, self._shipped_of = records.database(tvm_target), str(tvm_target)
+            try:
+                self._shipped, self._shipped_of = records.database(tvm_target), str(tvm_target)
+            except ValueError as e:  # a damaged file: refused like records that do not apply
+                self._shipped_memo = None, f"{e}: not applied"
+                return None
         return self._shipped
 
     def shipped_refusal(self) -> str | None:

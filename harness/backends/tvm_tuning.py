@@ -30,13 +30,15 @@ measured, so kill -9 keeps them, and a task whose ledger entry was not written i
 ``lut.csv`` row: untuned, partly tuned k/n, tuned) and which records serve them.
 
 Shipped records (:class:`ShippedRecords`, a folder in the repository named by the profile's ``[tvm]
-shipped_records``): the best record per workload of a database tuned elsewhere, with ``about.json``
-(the TVM version and target they were tuned with, the CPU features their schedules need, the
-networks they cover). A build applies the results folder's own records first and the shipped ones
-for the workloads it lacks (MetaSchedule's ``OrderedUnionDatabase``: no record is ranked against a
-time measured on another machine); records tuned with another TVM version, or needing a feature
-this CPU lacks, are refused in one line and not applied. :func:`ship_records` writes such a folder
-from a results folder's database.
+shipped_records``): the best record per workload of a database tuned elsewhere, MetaSchedule's two
+JSON files xz-compressed (TVM's serialized workloads shrink ~100x: the x86 profile's 37 MB to 0.3
+MB), with ``about.json`` (the TVM version and target they were tuned with, the CPU features their
+schedules need, the networks they cover). They are unpacked per process into a private temporary
+folder, never into a cache another user or a copied results folder could change. A build applies the
+results folder's own records first and the shipped ones for the workloads it lacks (MetaSchedule's
+``OrderedUnionDatabase``: no record is ranked against a time measured on another machine); records
+tuned with another TVM version, or needing a feature this CPU lacks, are refused in one line and not
+applied. :func:`ship_records` writes such a folder from a results folder's database.
 
 MetaSchedule lives in ``tvm.s_tir.meta_schedule`` in TVM 0.27. The search ranks candidates with
 MetaSchedule's XGBoost cost model (``xgboost``, a dependency of the harness); without the package,
@@ -45,10 +47,12 @@ or with ``SearchSettings(cost_model="random")``, it measures random picks of the
 
 from __future__ import annotations
 
+import atexit
 import functools
 import importlib.util
 import json
 import logging
+import lzma
 import math
 import os
 import shutil
@@ -67,6 +71,7 @@ _V3 = _V2 + ("abm", "avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe", "xsav
 BASELINE_CPU_FLAGS = {"x86-64-v2": _V2, "x86-64-v3": _V3,
                       "x86-64-v4": _V3 + ("avx512bw", "avx512cd", "avx512dq", "avx512f", "avx512vl")}
 RECORD_FILES = ("database_workload.json", "database_tuning_record.json")  # MetaSchedule's JSONDatabase
+SHIPPED_FILES = tuple(f"{name}.xz" for name in RECORD_FILES)  # as shipped records hold them
 BEST = "best"  # subfolder: the best record per workload (TuningDatabase.best_of)
 PRUNED_FROM = "pruned_from.json"  # in BEST: the sizes and times of the records it was pruned from
 EQUALITY = "anchor-block"
@@ -349,7 +354,7 @@ class ShippedRecords:
                 raise ValueError("no TVM version")
         except (OSError, ValueError) as e:
             raise ValueError(f"shipped TVM records {self.directory}: {ABOUT} is missing or unreadable ({e})") from None
-        missing = [f for f in RECORD_FILES if not (self.directory / f).is_file()]
+        missing = [f for f in SHIPPED_FILES if not (self.directory / f).is_file()]
         if missing:
             raise ValueError(f"shipped TVM records {self.directory}: {', '.join(missing)} missing")
 
@@ -369,14 +374,24 @@ class ShippedRecords:
         return None
 
     def database(self, tvm_target) -> TuningDatabase:
-        """The records as a database builds read (its ledger in memory: never written)."""
-        return TuningDatabase(self.directory, tvm_target)
+        """The records as a database builds read: unpacked into a temporary folder of this process
+        (removed at exit), its ledger in memory (never written)."""
+        unpacked = Path(tempfile.mkdtemp(prefix="dsnet-harness-tvm-records-"))
+        atexit.register(shutil.rmtree, unpacked, True)
+        for packed, name in zip(SHIPPED_FILES, RECORD_FILES):
+            try:
+                with lzma.open(self.directory / packed) as src, open(unpacked / name, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+            except (OSError, lzma.LZMAError, EOFError) as e:
+                raise ValueError(f"shipped TVM records {self.directory}: {packed} is unreadable ({e})") from None
+        return TuningDatabase(unpacked, tvm_target)
 
 
 def ship_records(database_dir: Path, tvm_target, out_dir: Path, cpu_flags: list[str], about: dict) -> Path:
     """Write the best record per workload of the database in ``database_dir`` (tuned for
-    ``tvm_target``) into ``out_dir`` as shipped records: MetaSchedule's two files and :data:`ABOUT`
-    (``about`` plus the TVM version, the target and the ``cpu_flags`` the schedules need)."""
+    ``tvm_target``) into ``out_dir`` as shipped records: MetaSchedule's two files xz-compressed
+    (:data:`SHIPPED_FILES`) and :data:`ABOUT` (``about`` plus the TVM version, the target and the
+    ``cpu_flags`` the schedules need)."""
     import tvm
 
     best = TuningDatabase.best_of(database_dir, tvm_target)
@@ -387,8 +402,9 @@ def ship_records(database_dir: Path, tvm_target, out_dir: Path, cpu_flags: list[
         raise ValueError(why)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in RECORD_FILES:
-        shutil.copyfile(best.records / name, out_dir / name)
+    for name, packed in zip(RECORD_FILES, SHIPPED_FILES):
+        with open(best.records / name, "rb") as src, lzma.open(out_dir / packed, "wb", preset=9) as dst:
+            shutil.copyfileobj(src, dst)
     (out_dir / ABOUT).write_text(json.dumps({**about, "tvm": tvm.__version__, "target": str(tvm_target),
                                              "cpu_flags": sorted(cpu_flags)}, indent=1, sort_keys=True) + "\n")
     return out_dir
