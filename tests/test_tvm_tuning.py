@@ -243,7 +243,7 @@ def test_shipped_records_build_a_folder_that_has_no_database_and_are_refused_whe
 
     fresh = backend_with(tmp_path / "fresh", shipped)
     notes = fresh.notes(target)
-    assert any("shipped records" in n for n in notes) and not any("untuned" in n for n in notes), notes
+    assert any(f"shipped records in {shipped} " in n for n in notes) and not any("untuned" in n for n in notes), notes
     built = _build(fresh, target, net, x, tmp_path / "cache")
     assert built.details["records"] == "shipped" and built.details["tuning"] == "tuned"
     assert check_output(built.engine(x), reference(net, x), "fp32") is None

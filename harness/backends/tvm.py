@@ -224,9 +224,9 @@ class TVMBackend(Backend):
         if why:
             notes.append(f"{why}: not applied" + (", tvm is untuned" if shipped is None else ""))
         if shipped is not None and (db is None or why):
-            about = self._shipped_records()[0].about
-            notes.append(f"tvm builds with the shipped records in {shipped.records} (tuned for "
-                         f"{about.get('target', '?')}); python -m harness.tune --target {target.name} "
+            records = self._shipped_records()[0]  # named by their folder, not by where they were unpacked
+            notes.append(f"tvm builds with the shipped records in {records.directory} (tuned for "
+                         f"{records.about.get('target', '?')}); python -m harness.tune --target {target.name} "
                          "tunes further for this CPU")
         return notes
 
