@@ -31,7 +31,7 @@ measured, so kill -9 keeps them, and a task whose ledger entry was not written i
 
 Shipped records (:class:`ShippedRecords`, a folder in the repository named by the profile's ``[tvm]
 shipped_records``): the best record per workload of a database tuned elsewhere, MetaSchedule's two
-JSON files xz-compressed (TVM's serialized workloads shrink ~100x: the x86 profile's 37 MB to 0.3
+JSON files xz-compressed (TVM's serialized workloads shrink ~100x: the x86 profile's 37 MB to 0.17
 MB), with ``about.json`` (the TVM version and target they were tuned with, the CPU features their
 schedules need, the networks they cover). They are unpacked per process into a private temporary
 folder, never into a cache another user or a copied results folder could change. A build applies the
