@@ -14,6 +14,10 @@ tensor ``(1, n_gates)``. The choice of each gate is data-dependent control flow 
 - :meth:`OneGraph.to_torchscript` returns a ScriptModule: every part traced (no control flow in a
   part), the dispatcher scripted with ``if`` chains. Tracing the whole module instead would record
   one route only.
+- :meth:`OneGraph.switch_parts` returns the parts as plain static modules with an example input
+  each (:class:`SwitchParts`) and the rule that picks a branch, for a backend that builds the
+  switch itself from separately compiled parts (ONNX Runtime: ``If`` nodes around each part's own
+  export, far quicker than exporting ``torch.cond``).
 
 Several gates (DS-ResNet) are flattened rather than nested: the features a segment passes on are
 zero-padded along the channel dimension to the widest choice of their stage, and every segment of
@@ -24,6 +28,8 @@ every earlier choice: 4^4 copies for DS-ResNet's four 4-way gates).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +64,24 @@ def _select(index: torch.Tensor, branches: list, x: torch.Tensor, lo: int = 0):
     return torch.cond(index < lo + mid,
                       lambda x: _select(index, branches[:mid], x, lo),
                       lambda x: _select(index, branches[mid:], x, lo + mid), (x,))
+
+
+@dataclass
+class SwitchParts:
+    """The one-graph network as static parts and the rule joining them, each part with an example
+    input shaped as it runs:
+
+    ``feats, scores = head(x)``; then for each stage ``k``: ``c = argmax(scores[0])`` (the first
+    of equal scores), ``index = c`` at stage 0, else ``previous c * n_choices[k] + c``, and
+    ``stages[k][index](feats)`` returns ``(feats, scores)`` for the next stage, or the logits at
+    the last. The route is the choices, an int64 tensor ``(1, n_gates)``. Every branch of a stage
+    takes and returns the same shapes (features zero-padded to the stage's widest choice)."""
+
+    head: nn.Module
+    head_input: torch.Tensor
+    stages: list[list[nn.Module]]  # per stage, its branches in index order
+    stage_inputs: list[torch.Tensor]  # per stage, an example input of its branches
+    n_choices: list[int]
 
 
 class OneGraph(nn.Module):
@@ -110,18 +134,26 @@ class OneGraph(nn.Module):
             prev = c
         raise AssertionError("a plan has at least one stage")
 
+    def switch_parts(self, example: torch.Tensor) -> SwitchParts:
+        """The parts and the rule joining them (:class:`SwitchParts`); ``example`` as in
+        :func:`one_graph`, in the dtype and on the device the parts are to run with."""
+        inputs = []
+        with torch.no_grad():
+            feats, _ = self.head(example)
+            for k, branches in enumerate(self.stages):
+                inputs.append(feats)  # every branch of a stage takes the same (padded) shape: one example serves all
+                if k < len(self.stages) - 1:
+                    feats = branches[0](feats)[0]
+        return SwitchParts(self.head, example, [list(b) for b in self.stages], inputs, list(self.n_choices))
+
     def to_torchscript(self, example: torch.Tensor) -> torch.jit.ScriptModule:
         """The same network as a ScriptModule (see the module docstring); ``example`` as in
         :func:`one_graph`, in the dtype and on the device the parts are traced with."""
+        parts = self.switch_parts(example)
         with torch.no_grad():
-            head = torch.jit.trace(self.head, example)
-            feats, _ = self.head(example)
-            stages = []
-            for branches in self.stages:
-                # every branch of a stage takes the same (padded) input shape: one example serves all
-                uniform = [_Uniform(b) for b in branches]
-                stages.append([torch.jit.trace(u, feats) for u in uniform])
-                feats = uniform[0](feats)[0]
+            head = torch.jit.trace(parts.head, parts.head_input)
+            stages = [[torch.jit.trace(_Uniform(b), x) for b in branches]
+                      for branches, x in zip(parts.stages, parts.stage_inputs)]
         return torch.jit.script(_ScriptedOneGraph(head, stages, self.n_choices).eval())
 
 

@@ -15,7 +15,7 @@ import torch
 import dsnet
 from conftest import randomize
 from dsnet.gate import Gate
-from dsnet.one_graph import input_for_route, one_graph
+from dsnet.one_graph import OneGraph, input_for_route, one_graph
 from harness.backends import get_backend
 from harness.measure.pipeline import ArtifactKey, trial, weights_fingerprint
 from harness.targets import load_target
@@ -128,10 +128,11 @@ def test_several_gates_are_flattened_and_every_sampled_route_comes_out(tmp_path)
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("HARNESS_SLOW_EXPORTS") != "1",
-                    reason="DS-ResNet's one graph to ONNX takes ~2.5 min on 2 cores: HARNESS_SLOW_EXPORTS=1 runs it")
+                    reason="DS-ResNet's one graph to ONNX exports 53 parts (~75 s): HARNESS_SLOW_EXPORTS=1 runs it")
 def test_a_sampled_ds_resnet_route_comes_out_of_one_onnx_session(tmp_path):
     """The flattened four gates as nested ``If`` nodes in one ONNX Runtime session (the export
-    re-traces every nested ``torch.cond`` branch: minutes, hence opt-in)."""
+    exports each of the 53 parts: over a minute, hence opt-in; the default suite composes a small
+    two-gate network the same way, below)."""
     model, x, routes = _ds_resnet_tiny()
     route = routes[len(routes) // 3]
     m = forced(model, route)
@@ -231,3 +232,71 @@ def test_onnx_branches_hold_their_own_weights(mbnet, tmp_path):
     inner_reads, branch_weights = branch_reads(graph)
     assert not {i.name for i in graph.initializer} & (inner_reads - outer_reads)
     assert branch_weights >= len(mbnet.routes())  # each route's convolutions at least
+
+
+class _Head(torch.nn.Module):
+    """Features: the image itself; scores: the first pixel of channels 0-2 (a test picks stage 0's
+    choice by the image)."""
+
+    def forward(self, x):
+        return x * 1.0, x[:, 0:3, 0, 0]
+
+
+class _Widen(torch.nn.Module):
+    """Stage 0's choice: features of its own width; scores from pixel 0 of channels 3-4 (stage 1)."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(5, width, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x)), x[:, 3:5, 0, 0] * 2.0
+
+
+class _Classify(torch.nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.conv, self.fc = torch.nn.Conv2d(width, 6, 1), torch.nn.Linear(6, 7)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+class _TwoGatePlan(torch.nn.Module):
+    """What :class:`dsnet.one_graph.OneGraph` reads of a plan: two gates, three choices of different
+    widths then two, one segment per (previous choice, choice)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = _Head()
+        widths = (2, 3, 4)
+        self.stages = [torch.nn.ModuleDict({str(c): _Widen(w) for c, w in enumerate(widths)}),
+                       torch.nn.ModuleDict({f"{p}{c}": _Classify(widths[p]) for p in range(3) for c in range(2)})]
+        self.stages = [{(None, c): self.stages[0][str(c)] for c in range(3)},
+                       {(p, c): self.stages[1][f"{p}{c}"] for p in range(3) for c in range(2)}]
+
+
+def test_onnx_one_artifact_is_composed_from_its_parts_and_takes_every_route(tmp_path):
+    """ONNX Runtime builds the one artifact from each part's own export joined by ``If`` nodes
+    (:mod:`harness.backends.onnx_switch`): two gates (three choices of different widths, then two),
+    features padded and sliced between them; for every route, an image that takes it gives the
+    route and the logits of the module's own eager dispatch."""
+    onnx = pytest.importorskip("onnx")
+    x = torch.randn(1, 5, 8, 8)
+    graph = OneGraph(_TwoGatePlan(), x).eval()
+    engine = _compiled("onnxruntime", graph, x, tmp_path)
+    (path,) = tmp_path.glob("onnxruntime/*/model.onnx")
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    assert sum(node.op_type == "If" for node in model.graph.node) == 2  # one tree per gate at the top
+    for c0 in range(3):
+        for c1 in range(2):
+            xr = x.clone()
+            xr[0, :3, 0, 0], xr[0, 3:5, 0, 0] = -5.0, -5.0
+            xr[0, c0, 0, 0], xr[0, 3 + c1, 0, 0] = 5.0, 5.0
+            with torch.no_grad():
+                ref, ref_route = graph(xr)
+            logits, taken = engine(xr)
+            assert ref_route.tolist() == taken.tolist() == [[c0, c1]]
+            assert (logits - ref).abs().max().item() <= 1e-5, (c0, c1)
