@@ -67,7 +67,9 @@ class OnnxRuntimeBackend(Backend):
         # Idle intra-op threads spin by default. The dynamic engine chains sessions (head, tail):
         # the idle session's spinning threads then steal the cores from the running one (measured
         # here: a head+tail chain 2.4x slower than its parts with spinning on). Off for every
-        # session, so the LUT and the dynamic engine are measured alike.
+        # session, so the LUT and the dynamic engine are measured alike, and because a spinning pool
+        # keeps the cores 20-100 ms after a call and slows the next engine of a round 1.6-1.8x
+        # (docs/run.md; the price: 10-20% of ONNX Runtime's own speed alone).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if target.device == "cuda":
             session = ort.InferenceSession(str(path), opts, providers=["CUDAExecutionProvider"])
