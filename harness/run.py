@@ -51,7 +51,7 @@ from harness.measure.protocol import Protocol
 from harness.measure.remote import Farm, RemoteError
 from harness.phases import policy
 from harness.phases.context import RunContext
-from harness.phases.dynamic import run_dynamic
+from harness.phases.dynamic import E2E_ROUTES, QUICK_E2E_ROUTES, run_dynamic
 from harness.phases.static import Workload, run_static, static_steps, workloads
 from harness.phases.table2 import TABLE2_WAYS, measure_table2
 from harness.reporting.common import tuning_label
@@ -63,7 +63,10 @@ from harness.targets import Target, known_targets
 
 QUICK_INPUT_SIZE = 64
 PHASES = ("static", "dynamic", "table2")
-QUICK_SLOW_BACKENDS = ("inductor",)  # ~40 s of C++ compile per route on 2 cores
+# left out by --quick unless --backends names them, and why
+QUICK_LEFT_OUT = {"inductor": "slow compile (~40 s of C++ per network on 2 cores)",
+                  "tvm": f"no tuning at --quick's input size ({QUICK_INPUT_SIZE}: the shipped records are for the "
+                         "profile's), so its rows would time unscheduled operators (~18 s to build each)"}
 
 
 def parse_args(argv):
@@ -87,7 +90,7 @@ def parse_args(argv):
     p.add_argument("--strict", action="store_true", help="refuse to measure on a busy machine")
     p.add_argument("--quick", action="store_true",
                    help=f"input {QUICK_INPUT_SIZE}, 3 DS-MBNet routes and 2 widths, few repeats; "
-                        f"leaves out {', '.join(QUICK_SLOW_BACKENDS)} unless --backends names it")
+                        f"leaves out {' and '.join(QUICK_LEFT_OUT)} unless --backends names them")
     p.add_argument("--retry-failed", action="store_true", help="re-measure results stored as failed")
     p.add_argument("--tune-minutes", type=float, metavar="N",
                    help="TVM tuning budget in minutes, over re-runs (default: the profile's [tvm] tune_minutes; "
@@ -114,6 +117,7 @@ class RunPlan:
     layout: Layout
     skipped: dict[str, str] = field(default_factory=dict)  # {backend or phase: why}
     notes: list[str] = field(default_factory=list)
+    validate: int = E2E_ROUTES  # routes of a supernet's dynamic engine validated end to end
 
 
 def plan(args, target: Target) -> RunPlan:
@@ -144,13 +148,14 @@ def plan(args, target: Target) -> RunPlan:
     if args.quick:
         protocol = protocol.replace(warmup_calls=3, warmup_ms=20, repeat=5, min_repeat_ms=10, budget_s=0)
         if args.backends is None:
-            for b in QUICK_SLOW_BACKENDS:
+            for b, why in QUICK_LEFT_OUT.items():
                 if b in backends:
                     backends.remove(b)
-                    skipped[b] = "left out by --quick (slow compile); name it in --backends to include"
+                    skipped[b] = f"left out by --quick: {why}; name it in --backends to include"
     return RunPlan(backends, phases, dynamic, models, routes, batches, input_size, protocol,
                    results_layout(args.results, target.name + (f"-threads{args.threads}" if args.threads is not None
-                                                               else ""), args.quick), skipped)
+                                                               else ""), args.quick), skipped,
+                   validate=QUICK_E2E_ROUTES if args.quick else E2E_ROUTES)
 
 
 ACTIVATION_FACTOR = 32  # peak activations over the input's size, at least, for the models here (MobileNetV1: ~60)
@@ -255,7 +260,7 @@ def dynamic_phase(ctx: RunContext, p: RunPlan, backends: list[str]) -> None:
     """The dynamic engine of every supernet among the models, on each dynamic backend."""
     for model, backend, precision in policy.dynamic_runs(ctx, policy.supernets(p.models), backends):
         run_dynamic(ctx, model, backend, precision, p.input_size,
-                    lambda n, m=model, b=backend, pr=precision: Progress(n, f"dynamic {m} {b} {pr}"))
+                    lambda n, m=model, b=backend, pr=precision: Progress(n, f"dynamic {m} {b} {pr}"), p.validate)
 
 
 def table2_phase(ctx: RunContext, p: RunPlan, backends: list[str], default_models: bool) -> None:

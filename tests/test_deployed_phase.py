@@ -232,7 +232,7 @@ def test_a_search_that_fails_is_remembered_and_the_one_artifact_is_timed_on_the_
     probe = dynamic.DynamicPhase(ctx, "ds_mbnet_tiny", "torchscript", "fp32", 64)
     natural = [r for r, _ in probe._natural_routes()]  # all of them: the probe is not stopped early
     others = [r for r in probe.routes if r != natural[0]]
-    monkeypatch.setattr(dynamic, "validation_routes", lambda routes: others[:2])  # the image's own route not priced
+    monkeypatch.setattr(dynamic, "validation_routes", lambda routes, n=None: others[:2])  # not the image's own route
     run_dynamic(ctx, "ds_mbnet_tiny", "torchscript", "fp32", 64)
     df = store.dynamic_frame()
     one = df[df.kind == "one_graph"].set_index("name")

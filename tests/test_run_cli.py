@@ -241,3 +241,18 @@ def test_a_run_into_a_folder_of_exports_without_a_store_keeps_their_rows(tmp_pat
     assert "ds_mbnet_tiny" in set(pd.read_csv(out / "dynamic.csv").model)
     env = json.loads((out / "env.json").read_text())
     assert first in {r["run_id"] for r in env["earlier_runs"]}
+
+
+def test_quick_leaves_out_the_slow_and_untuned_compilers_and_validates_its_three_routes():
+    """--quick leaves out Inductor (slow compile) and TVM (no records at its input size), each with
+    its reason, unless --backends names them, and validates as many routes end to end as its static
+    sweep measures."""
+    target = load_target("x86").resolve()
+    quick = runmod.plan(runmod.parse_args(["--target", "x86", "--quick"]), target)
+    assert "tvm" not in quick.backends and "inductor" not in quick.backends
+    assert "64" in quick.skipped["tvm"] and "slow compile" in quick.skipped["inductor"]
+    assert quick.validate == 3 == len([w for w in runmod.select_workloads(quick, True) if w.model == "ds_mbnet"])
+    named = runmod.plan(runmod.parse_args(["--target", "x86", "--quick", "--backends", "eager,tvm"]), target)
+    assert named.backends == ["eager", "tvm"] and not named.skipped
+    full = runmod.plan(runmod.parse_args(["--target", "x86"]), target)
+    assert {"tvm", "inductor"} <= set(full.backends) and full.validate == 16

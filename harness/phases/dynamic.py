@@ -2,7 +2,7 @@
 
 Contract
 --------
-``DynamicPhase(ctx, model_name, backend, precision, input_size, model=None)`` builds the supernet's
+``DynamicPhase(ctx, model_name, backend, precision, input_size, model=None, validate=E2E_ROUTES)`` builds the supernet's
 dynamic engine on one backend (every part through the pipeline: cached, checked against eager; a
 part that fails raises :class:`harness.deploy.engine.PartError`, which :func:`run_dynamic` records as
 an ``engine`` row and goes on). ``phase.run(progress, lut_only=False)`` measures, when the store lacks
@@ -10,7 +10,8 @@ any of its rows, everything in ONE round phase (:class:`~harness.measure.rounds.
 per sample (parts of a chain are timed in context: a part repeated back to back keeps its weights
 hot), so every figure below is compared with the others measured in the same rounds:
 
-- per route of the priced routes (every route, or :data:`E2E_ROUTES` spread over them; with
+- per route of the priced routes (every route, or ``validate`` spread over them, :data:`E2E_ROUTES`
+  by default and :data:`QUICK_E2E_ROUTES` for ``harness.run --quick``; with
   ``lut_only`` the few routes that cover every segment): its chain of parts in chain order, each part
   run as the deployed path runs it (:func:`~harness.deploy.engine.chain_parts`), and the deployed
   path forced to the route (:meth:`~harness.deploy.engine.DynamicEngine.deployed`: the gate's
@@ -84,6 +85,7 @@ from harness.results.layout import DYNAMIC_KEY
 from harness.results.store import write_atomically
 
 E2E_ROUTES = 16  # routes validated end to end when a model has more
+QUICK_E2E_ROUTES = 3  # --quick: smallest, middle and largest, as its static sweep
 BATCH = 8  # the batched path is measured on this many images
 STREAM_CHUNK = 16  # calls per sample of a route stream: a sample's mean is the stream's, its median robust
 ACCELERATION_WIDTHS = {"largest": 1.0, "matched": 0.5}  # Table 7: the static counterpart's widths built
@@ -134,9 +136,9 @@ def spread(routes: list, n: int) -> list:
     return [routes[i] for i in idx]
 
 
-def validation_routes(routes: list) -> list:
-    """All routes, or ``E2E_ROUTES`` spread over the MAdds order, smallest and largest included."""
-    return spread(routes, E2E_ROUTES)
+def validation_routes(routes: list, n: int = E2E_ROUTES) -> list:
+    """All routes, or ``n`` spread over the MAdds order, smallest and largest included."""
+    return spread(routes, n)
 
 
 def in_context(protocol: Protocol) -> Protocol:
@@ -179,9 +181,10 @@ class DynamicPhase:
     """Measures a supernet's dynamic engine on one backend; see the module docstring."""
 
     def __init__(self, ctx: RunContext, model_name: str, backend: str, precision: str, input_size: int,
-                 model=None):
-        """``model``: the instance to deploy (default: ``model_name`` with the harness's reference weights)."""
-        self.ctx, self.model_name, self.backend_name = ctx, model_name, backend
+                 model=None, validate: int = E2E_ROUTES):
+        """``model``: the instance to deploy (default: ``model_name`` with the harness's reference weights);
+        ``validate``: how many routes are validated end to end (see the module docstring)."""
+        self.ctx, self.model_name, self.backend_name, self.validate = ctx, model_name, backend, validate
         self.precision, self.input_size = precision, input_size
         if model is None:
             model = reference_model(model_name)
@@ -226,7 +229,8 @@ class DynamicPhase:
         names = {n for r in self.routes for n in route_segment_names(r)}
         keys = [self._key("segment", n) for n in names] + [self._key("dispatch", DISPATCH_NAME)]
         if not lut_only:
-            keys += [self._key(k, str(r)) for r in validation_routes(self.routes) for k in ("route", "deployed")]
+            keys += [self._key(k, str(r)) for r in validation_routes(self.routes, self.validate)
+                     for k in ("route", "deployed")]
         return keys
 
     def run(self, progress=None, lut_only: bool = False) -> None:
@@ -237,7 +241,7 @@ class DynamicPhase:
                 # an earlier run's failed build, measured since: this process built and checked it again
                 self._record("engine", "build", Result("ok"))
             return
-        priced = covering_routes(self.plan, self.routes) if lut_only else validation_routes(self.routes)
+        priced = covering_routes(self.plan, self.routes) if lut_only else validation_routes(self.routes, self.validate)
         chained = list(dict.fromkeys([*covering_routes(self.plan, self.routes), *priced]))
         phase = self.ctx.round_phase(f"dynamic {self.model_name} {self.backend_name} {self.precision}", seed=3,
                                      protocol=in_context(self.ctx.protocol))
@@ -602,13 +606,14 @@ def record_engine_failure(ctx: RunContext, model: str, backend: str, precision: 
 
 
 def run_dynamic(ctx: RunContext, model: str, backend: str, precision: str, input_size: int,
-                progress_factory=None) -> None:
-    """Measure one supernet's dynamic engine on one backend; a part that fails is recorded."""
+                progress_factory=None, validate: int = E2E_ROUTES) -> None:
+    """Measure one supernet's dynamic engine on one backend (``validate`` routes end to end); a part
+    that fails is recorded."""
     progress = progress_factory(dynamic_steps(ctx.protocol)) if progress_factory else None
     if progress is not None:
         progress.note("loading or building its parts")
     try:
-        phase = DynamicPhase(ctx, model, backend, precision, input_size)
+        phase = DynamicPhase(ctx, model, backend, precision, input_size, validate=validate)
     except Exception as e:  # a part that does not compile or check: recorded, the run goes on
         record_engine_failure(ctx, model, backend, precision, input_size, e)
         return
