@@ -120,7 +120,7 @@ def test_two_gloo_processes_train_the_gate_one_process_trains(trained):
     penalty = ComplexityPenalty(torch.arange(1.0, 15.0), 14.0, "MAdds", "madds", target=3.0)
     expected = penalty([full])
     expected.backward()
-    assert v0 == pytest.approx(float(expected)) and v1 == pytest.approx(float(expected))
+    assert v0 == pytest.approx(expected.item()) and v1 == pytest.approx(expected.item())
     # each rank's gradient, averaged over the ranks as DistributedDataParallel averages them
     assert torch.allclose(torch.tensor(g0 + g1, dtype=torch.float64) / 2, full.grad)
 
