@@ -71,7 +71,7 @@ def compose_switch(head: onnx.ModelProto, stages: list[list[onnx.ModelProto]], n
     graph = helper.make_graph(nodes, "one_graph", list(head.graph.input), [out_logits, out_route], inits,
                               value_info=value_info)
     model = helper.make_model(graph, opset_imports=opsets, ir_version=max(p.ir_version for p in parts))
-    model.functions.extend(_unique_functions(functions))
+    model.functions.extend(functions)  # add_prefix renamed each part's own: no two share a name
     return model
 
 
@@ -125,12 +125,3 @@ def _shared_opsets(parts) -> list:
         if {(o.domain, o.version) for o in p.opset_import} != first:
             raise ValueError("compose_switch: the parts were exported with different opsets")
     return list(parts[0].opset_import)
-
-
-def _unique_functions(functions) -> list:
-    """Local functions of the parts, one per (domain, name, overload) (the exporter writes the same
-    body wherever it uses one)."""
-    seen = {}
-    for f in functions:
-        seen.setdefault((f.domain, f.name, getattr(f, "overload", "")), f)
-    return list(seen.values())

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import warnings
 
 import numpy as np
 import torch
@@ -196,9 +195,7 @@ def _export(module, example):
     """``module`` as an ONNX model in memory (the dynamo exporter; quiet). Kept in memory, tidied,
     then written: the exporter's own writer failed on the one-graph DS-ResNet-50 even with its
     weights in a file beside it."""
-    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        # torch's own deprecation inside the exporter, printed once per export otherwise
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
         return torch.onnx.export(module, (example,), dynamo=True, verbose=False).model_proto
 
 
