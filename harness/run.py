@@ -47,6 +47,7 @@ from harness.cli import (
     results_layout,
     run_main,
 )
+from harness.measure.build_worker import BuildWorker
 from harness.measure.protocol import Protocol
 from harness.measure.remote import Farm, RemoteError
 from harness.phases import policy
@@ -258,18 +259,21 @@ def static_phase(ctx: RunContext, p: RunPlan, all_workloads: list[Workload], ret
 
 def dynamic_phase(ctx: RunContext, p: RunPlan, backends: list[str]) -> None:
     """The dynamic engine of every supernet among the models, on each dynamic backend."""
-    for model, backend, precision in policy.dynamic_runs(ctx, policy.supernets(p.models), backends):
-        run_dynamic(ctx, model, backend, precision, p.input_size,
-                    lambda n, m=model, b=backend, pr=precision: Progress(n, f"dynamic {m} {b} {pr}"), p.validate)
+    with BuildWorker() as worker:  # builds the engines' parts on the second core
+        for model, backend, precision in policy.dynamic_runs(ctx, policy.supernets(p.models), backends):
+            run_dynamic(ctx, model, backend, precision, p.input_size,
+                        lambda n, m=model, b=backend, pr=precision: Progress(n, f"dynamic {m} {b} {pr}"), p.validate,
+                        worker)
 
 
 def table2_phase(ctx: RunContext, p: RunPlan, backends: list[str], default_models: bool) -> None:
     """DS-Net++ Table 2 (ResNet-50 at 25% channels six ways) on the dynamic backends, for each of
     its supernets among the models; the default run measures the paper's (``s_resnet50``)."""
-    for model, backend, precision in policy.dynamic_runs(ctx, policy.table2_models(p.models, default_models),
-                                                         backends):
-        measure_table2(ctx, backend, precision, p.input_size, model,
-                       Progress(len(TABLE2_WAYS), f"table 2 {model} {backend} {precision}"))
+    with BuildWorker() as worker:  # builds the ways' artifacts on the second core
+        for model, backend, precision in policy.dynamic_runs(ctx, policy.table2_models(p.models, default_models),
+                                                             backends):
+            measure_table2(ctx, backend, precision, p.input_size, model,
+                           Progress(len(TABLE2_WAYS), f"table 2 {model} {backend} {precision}"), worker)
 
 
 def finish(ctx: RunContext, p: RunPlan, env_doc: dict, wall_s: float) -> None:

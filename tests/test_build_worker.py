@@ -114,3 +114,41 @@ def test_closing_does_not_wait_for_a_build(tmp_path):
     worker.close()  # kills the build: without that, this test would hang for the forward's 600 s
     stopped = shared.claim(1)
     assert stopped.status == "compile_failed" and stopped.error == "the build worker was stopped"
+
+
+def test_claims_share_what_is_to_build_and_leave_the_holes_to_this_process(routes, tmp_path):
+    """``claims`` over a list with holes (already built, nothing to build): a hole is never the worker's,
+    the worker takes from the back, and every claim comes in order."""
+    backend, x = get_backend("torchscript"), torch.randn(1, 3, 32, 32)
+    jobs = [_job(backend, label, m, tmp_path, x)[1] for label, m in routes]
+    with BuildWorker() as worker:
+        built = worker.claims([jobs[0], None, jobs[1], None, jobs[2]])
+        while worker._process is None or not worker._busy:  # the worker has taken the last job
+            time.sleep(0.05)
+        got = [built(n) for n in range(5)]
+        assert worker.claims([jobs[0], None])(0) is None  # one job to build: nothing is shared
+    assert got[0] is None and got[1] is None and got[3] is None
+    assert got[4] is not None and got[4].ok and backend.has_artifact(jobs[2].artifact_dir)  # the worker's
+
+
+def test_a_dynamic_engine_built_alongside_the_worker_has_every_part_and_equals_eager(tmp_path):
+    """With a worker, every part of the tiny DS-MBNet is built up front (some by the worker, loaded and
+    checked here) and the deployed path gives the eager network's logits and routes."""
+    from harness.deploy.engine import DynamicEngine
+    from harness.measure.pipeline import check_output
+
+    model = dsnet.reference_statistics(randomize(dsnet.create_model("ds_mbnet_tiny"))).eval()
+    plan = dsnet.split(model)
+    with BuildWorker() as worker:
+        engine = DynamicEngine(plan, get_backend("torchscript"), X86, "fp32", tmp_path, 32, worker=worker)
+    names = {k.split("@")[0] for k in engine.parts}
+    assert names == {"head"} | {plan.segment_name(k, key) for k, stage in enumerate(plan.stages) for key in stage}
+    assert any(r.details.get("build_process") == "worker" for r in engine.parts.values())
+    assert all(r.ok for r in engine.parts.values())
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ref_logits, ref_choices = plan(x)
+    built_parts = len(engine.parts)
+    logits, choices = engine(x)
+    assert check_output(logits, ref_logits, "fp32") is None and torch.equal(choices, ref_choices)
+    assert len(engine.parts) == built_parts  # nothing left to build on first use

@@ -4,7 +4,9 @@ Contract
 --------
 ``DynamicEngine(plan, backend, target, precision, cache_root, input_size, model_name=...)`` compiles
 the head of a ``dsnet.split`` plan (fixed layers + gate, returning features and route scores) and,
-on demand, one engine per later segment and input shape, each through
+on demand, one engine per later segment and input shape (with ``worker=``, a
+:class:`~harness.measure.build_worker.BuildWorker`, every segment at batch 1 up front, the worker
+building from the back of the list while this process goes from the front), each through
 :func:`harness.measure.pipeline.trial`: cached under the one artifact key and checked against
 its eager segment (on the seeded :func:`~harness.measure.pipeline.check_input_like` of its shape) before
 use. A part that fails raises :class:`PartError` carrying its
@@ -41,6 +43,7 @@ import torch
 
 from dsnet.deploy import dispatch_argmax
 from harness.deploy.lut import route_segment_names
+from harness.measure.build_worker import BuildJob, BuildWorker
 from harness.measure.pipeline import ArtifactKey, Result, check_input_like, image_batch, trial, weights_fingerprint
 from harness.targets import Target
 
@@ -55,41 +58,68 @@ class PartError(RuntimeError):
 
 class DynamicEngine:
     def __init__(self, plan, backend, target: Target, precision: str, cache_root: Path, input_size: int,
-                 batch_size: int = 1, model_name: str = "dynamic"):
+                 batch_size: int = 1, model_name: str = "dynamic", worker: BuildWorker | None = None,
+                 also_build: list[BuildJob | None] = ()):
         """``model_name`` names the artifacts: make it differ for plans whose parts differ in more
-        than their weights (e.g. a gate restricted to fewer routes)."""
+        than their weights (e.g. a gate restricted to fewer routes). ``worker``: every part is built
+        now (at batch 1), those still to build shared with this second process, instead of each
+        segment when first run; ``also_build``: more jobs for the same list, after the parts (the
+        worker starts from the back: e.g. the one artifact, built while this process builds the
+        parts), their results (``None``: this process is to build it) in ``engine.also_built``."""
         self.plan, self.backend, self.target, self.precision = plan, backend, target, precision
         self.cache_root, self.model_name, self.input_size = Path(cache_root), model_name, input_size
         self.n_gates = len(plan.stages)
         self.parts: dict[str, Result] = {}
-        self.head = self._compile("head", plan.head, image_batch(batch_size, input_size))
         self._segments: dict[tuple, object] = {}
         self._single: dict[tuple, object] = {}  # (stage, incoming choice, choice) -> its batch-1 engine
+        self.also_built: list[Result | None] = [None] * len(also_build)
+        head = ("head", plan.head, image_batch(batch_size, input_size))
+        if worker is None or batch_size != 1 or precision != "fp32":  # built as first run, on what arrives
+            self.head = self._compile(*head)
+            return
+        segments = [(k, key) for k, stage in enumerate(plan.stages) for key in stage]
+        parts = [head] + [(plan.segment_name(k, key), plan.stages[k][key], self._check_example(k, key))
+                          for k, key in segments]
+        keys = [self._key(name, module, example) for name, module, example in parts]
+        built = worker.claims([None if backend.has_artifact(key.directory(self.cache_root)) else
+                               BuildJob(backend, module, example, target, precision, key.directory(self.cache_root))
+                               for (_, module, example), key in zip(parts, keys)] + list(also_build))
+        self.head = self._compile(*head, key=keys[0], built=built(0))
+        for n, ((k, key), (name, module, example)) in enumerate(zip(segments, parts[1:]), 1):
+            self._segments[(k, key, tuple(example.shape))] = self._compile(name, module, example, keys[n], built(n))
+        self.also_built = [built(len(parts) + i) for i in range(len(also_build))]
 
-    def _compile(self, name: str, module, example):
+    def _key(self, name: str, module, example) -> ArtifactKey:
+        return ArtifactKey.of(self.model_name, name, self.backend, self.target, self.precision, example,
+                              weights_fingerprint(module))
+
+    def _compile(self, name: str, module, example, key: ArtifactKey | None = None, built: Result | None = None):
         shape = "x".join(map(str, example.shape))
-        key = ArtifactKey.of(self.model_name, name, self.backend, self.target, self.precision, example,
-                             weights_fingerprint(module))
-        result = trial(self.backend, module, example, self.target, self.precision, key, self.cache_root)
+        result = trial(self.backend, module, example, self.target, self.precision,
+                       key or self._key(name, module, example), self.cache_root, built=built)
         self.parts[f"{name}@{shape}"] = result
         if not result.ok:
             raise PartError(name, result)
         return result.engine
 
+    def _check_example(self, k: int, key: tuple, shape=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """What segment ``key`` of stage ``k`` is compiled and checked on: seeded data of its input's
+        shape and dtype (``shape``, ``dtype``; default: those of one image's eager features) carrying
+        the channel statistics of its eager input on the seeded image."""
+        # Compiled and checked on seeded data, not on the features that first arrive: those may be
+        # degenerate (a narrow slice of one image's features can be all zero after ReLU), which would
+        # make the check against eager meaningless and the artifact depend on it. Channel statistics,
+        # not standard normal data: that can drive a deep segment's activations so high that fp32
+        # rounding alone fails a right engine (check_input_like).
+        like = self.plan.features_into(k, key, image_batch(1, self.input_size))
+        return check_input_like(like.shape if shape is None else shape, like, dtype)
+
     def segment(self, k: int, key: tuple, feats: torch.Tensor):
         """The compiled segment ``key`` of stage ``k`` for inputs shaped like ``feats``."""
         cache_key = (k, key, tuple(feats.shape))
         if cache_key not in self._segments:
-            name = self.plan.segment_name(k, key)
-            # Compiled and checked on seeded data of the features' shape, not on ``feats``: what first
-            # arrives may be degenerate (a narrow slice of one image's features can be all zero after
-            # ReLU), which would make the check against eager meaningless and the artifact depend on it.
-            # The seeded data carries the channel statistics of the segment's eager input on the seeded
-            # image (check_input_like): standard normal features can drive a deep segment's activations
-            # so high that fp32 rounding alone fails a right engine.
-            like = self.plan.features_into(k, key, image_batch(1, self.input_size))
-            self._segments[cache_key] = self._compile(name, self.plan.stages[k][key],
-                                                      check_input_like(feats.shape, like, feats.dtype))
+            example = self._check_example(k, key, feats.shape, feats.dtype)
+            self._segments[cache_key] = self._compile(self.plan.segment_name(k, key), self.plan.stages[k][key], example)
         return self._segments[cache_key]
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

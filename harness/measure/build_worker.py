@@ -15,6 +15,8 @@ while the other has work left.
 Results are values: a build that raises is ``compile_failed``; a worker that dies (a crash in a
 compiler) fails the build it was running, with the signal, and a fresh worker takes the next. A
 job the worker cannot take (a module that cannot be pickled) is its claimer's (``None``).
+``worker.claims(jobs)`` is the same for a list with holes (``None``: nothing to share there) and
+returns ``built(n)``, claimed in order.
 ``worker.close()`` (or leaving ``with``) stops the worker at once, a build in progress included
 (a half-written artifact fails its load on the next run and is rebuilt); a worker whose parent
 dies exits when it next reads or writes its pipe.
@@ -35,6 +37,7 @@ import pickle
 import signal
 import threading
 import warnings
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing.connection import wait
@@ -135,6 +138,18 @@ class BuildWorker:
             self._threads.append(t)
             t.start()
         return shared
+
+    def claims(self, jobs: list[BuildJob | None]) -> Callable[[int], Result | None]:
+        """``built(n)`` for a list in this process's order, ``None`` where there is nothing to share
+        (already built, or no artifact): the worker's result for entry ``n``, or ``None`` where this
+        process builds it. Called for ``n = 0, 1, ...`` in order. Nothing is shared off a CPU (a second
+        process would hold a second CUDA context), on one core, or when fewer than two are to build."""
+        present = [(n, job) for n, job in enumerate(jobs) if job is not None]
+        if len(present) < 2 or (os.cpu_count() or 1) < 2 or any(job.target.device != "cpu" for _, job in present):
+            return lambda n: None
+        shared = self.share([job for _, job in present])
+        index = {n: i for i, (n, _) in enumerate(present)}
+        return lambda n: shared.claim(index[n]) if n in index else None
 
     def close(self) -> None:
         self._closed.set()

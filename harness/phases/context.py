@@ -8,7 +8,10 @@ Contract
 ``ctx.backend(name)`` is the backend configured from the profile's ``[name]`` table, its
 ``workdir`` the results folder's ``<name>_tuning/`` and, with a farm, the tracker's address;
 one instance per name. ``ctx.trial(...)`` is :func:`harness.measure.pipeline.trial` with the
-artifact key built from the context and artifacts cached under ``cache/``. ``ctx.round_phase(name,
+artifact key built from the context and artifacts cached under ``cache/``; ``ctx.share_builds(worker,
+trials)`` hands the artifacts of a list of such trials still to build to a second process
+(:class:`~harness.measure.build_worker.BuildWorker`) and returns what each trial's ``built`` is,
+claimed in order. ``ctx.round_phase(name,
 seed)`` is the phase's one :class:`~harness.measure.rounds.RoundPhase` (the profile's protocol, the
 target's clock, its drift stored under ``name``) and ``ctx.timing(backend, x)`` what it times of an
 engine checked on ``x``. ``ctx.stamp`` holds the columns every stored row of the run carries.
@@ -17,11 +20,13 @@ engine checked on ``x``. ``ctx.stamp`` holds the columns every stored row of the
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from harness.backends import Backend, base_name, get_backend
+from harness.measure.build_worker import BuildJob, BuildWorker
 from harness.measure.pipeline import ArtifactKey, Result, timed_call, trial, weights_fingerprint
 from harness.measure.protocol import CudaEventTimer, Protocol, Timer, WallTimer
 from harness.measure.rounds import RoundPhase
@@ -86,6 +91,24 @@ class RunContext:
         key = self.key(model, route, backend, precision, example, module, weights)
         return trial(self.backend(backend), module, example, self.target, precision, key, self.layout.cache_dir, ref,
                      built)
+
+    def build_job(self, model: str, route: str, backend: str, precision: str, module: torch.nn.Module,
+                  example: torch.Tensor, weights: str | None = None) -> BuildJob | None:
+        """What :meth:`trial` of the same arguments would build, as a build worker's job; None when the
+        backend builds no artifact or the artifact is built already."""
+        b = self.backend(backend)
+        if not b.artifact:
+            return None
+        folder = self.key(model, route, backend, precision, example, module, weights).directory(self.layout.cache_dir)
+        return None if b.has_artifact(folder) else BuildJob(b, module, example, self.target, precision, folder)
+
+    def share_builds(self, worker: BuildWorker | None, trials: list[tuple]) -> Callable[[int], Result | None]:
+        """``built(n)`` for ``trials`` (each the arguments ``(model, route, backend, precision, module,
+        example, weights)`` of :meth:`trial`, called in this order): the artifacts still to build shared
+        with ``worker`` (:meth:`~harness.measure.build_worker.BuildWorker.claims`)."""
+        if worker is None:
+            return lambda n: None
+        return worker.claims([self.build_job(*args) for args in trials])
 
     def close(self) -> None:
         """Close the store and give the results folder back to other runs."""

@@ -2,10 +2,12 @@
 
 Contract
 --------
-``DynamicPhase(ctx, model_name, backend, precision, input_size, model=None, validate=E2E_ROUTES)`` builds the supernet's
-dynamic engine on one backend (every part through the pipeline: cached, checked against eager; a
-part that fails raises :class:`harness.deploy.engine.PartError`, which :func:`run_dynamic` records as
-an ``engine`` row and goes on). ``phase.run(progress, lut_only=False)`` measures, when the store lacks
+``DynamicPhase(ctx, model_name, backend, precision, input_size, model=None, validate=E2E_ROUTES, worker=None)``
+builds the supernet's dynamic engine on one backend (every part through the pipeline: cached,
+checked against eager; with a :class:`~harness.measure.build_worker.BuildWorker`, every part and
+the one artifact built up front alongside it, the worker starting with the one artifact; a part
+that fails raises :class:`harness.deploy.engine.PartError`, which :func:`run_dynamic` records as an
+``engine`` row and goes on). ``phase.run(progress, lut_only=False)`` measures, when the store lacks
 any of its rows, everything in ONE round phase (:class:`~harness.measure.rounds.RoundPhase`), one call
 per sample (parts of a chain are timed in context: a part repeated back to back keeps its weights
 hot), so every figure below is compared with the others measured in the same rounds:
@@ -77,6 +79,7 @@ from harness.deploy.engine import (
     stream_routes,
 )
 from harness.deploy.lut import DISPATCH_NAME, LatencyLUT, dispatch_cost, matched_distribution, route_segment_names
+from harness.measure.build_worker import BuildWorker
 from harness.measure.pipeline import Result, check_output, image_batch, reference, weights_fingerprint
 from harness.measure.protocol import Measurement, Protocol
 from harness.phases.context import RunContext
@@ -181,19 +184,24 @@ class DynamicPhase:
     """Measures a supernet's dynamic engine on one backend; see the module docstring."""
 
     def __init__(self, ctx: RunContext, model_name: str, backend: str, precision: str, input_size: int,
-                 model=None, validate: int = E2E_ROUTES):
+                 model=None, validate: int = E2E_ROUTES, worker: BuildWorker | None = None):
         """``model``: the instance to deploy (default: ``model_name`` with the harness's reference weights);
-        ``validate``: how many routes are validated end to end (see the module docstring)."""
+        ``validate``: how many routes are validated end to end (see the module docstring); ``worker``:
+        a second process that builds parts alongside this one (``DynamicEngine``'s)."""
         self.ctx, self.model_name, self.backend_name, self.validate = ctx, model_name, backend, validate
         self.precision, self.input_size = precision, input_size
         if model is None:
             model = reference_model(model_name)
         self.model = model.eval()
         self.plan = dsnet.split(self.model)
-        self.engine = DynamicEngine(self.plan, ctx.backend(backend), ctx.target, precision, ctx.layout.cache_dir,
-                                    input_size, model_name=model_name)
-        self.gates = self.engine.n_gates
         self.x = image_batch(1, input_size)
+        # the one artifact, when there is one to build, goes to the worker first (the back of its list)
+        one = [ctx.build_job(*self._one_artifact_trial())] \
+            if worker is not None and ctx.backend(backend).one_artifact else []
+        self.engine = DynamicEngine(self.plan, ctx.backend(backend), ctx.target, precision, ctx.layout.cache_dir,
+                                    input_size, model_name=model_name, worker=worker, also_build=one)
+        self._one_built = self.engine.also_built[0] if one else None
+        self.gates = self.engine.n_gates
         self.routes = self.model.routes(input_size)
         self.madds = {str(r): dsnet.profile(self.model, r, input_size).madds for r in self.routes}
 
@@ -339,6 +347,14 @@ class DynamicPhase:
             self._enter_acceleration(phase, static_name, head_in, extra)
         return extra
 
+    @functools.cached_property
+    def _one_graph(self):
+        return one_graph(self.plan, self.x)
+
+    def _one_artifact_trial(self) -> tuple:
+        """The arguments of ``ctx.trial`` that build and check the one artifact."""
+        return self.model_name, "one_graph", self.backend_name, self.precision, self._one_graph, self.x
+
     def _enter_one_artifact(self, phase, priced, extra) -> None:
         """The one-graph network (:mod:`dsnet.one_graph`) compiled once, per route on an input
         crafted to take it, checked to take the route and to match eager there. When an input is
@@ -346,8 +362,8 @@ class DynamicPhase:
         first for no input: DS-ResNet's), the routes the gates take on seeded images make up the
         number (:meth:`_natural_routes`), each beside its own static engine (``extra["natural"]``
         lists those not priced), so the artifact is timed on one route at least."""
-        graph = one_graph(self.plan, self.x)
-        artifact = self.ctx.trial(self.model_name, "one_graph", self.backend_name, self.precision, graph, self.x)
+        graph = self._one_graph
+        artifact = self.ctx.trial(*self._one_artifact_trial(), built=self._one_built)
         extra["one_graph"] = artifact
         targets = spread(priced, ONE_GRAPH_ROUTES)
         timed = []
@@ -606,14 +622,14 @@ def record_engine_failure(ctx: RunContext, model: str, backend: str, precision: 
 
 
 def run_dynamic(ctx: RunContext, model: str, backend: str, precision: str, input_size: int,
-                progress_factory=None, validate: int = E2E_ROUTES) -> None:
-    """Measure one supernet's dynamic engine on one backend (``validate`` routes end to end); a part
-    that fails is recorded."""
+                progress_factory=None, validate: int = E2E_ROUTES, worker: BuildWorker | None = None) -> None:
+    """Measure one supernet's dynamic engine on one backend (``validate`` routes end to end; its
+    parts built alongside ``worker``); a part that fails is recorded."""
     progress = progress_factory(dynamic_steps(ctx.protocol)) if progress_factory else None
     if progress is not None:
         progress.note("loading or building its parts")
     try:
-        phase = DynamicPhase(ctx, model, backend, precision, input_size, validate=validate)
+        phase = DynamicPhase(ctx, model, backend, precision, input_size, validate=validate, worker=worker)
     except Exception as e:  # a part that does not compile or check: recorded, the run goes on
         record_engine_failure(ctx, model, backend, precision, input_size, e)
         return

@@ -27,7 +27,6 @@ references agree across runs. Models and backends never meet except through the 
 
 from __future__ import annotations
 
-import os
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 import dsnet
-from harness.measure.build_worker import BuildJob, BuildWorker
+from harness.measure.build_worker import BuildWorker
 from harness.measure.pipeline import Result, exported, image_batch, reference, weights_fingerprint
 from harness.measure.protocol import paired_ratio
 from harness.measure.remote import board_trial
@@ -159,36 +158,18 @@ def run_static(ctx: RunContext, tasks: list[Task], progress=None) -> list[dict]:
     return rows
 
 
-def _shared_builds(ctx: RunContext, trials: list[tuple], worker: BuildWorker | None):
-    """``(shared, job_of)``: the trials' artifacts still to build, shared with ``worker`` (none on a
-    GPU target, where a second process would hold a second CUDA context, or on one core), and each
-    trial's index among them (absent: nothing to build, or built here)."""
-    if worker is None or ctx.target.device != "cpu" or (os.cpu_count() or 1) < 2:
-        return None, {}
-    jobs, job_of = [], {}
-    for n, (task, module, fingerprint, example) in enumerate(trials):
-        backend = ctx.backend(task.backend)
-        if not backend.artifact:
-            continue
-        key = ctx.key(task.workload.model, task.workload.route, task.backend, task.precision, example, module,
-                      fingerprint)
-        artifact_dir = key.directory(ctx.layout.cache_dir)
-        if not backend.has_artifact(artifact_dir):
-            job_of[n] = len(jobs)
-            jobs.append(BuildJob(backend, module, example, ctx.target, task.precision, artifact_dir))
-    return (worker.share(jobs) if len(jobs) > 1 else None), job_of
-
-
 def _round_phase(ctx: RunContext, model: str, tasks: list[Task], progress, worker: BuildWorker | None = None
                  ) -> list[dict]:
     rows = []
     phase = ctx.round_phase(f"static {model}", seed=zlib.crc32(model.encode()))
     entered: dict[str, Task] = {}
     trials = [(task, module, fingerprint, task.example()) for task, module, fingerprint in _modules(tasks)]
-    shared, job_of = _shared_builds(ctx, trials, worker)
+    built_by_worker = ctx.share_builds(worker, [(model, task.workload.route, task.backend, task.precision, module,
+                                                 example, fingerprint)
+                                                for task, module, fingerprint, example in trials])
     for n in range(len(trials)):
         (task, module, fingerprint, example), trials[n] = trials[n], None  # each module freed once used
-        built = shared.claim(job_of[n]) if shared is not None and n in job_of else None
+        built = built_by_worker(n)
         result = ctx.trial(model, task.workload.route, task.backend, task.precision, module, example,
                            weights=fingerprint, built=built)
         result = phase.add(task.label(), result, ctx.timing(task.backend, example))

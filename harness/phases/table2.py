@@ -18,8 +18,10 @@ stem, gates and attention heads, so its ratios also measure the architecture):
   the supernet's route: for DS-ResNet, attention heads and gates included);
 - ``ideal``: the stand-alone ``resnet50`` at ``width_mult=ratio`` (the paper's ideal row).
 
-``measure_table2(ctx, backend, precision, input_size, model)`` puts each through the pipeline
-(compiled, cached under the one artifact key, checked against its eager module), times the ``ok``
+``measure_table2(ctx, backend, precision, input_size, model, worker=None)`` puts each through the
+pipeline (compiled, cached under the one artifact key, checked against its eager module; with a
+:class:`~harness.measure.build_worker.BuildWorker` the worker builds from the back of the list
+while this process goes from the front), times the ``ok``
 ones in one :class:`~harness.measure.rounds.RoundPhase` (a fresh seeded order per round) and
 stores one row per way in the store's dynamic table (``kind="table2"``), so a re-run skips what is
 stored. Compiling a network
@@ -30,7 +32,8 @@ backends those rows measure what the compiler made of them, and the report says 
 from __future__ import annotations
 
 import dsnet
-from harness.measure.pipeline import image_batch
+from harness.measure.build_worker import BuildWorker
+from harness.measure.pipeline import image_batch, weights_fingerprint
 from harness.phases.context import RunContext
 from harness.phases.static import reference_model
 
@@ -68,7 +71,7 @@ def table2_ways(input_size: int, ratio: float = 0.25, model: str = TABLE2_MODELS
 
 
 def measure_table2(ctx: RunContext, backend: str, precision: str, input_size: int, model: str = TABLE2_MODELS[0],
-                   progress=None) -> None:
+                   progress=None, worker: BuildWorker | None = None) -> None:
     key = lambda way: (model, backend, precision, 1, input_size, "table2", way)
     done = ctx.store.dynamic_done()
     if all(key(w) in done for w in TABLE2_WAYS):
@@ -77,10 +80,13 @@ def measure_table2(ctx: RunContext, backend: str, precision: str, input_size: in
     base = {"model": model, "backend": backend, "precision": precision, "batch_size": 1,
             "input_size": input_size, "kind": "table2", "run_id": ctx.run_id}
     phase = ctx.round_phase(f"table2 {model} {backend} {precision}", seed=1)
-    rows = {}
-    for way, (module, route, madds) in table2_ways(input_size, model=model).items():
-        result = phase.add(way, ctx.trial(model, f"table2-{way}", backend, precision, module, x),
-                           ctx.timing(backend, x))
+    rows, ways = {}, table2_ways(input_size, model=model)
+    trials = [(model, f"table2-{way}", backend, precision, module, x, weights_fingerprint(module))
+              for way, (module, _, _) in ways.items()]
+    built = ctx.share_builds(worker, trials)
+    for n, (way, (_, route, madds)) in enumerate(ways.items()):
+        *args, fingerprint = trials[n]
+        result = phase.add(way, ctx.trial(*args, weights=fingerprint, built=built(n)), ctx.timing(backend, x))
         rows[way] = base | {"name": way, "route": route, "madds": madds}
         if way not in phase:
             ctx.store.record_dynamic(rows[way] | result.row())
