@@ -12,6 +12,9 @@ Shipping records (docs/tuning.md, "Shipped records"): ``--mcpu x86-64-v3`` tunes
 baseline instead of the profile's CPU, into its own folder (default ``results/<target>-<mcpu>``, so
 the host's database is never mixed with it), and ``--ship DIR`` then writes the best record per
 workload into ``DIR`` with ``about.json``: what a profile's ``[tvm] shipped_records`` names.
+``--vouch`` tunes nothing: it extracts the tasks of the models at the input size, checks that the
+profile's shipped records cover every one and writes so into their ``about.json``, so that a run of
+those models skips the extraction (to do again when the networks' code or the libraries change).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from harness.cli import (
 )
 from harness.env import cpu_model
 from harness.measure.remote import RemoteError, parse_tracker
-from harness.phases.tuning import SPENT, run_tuning
+from harness.phases.tuning import SPENT, run_tuning, vouch_shipped
 from harness.results.layout import Layout
 from harness.results.store import FolderLock, StoreError
 from harness.targets import known_targets
@@ -62,6 +65,9 @@ def parse_args(argv):
                         "results folder results/<target>-<mcpu>)")
     p.add_argument("--ship", type=Path, metavar="DIR",
                    help="then write the best record per workload into DIR as shipped records (needs --mcpu)")
+    p.add_argument("--vouch", action="store_true",
+                   help="tune nothing: check that the profile's shipped records cover every task of the models "
+                        "and write so into their about.json (a run of those models then skips extracting them)")
     return p.parse_args(argv)
 
 
@@ -106,6 +112,17 @@ def _main(args) -> int:
     why = backend.unavailable(target)
     if why:
         raise UsageError(f"tvm: {why}")
+    if args.vouch:
+        if args.ship or args.mcpu or remote:
+            raise UsageError("--vouch checks the profile's shipped records on this machine: without --ship, "
+                             "--mcpu or --rpc-tracker")
+        try:
+            entry = vouch_shipped(backend, target, models, input_size, lambda total, desc: Progress(total, desc))
+        except ValueError as e:
+            raise UsageError(f"--vouch: {one_line(e)}") from None
+        print(f"the shipped records in {backend.shipped_records().directory} cover all {entry['tasks']} tasks of "
+              f"{entry['networks']} networks ({', '.join(models)} at {input_size}px): vouched in their about.json")
+        return 0
     if target.device != "cpu":
         raise UsageError(f"target '{target.name}' builds TVM for {target.device} with DLight's default schedules; "
                          "harness.tune tunes CPU targets")

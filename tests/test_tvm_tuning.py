@@ -417,3 +417,60 @@ def test_the_tuned_networks_include_what_the_dynamic_phase_builds():
     assert {"ds_mbnet head", "mobilenet_v1 x1.0", "mobilenet_v1 x0.5"} <= set(with_dynamic)
     both = labels(["ds_mbnet", "mobilenet_v1"], dynamic=True)
     assert len(both) == len(set(both)) and both.count("mobilenet_v1 x1.0") == 1  # once, as its own workload
+
+
+def test_the_shipped_records_vouch_for_the_default_runs_tasks_as_the_code_stands(x86):
+    """README's default-run time counts on it: the run skips extracting its 377 tasks because the
+    shipped records' about.json vouches for them. Changing ``dsnet``, the build settings or the
+    libraries changes the tasks' signature; then check and vouch again:
+    ``python -m harness.tune --target x86 --vouch`` (a minute)."""
+    from harness.backends.tvm_tuning import ShippedRecords
+    from harness.cli import DEFAULT_MODELS
+    from harness.phases.tuning import task_signature
+
+    target, backend = x86
+    records = ShippedRecords(Path(target.options("tvm")["shipped_records"]))
+    signature = task_signature(backend, target, list(DEFAULT_MODELS), target.input_size)
+    assert records.vouched(signature) is not None, (
+        "the shipped records do not vouch for the default run's tasks as the code stands: "
+        "run python -m harness.tune --target x86 --vouch")
+
+
+def test_a_run_vouched_for_skips_extraction_and_vouching_refuses_records_that_miss_a_task(x86, tmp_path, monkeypatch):
+    """``run_tuning`` beyond the shipped records returns at once when their about.json vouches for
+    the run's task signature, and extracts as ever when it does not (another input size);
+    ``vouch_shipped`` extracts, and refuses records that miss a task, writing nothing."""
+    import shutil
+
+    from harness.backends.tvm_tuning import ABOUT
+    from harness.phases import tuning
+
+    target, _ = x86
+    shipped = tmp_path / "shipped"
+    shutil.copytree(target.options("tvm")["shipped_records"], shipped)
+    backend = get_backend("tvm", {**target.options("tvm"), "shipped_records": str(shipped)},
+                          workdir=tmp_path / "tvm_tuning")
+    if backend.shipped(target) is None:
+        pytest.skip(f"the shipped records do not apply here: {backend.shipped_refusal()}")
+    before = (shipped / ABOUT).read_text()
+    with pytest.raises(ValueError, match=r"the shipped records miss \d+ of the \d+ tasks: not vouched"):
+        tuning.vouch_shipped(backend, target, ["ds_mbnet_tiny"], 32)  # tuned for other networks
+    assert (shipped / ABOUT).read_text() == before
+
+    signature = tuning.task_signature(backend, target, ["ds_mbnet_tiny"], 32)
+    backend.shipped_records().vouch({"models": ["ds_mbnet_tiny"], "input_size": 32, "dynamic": False,
+                                     "signature": signature, "tasks": 7, "networks": 3})
+
+    def extracted(*args, **kwargs):
+        raise RuntimeError("extracted")
+
+    monkeypatch.setattr(tuning, "tuning_tasks", extracted)
+    fresh = get_backend("tvm", {**target.options("tvm"), "shipped_records": str(shipped)},
+                        workdir=tmp_path / "fresh")  # reads the about.json just written
+    summary = tuning.run_tuning(fresh, target, ["ds_mbnet_tiny"], 32, 60.0, beyond_shipped=True)
+    assert summary["vouched"] and not summary["extracted"]
+    assert (summary["tasks"], summary["tuned"], summary["shipped"], summary["networks"]) == (7, 7, 7, 3)
+    with pytest.raises(RuntimeError, match="extracted"):  # another input size: other tasks
+        tuning.run_tuning(fresh, target, ["ds_mbnet_tiny"], 48, 60.0, beyond_shipped=True)
+    with pytest.raises(RuntimeError, match="extracted"):  # harness.tune tunes every task, shipped or not
+        tuning.run_tuning(fresh, target, ["ds_mbnet_tiny"], 32, 60.0)

@@ -271,6 +271,16 @@ class TVMBackend(Backend):
                 return None
         return self._shipped
 
+    def shipped_vouch(self, task_signature: str) -> dict | None:
+        """What the applicable shipped records vouch for the tasks of ``task_signature``
+        (:meth:`~harness.backends.tvm_tuning.ShippedRecords.vouched`), None when they do not."""
+        records, why = self._shipped_records()
+        return None if records is None or why else records.vouched(task_signature)
+
+    def shipped_records(self) -> ShippedRecords | None:
+        """The profile's shipped records folder as read (None when it names none or it is unreadable)."""
+        return self._shipped_records()[0]
+
     def shipped_refusal(self) -> str | None:
         """Why the profile's shipped records are not applied here (one line), None when they are
         or the profile names none."""

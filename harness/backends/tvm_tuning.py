@@ -38,7 +38,10 @@ folder, never into a cache another user or a copied results folder could change.
 results folder's own records first and the shipped ones for the workloads it lacks (MetaSchedule's
 ``OrderedUnionDatabase``: no record is ranked against a time measured on another machine); records
 tuned with another TVM version, or needing a feature this CPU lacks, are refused in one line and not
-applied. :func:`ship_records` writes such a folder from a results folder's database.
+applied. :func:`ship_records` writes such a folder from a results folder's database;
+``about.json``'s ``covers`` lists the runs (models, input size, a signature of their tasks) whose
+every task the records were checked to cover (``harness.tune --vouch``), so such a run skips
+extracting its tasks (:meth:`ShippedRecords.vouched`).
 
 MetaSchedule lives in ``tvm.s_tir.meta_schedule`` in TVM 0.27. The search ranks candidates with
 MetaSchedule's XGBoost cost model (``xgboost``, a dependency of the harness); without the package,
@@ -372,6 +375,27 @@ class ShippedRecords:
             return (f"the shipped TVM records in {self.directory} need CPU features this CPU lacks "
                     f"({', '.join(lacking)}): not applied")
         return None
+
+    def vouched(self, task_signature: str) -> dict | None:
+        """``{"tasks", "networks", ...}`` when :data:`ABOUT` vouches that these records cover every task
+        of ``task_signature`` (:func:`harness.phases.tuning.task_signature`), else None."""
+        for entry in self.about.get("covers", []):
+            if isinstance(entry, dict) and entry.get("signature") == task_signature \
+                    and isinstance(entry.get("tasks"), int) and isinstance(entry.get("networks"), int):
+                return entry
+        return None
+
+    def vouch(self, entry: dict) -> None:
+        """Write into :data:`ABOUT` that these records cover every task of ``entry["signature"]``
+        (``entry`` also names the models, input size and counts), replacing an entry for the same
+        models, input size and dynamic parts. The caller has checked it."""
+        same = ("models", "input_size", "dynamic")
+        covers = [e for e in self.about.get("covers", []) if any(e.get(k) != entry[k] for k in same)]
+        self.about = {**self.about, "covers": covers + [entry]}
+        path = self.directory / ABOUT
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.about, indent=1, sort_keys=True) + "\n")
+        tmp.replace(path)
 
     def database(self, tvm_target) -> TuningDatabase:
         """The records as a database builds read: unpacked into a temporary folder of this process

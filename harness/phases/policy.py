@@ -29,7 +29,7 @@ from harness.backends.base import one_line
 from harness.phases.context import RunContext
 from harness.phases.static import Task, Workload
 from harness.phases.table2 import TABLE2_MODELS
-from harness.phases.tuning import SPENT, run_tuning
+from harness.phases.tuning import SPENT, VOUCHED, run_tuning
 
 ProgressFactory = Callable[[int, str], object]  # (total, description) -> a progress callback
 
@@ -141,4 +141,5 @@ def tune_before_measuring(ctx: RunContext, backends: list[str], models: list[str
     from_shipped = f", {summary['shipped']} of them from the shipped records" if summary.get("shipped") else ""
     return [n for n in notes if n not in stale] + tvm.notes(ctx.target) + [
         f"tvm: records cover {summary['tuned']} of the {summary['tasks']} tasks{from_shipped} "
-        f"({summary['trials_now']} trials tuned in this run" + (")" if summary["extracted"] else f"; {SPENT})")]
+        f"({summary['trials_now']} trials tuned in this run"
+        + (")" if summary["extracted"] else f"; {VOUCHED if summary.get('vouched') else SPENT})")]

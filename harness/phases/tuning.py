@@ -13,7 +13,10 @@ database under the results folder, then reports how many tasks the database hold
 :func:`run_tuning` is the two in one, and notes in the database's ledger (``spent``) the budget
 it spent on the tasks of one :func:`tuning_signature` (models, input size, the backend's settings,
 the TVM target, the library versions and the ``dsnet`` sources): a later call with no larger a
-budget would tune nothing, so it returns that note without the minutes of task extraction. The TVM
+budget would tune nothing, so it returns that note without the minutes of task extraction. Likewise
+when the shipped records vouch for the run's :func:`task_signature` (``harness.tune --vouch``
+checked that they cover every task and wrote it into their ``about.json``): beyond them there is
+nothing to tune, and the run learns it without extracting. The TVM
 backend applies that database to every later build (``harness.run``), so tuning is shared by all
 routes and all phases. With ``beyond_shipped`` (``harness.run``'s tuning) the tasks the profile's
 shipped records cover are left out: a fresh results folder builds from those records at once and
@@ -89,6 +92,8 @@ def tuning_tasks(backend, target: Target, models: list[str], input_size: int,
 
 
 SPENT = "tasks not extracted again: this budget was spent on them before"
+VOUCHED = ("tasks not extracted: the shipped records' about.json vouches that they cover every one of "
+           "these networks' tasks, as the code and versions stand")
 
 
 def _builds_dynamic(target: Target, dynamic: bool | None) -> bool:
@@ -97,22 +102,39 @@ def _builds_dynamic(target: Target, dynamic: bool | None) -> bool:
     return "tvm" in (target.dynamic_backends or target.backends) if dynamic is None else dynamic
 
 
-def tuning_signature(backend, target: Target, models: list[str], input_size: int, dynamic: bool | None = None,
-                     beyond_shipped: bool = False) -> str:
-    """What decides the tasks :func:`tuning_tasks` would extract and which of them are tuned,
-    short of extracting them."""
+def _task_fields(backend, target: Target, models: list[str], input_size: int, dynamic: bool | None) -> dict:
+    """What decides the tasks :func:`tuning_tasks` extracts, short of extracting them (the networks'
+    code, the build settings, the library versions), leaving out the records and the host's CPU."""
     import tvm
 
     sources = hashlib.sha1()
     for path in sorted(Path(dsnet.__file__).parent.rglob("*.py")):
         sources.update(path.read_bytes())
-    key = {"models": sorted(models), "input_size": input_size, "dynamic": _builds_dynamic(target, dynamic),
-           "backend": {k: v for k, v in backend.cache_key().items() if k != "tuning_records"},
-           "tvm_target": backend.tvm_target(target), "versions": [tvm.__version__, torch.__version__],
-           "dsnet": sources.hexdigest()}
+    return {"models": sorted(models), "input_size": input_size, "dynamic": _builds_dynamic(target, dynamic),
+            "backend": {k: v for k, v in backend.cache_key().items() if k not in ("tuning_records", "shipped_records")},
+            "versions": [tvm.__version__, torch.__version__], "dsnet": sources.hexdigest()}
+
+
+def _digest(key: dict) -> str:
+    return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def task_signature(backend, target: Target, models: list[str], input_size: int, dynamic: bool | None = None) -> str:
+    """The tasks of ``models`` at ``input_size`` as a key (:func:`_task_fields`): what shipped records
+    vouch for covering whole (``harness.tune --vouch``), so a run need not extract them to know."""
+    return _digest(_task_fields(backend, target, models, input_size, dynamic))
+
+
+def tuning_signature(backend, target: Target, models: list[str], input_size: int, dynamic: bool | None = None,
+                     beyond_shipped: bool = False) -> str:
+    """What decides the tasks :func:`tuning_tasks` would extract and which of them are tuned,
+    short of extracting them."""
+    key = _task_fields(backend, target, models, input_size, dynamic)
+    key["backend"] = {k: v for k, v in backend.cache_key().items() if k != "tuning_records"}
+    key["tvm_target"] = backend.tvm_target(target)
     if beyond_shipped:  # a budget spent on what the shipped records lack is not one spent on every task
         key["beyond_shipped"] = True
-    return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return _digest(key)
 
 
 def tune_tasks(backend, target: Target, tasks: list, budget_s: float,
@@ -157,8 +179,37 @@ def run_tuning(backend, target: Target, models: list[str], input_size: int, budg
         return {"tasks": spent["tasks"], "tuned": spent["tuned"], "shipped": spent.get("shipped", 0),
                 "networks": spent["networks"], "tuned_now": 0, "trials_now": 0, "seconds_now": 0.0,
                 "database": str(db.directory), "extracted": False}
+    vouched = backend.shipped_vouch(task_signature(backend, target, models, input_size, dynamic)) \
+        if shipped is not None else None
+    if vouched:  # every task is the shipped records': beyond them there is nothing to tune
+        n = vouched["tasks"]
+        return {"tasks": n, "tuned": n, "shipped": n, "networks": vouched["networks"], "tuned_now": 0,
+                "trials_now": 0, "seconds_now": 0.0, "database": str(db.directory), "extracted": False,
+                "vouched": True}
     tasks, networks = tuning_tasks(backend, target, models, input_size, progress_factory, dynamic)
     summary = tune_tasks(backend, target, tasks, budget_s, progress_factory, db, shipped) | {"networks": networks}
     db.note_spent(signature, {"budget_s": budget_s, "tasks": summary["tasks"], "tuned": summary["tuned"],
                               "shipped": summary["shipped"], "networks": networks})
     return summary | {"extracted": True}
+
+
+def vouch_shipped(backend, target: Target, models: list[str], input_size: int,
+                  progress_factory: Callable[[int, str], Callable[[str, str], None]] | None = None) -> dict:
+    """Extract the tasks of ``models`` at ``input_size`` (the dynamic engine's parts when the profile
+    builds them on TVM), check that the profile's shipped records cover every one, and write so
+    into their ``about.json`` (:meth:`~harness.backends.tvm_tuning.ShippedRecords.vouch`): the entry
+    written. Raises ``ValueError`` (one line) when the records are refused here or miss a task."""
+    shipped = backend.shipped(target)
+    if shipped is None:
+        raise ValueError(backend.shipped_refusal() or "the profile names no [tvm] shipped_records")
+    tasks, networks = tuning_tasks(backend, target, models, input_size, progress_factory)
+    missing = sum(1 for t in tasks if shipped.best_ms(_mod(t)) is None)
+    if missing:
+        raise ValueError(f"the shipped records miss {missing} of the {len(tasks)} tasks: not vouched "
+                         "(tune them and ship again: python -m harness.tune --mcpu ... --ship ...)")
+    entry = {"models": sorted(models), "input_size": input_size, "dynamic": _builds_dynamic(target, None),
+             "signature": task_signature(backend, target, models, input_size), "tasks": len(tasks),
+             "networks": networks}
+    backend.shipped_records().vouch(entry)
+    return entry
+
