@@ -248,32 +248,31 @@ def tuning_phase(ctx: RunContext, p: RunPlan, quick: bool, minutes: float | None
                                            dynamic="tvm" in dynamic_backends)
 
 
-def static_phase(ctx: RunContext, p: RunPlan, all_workloads: list[Workload], retry_failed: bool) -> None:
+def static_phase(ctx: RunContext, p: RunPlan, all_workloads: list[Workload], retry_failed: bool,
+                 worker: BuildWorker) -> None:
     """Every workload through every active backend, precision and batch size the store lacks."""
     tasks, n_done = policy.static_tasks(ctx, all_workloads, p.backends, p.batch_sizes, p.input_size,
                                         retry_failed, p.skipped)
     print(f"{ctx.target.name}: {len(all_workloads)} networks x {len(p.backends)} backend(s); "
           f"{len(tasks)} to measure, {n_done} already stored in {p.layout.root}", file=sys.stderr)
-    run_static(ctx, tasks, Progress(static_steps(ctx, tasks), "static"))
+    run_static(ctx, tasks, Progress(static_steps(ctx, tasks), "static"), worker)
 
 
-def dynamic_phase(ctx: RunContext, p: RunPlan, backends: list[str]) -> None:
+def dynamic_phase(ctx: RunContext, p: RunPlan, backends: list[str], worker: BuildWorker) -> None:
     """The dynamic engine of every supernet among the models, on each dynamic backend."""
-    with BuildWorker() as worker:  # builds the engines' parts on the second core
-        for model, backend, precision in policy.dynamic_runs(ctx, policy.supernets(p.models), backends):
-            run_dynamic(ctx, model, backend, precision, p.input_size,
-                        lambda n, m=model, b=backend, pr=precision: Progress(n, f"dynamic {m} {b} {pr}"), p.validate,
-                        worker)
+    for model, backend, precision in policy.dynamic_runs(ctx, policy.supernets(p.models), backends):
+        run_dynamic(ctx, model, backend, precision, p.input_size,
+                    lambda n, m=model, b=backend, pr=precision: Progress(n, f"dynamic {m} {b} {pr}"), p.validate,
+                    worker)
 
 
-def table2_phase(ctx: RunContext, p: RunPlan, backends: list[str], default_models: bool) -> None:
+def table2_phase(ctx: RunContext, p: RunPlan, backends: list[str], default_models: bool, worker: BuildWorker) -> None:
     """DS-Net++ Table 2 (ResNet-50 at 25% channels six ways) on the dynamic backends, for each of
     its supernets among the models; the default run measures the paper's (``s_resnet50``)."""
-    with BuildWorker() as worker:  # builds the ways' artifacts on the second core
-        for model, backend, precision in policy.dynamic_runs(ctx, policy.table2_models(p.models, default_models),
-                                                             backends):
-            measure_table2(ctx, backend, precision, p.input_size, model,
-                           Progress(len(TABLE2_WAYS), f"table 2 {model} {backend} {precision}"), worker)
+    for model, backend, precision in policy.dynamic_runs(ctx, policy.table2_models(p.models, default_models),
+                                                         backends):
+        measure_table2(ctx, backend, precision, p.input_size, model,
+                       Progress(len(TABLE2_WAYS), f"table 2 {model} {backend} {precision}"), worker)
 
 
 def finish(ctx: RunContext, p: RunPlan, env_doc: dict, wall_s: float) -> None:
@@ -330,29 +329,33 @@ def _main(args) -> int:
     if ctx is None:
         return 3
     t0, status = time.monotonic(), 0
+    # one build worker for the run: it builds on the second core while this process builds and checks
+    # (nothing is timed while it works), and is spawned once
+    worker = BuildWorker()
     try:
         dynamic_on = policy.dynamic_backends(ctx, p.backends, p.dynamic, csv_list(args.backends), p.skipped) \
             if "dynamic" in p.phases and farm is None else []
         if {"static", "dynamic"} & set(p.phases):
             tuning_phase(ctx, p, args.quick, args.tune_minutes, dynamic_on)
         if "static" in p.phases:
-            static_phase(ctx, p, all_workloads, args.retry_failed)
+            static_phase(ctx, p, all_workloads, args.retry_failed, worker)
         if farm is not None:
             p.skipped["dynamic engine, Table 2"] = "measured on this machine only, not through --rpc-tracker"
         else:
             if "dynamic" in p.phases:
-                dynamic_phase(ctx, p, dynamic_on)
+                dynamic_phase(ctx, p, dynamic_on, worker)
             if "table2" in p.phases:
                 # Table 2 on the profile's dynamic backends: --dynamic-backends may name compilers whose
                 # ResNet-50 builds no tuning covered
                 table2_phase(ctx, p, policy.profile_dynamic_backends(ctx, p.backends, csv_list(args.backends),
                                                                      p.skipped),
-                             default_models=args.models is None)
+                             default_models=args.models is None, worker=worker)
     except KeyboardInterrupt:
         status = 130
         print("\ninterrupted: results measured so far are stored; re-run the same command to resume",
               file=sys.stderr)
     finally:
+        worker.close()
         finish(ctx, p, env_doc, time.monotonic() - t0)
     summarize(ctx, p, env_doc)
     return status

@@ -143,18 +143,21 @@ def static_steps(ctx: RunContext, tasks: list[Task]) -> int:
     return len(tasks) + ctx.protocol.repeat * len({t.workload.model for t in tasks})
 
 
-def run_static(ctx: RunContext, tasks: list[Task], progress=None) -> list[dict]:
+def run_static(ctx: RunContext, tasks: list[Task], progress=None, worker: BuildWorker | None = None) -> list[dict]:
     """Trial every task and time the checked engines in rounds, one round phase per model (see the
-    module docstring). ``progress(label, text)`` is called :func:`static_steps` times."""
+    module docstring). ``progress(label, text)`` is called :func:`static_steps` times. ``worker``:
+    the run's build worker (default: one of its own)."""
     if ctx.farm is not None:
         return _run_on_boards(ctx, tasks, progress)
+    if worker is None:
+        with BuildWorker() as own:
+            return run_static(ctx, tasks, progress, own)
     by_model: dict[str, list[Task]] = {}
     for t in tasks:
         by_model.setdefault(t.workload.model, []).append(t)
     rows = []
-    with BuildWorker() as worker:
-        for model, model_tasks in by_model.items():
-            rows += _round_phase(ctx, model, model_tasks, progress, worker)
+    for model, model_tasks in by_model.items():
+        rows += _round_phase(ctx, model, model_tasks, progress, worker)
     return rows
 
 
