@@ -223,10 +223,7 @@ class TuningDatabase:
         return ledger
 
     def _write_ledger(self) -> None:
-        path = self.directory / LEDGER
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.ledger, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        _write_json(self.directory / LEDGER, self.ledger)
 
     def foreign(self) -> str | None:
         """Why the records must not be used for this target (None: they may)."""
@@ -392,10 +389,7 @@ class ShippedRecords:
         same = ("models", "input_size", "dynamic")
         covers = [e for e in self.about.get("covers", []) if any(e.get(k) != entry[k] for k in same)]
         self.about = {**self.about, "covers": covers + [entry]}
-        path = self.directory / ABOUT
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.about, indent=1, sort_keys=True) + "\n")
-        tmp.replace(path)
+        _write_json(self.directory / ABOUT, self.about)
 
     def database(self, tvm_target) -> TuningDatabase:
         """The records as a database builds read: unpacked into a temporary folder of this process
@@ -409,6 +403,13 @@ class ShippedRecords:
             except (OSError, lzma.LZMAError, EOFError) as e:
                 raise ValueError(f"shipped TVM records {self.directory}: {packed} is unreadable ({e})") from None
         return TuningDatabase(unpacked, tvm_target)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """``data`` at ``path`` whole or not at all (written beside it, then renamed)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
 
 
 def ship_records(database_dir: Path, tvm_target, out_dir: Path, cpu_flags: list[str], about: dict) -> Path:
@@ -429,8 +430,8 @@ def ship_records(database_dir: Path, tvm_target, out_dir: Path, cpu_flags: list[
     for name, packed in zip(RECORD_FILES, SHIPPED_FILES):
         with open(best.records / name, "rb") as src, lzma.open(out_dir / packed, "wb", preset=9) as dst:
             shutil.copyfileobj(src, dst)
-    (out_dir / ABOUT).write_text(json.dumps({**about, "tvm": tvm.__version__, "target": str(tvm_target),
-                                             "cpu_flags": sorted(cpu_flags)}, indent=1, sort_keys=True) + "\n")
+    _write_json(out_dir / ABOUT, {**about, "tvm": tvm.__version__, "target": str(tvm_target),
+                                  "cpu_flags": sorted(cpu_flags)})
     return out_dir
 
 

@@ -81,8 +81,8 @@ class DynamicEngine:
         parts = [head] + [(plan.segment_name(k, key), plan.stages[k][key], self._check_example(k, key))
                           for k, key in segments]
         keys = [self._key(name, module, example) for name, module, example in parts]
-        built = worker.claims([None if backend.has_artifact(key.directory(self.cache_root)) else
-                               BuildJob(backend, module, example, target, precision, key.directory(self.cache_root))
+        built = worker.claims([BuildJob.unless_built(backend, module, example, target, precision,
+                                                     key.directory(self.cache_root))
                                for (_, module, example), key in zip(parts, keys)] + list(also_build))
         self.head = self._compile(*head, key=keys[0], built=built(0))
         for n, ((k, key), (name, module, example)) in enumerate(zip(segments, parts[1:]), 1):

@@ -61,6 +61,13 @@ class BuildJob:
     precision: str
     artifact_dir: Path
 
+    @classmethod
+    def unless_built(cls, backend, module, example, target, precision: str, artifact_dir: Path) -> BuildJob | None:
+        """The job, or None when ``backend`` builds no artifact or ``artifact_dir`` holds one already."""
+        if not backend.artifact or backend.has_artifact(artifact_dir):
+            return None
+        return cls(backend, module, example, target, precision, artifact_dir)
+
     def payload(self) -> bytes:
         """What the worker receives: the backend as its name, options, workdir and remote, so the
         worker configures its own (and keeps it, with what it memoizes, for the next job)."""

@@ -97,10 +97,10 @@ class RunContext:
         """What :meth:`trial` of the same arguments would build, as a build worker's job; None when the
         backend builds no artifact or the artifact is built already."""
         b = self.backend(backend)
-        if not b.artifact:
+        if not b.artifact:  # no key to compute
             return None
         folder = self.key(model, route, backend, precision, example, module, weights).directory(self.layout.cache_dir)
-        return None if b.has_artifact(folder) else BuildJob(b, module, example, self.target, precision, folder)
+        return BuildJob.unless_built(b, module, example, self.target, precision, folder)
 
     def share_builds(self, worker: BuildWorker | None, trials: list[tuple]) -> Callable[[int], Result | None]:
         """``built(n)`` for ``trials`` (each the arguments ``(model, route, backend, precision, module,

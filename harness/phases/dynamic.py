@@ -196,7 +196,7 @@ class DynamicPhase:
         self.plan = dsnet.split(self.model)
         self.x = image_batch(1, input_size)
         # the one artifact, when there is one to build, goes to the worker first (the back of its list)
-        one = [ctx.build_job(*self._one_artifact_trial())] \
+        one = [ctx.build_job(*self._one_artifact_trial)] \
             if worker is not None and ctx.backend(backend).one_artifact else []
         self.engine = DynamicEngine(self.plan, ctx.backend(backend), ctx.target, precision, ctx.layout.cache_dir,
                                     input_size, model_name=model_name, worker=worker, also_build=one)
@@ -351,9 +351,13 @@ class DynamicPhase:
     def _one_graph(self):
         return one_graph(self.plan, self.x)
 
+    @functools.cached_property
     def _one_artifact_trial(self) -> tuple:
-        """The arguments of ``ctx.trial`` that build and check the one artifact."""
-        return self.model_name, "one_graph", self.backend_name, self.precision, self._one_graph, self.x
+        """``(model, route, backend, precision, module, example, weights)`` of the one artifact's trial
+        (its weights hashed once: DS-ResNet-50's hold 1 GiB)."""
+        graph = self._one_graph
+        return (self.model_name, "one_graph", self.backend_name, self.precision, graph, self.x,
+                weights_fingerprint(graph))
 
     def _enter_one_artifact(self, phase, priced, extra) -> None:
         """The one-graph network (:mod:`dsnet.one_graph`) compiled once, per route on an input
@@ -363,7 +367,8 @@ class DynamicPhase:
         number (:meth:`_natural_routes`), each beside its own static engine (``extra["natural"]``
         lists those not priced), so the artifact is timed on one route at least."""
         graph = self._one_graph
-        artifact = self.ctx.trial(*self._one_artifact_trial(), built=self._one_built)
+        *args, weights = self._one_artifact_trial
+        artifact = self.ctx.trial(*args, weights=weights, built=self._one_built)
         extra["one_graph"] = artifact
         targets = spread(priced, ONE_GRAPH_ROUTES)
         timed = []

@@ -84,9 +84,9 @@ def measure_table2(ctx: RunContext, backend: str, precision: str, input_size: in
     trials = [(model, f"table2-{way}", backend, precision, module, x, weights_fingerprint(module))
               for way, (module, _, _) in ways.items()]
     built = ctx.share_builds(worker, trials)
-    for n, (way, (_, route, madds)) in enumerate(ways.items()):
-        *args, fingerprint = trials[n]
-        result = phase.add(way, ctx.trial(*args, weights=fingerprint, built=built(n)), ctx.timing(backend, x))
+    for n, (way, (module, route, madds)) in enumerate(ways.items()):
+        result = phase.add(way, ctx.trial(model, f"table2-{way}", backend, precision, module, x, weights=trials[n][6],
+                                          built=built(n)), ctx.timing(backend, x))
         rows[way] = base | {"name": way, "route": route, "madds": madds}
         if way not in phase:
             ctx.store.record_dynamic(rows[way] | result.row())
