@@ -386,7 +386,8 @@ def test_the_dynamic_engines_parts_are_tuned_when_the_run_measures_it_on_tvm(tmp
 
     asked = []
 
-    def tuning(backend, target, models, input_size, budget_s, progress, dynamic=None, beyond_shipped=False):
+    def tuning(backend, target, models, input_size, budget_s, progress, dynamic=None, beyond_shipped=False,
+               announce=None):
         asked.append(dynamic)
         assert beyond_shipped  # the run tunes only what shipped records lack (none here)
         raise KeyboardInterrupt  # what the run would tune is all this test needs
@@ -467,10 +468,15 @@ def test_a_run_vouched_for_skips_extraction_and_vouching_refuses_records_that_mi
     monkeypatch.setattr(tuning, "tuning_tasks", extracted)
     fresh = get_backend("tvm", {**target.options("tvm"), "shipped_records": str(shipped)},
                         workdir=tmp_path / "fresh")  # reads the about.json just written
-    summary = tuning.run_tuning(fresh, target, ["ds_mbnet_tiny"], 32, 60.0, beyond_shipped=True)
+    announced = []
+    summary = tuning.run_tuning(fresh, target, ["ds_mbnet_tiny"], 32, 60.0, beyond_shipped=True,
+                                announce=lambda: announced.append(32))
     assert summary["vouched"] and not summary["extracted"]
+    assert announced == []  # no "tuning ... within N min" before a run that tunes nothing
     assert (summary["tasks"], summary["tuned"], summary["shipped"], summary["networks"]) == (7, 7, 7, 3)
     with pytest.raises(RuntimeError, match="extracted"):  # another input size: other tasks
-        tuning.run_tuning(fresh, target, ["ds_mbnet_tiny"], 48, 60.0, beyond_shipped=True)
+        tuning.run_tuning(fresh, target, ["ds_mbnet_tiny"], 48, 60.0, beyond_shipped=True,
+                          announce=lambda: announced.append(48))
+    assert announced == [48]
     with pytest.raises(RuntimeError, match="extracted"):  # harness.tune tunes every task, shipped or not
         tuning.run_tuning(fresh, target, ["ds_mbnet_tiny"], 32, 60.0)

@@ -128,12 +128,15 @@ def tune_before_measuring(ctx: RunContext, backends: list[str], models: list[str
     tvm = ctx.backend("tvm")
     stale = tvm.notes(ctx.target)  # e.g. "untuned": said before the database grew
     shipped = tvm.shipped(ctx.target) is not None
-    print(f"tvm: tuning {', '.join(models)} at {input_size}px within {minutes:g} min ({budget_from}"
-          + ("; tasks the shipped records cover are left out" if shipped else "")
-          + "; python -m harness.tune tunes more)", file=sys.stderr)
+
+    def announce():  # only when there is work: a vouched or spent budget returns at once
+        print(f"tvm: tuning {', '.join(models)} at {input_size}px within {minutes:g} min ({budget_from}"
+              + ("; tasks the shipped records cover are left out" if shipped else "")
+              + "; python -m harness.tune tunes more)", file=sys.stderr)
+
     try:
         summary = run_tuning(tvm, ctx.target, models, input_size, minutes * 60, progress, dynamic,
-                             beyond_shipped=True)
+                             beyond_shipped=True, announce=announce)
     except ValueError as e:  # a database for another target: measured untuned, said so
         return notes + [f"tvm tuning skipped: {e}"]
     except Exception as e:  # tuning is optional: the run measures with what the database holds

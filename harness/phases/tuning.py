@@ -162,12 +162,15 @@ def _mod(task):
 
 def run_tuning(backend, target: Target, models: list[str], input_size: int, budget_s: float,
                progress_factory: Callable[[int, str], Callable[[str, str], None]] | None = None,
-               dynamic: bool | None = None, beyond_shipped: bool = False) -> dict:
+               dynamic: bool | None = None, beyond_shipped: bool = False,
+               announce: Callable[[], None] | None = None) -> dict:
     """Tune the TVM tasks of ``models`` within ``budget_s`` seconds (in total over re-runs) with
     ``backend`` (the TVM backend, its workdir the database's folder) for ``target``: the summary
     of :func:`tune_tasks` and how many ``networks`` the tasks came from. ``dynamic``: whether the
     dynamic engine's parts are built on TVM (default: the profile's dynamic_backends say);
-    ``beyond_shipped``: leave out the tasks the profile's applicable shipped records cover."""
+    ``beyond_shipped``: leave out the tasks the profile's applicable shipped records cover;
+    ``announce``: called once before the tasks are extracted, never when the budget is already
+    spent or the shipped records vouch for the run (nothing to say before the summary then)."""
     db = backend.open_database(target)
     why = db.foreign()  # refused before minutes of task extraction
     if why:
@@ -186,6 +189,8 @@ def run_tuning(backend, target: Target, models: list[str], input_size: int, budg
         return {"tasks": n, "tuned": n, "shipped": n, "networks": vouched["networks"], "tuned_now": 0,
                 "trials_now": 0, "seconds_now": 0.0, "database": str(db.directory), "extracted": False,
                 "vouched": True}
+    if announce is not None:
+        announce()
     tasks, networks = tuning_tasks(backend, target, models, input_size, progress_factory, dynamic)
     summary = tune_tasks(backend, target, tasks, budget_s, progress_factory, db, shipped) | {"networks": networks}
     db.note_spent(signature, {"budget_s": budget_s, "tasks": summary["tasks"], "tuned": summary["tuned"],
