@@ -294,7 +294,7 @@ def summarize(ctx, p: RunPlan, env_doc: dict) -> None:
     print(summary_table(df[df.model.isin(p.models) & (df.input_size == p.input_size)], p.skipped, p.notes))
     dyn_scope = dyn[dyn.model.isin(p.models) & (dyn.input_size == p.input_size)]
     if len(dyn_scope):
-        print(dynamic_summary(dyn_scope))
+        print(dynamic_summary(dyn_scope, env_doc.get("run_id")))
     print(f"wrote {p.layout.lut_csv}, {p.layout.dynamic_csv} and {p.layout.env_json} ({env_doc['wall_time_s']} s)")
     try:
         written, _ = build(p.layout, p.input_size, ctx.target.name)

@@ -146,6 +146,23 @@ def test_the_run_summary_leaves_out_models_with_only_table2_rows():
     assert dynamic_summary(dyn).splitlines()[1:] == []
 
 
+def test_the_run_summary_says_which_dynamic_rows_an_earlier_run_measured():
+    """The exports keep earlier runs' rows; the summary of a run that left a backend out must not
+    present that backend's kept rows as its own."""
+    from harness.reporting.summary import dynamic_summary
+
+    def row(backend, run_id, ms):
+        return {"model": "ds_mbnet", "backend": backend, "precision": "fp32", "kind": "route", "name": "route 0",
+                "route": "0", "latency_ms_p50": ms, "predicted_ms": ms * 1.02, "rel_error": 0.02, "status": "ok",
+                "error": "", "run_id": run_id}
+
+    dyn = pd.DataFrame([row("eager", "now", 10.0), row("tvm", "then", 8.0), row("tvm", "before", 8.1)])
+    lines = dynamic_summary(dyn, "now").splitlines()[1:]
+    assert lines[0].startswith("  ds_mbnet eager fp32: LUT vs deployed median 2.0%")
+    assert lines[1].startswith("  ds_mbnet tvm fp32 (not measured by this run: kept from run before, then): LUT vs")
+    assert "not measured" not in dynamic_summary(dyn)  # no run named: nothing to say
+
+
 def test_cost_disagreement_names_the_pair_madds_orders_wrongly():
     from harness.reporting.gates import cost_disagreement
 

@@ -64,23 +64,30 @@ def deployment_line(g) -> str:
     return ("over the routes' static engines: " + ", ".join(parts) + ";") if parts else ""
 
 
-def dynamic_summary(dyn) -> str:
+def dynamic_summary(dyn, run_id: str | None = None) -> str:
     """Per model and backend: the LUT against the deployed path, the dispatch cost, the deployment's
-    overhead, stream and batch, and realized against ideal speed-up."""
+    overhead, stream and batch, and realized against ideal speed-up. With ``run_id`` (the run
+    printing it), a model and backend none of whose rows that run measured is labelled with the
+    runs that did: the exports keep earlier runs' rows, and a run that left the backend out must
+    not seem to have measured it."""
     lines = ["dynamic engine (LUT = measured segments + dispatch per gate; error = (LUT - deployed) / deployed)"]
     for (model, backend, precision), g in dyn.groupby(["model", "backend", "precision"]):
         g = g[g.kind != "table2"]  # Table 2's rows (no dynamic engine) have their own table
         if g.empty:
             continue
+        head = f"  {model} {backend} {precision}"
+        runs = sorted(set(g["run_id"].dropna().astype(str))) if "run_id" in g else []
+        if run_id is not None and run_id not in runs:
+            head += f" (not measured by this run: kept from run {', '.join(runs) or 'unknown'})"
         bad = g[g.status != "ok"]
         if (bad.kind == "engine").any() or len(bad) == len(g):
-            lines.append(f"  {model} {backend} {precision}: FAILED {bad.iloc[0].error}")
+            lines.append(f"{head}: FAILED {bad.iloc[0].error}")
             continue
         failed = [f"{len(bad)} row(s) failed, first {bad.iloc[0].kind} {bad.iloc[0]['name']}: {bad.iloc[0].error};"] \
             if len(bad) else []
         d = g[g.kind == "dispatch"]
         g = g[g.status == "ok"]
-        parts = [f"  {model} {backend} {precision}:"]
+        parts = [f"{head}:"]
         routes = g[(g.kind == "route") & g.rel_error.notna()]
         if len(routes):
             err = routes.rel_error.abs() * 100
