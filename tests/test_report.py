@@ -163,6 +163,26 @@ def test_the_run_summary_says_which_dynamic_rows_an_earlier_run_measured():
     assert "not measured" not in dynamic_summary(dyn)  # no run named: nothing to say
 
 
+def test_the_summary_says_which_deployment_to_use_only_when_the_interval_excludes_zero():
+    from harness.reporting.summary import deployment_line
+
+    def row(kind, name, p50, lo, hi):
+        return {"kind": kind, "name": name, "latency_ms_p50": p50, "latency_ms_p50_ci_low": lo,
+                "latency_ms_p50_ci_high": hi, "status": "ok", "madds": 1}
+
+    def line(lo, hi):
+        return deployment_line(pd.DataFrame([
+            row("static", "0", 4.0, 3.9, 4.1), row("overhead", "deployed", 0.3, 0.2, 0.4),
+            row("overhead", "one_graph", 0.2, 0.1, 0.3),
+            row("overhead", "one_graph_vs_deployed", (lo + hi) / 2, lo, hi)]))
+
+    assert line(-0.15, -0.02).endswith(
+        "one artifact against the deployed path -85 us (-150..-20): deploy the one artifact;")
+    assert line(0.02, 0.15).endswith(": deploy the separate engines;")
+    assert line(-0.05, 0.1).endswith(": no measurable difference;")
+    assert "+7.5% of the smallest route" in line(-0.05, 0.1)  # deployed +300 us over the 4 ms static engine
+
+
 def test_cost_disagreement_names_the_pair_madds_orders_wrongly():
     from harness.reporting.gates import cost_disagreement
 

@@ -219,6 +219,17 @@ def test_killed_run_loses_nothing_and_the_rerun_measures_only_what_is_missing(tm
     # a route no input reaches (a choice the reference gate never ranks first) is said so
     assert rows[rows.status != "ok"].error.str.contains("no input found that takes route").all()
     assert "over the routes' static engines: deployed path" in rerun.stdout and "one artifact" in rerun.stdout
+    # which to deploy: the one artifact minus the deployed path, paired by round on the routes both ran
+    with sqlite3.connect(db_path) as db:
+        timed = {(kind, name): dict(zip(json.loads(rounds), json.loads(samples))) for kind, name, samples, rounds in
+                 db.execute("SELECT kind, name, samples_ms, rounds FROM dynamic WHERE kind IN ('one_graph', "
+                            "'deployed') AND status = 'ok'")}
+        (p50,) = db.execute("SELECT latency_ms_p50 FROM dynamic WHERE kind = 'overhead' "
+                            "AND name = 'one_graph_vs_deployed'").fetchone()
+    diffs = [s - timed[("deployed", name)][r] for (kind, name), by_round in timed.items() if kind == "one_graph"
+             and ("deployed", name) in timed for r, s in by_round.items() if r in timed[("deployed", name)]]
+    assert len(diffs) >= 2 and p50 == pytest.approx(float(pd.Series(diffs).quantile(0.5)))
+    assert "one artifact against the deployed path" in rerun.stdout
     # a third run finds everything done
     again = cli(*args)
     assert "0 to measure, 8 already stored" in again.stderr

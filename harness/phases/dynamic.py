@@ -47,6 +47,8 @@ a route that fails is ``check_failed`` and never timed. Rows (``dynamic`` table,
   likewise for the one artifact;
 - ``overhead`` (``deployed``, ``one_graph``): the deployment's cost over the routes' own static
   engines, pooled: every route's per-round difference (deployed - static), its median and interval;
+  and ``one_graph_vs_deployed``, the one artifact minus the deployed path likewise on the routes both
+  ran: which of the two to deploy (the run's summary names it when the interval excludes zero);
 - ``stream`` (``uniform``): a uniform stream of the priced routes through the deployed path, 16 calls
   a sample (a sample's mean is the stream's), against the LUT's mean;
 - ``batch``: ``8`` (batch_size 8, one call for eight images, grouped by route) and ``1x8`` (the same
@@ -84,7 +86,7 @@ from harness.measure.pipeline import Result, check_output, image_batch, referenc
 from harness.measure.protocol import Measurement, Protocol
 from harness.phases.context import RunContext
 from harness.phases.static import reference_model
-from harness.results.layout import DYNAMIC_KEY
+from harness.results.layout import DYNAMIC_KEY, ONE_GRAPH_VS_DEPLOYED
 from harness.results.store import write_atomically
 
 E2E_ROUTES = 16  # routes validated end to end when a model has more
@@ -596,12 +598,18 @@ class DynamicPhase:
                              madds=self.madds[name])
         self._record("stream", "uniform", results[("stream", "uniform")],
                      predicted_ms=float(np.mean([lut.latency(r) for r in priced])))
-        for kind in ("deployed", "one_graph"):  # pooled over routes, paired by round with the static engines
-            diffs = [d for route in compared if (kind, str(route)) in results and ("static", str(route)) in results
-                     for d in paired_differences(results[(kind, str(route))].measurement,
-                                                 results[("static", str(route))].measurement)]
+        def pooled(kind, ref):  # per-round differences kind - ref, pooled over the routes both ran
+            return [d for route in compared if (kind, str(route)) in results and (ref, str(route)) in results
+                    for d in paired_differences(results[(kind, str(route))].measurement,
+                                                results[(ref, str(route))].measurement)]
+
+        # each deployment over the routes' own static engines, and the one artifact against the
+        # deployed path of separate engines: which of the two to deploy (summary: deployment_line)
+        for name, kind, ref in (("deployed", "deployed", "static"), ("one_graph", "one_graph", "static"),
+                                (ONE_GRAPH_VS_DEPLOYED, "one_graph", "deployed")):
+            diffs = pooled(kind, ref)
             if diffs:
-                self._record("overhead", kind, Result("ok", measurement=Measurement(diffs, 1, None, phase.protocol)))
+                self._record("overhead", name, Result("ok", measurement=Measurement(diffs, 1, None, phase.protocol)))
         if ("batch", str(BATCH)) in results:
             predicted = sum(lut.latency(r) for r in extra["batch_routes"])
             self._record("batch", str(BATCH), results[("batch", str(BATCH))], predicted_ms=predicted, batch=BATCH)

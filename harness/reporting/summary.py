@@ -7,6 +7,7 @@ from __future__ import annotations
 import pandas as pd
 
 from harness.reporting.common import acceleration_row
+from harness.results.layout import ONE_GRAPH_VS_DEPLOYED
 
 
 def _ms(v: float) -> str:
@@ -49,19 +50,33 @@ def _us(ms: float) -> str:
 def deployment_line(g) -> str:
     """The deployed path's and the one artifact's overhead over the routes' own static engines (the
     pooled per-round differences: median and interval), also as a share of the smallest route's
-    static engine; "" if unmeasured."""
+    static engine, and which of the two to deploy where both ran on the same routes (an interval
+    holding zero: neither); "" if unmeasured."""
     static = g[(g.kind == "static") & (g.status == "ok")]
     smallest = static.sort_values("madds").iloc[0].latency_ms_p50 if len(static) else float("nan")
+    overhead = g[(g.kind == "overhead") & (g.status == "ok")].drop_duplicates("name").set_index("name")
     parts = []
     for name, label in (("deployed", "deployed path"), ("one_graph", "one artifact")):
-        rows = g[(g.kind == "overhead") & (g.name == name) & (g.status == "ok")]
-        if rows.empty:
-            continue
-        r = rows.iloc[0]
-        parts.append(f"{label} {r.latency_ms_p50 * 1e3:+.0f} us ({r.latency_ms_p50_ci_low * 1e3:+.0f}.."
-                     f"{r.latency_ms_p50_ci_high * 1e3:+.0f}; {100 * r.latency_ms_p50 / smallest:+.1f}% of the "
-                     "smallest route)")
-    return ("over the routes' static engines: " + ", ".join(parts) + ";") if parts else ""
+        if name in overhead.index:
+            r = overhead.loc[name]
+            share = f"{100 * r.latency_ms_p50 / smallest:+.1f}% of the smallest route"
+            parts.append(f"{label} {_with_interval(r, share)}")
+    if not parts:
+        return ""
+    line = "over the routes' static engines: " + ", ".join(parts) + ";"
+    if ONE_GRAPH_VS_DEPLOYED in overhead.index:
+        r = overhead.loc[ONE_GRAPH_VS_DEPLOYED]
+        verdict = ("deploy the one artifact" if r.latency_ms_p50_ci_high < 0 else
+                   "deploy the separate engines" if r.latency_ms_p50_ci_low > 0 else "no measurable difference")
+        line += f" one artifact against the deployed path {_with_interval(r)}: {verdict};"
+    return line
+
+
+def _with_interval(r, extra: str = "") -> str:
+    """A pooled difference's median and 95% interval in microseconds, ``+123 us (+45..+201)``, with
+    ``extra`` inside the parentheses after the interval."""
+    return (f"{r.latency_ms_p50 * 1e3:+.0f} us ({r.latency_ms_p50_ci_low * 1e3:+.0f}.."
+            f"{r.latency_ms_p50_ci_high * 1e3:+.0f}{'; ' + extra if extra else ''})")
 
 
 def dynamic_summary(dyn, run_id: str | None = None) -> str:
