@@ -81,12 +81,14 @@ def measure_table2(ctx: RunContext, backend: str, precision: str, input_size: in
             "input_size": input_size, "kind": "table2", "run_id": ctx.run_id}
     phase = ctx.round_phase(f"table2 {model} {backend} {precision}", seed=1)
     rows, ways = {}, table2_ways(input_size, model=model)
+    # each way's trial (model, route, backend, precision, module, example, weights), its weights hashed
+    # once: the worker's jobs and the trials below read the same tuple
     trials = [(model, f"table2-{way}", backend, precision, module, x, weights_fingerprint(module))
               for way, (module, _, _) in ways.items()]
     built = ctx.share_builds(worker, trials)
-    for n, (way, (module, route, madds)) in enumerate(ways.items()):
-        result = phase.add(way, ctx.trial(model, f"table2-{way}", backend, precision, module, x, weights=trials[n][6],
-                                          built=built(n)), ctx.timing(backend, x))
+    for n, (way, (_, route, madds)) in enumerate(ways.items()):
+        *trial, weights = trials[n]
+        result = phase.add(way, ctx.trial(*trial, weights=weights, built=built(n)), ctx.timing(backend, x))
         rows[way] = base | {"name": way, "route": route, "madds": madds}
         if way not in phase:
             ctx.store.record_dynamic(rows[way] | result.row())
