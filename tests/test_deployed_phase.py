@@ -10,7 +10,13 @@ import dsnet
 from harness.deploy.lut import DISPATCH_NAME, LatencyLUT, route_segment_names
 from harness.measure.protocol import Measurement, Protocol
 from harness.phases.context import RunContext
-from harness.phases.dynamic import dispatch_estimate, dispatch_result, record_engine_failure, run_dynamic
+from harness.phases.dynamic import (
+    dispatch_estimate,
+    dispatch_result,
+    record_engine_failure,
+    run_dynamic,
+    split_differences,
+)
 from harness.results.layout import Layout
 from harness.results.store import ResultStore
 from harness.targets import load_target
@@ -24,6 +30,14 @@ def test_dispatch_is_paired_by_round_and_divided_by_the_gates():
     head = Measurement([4.0, 4.5, 5.0], 1, [0, 1, 2])
     tail = Measurement([5.0, 6.0], 1, [0, 2])  # round 1 lost: that round is left out
     assert dispatch_estimate(deployed, [head, tail], 2) == pytest.approx([0.5, 1.0 / 2])
+
+
+def test_the_cut_at_the_gates_is_the_chain_of_parts_minus_the_static_engine_paired_by_round():
+    static = Measurement([8.0, 9.0, 8.5, 9.5], 1, [0, 1, 2, 3])
+    head = Measurement([4.0, 4.5, 5.0, 4.0], 1, [0, 1, 2, 3])
+    tail = Measurement([4.5, 5.0, 4.0], 1, [0, 1, 3])  # round 2 lost: that round is left out
+    assert split_differences([head, tail], static) == pytest.approx([0.5, 0.5, -1.5])
+    assert split_differences([head, tail], Measurement([7.0], 1, [2])) == []  # no round in common
 
 
 def test_an_impossible_dispatch_is_refused_and_one_holding_zero_counts_as_zero():
@@ -59,7 +73,7 @@ def test_the_phase_stores_every_kind_in_one_round_phase(eager_phase):
     assert d.status == "ok" or "impossible" in d.error
     routes = [str(r) for r in dsnet.create_model("ds_mbnet").routes(64)]
     count = df.groupby("kind").size().to_dict()
-    assert count == {"segment": 1 + 14, "dispatch": 1, "route": 14, "static": 14, "deployed": 14, "overhead": 1,
+    assert count == {"segment": 1 + 14, "dispatch": 1, "route": 14, "static": 14, "deployed": 14, "overhead": 2,
                      "stream": 1, "batch": 2, "acceleration": 4, "engine": 1}
     assert df[df.kind == "engine"].status.tolist() == ["ok"]  # the earlier failure no longer stands
     for kind in ("route", "static", "deployed"):
@@ -67,6 +81,8 @@ def test_the_phase_stores_every_kind_in_one_round_phase(eager_phase):
     acc = df[df.kind == "acceleration"].set_index("name")
     assert set(acc.index) == {"largest", "matched", "dynamic", "static_mix"} and (acc.latency_ms_mean > 0).all()
     assert set(df[df.kind == "batch"].batch_size) == {1, 8}
+    # the deployed path's overhead over the static engines, and the part of it due to the cut at the gates
+    assert set(df[df.kind == "overhead"].name) == {"deployed", "split"}
 
 
 def test_route_rows_are_what_the_stored_lut_prices_the_deployed_route_at(eager_phase):

@@ -181,6 +181,11 @@ def test_the_summary_says_which_deployment_to_use_only_when_the_interval_exclude
     assert line(0.02, 0.15).endswith(": deploy the separate engines;")
     assert line(-0.05, 0.1).endswith(": no measurable difference;")
     assert "+7.5% of the smallest route" in line(-0.05, 0.1)  # deployed +300 us over the 4 ms static engine
+    # where the deployed path's overhead goes: the parts chained against the static engine (the cut at the gates)
+    split = deployment_line(pd.DataFrame([row("static", "0", 4.0, 3.9, 4.1), row("overhead", "deployed", 0.3, 0.2, 0.4),
+                                          row("overhead", "split", 0.1, -0.02, 0.2)]))
+    assert split == ("over the routes' static engines: deployed path +300 us (+200..+400; +7.5% of the smallest "
+                     "route; of it the parts chained +100 us (-20..+200));")
 
 
 def test_cost_disagreement_names_the_pair_madds_orders_wrongly():

@@ -48,7 +48,10 @@ a route that fails is ``check_failed`` and never timed. Rows (``dynamic`` table,
 - ``overhead`` (``deployed``, ``one_graph``): the deployment's cost over the routes' own static
   engines, pooled: every route's per-round difference (deployed - static), its median and interval;
   and ``one_graph_vs_deployed``, the one artifact minus the deployed path likewise on the routes both
-  ran: which of the two to deploy (the run's summary names it when the interval excludes zero);
+  ran: which of the two to deploy (the run's summary names it when the interval excludes zero); and
+  ``split``, each priced route's chain of parts (the sum of its parts' samples in a round) minus its
+  static engine likewise: what cutting the network at its gates costs before any dispatch (the
+  deployed path's overhead is about this plus gates x ``dispatch``);
 - ``stream`` (``uniform``): a uniform stream of the priced routes through the deployed path, 16 calls
   a sample (a sample's mean is the stream's), against the LUT's mean;
 - ``batch``: ``8`` (batch_size 8, one call for eight images, grouped by route) and ``1x8`` (the same
@@ -86,7 +89,7 @@ from harness.measure.pipeline import Result, check_output, image_batch, referenc
 from harness.measure.protocol import Measurement, Protocol
 from harness.phases.context import RunContext
 from harness.phases.static import reference_model
-from harness.results.layout import DYNAMIC_KEY, ONE_GRAPH_VS_DEPLOYED
+from harness.results.layout import DYNAMIC_KEY, ONE_GRAPH_VS_DEPLOYED, SPLIT
 from harness.results.store import write_atomically
 
 E2E_ROUTES = 16  # routes validated end to end when a model has more
@@ -153,12 +156,24 @@ def in_context(protocol: Protocol) -> Protocol:
     return protocol.replace(min_repeat_ms=0, min_measured_ms=0)
 
 
+def chain_by_round(parts: list[Measurement]) -> dict:
+    """The sum of a chain's parts in every round where all of them were timed: ``{round: ms}``."""
+    by_round = [dict(zip(m.rounds or [], m.samples_ms)) for m in parts]
+    return {r: sum(b[r] for b in by_round) for r in (by_round[0] if by_round else {}) if all(r in b for b in by_round)}
+
+
 def dispatch_estimate(deployed: Measurement, parts: list[Measurement], gates: int) -> list[float]:
     """Per gate decision, what the deployed path costs beyond its parts: ``(deployed - sum of
     parts) / gates`` in every round where all were timed (paired: the round's drift cancels)."""
-    by_round = [dict(zip(m.rounds or [], m.samples_ms)) for m in parts]
-    return [(s - sum(b[r] for b in by_round)) / gates
-            for r, s in zip(deployed.rounds or [], deployed.samples_ms) if all(r in b for b in by_round)]
+    chain = chain_by_round(parts)
+    return [(s - chain[r]) / gates for r, s in zip(deployed.rounds or [], deployed.samples_ms) if r in chain]
+
+
+def split_differences(parts: list[Measurement], static: Measurement) -> list[float]:
+    """What cutting a route at its gates costs before any dispatch: the sum of the route's parts
+    minus its static engine, in every round where all were timed (paired)."""
+    chain = chain_by_round(parts)
+    return [chain[r] - s for r, s in zip(static.rounds or [], static.samples_ms) if r in chain]
 
 
 def paired_differences(m: Measurement, ref: Measurement) -> list[float]:
@@ -541,12 +556,17 @@ class DynamicPhase:
         route's own chain."""
         diffs = []
         for route in priced:
-            i, name = chained.index(route), str(route)
-            if ("deployed", name) in results and results[("deployed", name)].measurement is not None:
-                parts = [results[("part", i, n)].measurement for n in route_segment_names(route)]
-                if all(m is not None for m in parts):
-                    diffs += dispatch_estimate(results[("deployed", name)].measurement, parts, self.gates)
+            parts = self._chain(results, chained, route)
+            if parts and ("deployed", str(route)) in results and results[("deployed", str(route))].measurement:
+                diffs += dispatch_estimate(results[("deployed", str(route))].measurement, parts, self.gates)
         return dispatch_result(diffs, protocol)
+
+    @staticmethod
+    def _chain(results, chained, route) -> list[Measurement] | None:
+        """The measurements of ``route``'s own chain of parts, or None where a part has none."""
+        i = chained.index(route)
+        parts = [results[("part", i, n)].measurement for n in route_segment_names(route)]
+        return parts if all(m is not None for m in parts) else None
 
     def _store(self, phase, results, chained, priced, failed, extra, lut_only, dispatch: Result) -> None:
         rounds = phase.rounds
@@ -610,6 +630,15 @@ class DynamicPhase:
             diffs = pooled(kind, ref)
             if diffs:
                 self._record("overhead", name, Result("ok", measurement=Measurement(diffs, 1, None, phase.protocol)))
+        # of the deployed path's overhead, what the cut at the gates costs (its parts against the
+        # route's static engine); the rest is the dispatch (row dispatch)
+        diffs = []
+        for route in priced:
+            parts, static = self._chain(results, chained, route), results.get(("static", str(route)))
+            if parts and static is not None and static.measurement is not None:
+                diffs += split_differences(parts, static.measurement)
+        if diffs:
+            self._record("overhead", SPLIT, Result("ok", measurement=Measurement(diffs, 1, None, phase.protocol)))
         if ("batch", str(BATCH)) in results:
             predicted = sum(lut.latency(r) for r in extra["batch_routes"])
             self._record("batch", str(BATCH), results[("batch", str(BATCH))], predicted_ms=predicted, batch=BATCH)

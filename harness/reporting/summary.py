@@ -7,7 +7,7 @@ from __future__ import annotations
 import pandas as pd
 
 from harness.reporting.common import acceleration_row
-from harness.results.layout import ONE_GRAPH_VS_DEPLOYED
+from harness.results.layout import ONE_GRAPH_VS_DEPLOYED, SPLIT
 
 
 def _ms(v: float) -> str:
@@ -50,8 +50,9 @@ def _us(ms: float) -> str:
 def deployment_line(g) -> str:
     """The deployed path's and the one artifact's overhead over the routes' own static engines (the
     pooled per-round differences: median and interval), also as a share of the smallest route's
-    static engine, and which of the two to deploy where both ran on the same routes (an interval
-    holding zero: neither); "" if unmeasured."""
+    static engine, the part of the deployed path's due to the cut at the gates (its parts chained
+    against the static engine; the rest is the dispatch), and which of the two to deploy where both
+    ran on the same routes (an interval holding zero: neither); "" if unmeasured."""
     static = g[(g.kind == "static") & (g.status == "ok")]
     smallest = static.sort_values("madds").iloc[0].latency_ms_p50 if len(static) else float("nan")
     overhead = g[(g.kind == "overhead") & (g.status == "ok")].drop_duplicates("name").set_index("name")
@@ -60,6 +61,8 @@ def deployment_line(g) -> str:
         if name in overhead.index:
             r = overhead.loc[name]
             share = f"{100 * r.latency_ms_p50 / smallest:+.1f}% of the smallest route"
+            if name == "deployed" and SPLIT in overhead.index:  # where it goes: the cut, then the dispatch
+                share += f"; of it the parts chained {_with_interval(overhead.loc[SPLIT])}"
             parts.append(f"{label} {_with_interval(r, share)}")
     if not parts:
         return ""

@@ -55,12 +55,15 @@ DYNAMIC_KEY = ("model", "backend", "precision", "batch_size", "input_size", "kin
 # (predicted_ms = segments + dispatch); static / deployed / one_graph: a route's own static engine, the
 # deployed path and the one artifact in the same rounds (predicted_ms of the latter two: the static p50);
 # overhead: deployed (or one_graph) minus static, per round, pooled over routes (its median and interval),
-# and one_graph_vs_deployed: the one artifact minus the deployed path, likewise (which to deploy);
+# and one_graph_vs_deployed: the one artifact minus the deployed path, likewise (which to deploy), and
+# split: the route's chain of parts minus its static engine, likewise (what the cut at the gates costs,
+# before any dispatch);
 # stream: a uniform route stream against the LUT; batch: eight images at batch 8 ("8") and one by one
 # ("1x8"); acceleration: Table 7's largest / matched static networks, the dynamic route mix deployed and
 # the same mix on the routes' static engines (static_mix); table2: DS-Net++ Table 2's ways; engine: a
 # dynamic engine that could not be built (harness.phases.dynamic)
 ONE_GRAPH_VS_DEPLOYED = "one_graph_vs_deployed"  # the overhead row comparing the two deployments
+SPLIT = "split"  # the overhead row of the parts chained against the static engine (the cut's cost)
 DYNAMIC_KINDS = ("segment", "dispatch", "route", "static", "deployed", "one_graph", "overhead", "stream", "batch",
                  "acceleration", "table2", "engine")
 DYNAMIC_COLUMNS = [*DYNAMIC_KEY, "route", "madds", *STATS_COLUMNS, "predicted_ms", "rel_error", "status", "error",
@@ -148,7 +151,9 @@ KIND_DOCS = {
     "deployed": "the deployed path on a route; predicted_ms is the route's static engine",
     "one_graph": "the one artifact on a route; predicted_ms is the route's static engine",
     "overhead": "deployed (or one_graph) minus static per round, pooled over routes; name one_graph_vs_deployed: "
-                "the one artifact minus the deployed path, likewise",
+                "the one artifact minus the deployed path, likewise; name split: the route's parts chained "
+                "(the sum of their samples) minus its static engine, likewise: what cutting the network at "
+                "its gates costs before any dispatch",
     "stream": "a uniform route stream through the deployed path against the LUT's mean",
     "batch": "eight images at batch 8 (`8`) and one by one (`1x8`)",
     "acceleration": "Table 7: static x1.0 (`largest`) and x0.5 (`matched`), the deployed route mix of x0.5's "
