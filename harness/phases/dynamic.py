@@ -556,9 +556,9 @@ class DynamicPhase:
         route's own chain."""
         diffs = []
         for route in priced:
-            parts = self._chain(results, chained, route)
-            if parts and ("deployed", str(route)) in results and results[("deployed", str(route))].measurement:
-                diffs += dispatch_estimate(results[("deployed", str(route))].measurement, parts, self.gates)
+            parts, deployed = self._chain(results, chained, route), results.get(("deployed", str(route)))
+            if parts and deployed is not None and deployed.measurement is not None:
+                diffs += dispatch_estimate(deployed.measurement, parts, self.gates)
         return dispatch_result(diffs, protocol)
 
     @staticmethod
