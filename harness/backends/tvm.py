@@ -51,6 +51,7 @@ from harness.backends.base import (
     as_torch_outputs,
     cast,
     input_caster,
+    native_choice,
     one_line,
 )
 from harness.backends.tvm_tuning import (
@@ -396,15 +397,12 @@ class TVMBackend(Backend):
             return as_torch_outputs(out, lambda t: torch.from_dlpack(t).clone())
 
         sync = dev.sync if target.device == "cuda" else None
-        if target.device == "cuda":
-            def choice(scores):
-                return int(scores.numpy().argmax())
-        else:  # a zero-copy view: .numpy() cost ~100 us more in a chain of calls (1-10 us alone), the
-            # dispatch: ~95 of its 207 us per decision on TVM (DS-MBNet head at 224, 300 shuffled rounds)
-            def choice(scores):
-                return int(np.from_dlpack(scores).argmax())
+        # the gate's scores on the host: on a CPU a zero-copy view (.numpy() cost ~100 us more in a
+        # chain of calls, 1-10 us alone: ~95 of TVM's 207 us per decision, DS-MBNet head at 224)
+        host = (lambda t: t.numpy()) if target.device == "cuda" else np.from_dlpack
         return Engine(main, prepare=prepare, to_torch=to_torch, sync=sync,
-                      outputs=lambda out: (out,) if hasattr(out, "numpy") else tuple(out), choice=choice)
+                      outputs=lambda out: (out,) if hasattr(out, "numpy") else tuple(out),
+                      choice=lambda scores: native_choice(host(scores)))
 
     def check_export(self, target: DeviceTarget):
         cross_compiler(self.tvm_target(target))
