@@ -32,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from harness import env as envmod
+from harness import interrupts
 from harness.results.layout import Layout
 from harness.results.store import FolderLock, ResultStore, StoreError
 from harness.targets import Target, TargetError, known_targets, load_target
@@ -201,30 +202,12 @@ class Progress:
         self.stream.flush()
 
 
-_INTERRUPTED = False
-
-
-def _on_sigint(signum, frame):
-    global _INTERRUPTED
-    _INTERRUPTED = True
-    raise KeyboardInterrupt
-
-
-def check_interrupted() -> None:
-    """Raise ``KeyboardInterrupt`` if Ctrl-C arrived earlier, even where a library swallowed it
-    (an interrupt inside a backend's import can surface as that backend being 'not installed')."""
-    if _INTERRUPTED:
-        raise KeyboardInterrupt
-
-
 def run_main(main: Callable[[], int], interrupted: str) -> int:
     """Run a CLI's body: :class:`UsageError` -> one line and exit 2; Ctrl-C -> ``interrupted`` and
     exit 130. TorchScript's and torch.export's deprecation notices are not the user's business."""
-    import signal
-
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    signal.signal(signal.SIGINT, _on_sigint)
+    interrupts.install()
     try:
         return main()
     except UsageError as e:

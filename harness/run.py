@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import psutil
 
 import dsnet
+from harness import interrupts
 from harness.backends import backend_class, get_backend, list_backends
 from harness.backends.base import one_line
 from harness.backends.tvm import CrossCompileError  # the module imports TVM itself only when used
@@ -38,7 +39,6 @@ from harness.cli import (
     UsageError,
     add_results_option,
     capture_machine,
-    check_interrupted,
     csv_list,
     names_option,
     new_run_id,
@@ -230,7 +230,7 @@ def open_context(args, target: Target, p: RunPlan, farm: Farm | None):
         else:
             active.append(b)
             p.notes += ctx.backend(b).notes(target)
-    check_interrupted()  # a Ctrl-C during a backend's import must not read as "not installed"
+    interrupts.check()  # a Ctrl-C during a backend's import must not read as "not installed"
     p.backends = active
     env_doc = run_document(
         run_id=ctx.run_id, target=target.name, profile_path=target.path, expected_device=target.expected_device,

@@ -3,6 +3,7 @@ input, failures as values, and a store that keeps older results readable."""
 
 import copy
 import dataclasses
+import signal
 import sqlite3
 
 import pytest
@@ -10,9 +11,10 @@ import torch
 
 import dsnet
 from conftest import randomize
+from harness import interrupts
 from harness.backends import get_backend
 from harness.backends.base import Backend, Engine
-from harness.measure.pipeline import ArtifactKey, trial, weights_fingerprint
+from harness.measure.pipeline import ArtifactKey, built, trial, weights_fingerprint
 from harness.results.layout import LUT_COLUMNS, Layout
 from harness.results.store import ResultStore
 from harness.targets import load_target
@@ -106,6 +108,41 @@ def test_failures_are_values_and_a_wrong_cached_artifact_is_rebuilt(route_module
     again = trial(b, route_module, x, X86, "fp32", _key(b, route_module), tmp_path)
     # the cached artifact gives a wrong shape; it is rebuilt once and the rebuilt engine judged
     assert again.status == "check_failed" and "differs from eager" in again.error and not again.details["cached"]
+
+
+class SwallowsCtrlC(Backend):
+    """A build that catches the KeyboardInterrupt raised inside it and re-raises it as its own
+    error, as TVM's FFI does (seen: ``RuntimeError: RuntimeError`` stored as the network's failure)."""
+    name = "swallows"
+
+    def compile(self, module, example, target, precision, artifact_dir):
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            raise RuntimeError("RuntimeError") from None
+
+
+@pytest.fixture
+def ctrl_c_handler():
+    before = signal.getsignal(signal.SIGINT)
+    interrupts.install()
+    yield
+    signal.signal(signal.SIGINT, before)
+    interrupts._interrupted = False
+
+
+def test_a_ctrl_c_a_backend_re_raised_as_its_own_error_stops_the_run_instead_of_failing_the_network(
+        route_module, tmp_path, ctrl_c_handler):
+    x = torch.randn(1, 3, 32, 32)
+    b = SwallowsCtrlC()
+    with pytest.raises(KeyboardInterrupt):
+        trial(b, route_module, x, X86, "fp32", _key(b, route_module), tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        built(b, route_module, x, X86, "fp32", tmp_path / "artifact")
+    # without a Ctrl-C the same error is a value
+    interrupts._interrupted = False
+    broken = trial(Broken(), route_module, x, X86, "fp32", _key(Broken(), route_module), tmp_path)
+    assert broken.status == "compile_failed"
 
 
 def test_a_store_of_an_older_version_gains_the_new_columns(tmp_path):

@@ -47,6 +47,7 @@ from pathlib import Path
 
 import torch
 
+from harness import interrupts
 from harness.backends.base import capture_cuda_graph, one_line
 from harness.env import library_versions
 from harness.measure.protocol import Measurement
@@ -322,6 +323,7 @@ def trial(backend, module: torch.nn.Module, example: torch.Tensor, target, preci
         except OutOfSpace:  # stops the run: every build after it would fail alike
             raise
         except Exception as e:  # recorded; the caller goes on
+            interrupts.check()  # unless it was a Ctrl-C the backend re-raised as its own error
             return Result("compile_failed", one_line(e), details=backend.details())
         if cached and built is not None and not built.details.get("cached"):
             compile_s, cached = built.compile_s + compile_s, False  # the worker's fresh build
@@ -354,6 +356,7 @@ def built(backend, module: torch.nn.Module, example: torch.Tensor, target, preci
     except OutOfSpace:
         raise
     except Exception as e:
+        interrupts.check()
         return Result("compile_failed", one_line(e), details=backend.details())
     details = {**backend.details(), **engine.details, "cached": cached}
     if rebuilt:
@@ -382,6 +385,7 @@ def exported(backend, module: torch.nn.Module, example: torch.Tensor, target, pr
     try:
         out = backend.export(module, example, target, precision, artifact_dir)
     except Exception as e:
+        interrupts.check()
         return Result("compile_failed", one_line(e), details=backend.details())
     _signed(backend, artifact_dir)
     _keep_build_details(artifact_dir, out.details)
