@@ -74,6 +74,7 @@ import torch
 
 import dsnet
 from dsnet.one_graph import input_for_route, one_graph
+from harness import interrupts
 from harness.backends.base import one_line
 from harness.deploy.engine import (
     DynamicEngine,
@@ -502,7 +503,7 @@ class DynamicPhase:
                 ref_logits, ref_choices = self.plan(images)
             logits, choices = batched(images)
             problem = check_output(logits, ref_logits, self.precision)
-            if problem is None and not torch.equal(choices, ref_choices):
+            if problem is None and not torch.equal(choices.cpu(), ref_choices.cpu()):
                 problem = f"batch {BATCH} chose {choices.tolist()}, eager {ref_choices.tolist()}"
         except PartError as e:
             extra["failed"][("batch", str(BATCH))] = e.result
@@ -673,6 +674,7 @@ def run_dynamic(ctx: RunContext, model: str, backend: str, precision: str, input
     try:
         phase = DynamicPhase(ctx, model, backend, precision, input_size, validate=validate, worker=worker)
     except Exception as e:  # a part that does not compile or check: recorded, the run goes on
+        interrupts.check()  # unless it was a Ctrl-C a backend re-raised as its own error
         record_engine_failure(ctx, model, backend, precision, input_size, e)
         return
     try:
