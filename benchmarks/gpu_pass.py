@@ -35,8 +35,9 @@ The shares come from the first pass on an H200 (docs/gpu.md), which did not fit 
 measurements were completed by a second, shorter command.
 
 ``gpu_pass.json`` in the results folder records each step: its command, exit status, wall time, and
-the end of its output. TensorRT and onnxruntime-gpu cannot be had on the lent machines: their
-backends are listed in step 1 and skipped with the reason, which env.json and the tables' notes carry.
+the end of its output; ``gpu_pass_logs/<step>.log`` holds the whole output. TensorRT and
+onnxruntime-gpu cannot be had on the lent machines: their backends are listed in step 1 and
+skipped with the reason, which env.json and the tables' notes carry.
 
 ``--dry-run`` runs the same steps on this machine's CPU, the profile's device swapped for the CPU
 and the timing shortened (32 px, fp32, the tiny DS-MBNet, a few routes, three rounds; AOTInductor's
@@ -132,7 +133,9 @@ def steps(profile: Path, results: Path, dry_run: bool) -> list[Step]:
     dsmbnet = "ds_mbnet_tiny" if dry_run else "ds_mbnet"
     models = f"{dsmbnet},mobilenet_v1"
     listed = ",".join(TORCH_STREAM + ([] if dry_run else UNAVAILABLE_HERE))
-    pytest = ["-m", "pytest", "-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider", str(REPO / "tests")]
+    # no log capture: a failed test's captured torch DEBUG lines filled the first pass's output tail
+    pytest = ["-m", "pytest", "-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider", "-p", "no:logging",
+              str(REPO / "tests")]
     # Shares from the first pass on an H200 (2026-12-04, ~1 s per torch engine to build, check, warm
     # up and capture): MobileNetV1's 32 engines took 38 s, DS-MBNet's 112 ~160 s (a model's round
     # phase is stored when it ends, so each model is its own step), TVM's 5 networks ~60 s, the
@@ -186,7 +189,7 @@ def cuda_library_dirs() -> list[str]:
     return sorted({os.path.dirname(f) for f in found})
 
 
-def run_step(step: Step, timeout_s: float, env: dict) -> dict:
+def run_step(step: Step, timeout_s: float, env: dict, log: Path | None = None) -> dict:
     """Run one step with a deadline: SIGINT at the deadline (harness.run stores what it measured and
     exits 130), SIGKILL 30 s later. Returns its record."""
     t0 = time.monotonic()
@@ -203,6 +206,9 @@ def run_step(step: Step, timeout_s: float, env: dict) -> dict:
             os.killpg(proc.pid, signal.SIGKILL)
             out, _ = proc.communicate()
         status = "out of time"
+    if log is not None:  # the whole output: a failure's reason is often above the last lines
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(out or "")
     tail = "\n".join((out or "").splitlines()[-25:])
     return {"status": status, "exit_code": proc.returncode, "wall_s": round(time.monotonic() - t0, 1),
             "deadline_s": round(timeout_s, 1), "command": " ".join(["python", *step.args]), "output_tail": tail}
@@ -236,7 +242,8 @@ def gpu_pass(target: str, results: Path, budget_s: float, dry_run: bool) -> dict
             else:
                 # a step may use its share and what the steps before it left unused
                 remaining = sum(s.share for s in plan[plan.index(step):])
-                record = run_step(step, left * step.share / remaining, env)
+                log = results / "gpu_pass_logs" / f"{step.name}.log"
+                record = run_step(step, left * step.share / remaining, env, log)
             doc["steps"].append({"name": step.name, **record})
             print(f"gpu pass: {step.name}: {record['status']} ({record.get('wall_s', 0)} s)", file=sys.stderr)
             manifest.write_text(json.dumps(doc, indent=1))

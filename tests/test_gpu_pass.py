@@ -32,6 +32,8 @@ def test_the_gpu_pass_runs_every_step_on_the_cpu(tmp_path):
     assert {"segment", "dispatch", "route", "deployed", "table2"} <= set(dyn.kind)
     assert (out / "tables" / "table2.md").is_file()
     tail = next(s["output_tail"] for s in doc["steps"] if s["name"] == "pytest")
+    # each step's whole output beside the manifest
+    assert {p.stem for p in (out / "gpu_pass_logs").iterdir()} == {s["name"] for s in doc["steps"]}
     assert "passed" in tail or "skipped" in tail
     env = json.loads((out / "env.json").read_text())
     assert env["target"] == "h100"
