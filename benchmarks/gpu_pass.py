@@ -189,7 +189,7 @@ def cuda_library_dirs() -> list[str]:
     return sorted({os.path.dirname(f) for f in found})
 
 
-def run_step(step: Step, timeout_s: float, env: dict, log: Path | None = None) -> dict:
+def run_step(step: Step, timeout_s: float, env: dict, log: Path) -> dict:
     """Run one step with a deadline: SIGINT at the deadline (harness.run stores what it measured and
     exits 130), SIGKILL 30 s later. Returns its record."""
     t0 = time.monotonic()
@@ -206,9 +206,8 @@ def run_step(step: Step, timeout_s: float, env: dict, log: Path | None = None) -
             os.killpg(proc.pid, signal.SIGKILL)
             out, _ = proc.communicate()
         status = "out of time"
-    if log is not None:  # the whole output: a failure's reason is often above the last lines
-        log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text(out or "")
+    log.parent.mkdir(parents=True, exist_ok=True)  # the whole output: a failure's reason is often above the tail
+    log.write_text(out or "")
     tail = "\n".join((out or "").splitlines()[-25:])
     return {"status": status, "exit_code": proc.returncode, "wall_s": round(time.monotonic() - t0, 1),
             "deadline_s": round(timeout_s, 1), "command": " ".join(["python", *step.args]), "output_tail": tail}

@@ -67,12 +67,13 @@ class InductorBackend(Backend):
 
     def compile(self, module, example, target: DeviceTarget, precision, artifact_dir):
         module, example = cast(module, example, target, precision)
+        options = self.build_options(target)
         with torch.no_grad():
             program = torch.export.export(module, (example,))
             path = torch._inductor.aoti_compile_and_package(
-                program, package_path=str(artifact_dir / self.artifact), inductor_configs=self.build_options(target))
+                program, package_path=str(artifact_dir / self.artifact), inductor_configs=options)
         engine = self._engine(_load_package(path, example, target), target, precision)
-        engine.details.update(self.build_options(target))
+        engine.details.update(options)  # kept with the artifact: a cached load says it too
         return engine
 
     def load(self, artifact_dir, example, target: DeviceTarget, precision):
