@@ -9,7 +9,7 @@ import torch
 import dsnet
 from conftest import randomize
 from harness.backends import GRAPHS, get_backend, list_backends
-from harness.backends.base import Backend, Engine
+from harness.backends.base import Backend, Engine, native_choice
 from harness.measure.pipeline import ArtifactKey, check_output, trial, weights_fingerprint
 from harness.measure.protocol import Protocol
 from harness.phases.context import RunContext
@@ -198,3 +198,20 @@ def test_importing_the_harness_imports_no_heavy_backend():
             "print(heavy); sys.exit(bool(heavy))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("shape", [(1, 14), (14,), (1, 1, 5), (3, 4)])
+def test_native_choice_is_argmax_on_tensors_and_arrays(shape):
+    """The gate's decision read through ``tolist`` picks what ``argmax`` picks: ties go to the first,
+    NaN ranks highest, torch tensors and NumPy arrays alike."""
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.randn(shape, generator=g) for _ in range(20)]
+    tie = torch.zeros(shape)
+    tie.view(-1)[1] = tie.view(-1)[-1] = 1.0
+    nan = torch.randn(shape, generator=g)
+    nan.view(-1)[-1] = float("nan")
+    cases += [tie, nan, torch.full(shape, float("-inf")), torch.randint(0, 3, shape)]
+    for scores in cases:
+        expected = int(scores.argmax())
+        assert native_choice(scores) == expected, scores
+        assert native_choice(scores.numpy()) == expected, scores
