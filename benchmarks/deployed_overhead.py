@@ -47,11 +47,23 @@ def _interval(values) -> str:
            f"IQR {np.percentile(v, 25) * 1e3:+.0f}..{np.percentile(v, 75) * 1e3:+.0f}, n {len(v)})"
 
 
+def _paired_row(name: str, diffs: list[float]) -> dict:
+    """An ``overhead`` row (median and 95% interval of per-round differences) as the dynamic phase
+    stores it: a store written before the phase paired Table 7's engines gets it from the samples."""
+    from harness.measure.protocol import median_interval
+
+    v = np.sort(np.asarray(diffs))
+    lo, hi = median_interval(len(v))
+    return {"kind": "overhead", "name": name, "status": "ok", "latency_ms_p50": float(np.median(v)),
+            "latency_ms_p50_ci_low": float(v[lo]), "latency_ms_p50_ci_high": float(v[hi])}
+
+
 def report(rows: list[dict], model: str, backend: str) -> list[str]:
     import pandas as pd
 
     from harness.phases.dynamic import paired_differences
-    from harness.reporting.common import acceleration_row
+    from harness.reporting.common import acceleration_row, share_text
+    from harness.results.layout import ARCHITECTURE, MIX
 
     by = {(r["kind"], r["name"]): r for r in rows if r["status"] == "ok"}
     statics = {n: r for (k, n), r in by.items() if k == "static"}
@@ -75,6 +87,12 @@ def report(rows: list[dict], model: str, backend: str) -> list[str]:
         out.append(f"  LUT vs deployed: median |error| {100 * np.median(err):.1f}%, max {100 * err.max():.1f}% "
                    f"over {err.size} routes")
     accelerations = [r for r in rows if r["kind"] == "acceleration"]  # none without a static counterpart
+    # Table 7's shares paired by round: the phase's rows, or from the samples where it did not store them
+    for name, kind, ref in ((MIX, "dynamic", "static_mix"), (ARCHITECTURE, "static_mix", "matched")):
+        pair = [by.get(("acceleration", n)) for n in (kind, ref)]
+        if ("overhead", name) not in by and all(m and m["samples_ms"] for m in pair):
+            accelerations.append(_paired_row(name, paired_differences(*(_measurement(m) for m in pair))))
+    accelerations += [r for (k, n), r in by.items() if k == "overhead" and n in (MIX, ARCHITECTURE)]
     acc = acceleration_row(pd.DataFrame(accelerations)) if accelerations else None
     if acc:
         line = f"  acceleration: realized {acc['realized']:.2f}x of ideal {acc['ideal']:.2f}x " \
@@ -82,9 +100,9 @@ def report(rows: list[dict], model: str, backend: str) -> list[str]:
         if "deployment" in acc:
             import dsnet
 
-            line += f"; deployment's share {100 * acc['deployment']:+.1f}%, architecture's " \
-                    f"{100 * acc['architecture']:+.1f}% (the route mix on static engines over " \
-                    f"{dsnet.static_counterpart(model)} at the same MAdds)"
+            against = f"the route mix on static engines over {dsnet.static_counterpart(model)} at the same MAdds"
+            line += f"; deployment's share {share_text(acc, 'deployment')}, architecture's " \
+                    f"{share_text(acc, 'architecture', against)}"
         out.append(line)
     return out
 

@@ -210,3 +210,28 @@ def test_accuracy_at_equal_measured_latency_and_its_noise():
     assert equal_latency_gaps(rows) == [(5.0, 0.25, pytest.approx(0.35))]
     assert equal_latency_gaps(rows[rows.penalty == "madds"]) == []
     assert accuracy_gap_noise(0.5, 200) == pytest.approx(2 * (2 * 0.25 / 200) ** 0.5)
+
+
+def test_table7_shares_come_from_the_rounds_paired_with_their_intervals():
+    """A ratio of two medians moves with the drift between their samples; where the phase paired the
+    engines round by round (overhead rows mix and architecture), the shares are those medians."""
+    from harness.reporting.common import acceleration_row, share_text
+
+    def row(kind, name, p50, lo=None, hi=None):
+        return {"kind": kind, "name": name, "latency_ms_p50": p50, "latency_ms_p50_ci_low": lo,
+                "latency_ms_p50_ci_high": hi, "status": "ok"}
+
+    acc = [row("acceleration", "largest", 20.0), row("acceleration", "matched", 8.0),
+           row("acceleration", "dynamic", 11.0), row("acceleration", "static_mix", 10.0)]
+    unpaired = acceleration_row(pd.DataFrame(acc))
+    assert unpaired["deployment"] == pytest.approx(0.1) and unpaired["architecture"] == pytest.approx(0.25)
+    assert share_text(unpaired, "deployment") == "+10.0%"
+    paired = acceleration_row(pd.DataFrame(acc + [row("overhead", "mix", 0.3, -0.1, 0.5),
+                                                  row("overhead", "architecture", 1.6, 1.2, 2.0)]))
+    assert paired["deployment"] == pytest.approx(0.03)
+    assert paired["deployment_interval"] == pytest.approx((-0.01, 0.05))
+    assert paired["architecture"] == pytest.approx(0.2)
+    assert paired["architecture_interval"] == pytest.approx((0.15, 0.25))
+    assert paired["realized"] == pytest.approx(20 / 11)
+    assert share_text(paired, "deployment", "deployed over static mix") == \
+        "+3.0% (deployed over static mix; interval -1.0..+5.0%)"

@@ -48,10 +48,13 @@ a route that fails is ``check_failed`` and never timed. Rows (``dynamic`` table,
 - ``overhead`` (``deployed``, ``one_graph``): the deployment's cost over the routes' own static
   engines, pooled: every route's per-round difference (deployed - static), its median and interval;
   and ``one_graph_vs_deployed``, the one artifact minus the deployed path likewise on the routes both
-  ran: which of the two to deploy (the run's summary names it when the interval excludes zero); and
-  ``split``, each priced route's chain of parts (the sum of its parts' samples in a round) minus its
-  static engine likewise: what cutting the network at its gates costs before any dispatch (the
-  deployed path's overhead is about this plus gates x ``dispatch``);
+  ran: which of the two to deploy (the run's summary names it when the interval excludes zero);
+  ``mix``, Table 7's deployed route mix minus the same mix on the routes' static engines, and
+  ``architecture``, that static mix minus the static counterpart at x0.5, each round by round (the
+  two shares of the acceleration's loss with their intervals); and ``split``, each priced
+  route's chain of parts (the sum of its parts' samples in a round) minus its static engine
+  likewise: what cutting the network at its gates costs before any dispatch (the deployed path's
+  overhead is about this plus gates x ``dispatch``);
 - ``stream`` (``uniform``): a uniform stream of the priced routes through the deployed path, 16 calls
   a sample (a sample's mean is the stream's), against the LUT's mean;
 - ``batch``: ``8`` (batch_size 8, one call for eight images, grouped by route) and ``1x8`` (the same
@@ -90,7 +93,7 @@ from harness.measure.pipeline import Result, check_output, image_batch, referenc
 from harness.measure.protocol import Measurement, Protocol
 from harness.phases.context import RunContext
 from harness.phases.static import reference_model
-from harness.results.layout import DYNAMIC_KEY, ONE_GRAPH_VS_DEPLOYED, SPLIT
+from harness.results.layout import ARCHITECTURE, DYNAMIC_KEY, MIX, ONE_GRAPH_VS_DEPLOYED, SPLIT
 from harness.results.store import write_atomically
 
 E2E_ROUTES = 16  # routes validated end to end when a model has more
@@ -653,6 +656,14 @@ class DynamicPhase:
                                        ("matched", f"{acc['static']} x0.5", acc["madds"]["matched"]),
                                        ("dynamic", label, mean_madds), ("static_mix", label, mean_madds)):
                 self._record("acceleration", name, results[("acceleration", name)], route=route, madds=madds)
+            # Table 7's two shares of the loss with their intervals: each pair of engines round by round
+            for name, kind, ref in ((MIX, "dynamic", "static_mix"), (ARCHITECTURE, "static_mix", "matched")):
+                m, r = results[("acceleration", kind)].measurement, results[("acceleration", ref)].measurement
+                diffs = paired_differences(m, r) if m is not None and r is not None else []
+                if diffs:
+                    self._record("overhead", name,
+                                 Result("ok", measurement=Measurement(diffs, 1, None, phase.protocol)))
+
 
 def record_engine_failure(ctx: RunContext, model: str, backend: str, precision: str, input_size: int,
                           error: PartError | Exception) -> None:

@@ -9,6 +9,8 @@ import json
 
 import pandas as pd
 
+from harness.results.layout import ARCHITECTURE, MIX
+
 PAPER_TABLE2_MS = {"full": 12.2, "masking": 12.4, "indexing": 16.6, "slicing": 7.9, "ideal": 7.2}
 PAPER_TABLE7 = {  # row: (MAdds in M, latency ms)
     "MBNetV1 x1.0": (569, 63), "MBNetV1 x0.75": (317, 48), "MBNetV1 x0.5": (150, 33),
@@ -62,7 +64,11 @@ def acceleration_row(g: pd.DataFrame) -> dict:
     x0.5) and realized (x1.0 / the deployed route mix at x0.5's MAdds) speed-up; with the mix also
     run on the routes' static engines, the loss split into the architecture's share
     (``architecture``: static mix over x0.5, minus 1) and the deployment's (``deployment``: deployed
-    mix over static mix, minus 1). Empty when not measured."""
+    mix over static mix, minus 1). Where the run paired them round by round (the ``overhead`` rows
+    ``mix`` and ``architecture``), each share is its row's median difference over the reference's
+    p50, and ``deployment_interval`` / ``architecture_interval`` its 95% interval likewise: a ratio
+    of two medians moves with the drift between their samples (one run, eager: deployment +13.3%
+    against a paired +2.5%, interval +0.2..+5.7%). Empty when not measured."""
     t = ok_rows(g[g.kind == "acceleration"]).set_index("name").latency_ms_p50
     if not {"largest", "matched", "dynamic"} <= set(t.index):
         return {}
@@ -70,14 +76,30 @@ def acceleration_row(g: pd.DataFrame) -> dict:
     if "static_mix" in t.index:
         out |= {"static_mix": t["largest"] / t["static_mix"], "architecture": t["static_mix"] / t["matched"] - 1,
                 "deployment": t["dynamic"] / t["static_mix"] - 1}
+        for share, name, ref in (("deployment", MIX, "static_mix"), ("architecture", ARCHITECTURE, "matched")):
+            paired = ok_rows(g[(g.kind == "overhead") & (g.name == name)])
+            if len(paired):  # per-round differences: drift cancels in each, and an interval
+                r = paired.iloc[0]
+                out[share] = r.latency_ms_p50 / t[ref]
+                out[f"{share}_interval"] = (r.latency_ms_p50_ci_low / t[ref], r.latency_ms_p50_ci_high / t[ref])
     return out
+
+
+def share_text(acc: dict, share: str, what: str = "") -> str:
+    """A share of an :func:`acceleration_row` (``deployment``, ``architecture``) as text, ``+2.7%
+    (what)``, with its interval where the run paired it, ``+2.7% (what; interval -1.0..+6.3%)``."""
+    notes = [what] if what else []
+    interval = acc.get(f"{share}_interval")
+    if isinstance(interval, tuple):  # a frame's row without it holds NaN
+        notes.append(f"interval {100 * interval[0]:+.1f}..{100 * interval[1]:+.1f}%")
+    return f"{100 * acc[share]:+.1f}%" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def acceleration(dyn: pd.DataFrame, input_size: int) -> pd.DataFrame:
     """:func:`acceleration_row` per backend, DS-MBNet at ``input_size``."""
     if dyn.empty:
         return pd.DataFrame()
-    a = dyn[(dyn.kind == "acceleration") & (dyn.input_size == input_size) & (dyn.model == "ds_mbnet")]
+    a = dyn[dyn.kind.isin(["acceleration", "overhead"]) & (dyn.input_size == input_size) & (dyn.model == "ds_mbnet")]
     rows = [{"backend": b} | row for b, g in a.groupby("backend") if (row := acceleration_row(g))]
     return pd.DataFrame(rows)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from harness.reporting.common import acceleration_row
+from harness.reporting.common import acceleration_row, share_text
 from harness.results.layout import ONE_GRAPH_VS_DEPLOYED, SPLIT
 
 
@@ -129,7 +129,7 @@ def dynamic_summary(dyn, run_id: str | None = None) -> str:
         if acc:
             parts.append(f"speed-up over x1.0: realized {acc['realized']:.2f}x vs ideal {acc['ideal']:.2f}x "
                          f"({acc['realized'] / acc['ideal']:.2f} of ideal"
-                         + (f"; deployment's share {100 * acc['deployment']:+.1f}%" if "deployment" in acc else "")
+                         + (f"; deployment's share {share_text(acc, 'deployment')}" if "deployment" in acc else "")
                          + ")")
         lines.append(" ".join(parts + failed))
     return "\n".join(lines)

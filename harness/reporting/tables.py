@@ -50,6 +50,7 @@ from harness.reporting.common import (
     marked_invalid,
     md_table,
     ok_rows,
+    share_text,
     tuning_label,
 )
 from harness.reporting.page import write_page
@@ -320,8 +321,8 @@ def table7(lut: pd.DataFrame, dyn: pd.DataFrame, input_size: int, gates: pd.Data
         lines = [f"{r.backend}: ideal {r.ideal:.2f}x (x1.0 / x0.5), realized {r.realized:.2f}x (x1.0 / DS-MBNet "
                  f"deployed at x0.5's MAdds), {r.realized / r.ideal:.2f} of ideal"
                  + (f"; the same route mix on the routes' static engines {r.static_mix:.2f}x: the architecture's "
-                    f"share {100 * r.architecture:+.1f}% (static mix over x0.5), the deployment's "
-                    f"{100 * r.deployment:+.1f}% (deployed over static mix)"
+                    f"share {share_text(r._asdict(), 'architecture', 'static mix over x0.5')}, the deployment's "
+                    f"{share_text(r._asdict(), 'deployment', 'deployed over static mix')}"
                     if "static_mix" in acc and r.static_mix == r.static_mix else "")
                  for r in acc.itertuples()]
         paper = (f"ideal {PAPER_ACCELERATION['ideal']:.2f}x, realized {PAPER_ACCELERATION['realized']:.2f}x "

@@ -57,13 +57,17 @@ DYNAMIC_KEY = ("model", "backend", "precision", "batch_size", "input_size", "kin
 # overhead: deployed (or one_graph) minus static, per round, pooled over routes (its median and interval),
 # and one_graph_vs_deployed: the one artifact minus the deployed path, likewise (which to deploy), and
 # split: the route's chain of parts minus its static engine, likewise (what the cut at the gates costs,
-# before any dispatch);
+# before any dispatch), mix: the deployed route mix minus the same mix on the routes' static engines,
+# per round (Table 7's deployment share, paired), and architecture: that static mix minus the static
+# counterpart at x0.5 likewise (the architecture's share);
 # stream: a uniform route stream against the LUT; batch: eight images at batch 8 ("8") and one by one
 # ("1x8"); acceleration: Table 7's largest / matched static networks, the dynamic route mix deployed and
 # the same mix on the routes' static engines (static_mix); table2: DS-Net++ Table 2's ways; engine: a
 # dynamic engine that could not be built (harness.phases.dynamic)
 ONE_GRAPH_VS_DEPLOYED = "one_graph_vs_deployed"  # the overhead row comparing the two deployments
 SPLIT = "split"  # the overhead row of the parts chained against the static engine (the cut's cost)
+MIX = "mix"  # the overhead row of the deployed route mix against the same mix on static engines
+ARCHITECTURE = "architecture"  # the overhead row of that static mix against the static network at x0.5
 DYNAMIC_KINDS = ("segment", "dispatch", "route", "static", "deployed", "one_graph", "overhead", "stream", "batch",
                  "acceleration", "table2", "engine")
 DYNAMIC_COLUMNS = [*DYNAMIC_KEY, "route", "madds", *STATS_COLUMNS, "predicted_ms", "rel_error", "status", "error",
