@@ -63,6 +63,14 @@ def test_engine_matches_eager_and_reloads_from_cache(backend, tiny, tmp_path):
             assert check_output(again.engine(x), ref, "fp32") is None
         if backend == "inductor":  # built frozen on a CPU (batch norm folded), said in the row and kept
             assert result.details["freezing"] is True and again.details["freezing"] is True
+            # called with its spec read once, not through the package's per-call parsing: same output
+            from harness.backends.inductor import direct_call
+
+            runner = torch._inductor.aoti_load_package(str(key.directory(tmp_path) / b.artifact))
+            call = direct_call(runner)
+            assert call is not runner
+            with torch.inference_mode():
+                assert torch.equal(call(x), runner(x))
 
 
 class WrongBackend(Backend):

@@ -58,9 +58,11 @@ class InductorBackend(Backend):
         return None
 
     def _engine(self, runner, target: DeviceTarget, precision):
+        call = direct_call(runner)
+
         def run(x):
             with torch.inference_mode():
-                return runner(x)
+                return call(x)
 
         return Engine(run, prepare=input_caster(target, precision), to_torch=as_torch_outputs,
                       sync=cuda_sync(target))
@@ -79,6 +81,24 @@ class InductorBackend(Backend):
     def load(self, artifact_dir, example, target: DeviceTarget, precision):
         example = input_caster(target, precision)(example)  # the child runs it as the engine would
         return self._engine(_load_package(str(artifact_dir / self.artifact), example, target), target, precision)
+
+
+def direct_call(runner):
+    """``runner(x)`` for one input tensor with the package's call spec read once. The package's own
+    ``__call__`` parses its input and output specs from JSON and flattens its arguments on every
+    call: DS-MBNet's head then tail at 224, 200 shuffled rounds (AMD EPYC VM): 161 us less for the
+    two calls (interquartile -313..-2 us), outputs equal. A package whose input is not one positional
+    tensor, or a runner without the loader, keeps its own call."""
+    import torch.utils._pytree as pytree
+
+    loader = getattr(runner, "loader", None)
+    run = getattr(loader, "boxed_run", None) or getattr(loader, "run", None)
+    if run is None or not hasattr(loader, "get_call_spec"):
+        return runner
+    in_spec, out_spec = (pytree.treespec_loads(spec) for spec in loader.get_call_spec())
+    if in_spec != pytree.tree_flatten(((torch.empty(0),), {}))[1]:
+        return runner
+    return lambda x: pytree.tree_unflatten(run([x]), out_spec)  # boxed: the list is the runner's to consume
 
 
 _CHILD = """
