@@ -157,7 +157,9 @@ KIND_DOCS = {
     "overhead": "deployed (or one_graph) minus static per round, pooled over routes; name one_graph_vs_deployed: "
                 "the one artifact minus the deployed path, likewise; name split: the route's parts chained "
                 "(the sum of their samples) minus its static engine, likewise: what cutting the network at "
-                "its gates costs before any dispatch",
+                "its gates costs before any dispatch; name mix: Table 7's deployed route mix minus the same "
+                "mix on the routes' static engines per round, name architecture: that static mix minus the "
+                "static network at x0.5 (the two shares of the acceleration's loss, with their intervals)",
     "stream": "a uniform route stream through the deployed path against the LUT's mean",
     "batch": "eight images at batch 8 (`8`) and one by one (`1x8`)",
     "acceleration": "Table 7: static x1.0 (`largest`) and x0.5 (`matched`), the deployed route mix of x0.5's "
