@@ -48,14 +48,12 @@ def _interval(values) -> str:
 
 
 def _paired_row(name: str, diffs: list[float]) -> dict:
-    """An ``overhead`` row (median and 95% interval of per-round differences) as the dynamic phase
-    stores it: a store written before the phase paired Table 7's engines gets it from the samples."""
-    from harness.measure.protocol import median_interval
+    """An ``overhead`` row of per-round differences with the columns the dynamic phase stores: a store
+    written before the phase paired Table 7's engines gets it from the samples."""
+    from harness.measure.pipeline import stats_row
+    from harness.measure.protocol import Measurement
 
-    v = np.sort(np.asarray(diffs))
-    lo, hi = median_interval(len(v))
-    return {"kind": "overhead", "name": name, "status": "ok", "latency_ms_p50": float(np.median(v)),
-            "latency_ms_p50_ci_low": float(v[lo]), "latency_ms_p50_ci_high": float(v[hi])}
+    return {"kind": "overhead", "name": name, "status": "ok", **stats_row(Measurement(diffs, 1, None))}
 
 
 def report(rows: list[dict], model: str, backend: str) -> list[str]:
