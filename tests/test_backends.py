@@ -61,6 +61,11 @@ def test_engine_matches_eager_and_reloads_from_cache(backend, tiny, tmp_path):
             again = trial(b, module, x, X86, "fp32", key, tmp_path)
             assert again.ok and again.details["cached"] is True
             assert check_output(again.engine(x), ref, "fp32") is None
+        if backend == "onnxruntime":  # the bound outputs a chain hands on start where ORT's own buffers do
+            from harness.backends.onnxruntime import ALIGNMENT
+
+            outs = result.engine.run(result.engine.prepare(x))
+            assert outs and all(a.ctypes.data % ALIGNMENT == 0 for a in outs)
         if backend == "inductor":  # built frozen on a CPU (batch norm folded), said in the row and kept
             assert result.details["freezing"] is True and again.details["freezing"] is True
             # called with its spec read once, not through the package's per-call parsing: same output
@@ -223,3 +228,18 @@ def test_native_choice_is_argmax_on_tensors_and_arrays(shape):
         expected = int(scores.argmax())
         assert native_choice(scores) == expected, scores
         assert native_choice(scores.numpy()) == expected, scores
+
+
+@pytest.mark.parametrize("shape,dtype", [((1, 3, 5, 7), "float32"), ((1, 10), "int64"), ((3,), "float16"),
+                                         ((0, 4), "float32"), ((), "float32")])
+def test_aligned_empty_is_an_aligned_writable_array_of_the_shape(shape, dtype):
+    import numpy as np
+
+    from harness.backends.onnxruntime import ALIGNMENT, aligned_empty
+
+    arrays = [aligned_empty(shape, dtype) for _ in range(8)]  # NumPy alone starts some 16 bytes off
+    for a in arrays:
+        assert a.shape == shape and a.dtype == np.dtype(dtype) and a.flags.c_contiguous and a.flags.writeable
+        assert a.ctypes.data % ALIGNMENT == 0
+        a[...] = 1
+    assert all(np.all(a == 1) for a in arrays)  # no two overlap
