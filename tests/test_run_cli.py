@@ -196,6 +196,7 @@ def test_killed_run_loses_nothing_and_the_rerun_measures_only_what_is_missing(tm
         before = {r[0]: r[1] for r in db.execute("SELECT route, latency_ms_p50 FROM results")}
     assert 1 <= len(before) < 8 and all(v > 0 for v in before.values())
 
+    _profile(tmp_path, repeat=4)  # the same profile with fewer rounds: what a re-run measures is what is missing
     rerun = cli(*args)
     assert rerun.returncode == 0, rerun.stderr
     assert f"{8 - len(before)} to measure, {len(before)} already stored" in rerun.stderr
