@@ -627,13 +627,15 @@ class DynamicPhase:
                     for d in paired_differences(results[(kind, str(route))].measurement,
                                                 results[(ref, str(route))].measurement)]
 
+        def paired_row(name, diffs):  # an overhead row of per-round differences (none without any)
+            if diffs:
+                self._record("overhead", name, Result("ok", measurement=Measurement(diffs, 1, None, phase.protocol)))
+
         # each deployment over the routes' own static engines, and the one artifact against the
         # deployed path of separate engines: which of the two to deploy (summary: deployment_line)
         for name, kind, ref in (("deployed", "deployed", "static"), ("one_graph", "one_graph", "static"),
                                 (ONE_GRAPH_VS_DEPLOYED, "one_graph", "deployed")):
-            diffs = pooled(kind, ref)
-            if diffs:
-                self._record("overhead", name, Result("ok", measurement=Measurement(diffs, 1, None, phase.protocol)))
+            paired_row(name, pooled(kind, ref))
         # of the deployed path's overhead, what the cut at the gates costs (its parts against the
         # route's static engine); the rest is the dispatch (row dispatch)
         diffs = []
@@ -641,8 +643,7 @@ class DynamicPhase:
             parts, static = self._chain(results, chained, route), results.get(("static", str(route)))
             if parts and static is not None and static.measurement is not None:
                 diffs += split_differences(parts, static.measurement)
-        if diffs:
-            self._record("overhead", SPLIT, Result("ok", measurement=Measurement(diffs, 1, None, phase.protocol)))
+        paired_row(SPLIT, diffs)
         if ("batch", str(BATCH)) in results:
             predicted = sum(lut.latency(r) for r in extra["batch_routes"])
             self._record("batch", str(BATCH), results[("batch", str(BATCH))], predicted_ms=predicted, batch=BATCH)
@@ -659,10 +660,7 @@ class DynamicPhase:
             # Table 7's two shares of the loss with their intervals: each pair of engines round by round
             for name, kind, ref in ((MIX, "dynamic", "static_mix"), (ARCHITECTURE, "static_mix", "matched")):
                 m, r = results[("acceleration", kind)].measurement, results[("acceleration", ref)].measurement
-                diffs = paired_differences(m, r) if m is not None and r is not None else []
-                if diffs:
-                    self._record("overhead", name,
-                                 Result("ok", measurement=Measurement(diffs, 1, None, phase.protocol)))
+                paired_row(name, paired_differences(m, r) if m is not None and r is not None else [])
 
 
 def record_engine_failure(ctx: RunContext, model: str, backend: str, precision: str, input_size: int,
