@@ -25,6 +25,10 @@ from importlib import metadata
 import psutil
 
 BUSY_CPU_PERCENT = 25.0  # of one core, used by other processes
+# what idle threads do between calls, where the environment sets it (spin or sleep: OpenMP's, Intel
+# OpenMP's and TVM's pools); it moves every backend's latency, so a run records it (the test suite
+# sets the first and the last)
+WAIT_POLICY_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "TVM_THREAD_POOL_SPIN_COUNT")
 LIBRARIES = ("torch", "numpy", "onnx", "onnxruntime", "apache-tvm", "apache-tvm-ffi",
              "torch-tensorrt", "tensorrt", "psutil", "pandas")
 
@@ -123,6 +127,7 @@ def capture(device: str = "cpu", window_s: float = 0.5) -> dict:
         "cpu_steal_percent": None if steal is None else round(steal, 1),
         "busy": other > BUSY_CPU_PERCENT,
         "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None,
+        "wait_policy": {var: os.environ[var] for var in WAIT_POLICY_VARS if var in os.environ},  # {}: defaults
         "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "libraries": library_versions(),
     }

@@ -168,6 +168,24 @@ def test_threads_override_the_profile_and_go_to_a_folder_of_their_own(tmp_path, 
     assert not (tmp_path / "results" / "cpu-test").exists()
 
 
+def test_the_environment_records_what_idle_threads_were_told_and_the_tables_say_it(monkeypatch):
+    """Spinning or sleeping idle threads move every latency: a run records the variables that set
+    it (the test suite's own among them), and the tables' environment line names them."""
+    from harness.env import WAIT_POLICY_VARS, capture
+    from harness.reporting.tables import env_line
+
+    for var in WAIT_POLICY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    assert capture(window_s=0.01)["wait_policy"] == {}
+    assert "Idle threads" not in env_line({"env": capture(window_s=0.01)})
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setenv("TVM_THREAD_POOL_SPIN_COUNT", "0")
+    env = capture(window_s=0.01)
+    assert env["wait_policy"] == {"OMP_WAIT_POLICY": "PASSIVE", "TVM_THREAD_POOL_SPIN_COUNT": "0"}
+    assert "Idle threads as the environment set them: OMP_WAIT_POLICY=PASSIVE, TVM_THREAD_POOL_SPIN_COUNT=0." \
+        in env_line({"env": env})
+
+
 def test_killed_run_loses_nothing_and_the_rerun_measures_only_what_is_missing(tmp_path):
     """Each model is one round phase: killed (-9) once the first model's phase is stored, during
     the second's, the re-run keeps the first untouched and measures only the second."""

@@ -133,8 +133,17 @@ def env_line(env: dict) -> str:
     return (f"Environment: {emulated}{env.get('device_name', '?')} ({env.get('target', '?')} profile), "
             f"{env.get('threads', '?')} threads, run {env.get('run_id', '?')}; busy: {e.get('busy')}, other "
             f"processes {e.get('other_processes_cpu_percent')}% of a core, steal {e.get('cpu_steal_percent')}%; "
-            f"{libs}." + _not_measured(env.get("skipped", {})) + _drift(env.get("drift", {}))
-            + _earlier(env.get("earlier_runs", [])))
+            f"{libs}." + _wait_policy(e.get("wait_policy")) + _not_measured(env.get("skipped", {}))
+            + _drift(env.get("drift", {})) + _earlier(env.get("earlier_runs", [])))
+
+
+def _wait_policy(policy) -> str:
+    """What idle threads were told to do, where the run's environment set it (env.json; none: the
+    libraries' defaults, which spin a while before sleeping)."""
+    if not isinstance(policy, dict) or not policy:
+        return ""
+    return " Idle threads as the environment set them: " + ", ".join(f"{k}={v}" for k, v in sorted(policy.items())) \
+        + "."
 
 
 def _not_measured(skipped: dict) -> str:
