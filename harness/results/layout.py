@@ -271,8 +271,9 @@ def describe() -> str:
              (lay.lut_csv, "the static sweep, one row per model x route x backend x precision x batch x input size"),
              (lay.dynamic_csv, "the dynamic engine, Table 2 and the acceleration, one row per ("
               + ", ".join(DYNAMIC_KEY) + ")"),
-             (lay.env_json, "the machine, the libraries, the protocol, the skipped backends and the drift of each "
-                            "round phase, per run"),
+             (lay.env_json, "the machine, the libraries, what idle threads were told where the environment set "
+                            "it (`wait_policy`), the protocol, the skipped backends and the drift of each round "
+                            "phase, per run"),
              (lay.tables_dir, "the papers' tables (`<name>.md`, `<name>.csv`): " + ", ".join(TABLES)),
              (lay.figures_dir, "the figures (`<name>.png`): " + ", ".join(FIGURES)),
              (lay.page, "every table and figure of the folder on one self-contained page (figures embedded), "
