@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_tvm_tuning import _build, _net, _tasks, tvm_on_x86
+from test_tvm_tuning import _build, _net, _tasks, small_search, tvm_on_x86
 
 from harness.backends import get_backend
 from harness.measure.pipeline import check_output, reference
@@ -31,7 +31,7 @@ def test_shipped_records_build_a_folder_that_has_no_database_and_are_refused_whe
     what they were tuned with) build a results folder that has tuned nothing: its rows say
     ``shipped``, its output is eager's. Its own records come first once it has some. Records of
     another TVM version or for CPU features this CPU lacks are refused in one line, never applied."""
-    from harness.backends.tvm_tuning import ABOUT, SHIPPED_FILES, SearchSettings, ship_records, tune
+    from harness.backends.tvm_tuning import ABOUT, SHIPPED_FILES, ship_records, tune
 
     target, _ = x86
     # "elsewhere": the machine that tuned and shipped the records, for the x86-64-v3 baseline (the
@@ -42,7 +42,7 @@ def test_shipped_records_build_a_folder_that_has_no_database_and_are_refused_whe
     net, x = _net(), torch.randn(1, 3, 16, 16)
     tasks = _tasks(elsewhere, target, net, x)
     tune(elsewhere.open_database(target), tasks, budget_s=1e6,
-         search=SearchSettings(first_trials=4, trials_per_iter=4, max_trials_per_task=4))
+         search=small_search(4))
     shipped = ship_records(elsewhere.tuning_dir, elsewhere.open_database(target).target, tmp_path / "shipped",
                            cpu_flags=[], about={"networks": ["net"]})
     assert "x86-64-v3" in json.loads((shipped / ABOUT).read_text())["target"]
@@ -80,7 +80,7 @@ def test_shipped_records_build_a_folder_that_has_no_database_and_are_refused_whe
     assert check_output(built.engine(x), reference(deeper, x), "fp32") is None
     own_dir = tmp_path / "own"
     tune(backend_with(own_dir, shipped).open_database(target), tasks, budget_s=1e6,
-         search=SearchSettings(first_trials=2, trials_per_iter=2, max_trials_per_task=2))
+         search=small_search(2))
     own = _build(backend_with(own_dir, shipped), target, net, x, tmp_path / "cache")
     assert own.details["records"] == "local"
 
@@ -93,6 +93,7 @@ def test_shipped_records_build_a_folder_that_has_no_database_and_are_refused_whe
         assert any(says in n and "not applied" in n for n in notes), notes
         assert any("tvm is untuned" in n for n in notes), notes
         assert _build(refused, target, net, x, tmp_path / "cache").details["records"] == "none"
+
 
 def test_shipped_records_that_do_not_unpack_are_refused_in_one_line(x86, tmp_path):
     import tvm
@@ -111,6 +112,7 @@ def test_shipped_records_that_do_not_unpack_are_refused_in_one_line(x86, tmp_pat
     assert any("tvm is untuned" in n for n in notes), notes
     assert all("\n" not in n for n in notes)
     assert backend.shipped(target) is None
+
 
 def test_harness_tune_ships_records_for_a_baseline_in_a_folder_of_its_own(x86, tmp_path, capsys, monkeypatch):
     """``harness.tune --mcpu x86-64-v3 --ship DIR``: tuned for the baseline (never into the host's
@@ -134,6 +136,7 @@ def test_harness_tune_ships_records_for_a_baseline_in_a_folder_of_its_own(x86, t
                           workdir=tmp_path / "fresh")
     assert shipped.shipped_refusal() is None and shipped.shipped(x86[0]) is not None
 
+
 def test_a_profiles_shipped_records_are_found_beside_the_profile(tmp_path):
     profile = tmp_path / "profiles" / "box.toml"
     profile.parent.mkdir()
@@ -141,6 +144,7 @@ def test_a_profiles_shipped_records_are_found_beside_the_profile(tmp_path):
                        '[tvm]\ntarget = { kind = "llvm" }\nshipped_records = "tvm_records/box"\n')
     options = load_target(str(profile)).options("tvm")
     assert options["shipped_records"] == str(tmp_path / "profiles" / "tvm_records" / "box")
+
 
 def test_the_shipped_records_vouch_for_the_default_runs_tasks_as_the_code_stands(x86):
     """README's default-run time counts on it: the run skips extracting its 377 tasks because the
@@ -157,6 +161,7 @@ def test_the_shipped_records_vouch_for_the_default_runs_tasks_as_the_code_stands
     assert records.vouched(signature) is not None, (
         "the shipped records do not vouch for the default run's tasks as the code stands: "
         "run python -m harness.tune --target x86 --vouch")
+
 
 def test_a_run_vouched_for_skips_extraction_and_vouching_refuses_records_that_miss_a_task(x86, tmp_path, monkeypatch):
     """``run_tuning`` beyond the shipped records returns at once when their about.json vouches for

@@ -36,6 +36,16 @@ def _net(channels=(8, 16)):
     return nn.Sequential(*layers).eval()
 
 
+def small_search(trials: int, max_trials: int | None = None):
+    """Search settings for a test: ``trials`` per task and a population of 16 evolved once (the
+    default's 128 twice costs a quarter of a tiny network's tuning time); what these tests check is
+    the tuning's flow and the build's output, not how fast the schedules found are."""
+    from harness.backends.tvm_tuning import SearchSettings
+
+    return SearchSettings(first_trials=trials, trials_per_iter=trials, max_trials_per_task=max_trials or trials,
+                          population=16, genetic_iters=1)
+
+
 def tvm_on_x86(workdir):
     """The x86 profile and its TVM backend tuning into ``workdir`` (a skip where TVM is absent)."""
     target = load_target("x86").resolve()
@@ -65,7 +75,7 @@ def _tasks(backend, target, module, x):
 
 
 def test_tuning_keeps_the_output_and_a_rerun_tunes_nothing(x86, tmp_path):
-    from harness.backends.tvm_tuning import RECORD_FILES, SearchSettings, tune
+    from harness.backends.tvm_tuning import RECORD_FILES, tune
 
     target, backend = x86
     net, x = _net((16, 32)), torch.randn(1, 3, 32, 32)
@@ -73,7 +83,7 @@ def test_tuning_keeps_the_output_and_a_rerun_tunes_nothing(x86, tmp_path):
     assert untuned.details["tuning"] == "untuned" and untuned.details["tuned_tasks"] == 0
     tasks = _tasks(backend, target, net, x)
     db = backend.open_database(target)
-    search = SearchSettings(first_trials=8, trials_per_iter=8, max_trials_per_task=8)
+    search = small_search(8)
     done = tune(db, tasks, budget_s=1e6, search=search)  # step 1 only: the plan adds what the budget allows
     assert done["tuned_now"] >= len(tasks) > 0
     db = backend.database(target)
@@ -98,18 +108,19 @@ def test_tuning_keeps_the_output_and_a_rerun_tunes_nothing(x86, tmp_path):
     backend.open_database(target)._write_ledger()  # as tuning does after every task
     assert backend.database(target) is not db  # its files changed: read again, never stale
     # the budget counts earlier runs: room for more trials per task, but the seconds are spent
-    wider = SearchSettings(first_trials=8, trials_per_iter=8, max_trials_per_task=64)
+    wider = small_search(8, 64)
     db = backend.open_database(target)
     seconds = sum(db.entry(t.key)["seconds"] for t in tasks)  # enough for 8 trials per task once more
     assert tune(db, tasks, budget_s=0.9 * seconds, search=wider)["trials_now"] == 0
     assert _build(backend, target, net, x, tmp_path / "cache").details["cached"] is True
+
 
 @pytest.mark.parametrize("options", [{"weight_prepack": True}, {"layout": "NHWC", "weight_prepack": True}])
 def test_prepacked_weights_and_nhwc_keep_eagers_output_once_tuned(x86, tmp_path, options):
     """With ``weight_prepack`` MetaSchedule may rewrite a weight's layout for its schedule; the
     build folds that rewrite into the constant, so the deployed function takes the same input and
     gives eager's output (a depthwise layer too: its weight layout differs in NHWC)."""
-    from harness.backends.tvm_tuning import SearchSettings, apply_records, tune
+    from harness.backends.tvm_tuning import apply_records, tune
 
     target, _ = x86
     backend = get_backend("tvm", {**target.options("tvm"), **options}, workdir=tmp_path / "tvm_tuning")
@@ -119,7 +130,7 @@ def test_prepacked_weights_and_nhwc_keep_eagers_output_once_tuned(x86, tmp_path,
     x = torch.randn(1, 3, 16, 16)
     tasks = _tasks(backend, target, net, x)
     tune(backend.open_database(target), tasks, budget_s=1e6,
-         search=SearchSettings(first_trials=8, trials_per_iter=8, max_trials_per_task=8))
+         search=small_search(8))
     mod, tvm_target = backend.relax_module(net, x, target, "fp32")
 
     def rewriting(m):  # the functions that rewrite a weight's layout in every call
@@ -133,10 +144,12 @@ def test_prepacked_weights_and_nhwc_keep_eagers_output_once_tuned(x86, tmp_path,
     assert tuned.details["tuning"] == "tuned"
     assert check_output(tuned.engine(x), reference(net, x), "fp32") is None
 
+
 def test_an_unknown_layout_is_refused():
     target = load_target("x86").resolve()
     with pytest.raises(ValueError, match=r"\[tvm\] layout must be one of NCHW, NHWC, got 'NCHWc'"):
         get_backend("tvm", {**target.options("tvm"), "layout": "NCHWc"})
+
 
 def test_fast_math_replaces_libm_calls_and_keeps_eagers_output(x86, tmp_path):
     """``fast_math`` computes SiLU's sigmoid and tanh with TOPI's polynomial approximations instead
@@ -155,22 +168,23 @@ def test_fast_math_replaces_libm_calls_and_keeps_eagers_output(x86, tmp_path):
         assert built.details["cached"] is False  # fast_math is part of the artifact's key
         assert check_output(built.engine(x), reference(net, x), "fp32") is None
 
+
 def test_kill_9_keeps_finished_tasks_and_the_rerun_skips_them(x86, tmp_path):
-    from harness.backends.tvm_tuning import LEDGER, SearchSettings, tune
+    from harness.backends.tvm_tuning import LEDGER, tune
 
     target, backend = x86
     workdir = tmp_path / "tvm_tuning"
     script = textwrap.dedent(f"""
         import torch
         from harness.backends import get_backend
-        from harness.backends.tvm_tuning import SearchSettings, tune
+        from harness.backends.tvm_tuning import tune
         from harness.targets import load_target
-        from tests.test_tvm_tuning import _net, _tasks
+        from tests.test_tvm_tuning import _net, _tasks, small_search
         target = load_target("x86").resolve()
         backend = get_backend("tvm", target.options("tvm"), workdir={str(workdir)!r})
         net, x = _net((8, 16, 24)), torch.randn(1, 3, 16, 16)
         tune(backend.open_database(target), _tasks(backend, target, net, x), budget_s=1e6,
-             search=SearchSettings(first_trials=4, trials_per_iter=4, max_trials_per_task=4))
+             search=small_search(4))
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -191,11 +205,12 @@ def test_kill_9_keeps_finished_tasks_and_the_rerun_skips_them(x86, tmp_path):
     db = backend.open_database(target)  # the database survives the kill
     assert all(db.best_ms(t.extracted.dispatched[0]) is not None for t in tasks if t.key in finished)
     names = []
-    tune(db, tasks, budget_s=1e6, search=SearchSettings(first_trials=4, trials_per_iter=4, max_trials_per_task=4),
+    tune(db, tasks, budget_s=1e6, search=small_search(4),
          progress_factory=lambda total, desc: (lambda label, text: names.append((desc, label))))
     first_pass = [label for desc, label in names if desc.endswith("first pass")]
     assert len(first_pass) == len(tasks) - len(finished)  # the finished tasks are skipped
     assert all(db.entry(t.key)["trials"] >= 4 for t in tasks)
+
 
 def test_a_database_tuned_for_another_target_is_not_applied(x86, tmp_path):
     from harness.backends.tvm_tuning import LEDGER, SearchSettings, tune
@@ -214,6 +229,7 @@ def test_a_database_tuned_for_another_target_is_not_applied(x86, tmp_path):
     assert result.details["tuning"] == "untuned"
     with pytest.raises(ValueError, match="was tuned for llvm -mcpu=some-other-cpu"):
         tune(backend.open_database(target), _tasks(backend, target, net, x), 10, SearchSettings())
+
 
 def test_the_run_tunes_within_the_profiles_budget_and_labels_its_rows(x86, tmp_path, capsys):
     """``harness.run`` tunes within ``--tune-minutes`` (over the profile's ``[tvm] tune_minutes``): the
@@ -254,6 +270,7 @@ def test_the_run_tunes_within_the_profiles_budget_and_labels_its_rows(x86, tmp_p
     assert runmod.main([*args[:-1], "0.05", "--phases", "static"]) == 0  # no dynamic engines to rebuild
     assert ": extracted" in capsys.readouterr().err
 
+
 @pytest.mark.parametrize("dynamic_backends, tunes_parts", [("tvm", True), ("eager", False)])
 def test_the_dynamic_engines_parts_are_tuned_when_the_run_measures_it_on_tvm(tmp_path, monkeypatch,
                                                                              dynamic_backends, tunes_parts):
@@ -280,6 +297,7 @@ def test_the_dynamic_engines_parts_are_tuned_when_the_run_measures_it_on_tvm(tmp
             "--dynamic-backends", dynamic_backends, "--out", str(tmp_path / "out")]
     assert runmod.main(args) == 130
     assert asked == [tunes_parts]
+
 
 def test_the_tuned_networks_include_what_the_dynamic_phase_builds():
     """With the dynamic engine on TVM the run builds the head, every segment and, for Table 7's
