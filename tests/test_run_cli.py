@@ -176,8 +176,9 @@ def test_the_environment_records_what_idle_threads_were_told_and_the_tables_say_
 
     for var in WAIT_POLICY_VARS:
         monkeypatch.delenv(var, raising=False)
-    assert capture(window_s=0.01)["wait_policy"] == {}
-    assert "Idle threads" not in env_line({"env": capture(window_s=0.01)})
+    defaults = capture(window_s=0.01)
+    assert defaults["wait_policy"] == {}
+    assert "Idle threads" not in env_line({"env": defaults})
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     monkeypatch.setenv("TVM_THREAD_POOL_SPIN_COUNT", "0")
     env = capture(window_s=0.01)
