@@ -59,8 +59,9 @@ def eager_phase(tmp_path_factory):
     record_engine_failure(ctx, "ds_mbnet", "eager", "fp32", 64, RuntimeError("an earlier build failed"))
     run_dynamic(ctx, "ds_mbnet", "eager", "fp32", 64)
     df = store.dynamic_frame()
+    samples = pd.read_sql_query("SELECT kind, name, samples_ms, rounds FROM dynamic", store.db)
     store.close()
-    return df
+    return df.merge(samples, on=["kind", "name"], how="left", validate="one_to_one")
 
 
 def test_the_phase_stores_every_kind_in_one_round_phase(eager_phase):
@@ -73,7 +74,7 @@ def test_the_phase_stores_every_kind_in_one_round_phase(eager_phase):
     assert d.status == "ok" or "impossible" in d.error
     routes = [str(r) for r in dsnet.create_model("ds_mbnet").routes(64)]
     count = df.groupby("kind").size().to_dict()
-    assert count == {"segment": 1 + 14, "dispatch": 1, "route": 14, "static": 14, "deployed": 14, "overhead": 4,
+    assert count == {"segment": 1 + 14, "dispatch": 1, "route": 14, "static": 14, "deployed": 14, "overhead": 6,
                      "stream": 1, "batch": 2, "acceleration": 4, "engine": 1}
     assert df[df.kind == "engine"].status.tolist() == ["ok"]  # the earlier failure no longer stands
     for kind in ("route", "static", "deployed"):
@@ -82,8 +83,14 @@ def test_the_phase_stores_every_kind_in_one_round_phase(eager_phase):
     assert set(acc.index) == {"largest", "matched", "dynamic", "static_mix"} and (acc.latency_ms_mean > 0).all()
     assert set(df[df.kind == "batch"].batch_size) == {1, 8}
     # the deployed path's overhead over the static engines, the part of it due to the cut at the gates,
-    # and Table 7's two shares paired round by round
-    assert set(df[df.kind == "overhead"].name) == {"deployed", "split", "mix", "architecture"}
+    # and Table 7's two shares and two speed-ups paired round by round
+    over = df[df.kind == "overhead"].set_index("name")
+    assert set(over.index) == {"deployed", "split", "mix", "architecture", "realized", "ideal"}
+    for name, kind, ref in (("realized", "dynamic", "largest"), ("ideal", "matched", "largest")):
+        rounds = dict(zip(json.loads(acc.rounds[ref]), json.loads(acc.samples_ms[ref])))
+        diffs = [s - rounds[r] for r, s in zip(json.loads(acc.rounds[kind]), json.loads(acc.samples_ms[kind]))
+                 if r in rounds]
+        assert sorted(json.loads(over.samples_ms[name])) == pytest.approx(sorted(diffs))
 
 
 def test_route_rows_are_what_the_stored_lut_prices_the_deployed_route_at(eager_phase):

@@ -215,7 +215,7 @@ def test_accuracy_at_equal_measured_latency_and_its_noise():
 def test_table7_shares_come_from_the_rounds_paired_with_their_intervals():
     """A ratio of two medians moves with the drift between their samples; where the phase paired the
     engines round by round (overhead rows mix and architecture), the shares are those medians."""
-    from harness.reporting.common import acceleration_row, share_text
+    from harness.reporting.common import acceleration_row, share_text, speedup_text
 
     def row(kind, name, p50, lo=None, hi=None):
         return {"kind": kind, "name": name, "latency_ms_p50": p50, "latency_ms_p50_ci_low": lo,
@@ -232,6 +232,13 @@ def test_table7_shares_come_from_the_rounds_paired_with_their_intervals():
     assert paired["deployment_interval"] == pytest.approx((-0.01, 0.05))
     assert paired["architecture"] == pytest.approx(0.2)
     assert paired["architecture_interval"] == pytest.approx((0.15, 0.25))
-    assert paired["realized"] == pytest.approx(20 / 11)
+    assert paired["realized"] == pytest.approx(20 / 11) and "realized_interval" not in paired
+    # the speed-ups from rounds paired with x1.0: x1.0 over (x1.0 + the median difference)
+    both = acceleration_row(pd.DataFrame(acc + [row("overhead", "realized", -9.0, -10.0, -5.0),
+                                                row("overhead", "ideal", -12.0, -12.5, -11.0)]))
+    assert both["realized"] == pytest.approx(20 / 11)
+    assert both["realized_interval"] == pytest.approx((20 / 15, 2.0))
+    assert both["ideal"] == pytest.approx(2.5) and both["ideal_interval"] == pytest.approx((20 / 9, 20 / 7.5))
+    assert speedup_text(both, "realized") == "1.82x (1.33..2.00x)" and speedup_text(unpaired, "ideal") == "2.50x"
     assert share_text(paired, "deployment", "deployed over static mix") == \
         "+3.0% (deployed over static mix; interval -1.0..+5.0%)"

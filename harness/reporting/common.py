@@ -9,7 +9,7 @@ import json
 
 import pandas as pd
 
-from harness.results.layout import ARCHITECTURE, MIX
+from harness.results.layout import ARCHITECTURE, IDEAL, MIX, REALIZED
 
 PAPER_TABLE2_MS = {"full": 12.2, "masking": 12.4, "indexing": 16.6, "slicing": 7.9, "ideal": 7.2}
 PAPER_TABLE7 = {  # row: (MAdds in M, latency ms)
@@ -68,11 +68,20 @@ def acceleration_row(g: pd.DataFrame) -> dict:
     ``mix`` and ``architecture``), each share is its row's median difference over the reference's
     p50, and ``deployment_interval`` / ``architecture_interval`` its 95% interval likewise: a ratio
     of two medians moves with the drift between their samples (one run, eager: deployment +13.3%
-    against a paired +2.5%, interval +0.2..+5.7%). Empty when not measured."""
+    against a paired +2.5%, interval +0.2..+5.7%). The two speed-ups likewise where the rows
+    ``ideal`` and ``realized`` pair x0.5 and the deployed mix with x1.0 (``ideal_interval``,
+    ``realized_interval``). Empty when not measured."""
     t = ok_rows(g[g.kind == "acceleration"]).set_index("name").latency_ms_p50
     if not {"largest", "matched", "dynamic"} <= set(t.index):
         return {}
     out = {"ideal": t["largest"] / t["matched"], "realized": t["largest"] / t["dynamic"]}
+    for speedup, name in (("ideal", IDEAL), ("realized", REALIZED)):
+        paired = ok_rows(g[(g.kind == "overhead") & (g.name == name)])
+        if len(paired):  # x1.0 over (x1.0 + the round's difference): its median and interval
+            r = paired.iloc[0]
+            out[speedup] = t["largest"] / (t["largest"] + r.latency_ms_p50)
+            out[f"{speedup}_interval"] = (t["largest"] / (t["largest"] + r.latency_ms_p50_ci_high),
+                                          t["largest"] / (t["largest"] + r.latency_ms_p50_ci_low))
     if "static_mix" in t.index:
         out |= {"static_mix": t["largest"] / t["static_mix"], "architecture": t["static_mix"] / t["matched"] - 1,
                 "deployment": t["dynamic"] / t["static_mix"] - 1}
@@ -93,6 +102,14 @@ def share_text(acc: dict, share: str, what: str = "") -> str:
     if isinstance(interval, tuple):  # a frame's row without it holds NaN
         notes.append(f"interval {100 * interval[0]:+.1f}..{100 * interval[1]:+.1f}%")
     return f"{100 * acc[share]:+.1f}%" + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def speedup_text(acc: dict, speedup: str) -> str:
+    """A speed-up of an :func:`acceleration_row` (``ideal``, ``realized``) as text, ``1.62x``, with its
+    interval where the run paired it, ``1.62x (1.58..1.66x)``."""
+    interval = acc.get(f"{speedup}_interval")
+    paired = f" ({interval[0]:.2f}..{interval[1]:.2f}x)" if isinstance(interval, tuple) else ""
+    return f"{acc[speedup]:.2f}x{paired}"
 
 
 def acceleration(dyn: pd.DataFrame, input_size: int) -> pd.DataFrame:

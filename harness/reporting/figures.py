@@ -126,9 +126,10 @@ def acceleration_plot(dyn: pd.DataFrame, input_size: int, path: Path) -> Path:
     realized = list(a.realized) + [PAPER_ACCELERATION["realized"]]
     on_static = list(a.static_mix if "static_mix" in a else [np.nan] * len(a)) + [np.nan]
     x = np.arange(len(labels))
-    ax.bar(x - 0.27, ideal, 0.27, label="ideal: MBNetV1 x1.0 / x0.5")
+    ax.bar(x - 0.27, ideal, 0.27, yerr=_interval_bars(a, "ideal"), capsize=2, label="ideal: MBNetV1 x1.0 / x0.5")
     ax.bar(x, on_static, 0.27, label="routes' static engines: x1.0 / DS-MBNet's mix (architecture)")
-    ax.bar(x + 0.27, realized, 0.27, label="realized: x1.0 / DS-MBNet deployed at x0.5's MAdds")
+    ax.bar(x + 0.27, realized, 0.27, yerr=_interval_bars(a, "realized"), capsize=2,
+           label="realized: x1.0 / DS-MBNet deployed at x0.5's MAdds")
     for xi, (i, r) in enumerate(zip(ideal, realized)):
         ax.annotate(f"{r / i:.2f} of ideal", (xi + 0.27, r), ha="center", va="bottom", fontsize=7)
     ax.axhline(1.0, color="0.5", lw=0.8)
@@ -137,6 +138,14 @@ def acceleration_plot(dyn: pd.DataFrame, input_size: int, path: Path) -> Path:
     ax.set_title("Realized against ideal acceleration (batch 1)")
     ax.legend(fontsize=6)
     return _save(fig, path)
+
+
+def _interval_bars(a: pd.DataFrame, speedup: str) -> np.ndarray:
+    """Error bars (2 x bars, the paper's bar last and bare) from each backend's paired 95% interval
+    of ``speedup``; zero-length where the run did not pair it."""
+    intervals = a[f"{speedup}_interval"] if f"{speedup}_interval" in a else [None] * len(a)
+    bars = [(v - iv[0], iv[1] - v) if isinstance(iv, tuple) else (0.0, 0.0) for v, iv in zip(a[speedup], intervals)]
+    return np.array(bars + [(0.0, 0.0)]).T
 
 
 def table2_plot(dyn: pd.DataFrame, input_size: int, path: Path, model: str = "s_resnet50") -> Path:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from harness.reporting.common import acceleration_row, share_text
+from harness.reporting.common import acceleration_row, share_text, speedup_text
 from harness.results.layout import ONE_GRAPH_VS_DEPLOYED, SPLIT
 
 
@@ -127,7 +127,8 @@ def dynamic_summary(dyn, run_id: str | None = None) -> str:
                          f"{b.latency_ms_p50['1x8'] / 8:.3f};")
         acc = acceleration_row(g)
         if acc:
-            parts.append(f"speed-up over x1.0: realized {acc['realized']:.2f}x vs ideal {acc['ideal']:.2f}x "
+            parts.append(f"speed-up over x1.0: realized {speedup_text(acc, 'realized')} vs ideal "
+                         f"{speedup_text(acc, 'ideal')} "
                          f"({acc['realized'] / acc['ideal']:.2f} of ideal"
                          + (f"; deployment's share {share_text(acc, 'deployment')}" if "deployment" in acc else "")
                          + ")")

@@ -51,6 +51,7 @@ from harness.reporting.common import (
     md_table,
     ok_rows,
     share_text,
+    speedup_text,
     tuning_label,
 )
 from harness.reporting.page import write_page
@@ -327,8 +328,9 @@ def table7(lut: pd.DataFrame, dyn: pd.DataFrame, input_size: int, gates: pd.Data
              + " Static rows: lut.csv p50. The two come from different phases of the run; for ratios use the "
                "interleaved acceleration below."] + notes_pp
     if len(acc):
-        lines = [f"{r.backend}: ideal {r.ideal:.2f}x (x1.0 / x0.5), realized {r.realized:.2f}x (x1.0 / DS-MBNet "
-                 f"deployed at x0.5's MAdds), {r.realized / r.ideal:.2f} of ideal"
+        lines = [f"{r.backend}: ideal {speedup_text(r._asdict(), 'ideal')} (x1.0 / x0.5), realized "
+                 f"{speedup_text(r._asdict(), 'realized')} (x1.0 / DS-MBNet deployed at x0.5's MAdds), "
+                 f"{r.realized / r.ideal:.2f} of ideal"
                  + (f"; the same route mix on the routes' static engines {r.static_mix:.2f}x: the architecture's "
                     f"share {share_text(r._asdict(), 'architecture', 'static mix over x0.5')}, the deployment's "
                     f"{share_text(r._asdict(), 'deployment', 'deployed over static mix')}"

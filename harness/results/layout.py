@@ -59,7 +59,8 @@ DYNAMIC_KEY = ("model", "backend", "precision", "batch_size", "input_size", "kin
 # split: the route's chain of parts minus its static engine, likewise (what the cut at the gates costs,
 # before any dispatch), mix: the deployed route mix minus the same mix on the routes' static engines,
 # per round (Table 7's deployment share, paired), and architecture: that static mix minus the static
-# counterpart at x0.5 likewise (the architecture's share);
+# counterpart at x0.5 likewise (the architecture's share), realized and ideal: the deployed mix and the
+# static network at x0.5 minus the static network at x1.0 per round (Table 7's two speed-ups, paired);
 # stream: a uniform route stream against the LUT; batch: eight images at batch 8 ("8") and one by one
 # ("1x8"); acceleration: Table 7's largest / matched static networks, the dynamic route mix deployed and
 # the same mix on the routes' static engines (static_mix); table2: DS-Net++ Table 2's ways; engine: a
@@ -68,6 +69,8 @@ ONE_GRAPH_VS_DEPLOYED = "one_graph_vs_deployed"  # the overhead row comparing th
 SPLIT = "split"  # the overhead row of the parts chained against the static engine (the cut's cost)
 MIX = "mix"  # the overhead row of the deployed route mix against the same mix on static engines
 ARCHITECTURE = "architecture"  # the overhead row of that static mix against the static network at x0.5
+REALIZED = "realized"  # the overhead row of the deployed route mix against the static network at x1.0
+IDEAL = "ideal"  # the overhead row of the static network at x0.5 against it at x1.0
 DYNAMIC_KINDS = ("segment", "dispatch", "route", "static", "deployed", "one_graph", "overhead", "stream", "batch",
                  "acceleration", "table2", "engine")
 DYNAMIC_COLUMNS = [*DYNAMIC_KEY, "route", "madds", *STATS_COLUMNS, "predicted_ms", "rel_error", "status", "error",
@@ -159,7 +162,9 @@ KIND_DOCS = {
                 "(the sum of their samples) minus its static engine, likewise: what cutting the network at "
                 "its gates costs before any dispatch; name mix: Table 7's deployed route mix minus the same "
                 "mix on the routes' static engines per round, name architecture: that static mix minus the "
-                "static network at x0.5 (the two shares of the acceleration's loss, with their intervals)",
+                "static network at x0.5 (the two shares of the acceleration's loss, with their intervals); "
+                "names realized and ideal: the deployed mix and the static network at x0.5 minus the static "
+                "network at x1.0 per round (Table 7's two speed-ups, paired)",
     "stream": "a uniform route stream through the deployed path against the LUT's mean",
     "batch": "eight images at batch 8 (`8`) and one by one (`1x8`)",
     "acceleration": "Table 7: static x1.0 (`largest`) and x0.5 (`matched`), the deployed route mix of x0.5's "
