@@ -173,8 +173,9 @@ def _lut_frame(valid=True, with_intervals=True):
     rows += [base | {"kind": "segment", "name": f"s0_inx_c{c}", "latency_ms_p50": c + 1.0,
                      "latency_ms_p50_ci_low": c + 1.0 - 0.2, "latency_ms_p50_ci_high": c + 1.0 + 0.2,
                      "valid": int(valid or c != 2)} for c in range(4)]
-    rows += [base | {"kind": "route", "name": str(c), "latency_ms_p50": 2.0 + c, "rel_error": e}
-             for c, e in ((0, 0.02), (3, -0.06))]
+    # route 1's deployed timing has an interval wider than the protocol allows (valid 0)
+    rows += [base | {"kind": "route", "name": str(c), "latency_ms_p50": 2.0 + c, "rel_error": e, "valid": v}
+             for c, e, v in ((0, 0.02, 1), (3, -0.06, 1), (1, 0.12, 0))]
     df = pd.DataFrame(rows)
     return df if with_intervals else df.drop(columns=["latency_ms_p50_ci_low", "latency_ms_p50_ci_high", "valid"])
 
@@ -186,14 +187,18 @@ def test_the_lut_says_which_routes_rest_on_invalid_segments_and_how_far_its_pric
     # route c: half-widths 0.1 (head) + 0.2 (tail) over 2 + c ms
     assert r.interval_max == pytest.approx(0.3 / 2) and r.interval_median == pytest.approx(
         float(pd.Series([0.3 / (2 + c) for c in range(4)]).median()))
+    # a deployed timing too noisy to judge the LUT by is named with its error, not counted
     assert (r.validated, r.error_median, r.error_max) == (2, pytest.approx(0.04), pytest.approx(0.06))
+    assert r.unjudged == (("1", pytest.approx(0.12)),)
     note = r.note()
     assert "1 of 4 routes" in note and "s0_inx_c2" in note and "routes 2" in note and "+-15.0%" in note
+    assert "1 route(s) not judged" in note and "1 (+12.0%)" in note
     assert "every segment valid" in LatencyLUT.from_frame(_lut_frame(), "ds_mbnet_tiny", "eager").reliability(
         model).note()
     # an export without intervals or validity (older results): nothing is claimed of them
     old = LatencyLUT.from_frame(_lut_frame(with_intervals=False), "ds_mbnet_tiny", "eager").reliability(model)
     assert old.invalid_segments == () and old.interval_median is None and "+-" not in old.note()
+    assert old.validated == 3 and old.unjudged == ()  # no validity stored: every route counts
 
 
 def test_crafted_inputs_are_kept_for_later_runs_and_a_planted_one_is_found_again(tmp_path, monkeypatch):

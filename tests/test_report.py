@@ -163,6 +163,20 @@ def test_the_run_summary_says_which_dynamic_rows_an_earlier_run_measured():
     assert "not measured" not in dynamic_summary(dyn)  # no run named: nothing to say
 
 
+def test_the_run_summary_judges_the_lut_only_by_valid_deployed_timings():
+    """A deployed timing whose interval is wider than the protocol allows is named with its error,
+    not counted in the LUT's median and max."""
+    from harness.reporting.summary import dynamic_summary
+
+    def row(name, err, valid):
+        return {"model": "ds_mbnet", "backend": "eager", "precision": "fp32", "kind": "route", "name": name,
+                "route": name, "latency_ms_p50": 10.0, "rel_error": err, "valid": valid, "status": "ok", "error": ""}
+
+    line = dynamic_summary(pd.DataFrame([row("0", 0.01, 1), row("4", -0.03, 1), row("5", -0.095, 0)])).splitlines()[1]
+    assert "LUT vs deployed median 2.0% max 3.0% over 2 routes;" in line
+    assert "1 route(s) not judged, their deployed timing's interval wider than the protocol allows: 5 (-9.5%)" in line
+
+
 def test_the_summary_says_which_deployment_to_use_only_when_the_interval_excludes_zero():
     from harness.reporting.summary import deployment_line
 

@@ -22,7 +22,9 @@ is missing, never a silent zero.
 ``reliability(model)`` says how far the prices can be trusted (:class:`LUTReliability`): the
 segments whose interval is wider than the protocol allows (``valid`` 0) and the routes priced from
 them, how uncertain a route's price is from its parts' intervals (half-widths added: an upper
-bound), and, where the same run validated routes, the LUT's error against the deployed engine.
+bound), and, where the same run validated routes, the LUT's error against the deployed engine (a
+route whose deployed timing is not valid under the protocol is named with its error, not counted:
+a reference too noisy to judge the LUT by).
 ``harness.retrain_gate`` prints it and keeps it with the comparison; ``harness.report`` tables it.
 
 ``matched_distribution(route_madds, target_madds)`` mixes two adjacent routes so the expected
@@ -67,9 +69,10 @@ class LUTReliability:
     invalid_routes: tuple[str, ...]  # routes priced from at least one invalid segment
     interval_median: float | None  # a route price's interval half-width over the price, median over routes
     interval_max: float | None
-    validated: int = 0  # routes the same run timed deployed
+    validated: int = 0  # routes the same run timed deployed, with an interval the protocol allows
     error_median: float | None = None  # |LUT - deployed| / deployed over them
     error_max: float | None = None
+    unjudged: tuple[tuple[str, float], ...] = ()  # (route, error) where the deployed timing was too wide to judge
 
     def note(self) -> str:
         """One line for a log or a report."""
@@ -88,7 +91,28 @@ class LUTReliability:
         if self.validated:
             parts.append(f"against the deployed engine in the same run {100 * self.error_median:.1f}% median "
                          f"|error| (max {100 * self.error_max:.1f}%) over {self.validated} routes")
+        if self.unjudged:
+            parts.append(unjudged_text(self.unjudged))
         return "; ".join(parts)
+
+
+def unjudged_text(unjudged) -> str:
+    """The routes whose deployed timing cannot judge the LUT, with their errors, as one clause."""
+    shown = ", ".join(f"{r} ({100 * e:+.1f}%)" for r, e in unjudged[:6]) + (" ..." if len(unjudged) > 6 else "")
+    return (f"{len(unjudged)} route(s) not judged, their deployed timing's interval wider than the protocol "
+            f"allows: {shown}")
+
+
+def judged_errors(routes: pd.DataFrame) -> tuple[list[tuple[str, float]], tuple[tuple[str, float], ...]]:
+    """From ``route`` rows (ok, with ``rel_error``): ``([(route, error)], unjudged)``, row by row.
+    A route whose deployed timing was stored as not valid (``valid`` 0: its interval wider than the
+    protocol allows) cannot judge the LUT, which it is compared with: its error goes to ``unjudged``
+    (named with the figures, not counted in them). Rows without ``valid`` (older exports) all count."""
+    errors, unjudged = [], []
+    for r in routes.itertuples():
+        if not pd.isna(r.rel_error):
+            (unjudged if getattr(r, "valid", 1) == 0 else errors).append((str(r.name), float(r.rel_error)))
+    return errors, tuple(unjudged)
 
 
 @dataclass
@@ -106,6 +130,7 @@ class LatencyLUT:
     invalid: tuple[str, ...] = ()  # segments stored as not valid under the protocol
     dispatch_halfwidth_ms: float = 0.0  # of the dispatch cost, when it is counted
     route_errors: dict[str, float] = field(default_factory=dict)  # (LUT - deployed) / deployed, same run
+    unjudged: tuple[tuple[str, float], ...] = ()  # routes whose deployed timing is not valid (judged_errors)
 
     @classmethod
     def load(cls, results_dir, backend: str, model: str, precision: str = "fp32", batch_size: int = 1,
@@ -154,12 +179,11 @@ class LatencyLUT:
         invalid = tuple(sorted(ok.name[ok.valid == 0])) if "valid" in ok.columns else ()
         routes = df[(df.kind == "route") & (df.status == "ok") & (df.model == model) & (df.backend == backend)
                     & (df.precision == precision) & (df.batch_size == batch_size) & (df.input_size == sizes[0])]
-        errors = {str(r.name): float(r.rel_error) for r in routes.itertuples() if not pd.isna(r.rel_error)} \
-            if "rel_error" in routes.columns else {}
+        errors, unjudged = judged_errors(routes) if "rel_error" in routes.columns else ([], ())
         return cls(model, backend, precision, batch_size, int(sizes[0]),
                    {r.name: float(r.latency_ms_p50) for r in ok.itertuples()},
                    {r.name: f"{r.status}: {r.error}" for r in bad.itertuples()}, dispatch_ms, note,
-                   interval, invalid, half, errors)
+                   interval, invalid, half, dict(errors), unjudged)
 
     def latency(self, route) -> float:
         """Predicted latency (ms) of ``route`` as deployed: its segments plus one dispatch cost per gate."""
@@ -202,7 +226,7 @@ class LatencyLUT:
             len(routes), tuple(n for n in self.invalid if n in used),
             tuple(invalid_routes), float(np.median(widths)) if widths else None,
             float(max(widths)) if widths else None, len(errors),
-            float(np.median(errors)) if errors else None, float(max(errors)) if errors else None)
+            float(np.median(errors)) if errors else None, float(max(errors)) if errors else None, self.unjudged)
 
 
 def dispatch_cost(row) -> tuple[float, str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from harness.deploy.lut import judged_errors, unjudged_text
 from harness.reporting.common import acceleration_row, share_text, speedup_text
 from harness.results.layout import ONE_GRAPH_VS_DEPLOYED, SPLIT
 
@@ -106,10 +107,12 @@ def dynamic_summary(dyn, run_id: str | None = None) -> str:
         d = g[g.kind == "dispatch"]
         g = g[g.status == "ok"]
         parts = [f"{head}:"]
-        routes = g[(g.kind == "route") & g.rel_error.notna()]
-        if len(routes):
-            err = routes.rel_error.abs() * 100
-            parts.append(f"LUT vs deployed median {err.median():.1f}% max {err.max():.1f}% over {len(routes)} routes;")
+        errors, unjudged = judged_errors(g[g.kind == "route"])
+        if errors:
+            err = pd.Series([e for _, e in errors]).abs() * 100
+            parts.append(f"LUT vs deployed median {err.median():.1f}% max {err.max():.1f}% over {len(errors)} routes;")
+        if unjudged:
+            parts.append(unjudged_text(unjudged) + ";")
         if len(d) and d.iloc[0].status == "ok":
             r = d.iloc[0]
             counted = "counted" if r.latency_ms_p50_ci_low > 0 else "counted as zero"

@@ -403,14 +403,18 @@ def lut_table(dyn: pd.DataFrame, input_size: int):
                       "price interval median (%)": pct(r.interval_median),
                       "price interval max (%)": pct(r.interval_max),
                       "LUT vs deployed median (%)": pct(r.error_median), "LUT vs deployed max (%)": pct(r.error_max),
-                      "validated routes": r.validated, "dispatch": lut.dispatch_note})
+                      "validated routes": r.validated,
+                      "not judged (deployed timing invalid)": ", ".join(f"{n} ({100 * e:+.1f}%)" for n, e in r.unjudged)
+                      or "-", "dispatch": lut.dispatch_note})
     if not cells:
         raise ReportError("no LUT could be built from dynamic.csv: " + "; ".join(notes))
     t = pd.DataFrame(cells)
     notes = ["A route's price is its segments plus one dispatch cost per gate. Price interval: the half-widths of "
              "its parts' 95% intervals added, over the price (an upper bound). An invalid segment's interval is wider "
              "than the protocol allows: a penalty or budget that reads the routes priced from it may be off by its "
-             "interval. LUT vs deployed: |LUT - deployed| / deployed on the routes the same run timed deployed.",
+             "interval. LUT vs deployed: |LUT - deployed| / deployed on the routes the same run timed deployed; a "
+             "route whose deployed timing has an interval wider than the protocol allows cannot judge the LUT: it "
+             "is named with its error under not judged, not counted.",
              *notes]
     return t, t.drop(columns=["dispatch"]), notes
 
