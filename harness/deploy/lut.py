@@ -96,11 +96,16 @@ class LUTReliability:
         return "; ".join(parts)
 
 
+def route_errors_text(pairs, limit: int | None = None) -> str:
+    """``(route, error)`` pairs as ``5 (-9.5%), 11 (+8.3%)``, the first ``limit`` of them and ``...``."""
+    shown = pairs if limit is None else pairs[:limit]
+    return ", ".join(f"{r} ({100 * e:+.1f}%)" for r, e in shown) + (" ..." if len(shown) < len(pairs) else "")
+
+
 def unjudged_text(unjudged) -> str:
     """The routes whose deployed timing cannot judge the LUT, with their errors, as one clause."""
-    shown = ", ".join(f"{r} ({100 * e:+.1f}%)" for r, e in unjudged[:6]) + (" ..." if len(unjudged) > 6 else "")
     return (f"{len(unjudged)} route(s) not judged, their deployed timing's interval wider than the protocol "
-            f"allows: {shown}")
+            f"allows: {route_errors_text(unjudged, 6)}")
 
 
 def judged_errors(routes: pd.DataFrame) -> tuple[list[tuple[str, float]], tuple[tuple[str, float], ...]]:

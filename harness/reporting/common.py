@@ -74,11 +74,14 @@ def acceleration_row(g: pd.DataFrame) -> dict:
     t = ok_rows(g[g.kind == "acceleration"]).set_index("name").latency_ms_p50
     if not {"largest", "matched", "dynamic"} <= set(t.index):
         return {}
+
+    def paired(name):  # the overhead row of per-round differences the run stored, or None
+        rows = ok_rows(g[(g.kind == "overhead") & (g.name == name)])
+        return rows.iloc[0] if len(rows) else None
+
     out = {"ideal": t["largest"] / t["matched"], "realized": t["largest"] / t["dynamic"]}
     for speedup, name in (("ideal", IDEAL), ("realized", REALIZED)):
-        paired = ok_rows(g[(g.kind == "overhead") & (g.name == name)])
-        if len(paired):  # x1.0 over (x1.0 + the round's difference): its median and interval
-            r = paired.iloc[0]
+        if (r := paired(name)) is not None:  # x1.0 over (x1.0 + the round's difference): median, interval
             out[speedup] = t["largest"] / (t["largest"] + r.latency_ms_p50)
             out[f"{speedup}_interval"] = (t["largest"] / (t["largest"] + r.latency_ms_p50_ci_high),
                                           t["largest"] / (t["largest"] + r.latency_ms_p50_ci_low))
@@ -86,9 +89,7 @@ def acceleration_row(g: pd.DataFrame) -> dict:
         out |= {"static_mix": t["largest"] / t["static_mix"], "architecture": t["static_mix"] / t["matched"] - 1,
                 "deployment": t["dynamic"] / t["static_mix"] - 1}
         for share, name, ref in (("deployment", MIX, "static_mix"), ("architecture", ARCHITECTURE, "matched")):
-            paired = ok_rows(g[(g.kind == "overhead") & (g.name == name)])
-            if len(paired):  # per-round differences: drift cancels in each, and an interval
-                r = paired.iloc[0]
+            if (r := paired(name)) is not None:  # per-round differences: drift cancels in each, and an interval
                 out[share] = r.latency_ms_p50 / t[ref]
                 out[f"{share}_interval"] = (r.latency_ms_p50_ci_low / t[ref], r.latency_ms_p50_ci_high / t[ref])
     return out

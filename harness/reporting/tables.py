@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 import dsnet
-from harness.deploy.lut import LatencyLUT, LUTError, matched_distribution
+from harness.deploy.lut import LatencyLUT, LUTError, matched_distribution, route_errors_text
 from harness.reporting import figures
 from harness.reporting.common import (
     EMULATED_MARK,
@@ -404,8 +404,8 @@ def lut_table(dyn: pd.DataFrame, input_size: int):
                       "price interval max (%)": pct(r.interval_max),
                       "LUT vs deployed median (%)": pct(r.error_median), "LUT vs deployed max (%)": pct(r.error_max),
                       "validated routes": r.validated,
-                      "not judged (deployed timing invalid)": ", ".join(f"{n} ({100 * e:+.1f}%)" for n, e in r.unjudged)
-                      or "-", "dispatch": lut.dispatch_note})
+                      "not judged (deployed timing invalid)": route_errors_text(r.unjudged) or "-",
+                      "dispatch": lut.dispatch_note})
     if not cells:
         raise ReportError("no LUT could be built from dynamic.csv: " + "; ".join(notes))
     t = pd.DataFrame(cells)
