@@ -1,5 +1,6 @@
 """The build worker: a second process builds from the back of the list, its artifacts check as local
-builds do, a crash fails only its build, and closing it does not wait for a build."""
+builds do, a crash fails only its build, closing it does not wait for a build, and a backend that
+builds apart never builds in the measuring process."""
 
 import os
 import signal
@@ -11,7 +12,7 @@ import torch
 import dsnet
 from conftest import randomize
 from harness.backends import get_backend
-from harness.measure.build_worker import BuildJob, BuildWorker
+from harness.measure.build_worker import BuildJob, BuildWorker, Shared
 from harness.measure.pipeline import ArtifactKey, trial, weights_fingerprint
 from harness.targets import load_target
 
@@ -129,6 +130,52 @@ def test_claims_share_what_is_to_build_and_leave_the_holes_to_this_process(route
         assert worker.claims([jobs[0], None])(0) is None  # one job to build: nothing is shared
     assert got[0] is None and got[1] is None and got[3] is None
     assert got[4] is not None and got[4].ok and backend.has_artifact(jobs[2].artifact_dir)  # the worker's
+
+
+def _apart(backend):
+    backend.build_apart = True  # as TVM's on a CPU
+    return backend
+
+
+def test_the_worker_takes_the_jobs_to_build_apart_first_in_order_then_the_rest_from_the_back(routes, tmp_path):
+    x = torch.randn(1, 3, 32, 32)
+    plain, apart = get_backend("torchscript"), _apart(get_backend("torchscript"))
+    module = routes[0][1]
+    jobs = [_job(b, str(i), module, tmp_path, x)[1] for i, b in enumerate([apart, plain, apart, plain, plain])]
+    assert [job.apart for job in jobs] == [True, False, True, False, False]
+    shared = Shared(jobs)  # no worker serves it: the order alone
+    assert shared.claim(0) is None  # reached here before the worker took it: a second worker's (claims)
+    assert shared._take() == 2  # the next to build apart, though this process is nearer to it
+    assert shared._take() == 4 and shared._take() == 3  # then from the back
+    assert shared.claim(1) is None  # not taken: this process builds it
+    assert shared._take() is None
+    lone = Shared([jobs[1], jobs[0]], share_all=False)  # one core, or one job: only what is built apart
+    assert lone._take() == 1 and lone._take() is None
+
+
+def test_a_backend_that_builds_apart_never_builds_in_this_process(routes, tmp_path, monkeypatch):
+    """Every job of such a backend is built by a worker, a list of one included, and what the workers
+    built loads and checks here; this process's ``compile`` is never called."""
+    backend, x = _apart(get_backend("torchscript")), torch.randn(1, 3, 32, 32)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("built in the measuring process")
+
+    monkeypatch.setattr(backend, "compile", refuse)  # the workers configure backends of their own
+    keyed = [_job(backend, label, m, tmp_path, x) for label, m in routes]
+    lone = _job(backend, "lone", routes[0][1], tmp_path, x)
+    by_second = _job(backend, "second", routes[1][1], tmp_path, x)
+    with BuildWorker() as worker:
+        built = worker.claims([job for _, job in keyed])
+        got = [built(n) for n in range(len(keyed))]
+        got.append(worker.claims([lone[1]])(0))
+        got.append(worker.build(by_second[1]))  # what claims does with a job reached before the worker
+        assert worker._second is not None
+    modules = [m for _, m in routes] + [routes[0][1], routes[1][1]]
+    for (key, _), module, b in zip([*keyed, lone, by_second], modules, got):
+        assert b is not None and b.ok, b
+        result = trial(backend, module, x, X86, "fp32", key, tmp_path, built=b)
+        assert result.ok and result.details["build_process"] == "worker", result.error
 
 
 def test_a_dynamic_engine_built_alongside_the_worker_has_every_part_and_equals_eager(tmp_path):

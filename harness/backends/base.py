@@ -154,6 +154,11 @@ class Backend:
     # on a CPU its builds are fast only for the shapes its tuning covered (TVM: an untuned convolution
     # runs tens of times slower), so the dynamic phase leaves out shapes no tuning asked for (batch 8's)
     tuned_per_shape = False
+    # on a CPU its builds run in the build worker's processes only, never in the process that times
+    # (harness.measure.build_worker): measured on the AMD EPYC VM (2026-12-05), after four TVM builds
+    # in the process DS-MBNet's ONNX Runtime parts chained cost +137..+169 us over their static
+    # engines, against +7..+96 us before them or after the same artifacts loaded from the cache
+    build_apart = False
 
     def __init__(self, options: dict | None = None, workdir: Path | None = None,
                  remote: tuple[str, int, str] | None = None):

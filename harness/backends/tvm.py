@@ -150,6 +150,7 @@ class TVMBackend(Backend):
     artifact = "model.so"
     one_artifact = True
     tuned_per_shape = True  # on a CPU: MetaSchedule's records (on a GPU, DLight schedules any shape)
+    build_apart = True  # what an LLVM build leaves in the process slows later rounds (Backend.build_apart)
     OPTIONS = {"target": (dict, False), "tune_minutes": ((int, float), False), "host": (dict, False),
                "layout": (str, False), "weight_prepack": (bool, False), "fast_math": (bool, False),
                "shipped_records": (str, False)}

@@ -16,13 +16,18 @@ Results are values: a build that raises is ``compile_failed``; a worker that die
 compiler) fails the build it was running, with the signal, and a fresh worker takes the next. A
 job the worker cannot take (a module that cannot be pickled) is its claimer's (``None``).
 ``worker.claims(jobs)`` is the same for a list with holes (``None``: nothing to share there) and
-returns ``built(n)``, claimed in order.
+returns ``built(n)``, claimed in order. On a CPU a job whose backend says ``build_apart`` is never
+built in this process: the worker takes such jobs first, in this process's order, and one this
+process reaches before the worker does goes to a second worker, waited for (``worker.build(job)``
+builds one job in a worker's process). Should the workers stop, their jobs are built here as ever.
 ``worker.close()`` (or leaving ``with``) stops the worker at once, a build in progress included
 (a half-written artifact fails its load on the next run and is rebuilt); a worker whose parent
 dies exits when it next reads or writes its pipe.
 
 Why: on a CPU the compilers the harness drives are mostly single-threaded (LLVM's code generation,
-``torch.export``, a C++ compiler), so a second builder uses the core the first leaves idle. Builds
+``torch.export``, a C++ compiler), so a second builder uses the core the first leaves idle. And a
+compiler can leave the measuring process slower for what is timed after it: a TVM build in the
+process left ONNX Runtime's later rounds slower (``harness.backends.base.Backend.build_apart``). Builds
 only: nothing is timed while the worker runs (phases time after their builds are claimed). The
 worker runs with one torch thread and one TVM thread, and is started with ``spawn`` (a fork of a
 process holding torch's thread pools can deadlock).
@@ -68,6 +73,11 @@ class BuildJob:
             return None
         return cls(backend, module, example, target, precision, artifact_dir)
 
+    @property
+    def apart(self) -> bool:
+        """Never built in the measuring process (on a CPU: ``Backend.build_apart``)."""
+        return bool(getattr(self.backend, "build_apart", False)) and self.target.device == "cpu"
+
     def payload(self) -> bytes:
         """What the worker receives: the backend as its name, options, workdir and remote, so the
         worker configures its own (and keeps it, with what it memoizes, for the next job)."""
@@ -80,12 +90,15 @@ class BuildJob:
 
 
 class Shared:
-    """Jobs shared between this process (from the front, :meth:`claim`) and the worker (from the back)."""
+    """Jobs shared between this process (from the front, :meth:`claim`) and the worker: the jobs to
+    build apart first, in this process's order, then the others from the back (with ``share_all``)."""
 
-    def __init__(self, jobs: list[BuildJob]):
+    def __init__(self, jobs: list[BuildJob], share_all: bool = True):
         self.jobs = jobs
-        # this process has claimed jobs [0, next), the worker taken [back, n); they meet when next >= back
-        self._next, self._back = 0, len(jobs)
+        self._share_all = share_all
+        self._next = 0  # this process has claimed jobs [0, next)
+        self._taken = [False] * len(jobs)  # by the worker, or claimed before it took them
+        self._apart = [job.apart for job in jobs]
         self._lock = threading.Lock()
         self._results = [Future() for _ in jobs]
 
@@ -96,19 +109,24 @@ class Shared:
             if i != self._next:
                 raise ValueError(f"jobs are claimed in order: expected {self._next}, got {i}")
             self._next += 1
-            if i < self._back:  # not the worker's yet: it never will be
+            if not self._taken[i]:  # not the worker's: it never will be (one to build apart goes
+                self._taken[i] = True  # to a second worker, :meth:`BuildWorker.claims`)
                 return None
         try:
             return self._results[i].result()
         except _NotBuilt:  # the worker could not take it (e.g. a module it cannot be sent): built here
             return None
 
-    def _take_back(self) -> int | None:
+    def _take(self) -> int | None:
+        """The worker's next job: the first one to build apart, else the last one nobody took."""
         with self._lock:
-            if self._next >= self._back:
-                return None
-            self._back -= 1
-            return self._back
+            n = len(self.jobs)
+            i = next((i for i in range(n) if self._apart[i] and not self._taken[i]), None)
+            if i is None and self._share_all:
+                i = next((i for i in range(n - 1, self._next - 1, -1) if not self._taken[i]), None)
+            if i is not None:
+                self._taken[i] = True
+            return i
 
     def _cancel(self, why: str) -> None:
         for f in self._results:
@@ -128,6 +146,7 @@ class BuildWorker:
         self._closed = threading.Event()
         self._lock = threading.Lock()  # starting and killing the worker
         self._busy = False  # a job is in the worker
+        self._second: BuildWorker | None = None  # builds apart what this process reaches first
 
     def __enter__(self) -> BuildWorker:
         return self
@@ -135,11 +154,11 @@ class BuildWorker:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def share(self, jobs: list[BuildJob]) -> Shared:
+    def share(self, jobs: list[BuildJob], share_all: bool = True) -> Shared:
         for t in self._threads:  # the previous list's thread: done once its jobs were all claimed
             t.join()
         self._threads = []
-        shared = Shared(jobs)
+        shared = Shared(jobs, share_all)
         if jobs:
             t = threading.Thread(target=self._serve, args=(shared,), name="build-worker", daemon=True)
             self._threads.append(t)
@@ -150,19 +169,51 @@ class BuildWorker:
         """``built(n)`` for a list in this process's order, ``None`` where there is nothing to share
         (already built, or no artifact): the worker's result for entry ``n``, or ``None`` where this
         process builds it. Called for ``n = 0, 1, ...`` in order. Nothing is shared off a CPU (a second
-        process would hold a second CUDA context), on one core, or when fewer than two are to build."""
+        process would hold a second CUDA context); on one core, or when fewer than two are to build,
+        only the jobs to build apart (:attr:`BuildJob.apart`)."""
         present = [(n, job) for n, job in enumerate(jobs) if job is not None]
-        if len(present) < 2 or (os.cpu_count() or 1) < 2 or any(job.target.device != "cpu" for _, job in present):
+        if not present or any(job.target.device != "cpu" for _, job in present):
             return lambda n: None
-        shared = self.share([job for _, job in present])
+        share_all = len(present) >= 2 and (os.cpu_count() or 1) >= 2
+        if not (share_all or any(job.apart for _, job in present)):
+            return lambda n: None
+        shared = self.share([job for _, job in present], share_all)
         index = {n: i for i, (n, _) in enumerate(present)}
-        return lambda n: shared.claim(index[n]) if n in index else None
+
+        def built(n: int) -> Result | None:
+            if n not in index:
+                return None
+            result = shared.claim(index[n])
+            job = shared.jobs[index[n]]
+            if result is None and job.apart and job.module is not None and not self._closed.is_set():
+                result = self.build(job)  # the worker could not take it: it is still not built here
+            return result
+
+        return built
+
+    def build(self, job: BuildJob) -> Result | None:
+        """Build ``job`` in a second worker's process and wait for it (``None``: it cannot be sent, or
+        the workers are stopped)."""
+        with self._lock:
+            if self._closed.is_set():
+                return None
+            if self._second is None:
+                self._second = BuildWorker()
+            second = self._second
+        try:
+            payload = job.payload()
+        except Exception:  # noqa: BLE001 - a module that cannot be sent: built here
+            return None
+        return second._build(job, payload)
 
     def close(self) -> None:
         self._closed.set()
         with self._lock:
+            second, self._second = self._second, None
             if self._process is not None and self._busy:
                 self._process.kill()  # a build in progress is not waited for
+        if second is not None:
+            second.close()
         for t in self._threads:
             t.join()
         self._threads = []
@@ -178,7 +229,7 @@ class BuildWorker:
     def _serve(self, shared: Shared) -> None:
         try:
             while not self._closed.is_set():
-                i = shared._take_back()
+                i = shared._take()
                 if i is None:
                     return
                 job = shared.jobs[i]
