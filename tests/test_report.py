@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -256,3 +257,11 @@ def test_table7_shares_come_from_the_rounds_paired_with_their_intervals():
     assert speedup_text(both, "realized") == "1.82x (1.33..2.00x)" and speedup_text(unpaired, "ideal") == "2.50x"
     assert share_text(paired, "deployment", "deployed over static mix") == \
         "+3.0% (deployed over static mix; interval -1.0..+5.0%)"
+    # the figure's error bars: the paired interval, none (NaN, not a zero-length bar) where the run did
+    # not pair it and on the paper's bar
+    from harness.reporting.figures import _interval_bars
+
+    bars = _interval_bars(pd.DataFrame([both, unpaired]), "realized")
+    assert bars.shape == (2, 3)
+    assert bars[:, 0] == pytest.approx([20 / 11 - 20 / 15, 2.0 - 20 / 11])
+    assert np.isnan(bars[:, 1:]).all()

@@ -141,11 +141,13 @@ def acceleration_plot(dyn: pd.DataFrame, input_size: int, path: Path) -> Path:
 
 
 def _interval_bars(a: pd.DataFrame, speedup: str) -> np.ndarray:
-    """Error bars (2 x bars, the paper's bar last and bare) from each backend's paired 95% interval
-    of ``speedup``; zero-length where the run did not pair it."""
+    """Error bars (2 x bars, the paper's bar last) from each backend's paired 95% interval of
+    ``speedup``; NaN, so none is drawn, for the paper's bar and where the run did not pair it (a
+    zero-length bar would read as an interval of nothing)."""
     intervals = a[f"{speedup}_interval"] if f"{speedup}_interval" in a else [None] * len(a)
-    bars = [(v - iv[0], iv[1] - v) if isinstance(iv, tuple) else (0.0, 0.0) for v, iv in zip(a[speedup], intervals)]
-    return np.array(bars + [(0.0, 0.0)]).T
+    bars = [(v - iv[0], iv[1] - v) if isinstance(iv, tuple) else (np.nan, np.nan)
+            for v, iv in zip(a[speedup], intervals)]
+    return np.array(bars + [(np.nan, np.nan)]).T
 
 
 def table2_plot(dyn: pd.DataFrame, input_size: int, path: Path, model: str = "s_resnet50") -> Path:
