@@ -157,7 +157,7 @@ class Backend:
     # on a CPU its builds run in the build worker's processes only, never in the process that times
     # (harness.measure.build_worker): measured on the AMD EPYC VM (2026-12-05), after four TVM builds
     # in the process DS-MBNet's ONNX Runtime parts chained cost +137..+169 us over their static
-    # engines, against +7..+96 us before them or after the same artifacts loaded from the cache
+    # engines, against +68..+81 us when the worker built them (+7..+96 us with no build before)
     build_apart = False
 
     def __init__(self, options: dict | None = None, workdir: Path | None = None,
