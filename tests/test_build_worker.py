@@ -199,3 +199,32 @@ def test_a_dynamic_engine_built_alongside_the_worker_has_every_part_and_equals_e
     logits, choices = engine(x)
     assert check_output(logits, ref_logits, "fp32") is None and torch.equal(choices, ref_choices)
     assert len(engine.parts) == built_parts  # nothing left to build on first use
+
+
+def test_a_dynamic_phase_on_a_backend_that_builds_apart_builds_nothing_in_this_process(tmp_path, monkeypatch):
+    """The deployed network's parts and one artifact (shared with the worker) and the static engines
+    the phase times beside them (built on their own) all come from the build workers."""
+    from harness.measure.protocol import Protocol
+    from harness.phases.context import RunContext
+    from harness.phases.dynamic import DynamicPhase
+    from harness.results.layout import Layout
+    from harness.results.store import ResultStore
+
+    store = ResultStore(tmp_path / "results.sqlite")
+    ctx = RunContext(X86, Layout(tmp_path), Protocol(warmup_calls=1, warmup_ms=0, repeat=2, min_repeat_ms=0,
+                                                     budget_s=0), store, "cpu", False, "test")
+    backend = _apart(ctx.backend("torchscript"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("built in the measuring process")
+
+    monkeypatch.setattr(backend, "compile", refuse)
+    with BuildWorker() as worker:
+        phase = DynamicPhase(ctx, "ds_mbnet_tiny", "torchscript", "fp32", 32, worker=worker)
+        static = phase._static(phase.routes[0])
+        one = phase._one_built
+    store.close()
+    assert static.ok and static.details["build_process"] == "worker", static.error
+    assert one is not None and one.ok
+    assert phase.engine.parts and all(r.ok and r.details.get("build_process") == "worker"
+                                      for r in phase.engine.parts.values())

@@ -210,7 +210,7 @@ class DynamicPhase:
         ``validate``: how many routes are validated end to end (see the module docstring); ``worker``:
         a second process that builds parts alongside this one (``DynamicEngine``'s)."""
         self.ctx, self.model_name, self.backend_name, self.validate = ctx, model_name, backend, validate
-        self.precision, self.input_size = precision, input_size
+        self.precision, self.input_size, self.worker = precision, input_size, worker
         if model is None:
             model = reference_model(model_name)
         self.model = model.eval()
@@ -339,8 +339,17 @@ class DynamicPhase:
 
     # -- the comparisons (not lut_only) ----------------------------------------------------------------
     def _static(self, route):
-        return self.ctx.trial(self.model_name, str(route), self.backend_name, self.precision,
-                              dsnet.materialize(self.model, route), self.x)
+        return self._trial(self.model_name, str(route), dsnet.materialize(self.model, route))
+
+    def _trial(self, model_name: str, route: str, module):
+        """``ctx.trial`` of a static engine the phase times beside the deployed path; one still to build
+        on a backend that builds apart is built in a build worker's process (``BuildWorker.build``)."""
+        args = (model_name, route, self.backend_name, self.precision, module, self.x)
+        built = None
+        if self.worker is not None and self.ctx.backend(self.backend_name).build_apart:
+            job = self.ctx.build_job(*args)
+            built = self.worker.build(job) if job is not None and job.apart else None
+        return self.ctx.trial(*args, built=built)
 
     def _enter_static(self, phase, route, extra) -> None:
         """Time ``route``'s own static engine in the phase's rounds, or keep its failure for its row."""
@@ -526,9 +535,7 @@ class DynamicPhase:
         for label, w in ACCELERATION_WIDTHS.items():
             model = reference_model(static_name, width_mult=w)
             madds[label] = dsnet.profile(model, None, self.input_size).madds
-            result = phase.add(("acceleration", label),
-                               self.ctx.trial(static_name, f"x{w}", self.backend_name, self.precision,
-                                              dsnet.materialize(model), self.x),
+            result = phase.add(("acceleration", label), self._trial(static_name, f"x{w}", dsnet.materialize(model)),
                                self.ctx.timing(self.backend_name, self.x, graphs=False))
             if not result.ok:
                 extra["failed"][("acceleration", "dynamic")] = result.replace(
