@@ -76,7 +76,7 @@ class BuildJob:
     @property
     def apart(self) -> bool:
         """Never built in the measuring process (on a CPU: ``Backend.build_apart``)."""
-        return bool(getattr(self.backend, "build_apart", False)) and self.target.device == "cpu"
+        return self.backend.build_apart and self.target.device == "cpu"
 
     def payload(self) -> bytes:
         """What the worker receives: the backend as its name, options, workdir and remote, so the
@@ -186,7 +186,7 @@ class BuildWorker:
             result = shared.claim(index[n])
             job = shared.jobs[index[n]]
             if result is None and job.apart and job.module is not None and not self._closed.is_set():
-                result = self.build(job)  # the worker could not take it: it is still not built here
+                result = self.build(job)  # reached here before the worker took it: still not built here
             return result
 
         return built
