@@ -57,9 +57,17 @@ class Workload:
 def reference_model(name: str, **kwargs) -> torch.nn.Module:
     """``name`` with the harness's reference weights: seeded initialization, and batch-norm
     statistics under which activations survive (``dsnet.reference_statistics``). Latency does not
-    depend on the values; the check against eager needs outputs that tell engines apart."""
+    depend on the values; the check against eager needs outputs that tell engines apart. The same in
+    every process: the statistics are computed on one thread (a parallel reduction's order changes
+    their last bits, and with them the weights' fingerprint in every artifact's key), so a process
+    started to time (:mod:`harness.phases.fresh`) loads what the run's process built."""
     torch.manual_seed(WEIGHT_SEED)
-    return dsnet.reference_statistics(dsnet.create_model(name, **kwargs))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return dsnet.reference_statistics(dsnet.create_model(name, **kwargs))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def workloads(models: list[str], input_size: int, routes: set[str] | None = None) -> list[Workload]:
