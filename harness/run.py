@@ -20,6 +20,7 @@ measured is kept).
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from collections import Counter
@@ -53,6 +54,7 @@ from harness.measure.remote import Farm, RemoteError
 from harness.phases import policy
 from harness.phases.context import RunContext
 from harness.phases.dynamic import E2E_ROUTES, QUICK_E2E_ROUTES, run_dynamic
+from harness.phases.fresh import run_dynamic_fresh
 from harness.phases.static import Workload, run_static, static_steps, workloads
 from harness.phases.table2 import TABLE2_WAYS, measure_table2
 from harness.reporting.common import tuning_label
@@ -93,6 +95,9 @@ def parse_args(argv):
                    help=f"input {QUICK_INPUT_SIZE}, 3 DS-MBNet routes and 2 widths, few repeats; "
                         f"leaves out {' and '.join(QUICK_LEFT_OUT)} unless --backends names them")
     p.add_argument("--retry-failed", action="store_true", help="re-measure results stored as failed")
+    p.add_argument("--in-process", action="store_true",
+                   help="time the dynamic engine in this process, e.g. under a debugger or profiler (default: "
+                        "built and checked here, timed in a fresh process that loads them, as a deployment runs)")
     p.add_argument("--tune-minutes", type=float, metavar="N",
                    help="TVM tuning budget in minutes, over re-runs (default: the profile's [tvm] tune_minutes; "
                         "0: measure with what the database holds)")
@@ -119,6 +124,7 @@ class RunPlan:
     skipped: dict[str, str] = field(default_factory=dict)  # {backend or phase: why}
     notes: list[str] = field(default_factory=list)
     validate: int = E2E_ROUTES  # routes of a supernet's dynamic engine validated end to end
+    in_process: bool = False  # --in-process: the dynamic engine timed in the run's process
 
 
 def plan(args, target: Target) -> RunPlan:
@@ -156,7 +162,7 @@ def plan(args, target: Target) -> RunPlan:
     return RunPlan(backends, phases, dynamic, models, routes, batches, input_size, protocol,
                    results_layout(args.results, target.name + (f"-threads{args.threads}" if args.threads is not None
                                                                else ""), args.quick), skipped,
-                   validate=QUICK_E2E_ROUTES if args.quick else E2E_ROUTES)
+                   validate=QUICK_E2E_ROUTES if args.quick else E2E_ROUTES, in_process=args.in_process)
 
 
 ACTIVATION_FACTOR = 32  # peak activations over the input's size, at least, for the models here (MobileNetV1: ~60)
@@ -259,11 +265,12 @@ def static_phase(ctx: RunContext, p: RunPlan, all_workloads: list[Workload], ret
 
 
 def dynamic_phase(ctx: RunContext, p: RunPlan, backends: list[str], worker: BuildWorker) -> None:
-    """The dynamic engine of every supernet among the models, on each dynamic backend."""
+    """The dynamic engine of every supernet among the models, on each dynamic backend: built and
+    checked here, timed in a fresh process (:mod:`harness.phases.fresh`), or here with ``--in-process``."""
+    measure = run_dynamic if p.in_process else run_dynamic_fresh
     for model, backend, precision in policy.dynamic_runs(ctx, policy.supernets(p.models), backends):
-        run_dynamic(ctx, model, backend, precision, p.input_size,
-                    lambda n, m=model, b=backend, pr=precision: Progress(n, f"dynamic {m} {b} {pr}"), p.validate,
-                    worker)
+        measure(ctx, model, backend, precision, p.input_size,
+                functools.partial(Progress, desc=f"dynamic {model} {backend} {precision}"), p.validate, worker)
 
 
 def table2_phase(ctx: RunContext, p: RunPlan, backends: list[str], default_models: bool, worker: BuildWorker) -> None:

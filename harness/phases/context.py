@@ -3,8 +3,9 @@ run's identity, the configured backends and (for boards) the farm.
 
 Contract
 --------
-``RunContext(target, layout, protocol, store, device_name, device_mismatch, run_id, farm=None, lock=None)``;
-``ctx.close()`` closes the store and releases the results folder's lock.
+``RunContext(target, layout, protocol, store, device_name, device_mismatch, run_id, farm=None, lock=None,
+fresh=False)`` (``fresh``: a process started only to time what the run's process built,
+:mod:`harness.phases.fresh`); ``ctx.close()`` closes the store and releases the results folder's lock.
 ``ctx.backend(name)`` is the backend configured from the profile's ``[name]`` table, its
 ``workdir`` the results folder's ``<name>_tuning/`` and, with a farm, the tracker's address;
 one instance per name. ``ctx.trial(...)`` is :func:`harness.measure.pipeline.trial` with the
@@ -46,6 +47,7 @@ class RunContext:
     run_id: str
     farm: object = None  # harness.measure.remote.Farm: measure on its boards
     lock: object = None  # harness.results.store.FolderLock held on the results folder, released by close()
+    fresh: bool = False  # a process started to time what the run's process built (harness.phases.fresh)
     _backends: dict = field(default_factory=dict, repr=False)
 
     def backend(self, name: str) -> Backend:

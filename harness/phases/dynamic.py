@@ -249,6 +249,10 @@ class DynamicPhase:
             row.update(predicted_ms=predicted_ms, rel_error=(predicted_ms - measured) / measured)
         self.ctx.store.record_dynamic(row)
 
+    def _engine_ok(self) -> Result:
+        """The ``engine`` row of an engine built and checked, saying which process timed it."""
+        return Result("ok", details={"timed_in": "a fresh process" if self.ctx.fresh else "the run's process"})
+
     def _part(self, name: str) -> Result:
         """The pipeline result of part ``name`` at batch 1 (compile time and details of its rows)."""
         return next((r for k, r in self.engine.parts.items() if k.split("@")[0] == name), Result("ok"))
@@ -262,14 +266,16 @@ class DynamicPhase:
                      for k in ("route", "deployed")]
         return keys
 
-    def run(self, progress=None, lut_only: bool = False) -> None:
-        """Measure what the store lacks (see the module docstring)."""
+    def run(self, progress=None, lut_only: bool = False, measure: bool = True) -> bool:
+        """Measure what the store lacks (see the module docstring); returns whether it lacked any.
+        ``measure=False``: build, load and check everything the rounds would time, time nothing and
+        store nothing (a fresh process then finds every artifact cached, :mod:`harness.phases.fresh`)."""
         done = self.ctx.store.dynamic_done()
         if all(k in done for k in self.wanted(lut_only)):
             if self.ctx.store.dynamic_status(self._key("engine", "build")) not in (None, "ok"):
                 # an earlier run's failed build, measured since: this process built and checked it again
                 self._record("engine", "build", Result("ok"))
-            return
+            return False
         priced = covering_routes(self.plan, self.routes) if lut_only else validation_routes(self.routes, self.validate)
         chained = list(dict.fromkeys([*covering_routes(self.plan, self.routes), *priced]))
         phase = self.ctx.round_phase(f"dynamic {self.model_name} {self.backend_name} {self.precision}", seed=3,
@@ -297,6 +303,8 @@ class DynamicPhase:
         extra = {} if lut_only else self._enter_comparisons(phase, priced, head_in)
         if progress:
             progress(f"{self.model_name} {self.backend_name} checked", f"{len(phase)} engines")
+        if not measure:
+            return True
         label = f"{self.model_name} {self.backend_name}"
         on_round = (lambda d, n: progress(f"{label} round {d}/{n}", f"{len(phase)} engines")) if progress else None
         results = phase.measure(on_round)
@@ -309,6 +317,7 @@ class DynamicPhase:
             dispatch = self._dispatch(results, chained, priced, phase.protocol)
             dispatch = dispatch.replace(details={**dispatch.details, "remeasured": f"the first rounds gave: {first}"})
         self._store(phase, results, chained, priced, failed, extra, lut_only, dispatch)
+        return True
 
     # -- checks -----------------------------------------------------------------------------------
     def _check_natural(self) -> None:
@@ -595,7 +604,7 @@ class DynamicPhase:
             segment_ms[name] = m.stats.p50
             self._record("segment", name, self._part(name).replace(measurement=m))
         # the engine was built and checked: an earlier run's failed build of it no longer stands
-        self._record("engine", "build", Result("ok"))
+        self._record("engine", "build", self._engine_ok())
         if failure is not None:  # the rounds themselves failed: every row says so
             for route in priced:
                 self._record("route", str(route), failure, route=str(route), madds=self.madds[str(route)])
@@ -673,20 +682,24 @@ class DynamicPhase:
 
 
 def record_engine_failure(ctx: RunContext, model: str, backend: str, precision: str, input_size: int,
-                          error: PartError | Exception) -> None:
-    """A dynamic engine that could not be built: one ``engine`` row with the failing part's status."""
-    status = error.result.status if isinstance(error, PartError) else "compile_failed"
+                          error: PartError | Exception | str, status: str = "compile_failed") -> None:
+    """A dynamic engine that could not be built (or timed: ``status`` and what went wrong as text):
+    one ``engine`` row with the failing part's status."""
+    status = error.result.status if isinstance(error, PartError) else status
+    text = error if isinstance(error, (str, PartError)) else one_line(error)
     ctx.store.record_dynamic({"model": model, "backend": backend, "precision": precision, "batch_size": 1,
                               "input_size": input_size, "kind": "engine", "name": "build", "status": status,
-                              "error": one_line(error) if not isinstance(error, PartError) else str(error),
-                              "run_id": ctx.run_id})
+                              "error": str(text), "run_id": ctx.run_id})
 
 
 def run_dynamic(ctx: RunContext, model: str, backend: str, precision: str, input_size: int,
-                progress_factory=None, validate: int = E2E_ROUTES, worker: BuildWorker | None = None) -> None:
+                progress_factory=None, validate: int = E2E_ROUTES, worker: BuildWorker | None = None,
+                measure: bool = True) -> bool:
     """Measure one supernet's dynamic engine on one backend (``validate`` routes end to end; its
-    parts built alongside ``worker``); a part that fails is recorded."""
-    progress = progress_factory(dynamic_steps(ctx.protocol)) if progress_factory else None
+    parts built alongside ``worker``); a part that fails is recorded. ``measure=False``: build, load
+    and check all it would time, time nothing (:meth:`DynamicPhase.run`). Returns whether the store
+    lacked its rows (False too when its engine failed: recorded)."""
+    progress = progress_factory(dynamic_steps(ctx.protocol) if measure else 1) if progress_factory else None
     if progress is not None:
         progress.note("loading or building its parts")
     try:
@@ -694,8 +707,9 @@ def run_dynamic(ctx: RunContext, model: str, backend: str, precision: str, input
     except Exception as e:  # a part that does not compile or check: recorded, the run goes on
         interrupts.check()  # unless it was a Ctrl-C a backend re-raised as its own error
         record_engine_failure(ctx, model, backend, precision, input_size, e)
-        return
+        return False
     try:
-        phase.run(progress)
+        return phase.run(progress, measure=measure)
     except PartError as e:  # a segment built on demand, or the deployed path's check
         record_engine_failure(ctx, model, backend, precision, input_size, e)
+        return False

@@ -170,7 +170,10 @@ KIND_DOCS = {
     "acceleration": "Table 7: static x1.0 (`largest`) and x0.5 (`matched`), the deployed route mix of x0.5's "
                     "MAdds (`dynamic`) and that mix on the routes' static engines (`static_mix`)",
     "table2": "DS-Net++ Table 2's ways (full, masking, indexing, slicing, materialized, ideal)",
-    "engine": "the dynamic engine's build (`build`): `ok`, or the part that could not be built and why",
+    "engine": "the dynamic engine's build (`build`): `ok`, or the part that could not be built and why "
+              "(`measure_failed`: the process that times it failed or died); `backend_details` of an `ok` row "
+              "say where the rows were timed: `timed_in` `a fresh process` (the default, "
+              "`harness/phases/fresh.py`) or `the run's process` (`--in-process`, or a phase called directly)",
 }
 
 TABLES = ("table2", "table2_ds_resnet50", "table7", "lut", "slimmable_table3")

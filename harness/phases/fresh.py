@@ -1,0 +1,119 @@
+"""The dynamic phase timed in a fresh process that only loads what the run's process built.
+
+Contract
+--------
+``run_dynamic_fresh(ctx, model, backend, precision, input_size, progress_factory=None, validate=E2E_ROUTES,
+worker=None)`` is :func:`harness.phases.dynamic.run_dynamic` across two processes: this one builds,
+loads and checks everything the phase times (``measure=False``, builds shared with ``worker``) and
+stores nothing; then, when the store lacks the phase's rows, :func:`time_in_fresh_process` spawns a
+process that opens the same results store, loads every artifact from the cache, checks each again,
+runs the phase's rounds and stores its rows under the run's id (the ``engine`` row's details say
+``timed_in: a fresh process``), while this process waits. ``progress_factory`` is called in both
+processes, so it must pickle (a class, or a ``functools.partial`` of one).
+
+A timing process that raises or dies stores the ``engine`` row ``measure_failed`` with why, and the
+run goes on. Ctrl-C is this process's: the timing process ignores it, this one stops it and raises
+``KeyboardInterrupt`` (the rows the timing process stored are kept, as in one process).
+
+Why: what a process did before its rounds moves what they time. ONNX Runtime's cost of cutting
+DS-MBNet at its gates (the ``split`` row) measured +7..+96 us in a process that had done nothing
+before, +136..+206 us at the end of README's main command (its static phase, other backends' builds
+and rounds in the same process). A deployed dynamic network runs in a process that loads its
+artifacts and serves; this is that process. The cost is the artifacts loaded and checked twice.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import signal
+import warnings
+
+from harness.backends.base import exit_text, one_line
+from harness.env import configure_threads, strict_fp32
+from harness.measure.build_worker import BuildWorker
+from harness.phases.context import RunContext
+from harness.phases.dynamic import E2E_ROUTES, record_engine_failure, run_dynamic
+from harness.results.store import ResultStore
+
+STOP_WAIT_S = 10  # a timing process told to stop (SIGTERM) is killed after this long
+
+
+def run_dynamic_fresh(ctx: RunContext, model: str, backend: str, precision: str, input_size: int,
+                      progress_factory=None, validate: int = E2E_ROUTES, worker: BuildWorker | None = None) -> None:
+    """Build and check here, time in a fresh process (see the module docstring)."""
+    bars = []
+
+    def prepare(n):
+        bars.append(progress_factory(n))
+        return bars[-1]
+
+    if not run_dynamic(ctx, model, backend, precision, input_size, progress_factory and prepare, validate, worker,
+                       measure=False):
+        return  # stored already, or its engine failed (recorded)
+    if bars:
+        bars[-1].note("built and checked; timed in a fresh process, which loads them")
+    gc.collect()  # the engines built here, unreachable now, let go before a second process loads them
+    time_in_fresh_process(ctx, model, backend, precision, input_size, progress_factory, validate)
+
+
+def time_in_fresh_process(ctx: RunContext, model: str, backend: str, precision: str, input_size: int,
+                          progress_factory=None, validate: int = E2E_ROUTES) -> None:
+    """Run the dynamic phase in a spawned process on the same store and run id; wait for it."""
+    spec = {"target": ctx.target, "layout": ctx.layout, "protocol": ctx.protocol, "device_name": ctx.device_name,
+            "device_mismatch": ctx.device_mismatch, "run_id": ctx.run_id, "model": model, "backend": backend,
+            "precision": precision, "input_size": input_size, "validate": validate, "progress": progress_factory}
+    mp = multiprocessing.get_context("spawn")  # a fork of a process holding torch's thread pools can deadlock
+    mine, theirs = mp.Pipe(duplex=False)
+    process = mp.Process(target=_timing_main, args=(theirs, spec), name="dsnet-harness timing")
+    process.start()
+    theirs.close()  # its end lives in the timing process only: its death reads as EOF here
+    try:
+        try:
+            status, why = mine.recv()
+        except EOFError:
+            process.join()
+            status, why = "died", f"the timing process ended ({exit_text(process.exitcode)}) before it finished"
+        process.join()
+    except BaseException:  # Ctrl-C (or a failure here): the timing process stops with this one
+        _stop(process)
+        raise
+    finally:
+        mine.close()
+    if status != "ok":
+        record_engine_failure(ctx, model, backend, precision, input_size, why, status="measure_failed")
+
+
+def _stop(process) -> None:
+    process.terminate()
+    process.join(STOP_WAIT_S)
+    if process.is_alive():
+        process.kill()
+        process.join()
+
+
+def _timing_main(conn, spec: dict) -> None:
+    """The timing process: the run's context on the same store, the phase run, ``(status, why)`` sent."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the run's process's to handle
+    warnings.filterwarnings("ignore", category=DeprecationWarning)  # quiet as the run is (harness.cli.run_main)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    target = spec["target"]
+    configure_threads(target.threads)
+    if target.device == "cuda":
+        strict_fp32()
+    message = ("ok", "")
+    ctx = worker = None
+    try:
+        ctx = RunContext(target, spec["layout"], spec["protocol"], ResultStore(spec["layout"].store),
+                         spec["device_name"], spec["device_mismatch"], spec["run_id"], fresh=True)
+        worker = BuildWorker()  # an artifact that is not cached after all (evicted meanwhile) builds apart
+        run_dynamic(ctx, spec["model"], spec["backend"], spec["precision"], spec["input_size"], spec["progress"],
+                    spec["validate"], worker)
+    except Exception as e:
+        message = ("error", f"the timing process failed: {one_line(e)}")
+    finally:
+        if worker is not None:
+            worker.close()
+        if ctx is not None:
+            ctx.close()
+    conn.send(message)
