@@ -11,11 +11,15 @@ OpenMP backend by 50x, so such runs are flagged (and refused with ``--strict``).
 
 ``configure_threads(n)`` gives every CPU backend the same thread count and pins the process to
 ``n`` cores. It sets the environment variables that OpenMP and TVM read at start-up, so the CLI
-calls it before any backend library is imported.
+calls it before any backend library is imported. ``release_memory()`` collects garbage and hands
+freed heap pages back to the system.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import os
 import platform
 import subprocess
@@ -151,3 +155,16 @@ def configure_threads(n: int) -> int:
     except ImportError:
         pass
     return n
+
+
+def release_memory() -> None:
+    """Collect what is unreachable and hand the freed heap back to the system (glibc's
+    ``malloc_trim``; elsewhere the collection only): freed engines otherwise keep their pages in
+    the allocator's arenas, and a process started next (``harness.phases.fresh``) needs them."""
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    if libc and platform.system() == "Linux":
+        try:
+            ctypes.CDLL(libc).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (e.g. musl has no malloc_trim)
+            pass

@@ -2,6 +2,7 @@
 nothing), stores its rows under the run's id, and a timing process that fails or dies is recorded."""
 
 import dataclasses
+import gc
 import os
 
 import pandas as pd
@@ -9,7 +10,7 @@ import pandas as pd
 import harness.run as runmod
 from harness.measure.protocol import Protocol
 from harness.phases.context import RunContext
-from harness.phases.dynamic import run_dynamic
+from harness.phases.dynamic import DynamicPhase, run_dynamic
 from harness.phases.fresh import run_dynamic_fresh, time_in_fresh_process
 from harness.results.layout import Layout
 from harness.results.store import ResultStore
@@ -38,6 +39,8 @@ def test_the_fresh_process_times_what_this_one_built_and_builds_nothing(tmp_path
     ctx = _context(tmp_path)
     assert run_dynamic(ctx, "ds_mbnet_tiny", "torchscript", "fp32", SIZE, validate=3, measure=False)
     assert ctx.store.dynamic_frame().empty  # built and checked, nothing timed or stored
+    gc.collect()  # and let go: nothing keeps the phase (its engines) alive while the other process loads its own
+    assert not any(isinstance(o, DynamicPhase) for o in gc.get_objects())
     built = _artifacts(tmp_path)
     assert any(p.name == "model.ts" for p in built)
     time_in_fresh_process(ctx, "ds_mbnet_tiny", "torchscript", "fp32", SIZE, validate=3)

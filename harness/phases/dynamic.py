@@ -105,7 +105,9 @@ ONE_GRAPH_ROUTES = 4  # routes the one artifact is timed on (inputs crafted by g
 NATURAL_PROBES = 16  # seeded images whose routes stand in for routes no crafted input takes
 
 
-_CRAFTED: dict[tuple, torch.Tensor | ValueError] = {}  # inputs that take a route, or why none (DynamicPhase._crafted)
+# inputs that take a route, or why none (DynamicPhase._crafted): the reason as text, not the exception,
+# whose traceback would keep the phase that searched (its engines, gigabytes) alive for the whole run
+_CRAFTED: dict[tuple, torch.Tensor | str] = {}
 
 
 def _route_taken(plan, x: torch.Tensor) -> tuple:
@@ -479,21 +481,21 @@ class DynamicPhase:
             x = _load_array(path, tuple(self.x.shape))
             if x is None or _route_taken(self.plan, x) != route:
                 if failed.is_file():
-                    _CRAFTED[key] = ValueError(f"{failed.read_text(errors='replace').strip()[:300]} (an earlier "
-                                               f"run's search; delete cache/crafted/{failed.name} to search again)")
+                    _CRAFTED[key] = (f"{failed.read_text(errors='replace').strip()[:300]} (an earlier run's "
+                                     f"search; delete cache/crafted/{failed.name} to search again)")
                 else:
                     try:
                         x = (search or input_for_route)(self.plan, route, self.x)
                     except ValueError as e:
-                        _CRAFTED[key], why = e, str(e)
+                        _CRAFTED[key] = why = str(e)
                         failed.parent.mkdir(parents=True, exist_ok=True)
                         write_atomically(failed, lambda tmp: Path(tmp).write_text(why + "\n"))
                     else:
                         _save_array(path, x)
             _CRAFTED.setdefault(key, x)
         found = _CRAFTED[key]
-        if isinstance(found, ValueError):
-            raise found
+        if isinstance(found, str):
+            raise ValueError(found)
         return found
 
     def _check_one_artifact(self, graph, artifact: Result, route, xr) -> Result:

@@ -24,13 +24,12 @@ artifacts and serves; this is that process. The cost is the artifacts loaded and
 
 from __future__ import annotations
 
-import gc
 import multiprocessing
 import signal
 import warnings
 
 from harness.backends.base import exit_text, one_line
-from harness.env import configure_threads, strict_fp32
+from harness.env import configure_threads, release_memory, strict_fp32
 from harness.measure.build_worker import BuildWorker
 from harness.phases.context import RunContext
 from harness.phases.dynamic import E2E_ROUTES, record_engine_failure, run_dynamic
@@ -53,7 +52,7 @@ def run_dynamic_fresh(ctx: RunContext, model: str, backend: str, precision: str,
         return  # stored already, or its engine failed (recorded)
     if bars:
         bars[-1].note("built and checked; timed in a fresh process, which loads them")
-    gc.collect()  # the engines built here, unreachable now, let go before a second process loads them
+    release_memory()  # the engines built here, unreachable now, let go before a second process loads them
     time_in_fresh_process(ctx, model, backend, precision, input_size, progress_factory, validate)
 
 
