@@ -27,7 +27,6 @@ import sqlite3
 import sys
 import time
 import uuid
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -136,9 +135,7 @@ def open_target(name: str, remote: bool = False, threads: int | None = None):
         target = target.resolve()
     except TargetError as e:  # e.g. more threads than this machine has
         raise UsageError(str(e)) from None
-    envmod.configure_threads(target.threads)  # before any backend library loads
-    if target.device == "cuda":
-        envmod.strict_fp32()
+    envmod.configure_process(target.threads, target.device)  # before any backend library loads
     return target
 
 
@@ -205,8 +202,7 @@ class Progress:
 def run_main(main: Callable[[], int], interrupted: str) -> int:
     """Run a CLI's body: :class:`UsageError` -> one line and exit 2; Ctrl-C -> ``interrupted`` and
     exit 130. TorchScript's and torch.export's deprecation notices are not the user's business."""
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    envmod.quiet_library_warnings()
     interrupts.install()
     try:
         return main()

@@ -11,19 +11,23 @@ OpenMP backend by 50x, so such runs are flagged (and refused with ``--strict``).
 
 ``configure_threads(n)`` gives every CPU backend the same thread count and pins the process to
 ``n`` cores. It sets the environment variables that OpenMP and TVM read at start-up, so the CLI
-calls it before any backend library is imported. ``release_memory()`` collects garbage and hands
-freed heap pages back to the system.
+calls it before any backend library is imported; ``configure_process(threads, device)`` is that and
+strict fp32 on a GPU, what every process that measures sets first. ``quiet_library_warnings()``: the
+libraries' deprecation notices off, in every process of a run. ``release_memory()`` collects
+garbage and hands freed heap pages back to the system.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import os
 import platform
 import subprocess
 import time
+import warnings
 from importlib import metadata
 
 import psutil
@@ -157,14 +161,36 @@ def configure_threads(n: int) -> int:
     return n
 
 
+def configure_process(threads: int, device: str) -> None:
+    """A measuring process's set-up: ``threads`` everywhere (:func:`configure_threads`), and on a GPU
+    fp32 that is fp32 (:func:`strict_fp32`)."""
+    configure_threads(threads)
+    if device == "cuda":
+        strict_fp32()
+
+
+def quiet_library_warnings() -> None:
+    """TorchScript's and torch.export's deprecation notices are not the user's business; a spawned
+    interpreter starts with the default filters, so each process of a run calls this."""
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+@functools.cache
+def _libc():
+    """glibc's handle when this is Linux with a C library found, else None (looked up once)."""
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name) if name and platform.system() == "Linux" else None
+
+
 def release_memory() -> None:
     """Collect what is unreachable and hand the freed heap back to the system (glibc's
     ``malloc_trim``; elsewhere the collection only): freed engines otherwise keep their pages in
     the allocator's arenas, and a process started next (``harness.phases.fresh``) needs them."""
     gc.collect()
-    libc = ctypes.util.find_library("c")
-    if libc and platform.system() == "Linux":
-        try:
-            ctypes.CDLL(libc).malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (e.g. musl has no malloc_trim)
-            pass
+    try:
+        libc = _libc()
+        if libc is not None:
+            libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not loadable, or not glibc (e.g. musl has no malloc_trim)
+        pass

@@ -41,7 +41,6 @@ import os
 import pickle
 import signal
 import threading
-import warnings
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ from pathlib import Path
 import torch
 
 from harness.backends.base import exit_text
+from harness.env import quiet_library_warnings
 from harness.measure.pipeline import Result
 
 
@@ -279,10 +279,7 @@ class BuildWorker:
 def _worker_main(conn) -> None:
     """Build each job received until the pipe closes; Ctrl-C is the parent's to handle."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # a spawned interpreter starts with the default filters: quiet as the run is (harness.cli.run_main),
-    # or torch's own deprecation notices print once per build
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    quiet_library_warnings()  # or torch's own deprecation notices print once per build
     os.environ["TVM_NUM_THREADS"] = "1"  # read when TVM's thread pool starts, after this
     torch.set_num_threads(1)
     from harness.backends import get_backend

@@ -26,10 +26,9 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
-import warnings
 
 from harness.backends.base import exit_text, one_line
-from harness.env import configure_threads, release_memory, strict_fp32
+from harness.env import configure_process, quiet_library_warnings, release_memory
 from harness.measure.build_worker import BuildWorker
 from harness.phases.context import RunContext
 from harness.phases.dynamic import E2E_ROUTES, record_engine_failure, run_dynamic
@@ -94,12 +93,9 @@ def _stop(process) -> None:
 def _timing_main(conn, spec: dict) -> None:
     """The timing process: the run's context on the same store, the phase run, ``(status, why)`` sent."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the run's process's to handle
-    warnings.filterwarnings("ignore", category=DeprecationWarning)  # quiet as the run is (harness.cli.run_main)
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    quiet_library_warnings()
     target = spec["target"]
-    configure_threads(target.threads)
-    if target.device == "cuda":
-        strict_fp32()
+    configure_process(target.threads, target.device)  # as the run's process (harness.cli.open_target)
     message = ("ok", "")
     ctx = worker = None
     try:
