@@ -74,8 +74,10 @@ def test_engine_matches_eager_and_reloads_from_cache(backend, tiny, tmp_path):
             runner = torch._inductor.aoti_load_package(str(key.directory(tmp_path) / b.artifact))
             call = direct_call(runner)
             assert call is not runner
+            xl = x.contiguous(memory_format=torch.channels_last)  # compiled for channels-last on a CPU
             with torch.inference_mode():
-                assert torch.equal(call(x), runner(x))
+                assert torch.equal(call(xl), runner(xl))
+                assert check_output(call(xl), ref, "fp32") is None
 
 
 class WrongBackend(Backend):
