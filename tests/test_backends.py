@@ -245,15 +245,3 @@ def test_aligned_empty_is_an_aligned_writable_array_of_the_shape(shape, dtype):
         assert a.ctypes.data % ALIGNMENT == 0
         a[...] = 1
     assert all(np.all(a == 1) for a in arrays)  # no two overlap
-
-
-def test_onnx_runtime_refuses_a_global_pool_after_its_first_session(monkeypatch):
-    """ONNX Runtime takes the global pool's sizes only before its first session and does not say
-    when they come late: the backend says it."""
-    _available("onnxruntime")
-    import harness.backends.onnxruntime as ortb
-
-    monkeypatch.setitem(ortb._GLOBAL_POOL, "threads", 0)
-    monkeypatch.setitem(ortb._GLOBAL_POOL, "sessions", 2)
-    with pytest.raises(RuntimeError, match="before this process's first session"):
-        get_backend("onnxruntime", X86.options("onnxruntime")).dedicated_process(X86)

@@ -94,21 +94,3 @@ def test_in_process_times_the_dynamic_engine_in_the_runs_process(tmp_path):
     dyn = pd.read_csv(out / "dynamic.csv")
     engine = dyn[dyn.kind == "engine"].iloc[0]
     assert engine.status == "ok" and "the run's process" in engine.backend_details
-
-
-def test_onnx_runtime_runs_alone_in_the_timing_process_on_its_global_pool(tmp_path):
-    """The timing process runs one backend's engines only: ONNX Runtime's sessions there share its
-    global (spinning) pool; in the run's process each keeps its own pool that does not spin."""
-    ctx = _context(tmp_path)
-    run_dynamic_fresh(ctx, "ds_mbnet_tiny", "onnxruntime", "fp32", SIZE, validate=3)
-    df = ctx.store.dynamic_frame()
-    assert _engine_row(ctx, "onnxruntime").status == "ok"
-    timed = df[df.kind.isin(["static", "segment", "one_graph"]) & (df.status == "ok")]
-    assert len(timed) > 3 and timed.backend_details.str.contains('"thread_pool": "global').all()
-    ctx.close()
-    here = ResultStore(tmp_path / "here.sqlite")  # the same phase in the run's process
-    in_process = dataclasses.replace(ctx, store=here)
-    assert run_dynamic(in_process, "ds_mbnet_tiny", "onnxruntime", "fp32", SIZE, validate=3)
-    static = here.dynamic_frame().query("kind == 'static'")
-    assert static.backend_details.str.contains('"thread_pool": "per session, not spinning"').all()
-    here.close()

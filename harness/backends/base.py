@@ -20,10 +20,6 @@ reads of a profile). It provides:
 - ``export(...) -> Exported``: the artifact only, for a board (``supports_remote`` backends).
 - ``cache_key()``: the options that change an artifact (part of the artifact key);
   ``details()``: the options that change a measured number (recorded with every result).
-- ``dedicated_process(target)``: called once in a process that runs this backend's engines and no
-  other's (the dynamic phase's timing process), before any of them loads; a runtime whose best
-  set-up would take the cores from other libraries' engines applies it there (ONNX Runtime: one
-  spinning thread pool for all sessions). Default: nothing.
 
 A backend never modifies the module it is given: :func:`cast` works on a copy.
 
@@ -195,9 +191,6 @@ class Backend:
 
     def unavailable(self, target: DeviceTarget) -> str | None:
         return None
-
-    def dedicated_process(self, target: DeviceTarget) -> None:
-        """This process runs this backend's engines only, none loaded yet (see the module docstring)."""
 
     def unsupported(self, target: DeviceTarget, precision: str) -> str | None:
         """Why this backend cannot run ``precision`` on ``target``'s device, or None."""

@@ -5,18 +5,6 @@ and the installed onnxruntime has it. Both run through I/O binding: outputs writ
 engine keeps them, inputs bound where they lie, so the parts of a dynamic chain hand their arrays
 (or, on a GPU, OrtValues) on without a copy.
 
-Two thread set-ups on a CPU, said in every engine's ``details["thread_pool"]``. In a process that
-runs other libraries' engines too (the run's own: the static phase's rounds visit every backend),
-each session has its own intra-op pool whose idle threads do not spin (``_engine``: a spinning
-pool takes the cores from whatever runs next). In a process that runs ONNX Runtime alone
-(:meth:`OnnxRuntimeBackend.dedicated_process`: the dynamic phase's timing process, where a deployed
-network's sessions run as a server would run them), every session shares ONNX Runtime's one global
-pool, which spins as ONNX Runtime does by default: the pool is warm when the next part of a chain
-starts. Measured on the AMD EPYC VM at 224 (2026-12-05, 400 and 150 shuffled rounds, one process
-per set-up): DS-MBNet route 0's static engine 2.64-2.68 ms against 3.54-3.66 ms per session, its
-head then tail over it +27..+32 us against +63..+84 us; DS-ResNet-50 route 0-0-0-0 4.95 ms against
-6.41 ms, its five parts over it +248 us (+212..+294) against +474 us (+428..+507).
-
 A one-graph dynamic network (a module with ``switch_parts``) is not exported whole: each part is
 exported on its own and the parts are joined by ``If`` nodes (:mod:`harness.backends.onnx_switch`;
 DS-MBNet at 224: 44 s against 196 s for exporting its ``torch.cond`` tree, the two artifacts equally
@@ -67,21 +55,6 @@ class OnnxRuntimeBackend(Backend):
         # artifacts written before the weights of If branches were moved into them are rebuilt
         return {"branch_weights": "inside"}
 
-    def dedicated_process(self, target: DeviceTarget):
-        """Every CPU session of this process on ONNX Runtime's global pool (see the module docstring).
-        ONNX Runtime takes the pool's sizes with its environment, made with the first session, and
-        does not say when they come too late (sessions asking for the global pool then run with
-        none): a process that made a session already raises here."""
-        if target.device != "cpu" or _GLOBAL_POOL["threads"]:
-            return
-        if _GLOBAL_POOL["sessions"]:
-            raise RuntimeError("ONNX Runtime's global thread pool must be set up before this process's first "
-                               f"session ({_GLOBAL_POOL['sessions']} made already)")
-        import onnxruntime as ort
-
-        ort.set_global_thread_pool_sizes(max(1, target.threads), 1)
-        _GLOBAL_POOL["threads"] = max(1, target.threads)
-
     def _engine(self, path, target: DeviceTarget):
         import onnxruntime as ort
 
@@ -100,15 +73,8 @@ class OnnxRuntimeBackend(Backend):
         if target.device == "cuda":
             session = ort.InferenceSession(str(path), opts, providers=["CUDAExecutionProvider"])
             return self._cuda_engine(session)
-        pool = "per session, not spinning"
-        if _GLOBAL_POOL["threads"]:  # a process of ONNX Runtime alone: the global pool (its own options)
-            opts.use_per_session_threads = False
-            pool = f"global ({_GLOBAL_POOL['threads']} threads, spinning)"
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        _GLOBAL_POOL["sessions"] += 1
-        engine = self._cpu_engine(session)
-        engine.details["thread_pool"] = pool
-        return engine
+        return self._cpu_engine(session)
 
     @staticmethod
     def _cpu_engine(session):
@@ -217,9 +183,6 @@ class OnnxRuntimeBackend(Backend):
         _save(onnx.load(str(artifact_dir / self.artifact)), out, data.name)
         return [out, data]
 
-
-# set by OnnxRuntimeBackend.dedicated_process: this process's CPU sessions share ONNX Runtime's global pool
-_GLOBAL_POOL = {"threads": 0, "sessions": 0}  # and how many CPU sessions this process made
 
 ALIGNMENT = 64  # bytes: where ONNX Runtime's CPU allocator starts a buffer (its kernels' preferred alignment)
 

@@ -240,8 +240,7 @@ def _compile(backend, module, example, target, precision, artifact_dir: Path, us
         if why is None:
             try:
                 engine = backend.load(artifact_dir, example, target, precision)
-                # what the build said of itself, and what this load says (e.g. a runtime's thread pool) over it
-                engine.details = {**_build_details(artifact_dir), **engine.details}
+                engine.details.update(_build_details(artifact_dir))
                 return engine, time.perf_counter() - t0, True, None
             except Exception as e:  # a stale or broken cache entry: rebuilt, and said so
                 why = f"it failed to load ({one_line(e)})"

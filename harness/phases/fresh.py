@@ -19,9 +19,7 @@ Why: what a process did before its rounds moves what they time. ONNX Runtime's c
 DS-MBNet at its gates (the ``split`` row) measured +7..+96 us in a process that had done nothing
 before, +136..+206 us at the end of README's main command (its static phase, other backends' builds
 and rounds in the same process). A deployed dynamic network runs in a process that loads its
-artifacts and serves; this is that process. It runs one backend's engines only, so the backend
-may set up its runtime as a deployment would (``Backend.dedicated_process``: ONNX Runtime's one
-spinning pool). The cost is the artifacts loaded and checked twice.
+artifacts and serves; this is that process. The cost is the artifacts loaded and checked twice.
 """
 
 from __future__ import annotations
@@ -103,7 +101,6 @@ def _timing_main(conn, spec: dict) -> None:
     try:
         ctx = RunContext(target, spec["layout"], spec["protocol"], ResultStore(spec["layout"].store),
                          spec["device_name"], spec["device_mismatch"], spec["run_id"], fresh=True)
-        ctx.backend(spec["backend"]).dedicated_process(target)  # this process runs that backend alone
         worker = BuildWorker()  # an artifact that is not cached after all (evicted meanwhile) builds apart
         run_dynamic(ctx, spec["model"], spec["backend"], spec["precision"], spec["input_size"], spec["progress"],
                     spec["validate"], worker)
