@@ -97,7 +97,8 @@ def parse_args(argv):
     p.add_argument("--retry-failed", action="store_true", help="re-measure results stored as failed")
     p.add_argument("--in-process", action="store_true",
                    help="time the dynamic engine in this process, e.g. under a debugger or profiler (default: "
-                        "built and checked here, timed in a fresh process that loads them, as a deployment runs)")
+                        "built and checked here, timed in two fresh processes that load them, as a deployment "
+                        "runs, their rounds pooled)")
     p.add_argument("--tune-minutes", type=float, metavar="N",
                    help="TVM tuning budget in minutes, over re-runs (default: the profile's [tvm] tune_minutes; "
                         "0: measure with what the database holds)")
@@ -266,7 +267,7 @@ def static_phase(ctx: RunContext, p: RunPlan, all_workloads: list[Workload], ret
 
 def dynamic_phase(ctx: RunContext, p: RunPlan, backends: list[str], worker: BuildWorker) -> None:
     """The dynamic engine of every supernet among the models, on each dynamic backend: built and
-    checked here, timed in a fresh process (:mod:`harness.phases.fresh`), or here with ``--in-process``."""
+    checked here, timed in fresh processes (:mod:`harness.phases.fresh`), or here with ``--in-process``."""
     measure = run_dynamic if p.in_process else run_dynamic_fresh
     for model, backend, precision in policy.dynamic_runs(ctx, policy.supernets(p.models), backends):
         measure(ctx, model, backend, precision, p.input_size,

@@ -1,5 +1,6 @@
-"""The dynamic phase timed in a fresh process: it loads what the run's process built (builds
-nothing), stores its rows under the run's id, and a timing process that fails or dies is recorded."""
+"""The dynamic phase timed in fresh processes: they load what the run's process built (build
+nothing), their rounds are pooled into rows stored under the run's id, and a timing process that
+fails or dies is recorded."""
 
 import dataclasses
 import gc
@@ -11,7 +12,7 @@ import harness.run as runmod
 from harness.measure.protocol import Protocol
 from harness.phases.context import RunContext
 from harness.phases.dynamic import DynamicPhase, run_dynamic
-from harness.phases.fresh import run_dynamic_fresh, time_in_fresh_process
+from harness.phases.fresh import TIMING_PROCESSES, run_dynamic_fresh, time_in_fresh_process
 from harness.results.layout import Layout
 from harness.results.store import ResultStore
 from harness.targets import load_target
@@ -48,9 +49,13 @@ def test_the_fresh_process_times_what_this_one_built_and_builds_nothing(tmp_path
     df = ctx.store.dynamic_frame()  # this process's store sees the other's rows
     deployed = df[df.kind == "deployed"]
     assert len(deployed) == 3 and (deployed.status == "ok").all() and (deployed.latency_ms_p50 > 0).all()
+    # two timing processes, one after the other: every row holds the rounds of both
+    assert (deployed.n == TIMING_PROCESSES * FAST.repeat).all() and TIMING_PROCESSES == 2
+    factors = ctx.store.db.execute("SELECT round FROM drift WHERE phase LIKE 'dynamic ds_mbnet_tiny%'").fetchall()
+    assert sorted(r for (r,) in factors) == list(range(TIMING_PROCESSES * FAST.repeat))
     assert set(df.run_id) == {"run-1"}
     engine = _engine_row(ctx)
-    assert engine.status == "ok" and "a fresh process" in engine.backend_details
+    assert engine.status == "ok" and "2 fresh processes" in engine.backend_details
     # stored: the next run builds nothing and starts no process
     assert not run_dynamic(ctx, "ds_mbnet_tiny", "torchscript", "fp32", SIZE, validate=3, measure=False)
     ctx.close()
@@ -62,7 +67,7 @@ def test_a_timing_process_that_fails_is_recorded_and_the_run_goes_on(tmp_path):
     elsewhere = dataclasses.replace(ctx, layout=Layout(tmp_path / "elsewhere" / "under"))
     time_in_fresh_process(elsewhere, "ds_mbnet_tiny", "torchscript", "fp32", SIZE, validate=3)
     engine = _engine_row(ctx)
-    assert engine.status == "measure_failed" and engine.error.startswith("the timing process failed: ")
+    assert engine.status == "measure_failed" and engine.error.startswith("the timing process (1 of 2) failed: ")
     ctx.close()
 
 
@@ -75,11 +80,11 @@ def test_a_timing_process_that_dies_is_recorded(tmp_path):
     ctx = _context(tmp_path)
     run_dynamic_fresh(ctx, "ds_mbnet_tiny", "eager", "fp32", SIZE, validate=3)  # a first phase: it stores
     eager = _engine_row(ctx, "eager")
-    assert eager.status == "ok" and "a fresh process" in eager.backend_details
+    assert eager.status == "ok" and "2 fresh processes" in eager.backend_details
     time_in_fresh_process(ctx, "ds_mbnet_tiny", "torchscript", "fp32", SIZE, _exit_at_once, validate=3)
     engine = _engine_row(ctx)
     assert engine.status == "measure_failed"
-    assert engine.error == "the timing process ended (exit code 3) before it finished"
+    assert engine.error == "the timing process (1 of 2) ended (exit code 3) before it finished"
     ctx.close()
 
 

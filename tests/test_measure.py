@@ -142,6 +142,30 @@ def test_every_round_visits_every_engine_once_in_a_fresh_seeded_order():
     assert log == first  # seeded: the same order again
 
 
+def test_rounds_continue_earlier_ones_from_another_process():
+    """``earlier`` (the same engines timed in another process): its samples come first, this call's
+    rounds are numbered after its rounds, pairs stay within a round, and the speed factors span both
+    (a process twice as slow is a slow round, not a slower engine)."""
+    from harness.measure.protocol import paired_ratio
+
+    p = Protocol(warmup_calls=1, warmup_ms=0, repeat=3, min_repeat_ms=0)
+    speed = {"now": 1.0}
+
+    class Timer(WallTimer):
+        def elapsed_ms(self, fn, number):
+            return fn() * speed["now"]
+
+    fns = {"a": lambda: 10.0, "b": lambda: 4.0}
+    first = measure_rounds(fns, p, Timer(), seed=3)
+    speed["now"] = 2.0  # the second process draws a slower machine
+    both = measure_rounds(fns, p, Timer(), seed=3, earlier=first.measurements)
+    assert both["a"].samples_ms == [10.0] * 3 + [20.0] * 3 and both["a"].rounds == list(range(6))
+    assert both["b"].order[:3] == first["b"].order and min(both["b"].order[3:]) > max(first["a"].order)
+    assert paired_ratio(both["b"], both["a"]) == pytest.approx(0.4)
+    assert both.factors == pytest.approx([2 / 3] * 3 + [4 / 3] * 3)
+    assert both.drift_corrected("a").p50 == pytest.approx(15.0) and both["a"].stats.p50 == pytest.approx(15.0)
+
+
 def test_median_interval_and_validity_on_known_samples():
     assert median_interval(30) == (9, 20)  # the binomial table's 10th and 21st of 30
     assert median_interval(3) == (0, 2)  # few samples: the whole range

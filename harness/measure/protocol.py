@@ -240,13 +240,20 @@ def drift_summary(factors: list[float]) -> dict:
 
 def measure_rounds(fns: dict[str, Callable[[], object]], protocol: Protocol, timer: Timer | None = None,
                    seed: int = 0, shuffle: bool = True, on_round: Callable[[int, int], None] | None = None,
-                   groups: list[list[str]] | None = None, numbers: dict[str, int] | None = None) -> Rounds:
+                   groups: list[list[str]] | None = None, numbers: dict[str, int] | None = None,
+                   earlier: dict[str, Measurement] | None = None) -> Rounds:
     """Time several callables in rounds (see the module docstring). ``shuffle=False`` keeps the
     given order in every round; ``groups`` (a partition of ``fns``' names) are units that keep their
     order within a round while the units are shuffled (a chain's parts timed in context);
     ``numbers`` fixes the calls per sample of some callables (e.g. a chunk of a route stream, so
-    a sample's mean is the stream's); ``on_round(done, planned)`` reports progress."""
+    a sample's mean is the stream's); ``on_round(done, planned)`` reports progress. ``earlier``:
+    the same callables' measurements from rounds timed before (in another process): each result
+    holds their samples first, with their rounds and positions, and this call's rounds numbered
+    after theirs, so paired statistics pair within a round and the speed factors span both."""
     timer = timer or WallTimer()
+    earlier = {k: m for k, m in (earlier or {}).items() if k in fns and m.rounds is not None}
+    first_round = 1 + max((r for m in earlier.values() for r in m.rounds), default=-1)
+    first_position = 1 + max((p for m in earlier.values() for p in (m.order or [])), default=-1)
     units = [list(g) for g in groups] if groups is not None else [[k] for k in fns]
     if sorted(map(str, (k for g in units for k in g))) != sorted(map(str, fns)):
         raise ValueError("measure_rounds: groups must name every callable exactly once")
@@ -254,11 +261,12 @@ def measure_rounds(fns: dict[str, Callable[[], object]], protocol: Protocol, tim
     numbers = {k: fixed.get(k) or _number(_warmup(f, protocol, timer), protocol) for k, f in fns.items()}
     for k in fixed:  # warmed up too
         _warmup(fns[k], protocol, timer)
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    rounds: dict[str, list[int]] = {k: [] for k in fns}
-    order: dict[str, list[int]] = {k: [] for k in fns}
-    position = itertools.count()
-    rng = random.Random(seed)
+    samples: dict[str, list[float]] = {k: list(earlier[k].samples_ms) if k in earlier else [] for k in fns}
+    rounds: dict[str, list[int]] = {k: list(earlier[k].rounds) if k in earlier else [] for k in fns}
+    order: dict[str, list[int]] = {k: list(earlier[k].order or []) if k in earlier else [] for k in fns}
+    position = itertools.count(first_position)
+    # rounds after earlier ones shuffle otherwise
+    rng = random.Random(seed if not first_round else seed * 1_000_003 + first_round)
 
     def one_round(r: int, todo: list[list[str]]) -> None:
         if shuffle:
@@ -270,10 +278,10 @@ def measure_rounds(fns: dict[str, Callable[[], object]], protocol: Protocol, tim
                 order[k].append(next(position))
 
     for r in range(protocol.repeat):
-        one_round(r, units)
+        one_round(first_round + r, units)
         if on_round:
             on_round(r + 1, protocol.repeat)
-    r, extra_start = protocol.repeat, time.monotonic()
+    r, extra_start = first_round + protocol.repeat, time.monotonic()
     while protocol.budget_s > 0 and time.monotonic() - extra_start < protocol.budget_s:
         invalid = {k for k in fns if not summarize(samples[k], numbers[k], protocol).valid}
         if not invalid:

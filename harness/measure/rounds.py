@@ -18,7 +18,8 @@ run (static sweep, Table 2, dynamic engine, gate retraining) times through; none
 - ``group(keys)``: entered keys that keep their given order within every round (the parts of one
   dynamic chain, timed in context); groups and the remaining single engines are shuffled each round
   with the phase's seed (``shuffle=False``: every round in the order entered).
-- ``measure(on_round=None)`` runs the rounds with the phase's protocol, gives the rounds' speed
+- ``measure(on_round=None, earlier=None)`` runs the rounds with the phase's protocol (after
+  ``earlier``'s, the same phase's measurements from another process, pooled in), gives the rounds' speed
   factors to ``record_drift(name, factors)`` (the run's drift, stored per phase) and returns
   ``{key: result}``: every entered engine with its ``measurement``, or, when timing raised, every
   one ``measure_failed`` with that error. ``phase.rounds`` keeps the
@@ -85,15 +86,17 @@ class RoundPhase:
                              f"{unknown or sorted(map(str, grouped & set(keys)))}")
         self.groups.append(keys)
 
-    def measure(self, on_round: Callable[[int, int], None] | None = None) -> dict[Hashable, Result]:
-        """Time every entered engine in rounds; see the module docstring."""
+    def measure(self, on_round: Callable[[int, int], None] | None = None,
+                earlier: dict | None = None) -> dict[Hashable, Result]:
+        """Time every entered engine in rounds; see the module docstring. ``earlier``: the same
+        phase's measurements from another process, pooled in (``measure_rounds``)."""
         if not self.fns:
             return {}
         group_of = {k: g for g in self.groups for k in g}
         units = [group_of.get(k, [k]) for k in self.fns if k not in group_of or group_of[k][0] == k]
         try:
             self.rounds = measure_rounds(self.fns, self.protocol, self.timer, seed=self.seed, shuffle=self.shuffle,
-                                         on_round=on_round, groups=units, numbers=self.numbers)
+                                         on_round=on_round, groups=units, numbers=self.numbers, earlier=earlier)
         except Exception as e:  # recorded for every engine of the phase; the run goes on
             return {k: r.replace(status="measure_failed", error=one_line(e)) for k, r in self.entered.items()}
         if self.record_drift is not None:

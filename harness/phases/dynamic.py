@@ -70,6 +70,7 @@ Plain calls, no CUDA graphs: a graph would freeze the route chosen when captured
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -203,6 +204,19 @@ def dispatch_result(diffs: list[float], protocol: Protocol) -> Result:
     return Result("ok", measurement=m)
 
 
+@dataclass
+class Pooling:
+    """One phase's rounds timed over ``processes`` processes, one after the other
+    (:mod:`harness.phases.fresh`): ``earlier``, the measurements of the processes before this one
+    (``{key: Measurement}``), pooled into this one's rounds; ``last``: this process stores the rows,
+    otherwise it stores nothing and leaves its pooled measurements in ``measured``."""
+
+    processes: int = 1
+    earlier: dict | None = None
+    last: bool = True
+    measured: dict | None = None
+
+
 class DynamicPhase:
     """Measures a supernet's dynamic engine on one backend; see the module docstring."""
 
@@ -251,9 +265,11 @@ class DynamicPhase:
             row.update(predicted_ms=predicted_ms, rel_error=(predicted_ms - measured) / measured)
         self.ctx.store.record_dynamic(row)
 
-    def _engine_ok(self) -> Result:
-        """The ``engine`` row of an engine built and checked, saying which process timed it."""
-        return Result("ok", details={"timed_in": "a fresh process" if self.ctx.fresh else "the run's process"})
+    def _engine_ok(self, processes: int = 1) -> Result:
+        """The ``engine`` row of an engine built and checked, saying which processes timed it."""
+        where = "the run's process" if not self.ctx.fresh else "a fresh process" if processes == 1 \
+            else f"{processes} fresh processes, one after the other, their rounds pooled"
+        return Result("ok", details={"timed_in": where})
 
     def _part(self, name: str) -> Result:
         """The pipeline result of part ``name`` at batch 1 (compile time and details of its rows)."""
@@ -268,10 +284,12 @@ class DynamicPhase:
                      for k in ("route", "deployed")]
         return keys
 
-    def run(self, progress=None, lut_only: bool = False, measure: bool = True) -> bool:
+    def run(self, progress=None, lut_only: bool = False, measure: bool = True, pooling: Pooling | None = None) -> bool:
         """Measure what the store lacks (see the module docstring); returns whether it lacked any.
         ``measure=False``: build, load and check everything the rounds would time, time nothing and
-        store nothing (a fresh process then finds every artifact cached, :mod:`harness.phases.fresh`)."""
+        store nothing (a fresh process then finds every artifact cached, :mod:`harness.phases.fresh`).
+        ``pooling``: these rounds are one process's share of the phase's (see :class:`Pooling`)."""
+        pooling = pooling or Pooling()
         done = self.ctx.store.dynamic_done()
         if all(k in done for k in self.wanted(lut_only)):
             if self.ctx.store.dynamic_status(self._key("engine", "build")) not in (None, "ok"):
@@ -309,16 +327,19 @@ class DynamicPhase:
             return True
         label = f"{self.model_name} {self.backend_name}"
         on_round = (lambda d, n: progress(f"{label} round {d}/{n}", f"{len(phase)} engines")) if progress else None
-        results = phase.measure(on_round)
+        results = phase.measure(on_round, pooling.earlier)
+        if not pooling.last:  # a share of the rounds: handed on to the next process, nothing stored
+            pooling.measured = phase.rounds.measurements if phase.rounds is not None else None
+            return True
         dispatch = self._dispatch(results, chained, priced, phase.protocol)
         if dispatch.status == "measure_failed" and dispatch.measurement is not None:  # impossible: again, once
             first = dispatch.error
             if progress:
                 progress(f"{label}: {first.split(';')[0]}", "re-measuring once")
-            results = phase.measure(on_round)
+            results = phase.measure(on_round, pooling.earlier)
             dispatch = self._dispatch(results, chained, priced, phase.protocol)
             dispatch = dispatch.replace(details={**dispatch.details, "remeasured": f"the first rounds gave: {first}"})
-        self._store(phase, results, chained, priced, failed, extra, lut_only, dispatch)
+        self._store(phase, results, chained, priced, failed, extra, lut_only, dispatch, pooling.processes)
         return True
 
     # -- checks -----------------------------------------------------------------------------------
@@ -590,7 +611,8 @@ class DynamicPhase:
         parts = [results[("part", i, n)].measurement for n in route_segment_names(route)]
         return parts if all(m is not None for m in parts) else None
 
-    def _store(self, phase, results, chained, priced, failed, extra, lut_only, dispatch: Result) -> None:
+    def _store(self, phase, results, chained, priced, failed, extra, lut_only, dispatch: Result,
+               processes: int = 1) -> None:
         rounds = phase.rounds
         failure = next((r for r in results.values() if not r.ok), None) if rounds is None else None
         # segments: each part's samples pooled over the chains it ran in
@@ -606,7 +628,7 @@ class DynamicPhase:
             segment_ms[name] = m.stats.p50
             self._record("segment", name, self._part(name).replace(measurement=m))
         # the engine was built and checked: an earlier run's failed build of it no longer stands
-        self._record("engine", "build", self._engine_ok())
+        self._record("engine", "build", self._engine_ok(processes))
         if failure is not None:  # the rounds themselves failed: every row says so
             for route in priced:
                 self._record("route", str(route), failure, route=str(route), madds=self.madds[str(route)])
@@ -696,11 +718,12 @@ def record_engine_failure(ctx: RunContext, model: str, backend: str, precision: 
 
 def run_dynamic(ctx: RunContext, model: str, backend: str, precision: str, input_size: int,
                 progress_factory=None, validate: int = E2E_ROUTES, worker: BuildWorker | None = None,
-                measure: bool = True) -> bool:
+                measure: bool = True, pooling: Pooling | None = None) -> bool:
     """Measure one supernet's dynamic engine on one backend (``validate`` routes end to end; its
     parts built alongside ``worker``); a part that fails is recorded. ``measure=False``: build, load
-    and check all it would time, time nothing (:meth:`DynamicPhase.run`). Returns whether the store
-    lacked its rows (False too when its engine failed: recorded)."""
+    and check all it would time, time nothing; ``pooling``: this process's share of the rounds
+    (:meth:`DynamicPhase.run`). Returns whether the store lacked its rows (False too when its
+    engine failed: recorded)."""
     progress = progress_factory(dynamic_steps(ctx.protocol) if measure else 1) if progress_factory else None
     if progress is not None:
         progress.note("loading or building its parts")
@@ -711,7 +734,7 @@ def run_dynamic(ctx: RunContext, model: str, backend: str, precision: str, input
         record_engine_failure(ctx, model, backend, precision, input_size, e)
         return False
     try:
-        return phase.run(progress, measure=measure)
+        return phase.run(progress, measure=measure, pooling=pooling)
     except PartError as e:  # a segment built on demand, or the deployed path's check
         record_engine_failure(ctx, model, backend, precision, input_size, e)
         return False

@@ -1,25 +1,32 @@
-"""The dynamic phase timed in a fresh process that only loads what the run's process built.
+"""The dynamic phase timed in fresh processes that only load what the run's process built.
 
 Contract
 --------
 ``run_dynamic_fresh(ctx, model, backend, precision, input_size, progress_factory=None, validate=E2E_ROUTES,
-worker=None)`` is :func:`harness.phases.dynamic.run_dynamic` across two processes: this one builds,
+worker=None)`` is :func:`harness.phases.dynamic.run_dynamic` across processes: this one builds,
 loads and checks everything the phase times (``measure=False``, builds shared with ``worker``) and
-stores nothing; then, when the store lacks the phase's rows, :func:`time_in_fresh_process` spawns a
-process that opens the same results store, loads every artifact from the cache, checks each again,
-runs the phase's rounds and stores its rows under the run's id (the ``engine`` row's details say
-``timed_in: a fresh process``), while this process waits. ``progress_factory`` is called in both
-processes, so it must pickle (a class, or a ``functools.partial`` of one).
+stores nothing; then, when the store lacks the phase's rows, :func:`time_in_fresh_process` spawns
+:data:`TIMING_PROCESSES` processes, one after the other, while this process waits. Each opens the
+same results store, loads every artifact from the cache, checks each again and runs the phase's
+rounds; each hands its measurements to the next (:class:`~harness.phases.dynamic.Pooling`), whose
+rounds are numbered after them, and the last stores the rows of all the rounds under the run's id
+(the ``engine`` row's details say ``timed_in``). ``progress_factory`` is called in every process,
+so it must pickle (a class, or a ``functools.partial`` of one).
 
 A timing process that raises or dies stores the ``engine`` row ``measure_failed`` with why, and the
-run goes on. Ctrl-C is this process's: the timing process ignores it, this one stops it and raises
-``KeyboardInterrupt`` (the rows the timing process stored are kept, as in one process).
+run goes on. Ctrl-C is this process's: a timing process ignores it, this one stops it and raises
+``KeyboardInterrupt``.
 
-Why: what a process did before its rounds moves what they time. ONNX Runtime's cost of cutting
-DS-MBNet at its gates (the ``split`` row) measured +7..+96 us in a process that had done nothing
-before, +136..+206 us at the end of README's main command (its static phase, other backends' builds
-and rounds in the same process). A deployed dynamic network runs in a process that loads its
-artifacts and serves; this is that process. The cost is the artifacts loaded and checked twice.
+Why a fresh process: what a process did before its rounds moves what they time. ONNX Runtime's
+cost of cutting DS-MBNet at its gates (the ``split`` row) measured +7..+96 us in a process that had
+done nothing before, +136..+206 us at the end of README's main command (its static phase, other
+backends' builds and rounds in the same process). A deployed dynamic network runs in a process that
+loads its artifacts and serves; this is that process. Why several: each process draws its own
+speed. On the AMD EPYC VM (2026-12-05), DS-MBNet's smallest route on Inductor ran 3.83 ms in one
+timing process and 5.19 ms in another an hour later, the deployed path over it +155 us (4.0 %) and
++69 us (1.3 %); the rounds' speed factors, computed over the pooled rounds, absorb a process's
+speed as they absorb drift, and every paired difference stays within one round, so within one
+process. The cost is the artifacts loaded and checked once more per process.
 """
 
 from __future__ import annotations
@@ -31,15 +38,17 @@ from harness.backends.base import exit_text, one_line
 from harness.env import configure_process, quiet_library_warnings, release_memory
 from harness.measure.build_worker import BuildWorker
 from harness.phases.context import RunContext
-from harness.phases.dynamic import E2E_ROUTES, record_engine_failure, run_dynamic
+from harness.phases.dynamic import E2E_ROUTES, Pooling, record_engine_failure, run_dynamic
 from harness.results.store import ResultStore
 
 STOP_WAIT_S = 10  # a timing process told to stop (SIGTERM) is killed after this long
+# the phase's rounds run this many times, each time in a process of its own, and are pooled (see the module docstring)
+TIMING_PROCESSES = 2
 
 
 def run_dynamic_fresh(ctx: RunContext, model: str, backend: str, precision: str, input_size: int,
                       progress_factory=None, validate: int = E2E_ROUTES, worker: BuildWorker | None = None) -> None:
-    """Build and check here, time in a fresh process (see the module docstring)."""
+    """Build and check here, time in fresh processes (see the module docstring)."""
     bars = []
 
     def prepare(n):
@@ -50,17 +59,31 @@ def run_dynamic_fresh(ctx: RunContext, model: str, backend: str, precision: str,
                        measure=False):
         return  # stored already, or its engine failed (recorded)
     if bars:
-        bars[-1].note("built and checked; timed in a fresh process, which loads them")
+        bars[-1].note(f"built and checked; timed in {TIMING_PROCESSES} fresh processes, which load them")
     release_memory()  # the engines built here, unreachable now, let go before a second process loads them
     time_in_fresh_process(ctx, model, backend, precision, input_size, progress_factory, validate)
 
 
 def time_in_fresh_process(ctx: RunContext, model: str, backend: str, precision: str, input_size: int,
-                          progress_factory=None, validate: int = E2E_ROUTES) -> None:
-    """Run the dynamic phase in a spawned process on the same store and run id; wait for it."""
+                          progress_factory=None, validate: int = E2E_ROUTES, processes: int = TIMING_PROCESSES) -> None:
+    """Run the dynamic phase's rounds in ``processes`` spawned processes, one after the other, on the
+    same store and run id, each handing its measurements to the next, the last storing the rows."""
     spec = {"target": ctx.target, "layout": ctx.layout, "protocol": ctx.protocol, "device_name": ctx.device_name,
             "device_mismatch": ctx.device_mismatch, "run_id": ctx.run_id, "model": model, "backend": backend,
             "precision": precision, "input_size": input_size, "validate": validate, "progress": progress_factory}
+    earlier = None
+    for i in range(processes):
+        pooling = Pooling(processes=processes, earlier=earlier, last=i == processes - 1)
+        status, why, earlier = _one_process({**spec, "pooling": pooling, "which": f"{i + 1} of {processes}"})
+        if status != "ok":
+            record_engine_failure(ctx, model, backend, precision, input_size, why, status="measure_failed")
+            return
+        if earlier is None:  # stored already (or nothing timed): nothing to hand on
+            return
+
+
+def _one_process(spec: dict) -> tuple:
+    """Start one timing process and wait for its ``(status, why, measured)``."""
     mp = multiprocessing.get_context("spawn")  # a fork of a process holding torch's thread pools can deadlock
     mine, theirs = mp.Pipe(duplex=False)
     process = mp.Process(target=_timing_main, args=(theirs, spec), name="dsnet-harness timing")
@@ -68,18 +91,18 @@ def time_in_fresh_process(ctx: RunContext, model: str, backend: str, precision: 
     theirs.close()  # its end lives in the timing process only: its death reads as EOF here
     try:
         try:
-            status, why = mine.recv()
+            message = mine.recv()
         except EOFError:
             process.join()
-            status, why = "died", f"the timing process ended ({exit_text(process.exitcode)}) before it finished"
+            message = ("died", f"the timing process ({spec['which']}) ended ({exit_text(process.exitcode)}) "
+                               "before it finished", None)
         process.join()
     except BaseException:  # Ctrl-C (or a failure here): the timing process stops with this one
         _stop(process)
         raise
     finally:
         mine.close()
-    if status != "ok":
-        record_engine_failure(ctx, model, backend, precision, input_size, why, status="measure_failed")
+    return message
 
 
 def _stop(process) -> None:
@@ -96,16 +119,18 @@ def _timing_main(conn, spec: dict) -> None:
     quiet_library_warnings()
     target = spec["target"]
     configure_process(target.threads, target.device)  # as the run's process (harness.cli.open_target)
-    message = ("ok", "")
+    pooling: Pooling = spec["pooling"]
+    message = ("ok", "", None)
     ctx = worker = None
     try:
         ctx = RunContext(target, spec["layout"], spec["protocol"], ResultStore(spec["layout"].store),
                          spec["device_name"], spec["device_mismatch"], spec["run_id"], fresh=True)
         worker = BuildWorker()  # an artifact that is not cached after all (evicted meanwhile) builds apart
         run_dynamic(ctx, spec["model"], spec["backend"], spec["precision"], spec["input_size"], spec["progress"],
-                    spec["validate"], worker)
+                    spec["validate"], worker, pooling=pooling)
+        message = ("ok", "", pooling.measured)
     except Exception as e:
-        message = ("error", f"the timing process failed: {one_line(e)}")
+        message = ("error", f"the timing process ({spec['which']}) failed: {one_line(e)}", None)
     finally:
         if worker is not None:
             worker.close()

@@ -172,8 +172,9 @@ KIND_DOCS = {
     "table2": "DS-Net++ Table 2's ways (full, masking, indexing, slicing, materialized, ideal)",
     "engine": "the dynamic engine's build (`build`): `ok`, or the part that could not be built and why "
               "(`measure_failed`: the process that times it failed or died); `backend_details` of an `ok` row "
-              "say where the rows were timed: `timed_in` `a fresh process` (the default, "
-              "`harness/phases/fresh.py`) or `the run's process` (`--in-process`, or a phase called directly)",
+              "say where the rows were timed: `timed_in` `2 fresh processes, one after the other, their rounds pooled` "
+              "(the default, `harness/phases/fresh.py`) or `the run's process` (`--in-process`, or a phase "
+              "called directly)",
 }
 
 TABLES = ("table2", "table2_ds_resnet50", "table7", "lut", "slimmable_table3")
