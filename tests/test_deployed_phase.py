@@ -142,9 +142,9 @@ def test_an_impossible_dispatch_is_measured_again_once_then_refused(tmp_path, mo
         calls.append(impossible)
         return [-1.0 - abs(v) for v in values] if impossible else values
 
-    def measure(self, on_round=None):
+    def measure(self, on_round=None, earlier=None):
         measured.append(self.name)
-        return real_measure(self, on_round)
+        return real_measure(self, on_round, earlier)
 
     monkeypatch.setattr(dynamic, "dispatch_estimate", estimate)
     monkeypatch.setattr(RoundPhase, "measure", measure)
