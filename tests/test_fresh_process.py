@@ -37,6 +37,9 @@ def _engine_row(ctx, backend="torchscript") -> pd.Series:
 
 
 def test_the_fresh_process_times_what_this_one_built_and_builds_nothing(tmp_path):
+    other = _context(tmp_path / "other")  # a results folder this process prepared before (inputs it searched)
+    assert run_dynamic(other, "ds_mbnet_tiny", "torchscript", "fp32", SIZE, validate=3, measure=False)
+    other.close()
     ctx = _context(tmp_path)
     assert run_dynamic(ctx, "ds_mbnet_tiny", "torchscript", "fp32", SIZE, validate=3, measure=False)
     assert ctx.store.dynamic_frame().empty  # built and checked, nothing timed or stored

@@ -494,7 +494,9 @@ class DynamicPhase:
         error): raised again without searching, until the file is deleted."""
         route = tuple(int(c) for c in route)
         fingerprint = self._fingerprint
-        key = (self.model_name, fingerprint, self.input_size, route)
+        # per cache folder too: what one folder's run found is written into that folder, so a process
+        # that times from it (harness.phases.fresh) finds it there rather than searching again
+        key = (str(self.ctx.layout.cache_dir), self.model_name, fingerprint, self.input_size, route)
         if key not in _CRAFTED:
             path = self.ctx.layout.cache_dir / "crafted" / (
                 f"{self.model_name}-{fingerprint[:16]}-{self.input_size}-{'_'.join(map(str, route))}.npy")
