@@ -7,7 +7,9 @@ builds the supernet's dynamic engine on one backend (every part through the pipe
 checked against eager; with a :class:`~harness.measure.build_worker.BuildWorker`, every part and
 the one artifact built up front alongside it, the worker starting with the one artifact; a part
 that fails raises :class:`harness.deploy.engine.PartError`, which :func:`run_dynamic` records as an
-``engine`` row and goes on). ``phase.run(progress, lut_only=False)`` measures, when the store lacks
+``engine`` row and goes on). ``phase.run(progress, lut_only=False, measure=True, pooling=None)``
+(``measure=False``: build and check only; ``pooling``: a :class:`Pooling`, this process's share of
+rounds timed over several processes) measures, when the store lacks
 any of its rows, everything in ONE round phase (:class:`~harness.measure.rounds.RoundPhase`), one call
 per sample (parts of a chain are timed in context: a part repeated back to back keeps its weights
 hot), so every figure below is compared with the others measured in the same rounds:

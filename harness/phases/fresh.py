@@ -114,7 +114,8 @@ def _stop(process) -> None:
 
 
 def _timing_main(conn, spec: dict) -> None:
-    """The timing process: the run's context on the same store, the phase run, ``(status, why)`` sent."""
+    """The timing process: the run's context on the same store, its share of the phase's rounds run,
+    ``(status, why, measured)`` sent (``measured``: what it hands the next process, or None)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the run's process's to handle
     quiet_library_warnings()
     target = spec["target"]
