@@ -206,3 +206,22 @@ def test_a_run_vouched_for_skips_extraction_and_vouching_refuses_records_that_mi
     assert announced == [48]
     with pytest.raises(RuntimeError, match="extracted"):  # harness.tune tunes every task, shipped or not
         tuning.run_tuning(fresh, target, ["ds_mbnet_tiny"], 32, 60.0)
+
+
+def test_the_task_signature_leaves_the_hosts_cpu_out(x86):
+    """The vouch is made on one machine and read on others (CI's, a user's): the host's CPU, which
+    the x86 profile's ``mcpu = "auto"`` resolves to, decides no task (the 377 tasks of the default
+    run were the same on an AMD EPYC and on an Intel Xeon), so it is not part of the signature;
+    the build settings are."""
+    from harness.phases.tuning import task_signature
+
+    target, backend = x86
+    options = target.options("tvm")
+
+    def signature(**target_changes):
+        b = get_backend("tvm", {**options, "target": {**backend.options["target"], **target_changes}},
+                        workdir=backend.workdir)
+        return task_signature(b, target, ["ds_mbnet_tiny"], 64)
+
+    assert signature(mcpu="znver4") == signature(mcpu="rocketlake") == signature()
+    assert signature(mtriple="aarch64-linux-gnu") != signature()

@@ -110,9 +110,11 @@ def _task_fields(backend, target: Target, models: list[str], input_size: int, dy
     sources = hashlib.sha1()
     for path in sorted(Path(dsnet.__file__).parent.rglob("*.py")):
         sources.update(path.read_bytes())
+    settings = {k: v for k, v in backend.cache_key().items() if k not in ("tuning_records", "shipped_records")}
+    if isinstance(settings.get("target"), dict):  # the host's CPU ("mcpu": "auto" resolved) decides no task
+        settings["target"] = {k: v for k, v in settings["target"].items() if k != "mcpu"}
     return {"models": sorted(models), "input_size": input_size, "dynamic": _builds_dynamic(target, dynamic),
-            "backend": {k: v for k, v in backend.cache_key().items() if k not in ("tuning_records", "shipped_records")},
-            "versions": [tvm.__version__, torch.__version__], "dsnet": sources.hexdigest()}
+            "backend": settings, "versions": [tvm.__version__, torch.__version__], "dsnet": sources.hexdigest()}
 
 
 def _digest(key: dict) -> str:
