@@ -74,10 +74,11 @@ def test_the_phase_stores_every_kind_in_one_round_phase(eager_phase):
     assert d.status == "ok" or "impossible" in d.error
     routes = [str(r) for r in dsnet.create_model("ds_mbnet").routes(64)]
     count = df.groupby("kind").size().to_dict()
-    assert count == {"segment": 1 + 14, "dispatch": 1, "route": 14, "static": 14, "deployed": 14, "overhead": 6,
-                     "stream": 1, "batch": 2, "acceleration": 4, "engine": 1}
+    assert count == {"segment": 1 + 14, "dispatch": 1, "route": 14, "static": 14, "deployed": 14, "overhead": 7,
+                     "static_steady": 14, "deployed_steady": 14, "stream": 1, "batch": 2, "acceleration": 4,
+                     "engine": 1}
     assert df[df.kind == "engine"].status.tolist() == ["ok"]  # the earlier failure no longer stands
-    for kind in ("route", "static", "deployed"):
+    for kind in ("route", "static", "deployed", "static_steady", "deployed_steady"):
         assert sorted(df[df.kind == kind].name, key=int) == routes
     acc = df[df.kind == "acceleration"].set_index("name")
     assert set(acc.index) == {"largest", "matched", "dynamic", "static_mix"} and (acc.latency_ms_mean > 0).all()
@@ -85,7 +86,18 @@ def test_the_phase_stores_every_kind_in_one_round_phase(eager_phase):
     # the deployed path's overhead over the static engines, the part of it due to the cut at the gates,
     # and Table 7's two shares and two speed-ups paired round by round
     over = df[df.kind == "overhead"].set_index("name")
-    assert set(over.index) == {"deployed", "split", "mix", "architecture", "realized", "ideal"}
+    assert set(over.index) == {"deployed", "split", "mix", "architecture", "realized", "ideal", "deployed_steady"}
+    # the steady-state pair: the deployed path minus the static engine, each right after itself, per round
+    # and pooled over the routes
+    steady = df[df.kind.isin(["static_steady", "deployed_steady"])].set_index(["kind", "name"])
+    diffs = []
+    for route in routes:
+        ref = dict(zip(json.loads(steady.rounds["static_steady", route]),
+                       json.loads(steady.samples_ms["static_steady", route])))
+        diffs += [s - ref[r] for r, s in zip(json.loads(steady.rounds["deployed_steady", route]),
+                                             json.loads(steady.samples_ms["deployed_steady", route])) if r in ref]
+        assert steady.predicted_ms["deployed_steady", route] == steady.latency_ms_p50["static_steady", route]
+    assert sorted(json.loads(over.samples_ms["deployed_steady"])) == pytest.approx(sorted(diffs))
     for name, kind, ref in (("realized", "dynamic", "largest"), ("ideal", "matched", "largest")):
         rounds = dict(zip(json.loads(acc.rounds[ref]), json.loads(acc.samples_ms[ref])))
         diffs = [s - rounds[r] for r, s in zip(json.loads(acc.rounds[kind]), json.loads(acc.samples_ms[kind]))

@@ -107,27 +107,34 @@ def test_rounds_get_the_ranking_right_under_drift_where_sequential_timing_fails(
     assert len(res.factors) == 30 and res.factors[-1] > res.factors[0]  # the drift is visible in the factors
 
 
+class FlaggingTimer(WallTimer):
+    """A wall timer that sets ``on`` while it times (so a callable tells a timed call from the
+    warm-up's or a primed one) and reports every sample as 1 ms."""
+
+    def __init__(self):
+        super().__init__()
+        self.on = False
+
+    def elapsed_ms(self, fn, number):
+        self.on = True
+        super().elapsed_ms(fn, number)
+        self.on = False
+        return 1.0
+
+
 def test_every_round_visits_every_engine_once_in_a_fresh_seeded_order():
     log = []
-    timing = {"on": False}
+    timer = FlaggingTimer()
 
     def make(name):
         def fn():
-            if timing["on"]:
+            if timer.on:
                 log.append(name)
         return fn
 
     fns = {n: make(n) for n in "abcd"}
     p = Protocol(warmup_calls=1, warmup_ms=0, repeat=12, min_repeat_ms=0)
-
-    class Timer(WallTimer):
-        def elapsed_ms(self, fn, number):
-            timing["on"] = True
-            super().elapsed_ms(fn, number)
-            timing["on"] = False
-            return 1.0
-
-    res = measure_rounds(fns, p, Timer(), seed=3)
+    res = measure_rounds(fns, p, timer, seed=3)
     assert log[:4] == list("abcd")  # the warm-up: one call each, before any round
     timed = log[4:]
     rounds = [timed[i:i + 4] for i in range(0, len(timed), 4)]
@@ -138,8 +145,27 @@ def test_every_round_visits_every_engine_once_in_a_fresh_seeded_order():
         assert res[n].order == [i for i, name in enumerate(timed) if name == n]
     first = list(log)
     log.clear()
-    measure_rounds(fns, p, Timer(), seed=3)
+    measure_rounds(fns, p, timer, seed=3)
     assert log == first  # seeded: the same order again
+
+
+def test_a_primed_callable_is_timed_right_after_an_untimed_call_of_its_own():
+    """``primed``: every sample of ``a`` follows one call of ``a`` that is not timed (its steady
+    state); ``b`` is timed after whatever ran before it."""
+    log = []
+    timer = FlaggingTimer()
+    fns = {n: (lambda n=n: log.append((n, timer.on))) for n in "ab"}
+    p = Protocol(warmup_calls=1, warmup_ms=0, repeat=5, min_repeat_ms=0)
+    res = measure_rounds(fns, p, timer, seed=1, primed={"a"})
+    rounds = log[2:]  # after the warm-up
+    assert [c for c in rounds if c[0] == "a"] == [("a", False), ("a", True)] * 5
+    assert [c for c in rounds if c[0] == "b"] == [("b", True)] * 5
+    for i, call in enumerate(rounds):  # the untimed call comes right before the timed one
+        if call == ("a", True):
+            assert rounds[i - 1] == ("a", False)
+    assert len(res["a"].samples_ms) == len(res["b"].samples_ms) == 5
+    with pytest.raises(ValueError, match="primed names callables not given"):
+        measure_rounds(fns, p, timer, primed={"c"})
 
 
 def test_rounds_continue_earlier_ones_from_another_process():

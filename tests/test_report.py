@@ -201,6 +201,12 @@ def test_the_summary_says_which_deployment_to_use_only_when_the_interval_exclude
                                           row("overhead", "split", 0.1, -0.02, 0.2)]))
     assert split == ("over the routes' static engines: deployed path +300 us (+200..+400; +7.5% of the smallest "
                      "route; of it the parts chained +100 us (-20..+200));")
+    # and the same deployment when each engine runs right after itself (a process serving the network alone)
+    steady = deployment_line(pd.DataFrame([row("static", "0", 4.0, 3.9, 4.1),
+                                           row("overhead", "deployed", 0.3, 0.2, 0.4),
+                                           row("overhead", "deployed_steady", 0.04, -0.01, 0.08)]))
+    assert steady == ("over the routes' static engines: deployed path +300 us (+200..+400; +7.5% of the smallest "
+                      "route), each call right after one of its own +40 us (-10..+80; +1.0%);")
 
 
 def test_cost_disagreement_names_the_pair_madds_orders_wrongly():

@@ -241,7 +241,7 @@ def drift_summary(factors: list[float]) -> dict:
 def measure_rounds(fns: dict[str, Callable[[], object]], protocol: Protocol, timer: Timer | None = None,
                    seed: int = 0, shuffle: bool = True, on_round: Callable[[int, int], None] | None = None,
                    groups: list[list[str]] | None = None, numbers: dict[str, int] | None = None,
-                   earlier: dict[str, Measurement] | None = None) -> Rounds:
+                   earlier: dict[str, Measurement] | None = None, primed: set[str] | None = None) -> Rounds:
     """Time several callables in rounds (see the module docstring). ``shuffle=False`` keeps the
     given order in every round; ``groups`` (a partition of ``fns``' names) are units that keep their
     order within a round while the units are shuffled (a chain's parts timed in context);
@@ -249,7 +249,10 @@ def measure_rounds(fns: dict[str, Callable[[], object]], protocol: Protocol, tim
     a sample's mean is the stream's); ``on_round(done, planned)`` reports progress. ``earlier``:
     the same callables' measurements from rounds timed before (in another process): each result
     holds their samples first, with their rounds and positions, and this call's rounds numbered
-    after theirs, so paired statistics pair within a round and the speed factors span both."""
+    after theirs, so paired statistics pair within a round and the speed factors span both.
+    ``primed``: callables whose every sample follows one untimed call of their own, so the sample
+    times them in their steady state (right after themselves, as a process serving that one network
+    runs it) rather than after whatever the round ran before them."""
     timer = timer or WallTimer()
     earlier = {k: m for k, m in (earlier or {}).items() if k in fns and m.rounds is not None}
     first_round = 1 + max((r for m in earlier.values() for r in m.rounds), default=-1)
@@ -257,6 +260,9 @@ def measure_rounds(fns: dict[str, Callable[[], object]], protocol: Protocol, tim
     units = [list(g) for g in groups] if groups is not None else [[k] for k in fns]
     if sorted(map(str, (k for g in units for k in g))) != sorted(map(str, fns)):
         raise ValueError("measure_rounds: groups must name every callable exactly once")
+    primed = set(primed or ())
+    if primed - set(fns):
+        raise ValueError(f"measure_rounds: primed names callables not given: {sorted(map(str, primed - set(fns)))}")
     fixed = numbers or {}
     numbers = {k: fixed.get(k) or _number(_warmup(f, protocol, timer), protocol) for k, f in fns.items()}
     for k in fixed:  # warmed up too
@@ -273,6 +279,8 @@ def measure_rounds(fns: dict[str, Callable[[], object]], protocol: Protocol, tim
             rng.shuffle(todo)
         for unit in todo:
             for k in unit:
+                if k in primed:
+                    fns[k]()
                 samples[k].append(timer.elapsed_ms(fns[k], numbers[k]) / numbers[k])
                 rounds[k].append(r)
                 order[k].append(next(position))

@@ -14,7 +14,9 @@ run (static sweep, Table 2, dynamic engine, gate retraining) times through; none
   ``measure_failed``. ``add_call(key, fn)`` enters a plain callable (a dispatcher, a chain's part)
   with no pipeline result of its own. ``add`` returns the entered result (the caller stores a
   failure at once). ``number=`` fixes an engine's calls per sample (a chunk of a stream of routes,
-  so that a sample's mean is the stream's and the median over samples estimates it robustly).
+  so that a sample's mean is the stream's and the median over samples estimates it robustly);
+  ``primed=True``: each sample follows one untimed call of the same engine (its steady state, as a
+  process serving it alone runs it; the others are timed after whatever the round ran before them).
 - ``group(keys)``: entered keys that keep their given order within every round (the parts of one
   dynamic chain, timed in context); groups and the remaining single engines are shuffled each round
   with the phase's seed (``shuffle=False``: every round in the order entered).
@@ -47,6 +49,7 @@ class RoundPhase:
         self.fns: dict[Hashable, Callable[[], object]] = {}
         self.groups: list[list[Hashable]] = []
         self.numbers: dict[Hashable, int] = {}
+        self.primed: set[Hashable] = set()
         self.rounds: Rounds | None = None
 
     def __len__(self) -> int:
@@ -56,9 +59,10 @@ class RoundPhase:
         return key in self.fns
 
     def add(self, key: Hashable, result: Result, timed: Callable[[Result], tuple[Callable[[], object], Result]],
-            number: int | None = None) -> Result:
+            number: int | None = None, primed: bool = False) -> Result:
         """Enter ``result`` (see the module docstring); returns it, or its ``measure_failed`` copy.
-        ``number``: calls per sample, fixed (default: the protocol's choice)."""
+        ``number``: calls per sample, fixed (default: the protocol's choice); ``primed``: each sample
+        after an untimed call of its own."""
         if key in self.fns:
             raise ValueError(f"round phase {self.name}: {key!r} entered twice")
         if not result.ok:
@@ -70,11 +74,14 @@ class RoundPhase:
         self.entered[key], self.fns[key] = result, fn
         if number is not None:
             self.numbers[key] = int(number)
+        if primed:
+            self.primed.add(key)
         return result
 
-    def add_call(self, key: Hashable, fn: Callable[[], object], number: int | None = None) -> None:
+    def add_call(self, key: Hashable, fn: Callable[[], object], number: int | None = None,
+                 primed: bool = False) -> None:
         """Enter a callable that has no pipeline result of its own (its parts were checked)."""
-        self.add(key, Result("ok"), lambda r: (fn, r), number)
+        self.add(key, Result("ok"), lambda r: (fn, r), number, primed)
 
     def group(self, keys) -> None:
         """``keys`` (entered) keep this order within every round."""
@@ -96,7 +103,8 @@ class RoundPhase:
         units = [group_of.get(k, [k]) for k in self.fns if k not in group_of or group_of[k][0] == k]
         try:
             self.rounds = measure_rounds(self.fns, self.protocol, self.timer, seed=self.seed, shuffle=self.shuffle,
-                                         on_round=on_round, groups=units, numbers=self.numbers, earlier=earlier)
+                                         on_round=on_round, groups=units, numbers=self.numbers, earlier=earlier,
+                                         primed=self.primed)
         except Exception as e:  # recorded for every engine of the phase; the run goes on
             return {k: r.replace(status="measure_failed", error=one_line(e)) for k, r in self.entered.items()}
         if self.record_drift is not None:

@@ -21,7 +21,11 @@ hot), so every figure below is compared with the others measured in the same rou
   path forced to the route (:meth:`~harness.deploy.engine.DynamicEngine.deployed`: the gate's
   decision computed, then replaced by the route's);
 - unless ``lut_only``: each route's own static engine (the route materialized and compiled whole, as
-  the static sweep builds it), the one artifact (backends with ``one_artifact``) on inputs crafted
+  the static sweep builds it); that engine and the deployed path forced to the route once more
+  each, every sample right after an untimed call of its own (``primed``: their steady state, as a
+  process serving that one network runs it, where every other entry is timed after whatever the
+  round ran before it, caches holding little of its own: a cut network pays that at every part,
+  ``benchmarks/cut_in_context.py``); the one artifact (backends with ``one_artifact``) on inputs crafted
   to take :data:`ONE_GRAPH_ROUTES` routes spread over the priced ones (where no input is found for
   some, on routes the gates take on seeded images instead, each beside its static engine), a uniform route stream
   through the deployed path, eight images at batch 8 and one by one (not on a backend whose CPU
@@ -46,7 +50,7 @@ a route that fails is ``check_failed`` and never timed. Rows (``dynamic`` table,
   (segments + dispatch), ``rel_error`` the LUT's error;
 - ``static`` and ``deployed``: per route its static engine, and the deployed path with
   ``predicted_ms`` the static engine's p50 (the deployment's overhead, gate included); ``one_graph``
-  likewise for the one artifact;
+  likewise for the one artifact; ``static_steady`` and ``deployed_steady`` likewise in steady state;
 - ``overhead`` (``deployed``, ``one_graph``): the deployment's cost over the routes' own static
   engines, pooled: every route's per-round difference (deployed - static), its median and interval;
   and ``one_graph_vs_deployed``, the one artifact minus the deployed path likewise on the routes both
@@ -56,7 +60,8 @@ a route that fails is ``check_failed`` and never timed. Rows (``dynamic`` table,
   two shares of the acceleration's loss with their intervals); and ``split``, each priced
   route's chain of parts (the sum of its parts' samples in a round) minus its static engine
   likewise: what cutting the network at its gates costs before any dispatch (the deployed path's
-  overhead is about this plus gates x ``dispatch``);
+  overhead is about this plus gates x ``dispatch``); and ``deployed_steady``, ``deployed_steady``
+  minus ``static_steady`` likewise: the deployment's cost where the network is all the process runs;
 - ``stream`` (``uniform``): a uniform stream of the priced routes through the deployed path, 16 calls
   a sample (a sample's mean is the stream's), against the LUT's mean;
 - ``batch``: ``8`` (batch_size 8, one call for eight images, grouped by route) and ``1x8`` (the same
@@ -96,7 +101,16 @@ from harness.measure.pipeline import Result, check_output, image_batch, referenc
 from harness.measure.protocol import Measurement, Protocol
 from harness.phases.context import RunContext
 from harness.phases.static import reference_model
-from harness.results.layout import ARCHITECTURE, DYNAMIC_KEY, IDEAL, MIX, ONE_GRAPH_VS_DEPLOYED, REALIZED, SPLIT
+from harness.results.layout import (
+    ARCHITECTURE,
+    DYNAMIC_KEY,
+    IDEAL,
+    MIX,
+    ONE_GRAPH_VS_DEPLOYED,
+    REALIZED,
+    SPLIT,
+    STEADY,
+)
 from harness.results.store import write_atomically
 
 E2E_ROUTES = 16  # routes validated end to end when a model has more
@@ -283,7 +297,7 @@ class DynamicPhase:
         keys = [self._key("segment", n) for n in names] + [self._key("dispatch", DISPATCH_NAME)]
         if not lut_only:
             keys += [self._key(k, str(r)) for r in validation_routes(self.routes, self.validate)
-                     for k in ("route", "deployed")]
+                     for k in ("route", "deployed", "deployed_steady")]
         return keys
 
     def run(self, progress=None, lut_only: bool = False, measure: bool = True, pooling: Pooling | None = None) -> bool:
@@ -385,19 +399,31 @@ class DynamicPhase:
             built = self.worker.build(job) if job is not None and job.apart else None
         return self.ctx.trial(*args, built=built)
 
-    def _enter_static(self, phase, route, extra) -> None:
-        """Time ``route``'s own static engine in the phase's rounds, or keep its failure for its row."""
+    def _enter_static(self, phase, route, extra) -> Result:
+        """Time ``route``'s own static engine in the phase's rounds, or keep its failure for its row;
+        returns its result."""
         result = phase.add(("static", str(route)), self._static(route),
                            self.ctx.timing(self.backend_name, self.x, graphs=False))
         if not result.ok:
             extra["failed"][("static", str(route))] = result
+        return result
+
+    def _enter_steady(self, phase, route, static: Result, head_in) -> None:
+        """``route``'s static engine and the deployed path forced to it, each sample right after an
+        untimed call of its own (``primed``): the steady state of a process serving one network,
+        beside the same engines timed after whatever the round ran before them."""
+        name = str(route)
+        if static.ok and ("deployed", name) in phase:
+            phase.add(("static_steady", name), static, self.ctx.timing(self.backend_name, self.x, graphs=False),
+                      primed=True)
+            phase.add_call(("deployed_steady", name), lambda: self.engine.deployed(head_in, route), primed=True)
 
     def _enter_comparisons(self, phase, priced, head_in) -> dict:
         """Enter static engines, the one artifact, the stream, batch 8 and the acceleration; returns
         what :meth:`_store` needs of them (failures to store, the batch's routes, the mix)."""
         extra = {"failed": {}}
         for route in priced:
-            self._enter_static(phase, route, extra)
+            self._enter_steady(phase, route, self._enter_static(phase, route, extra), head_in)
         if self.ctx.backend(self.backend_name).one_artifact:
             self._enter_one_artifact(phase, priced, extra)
         uniform = stream_routes({r: 1.0 / len(priced) for r in priced}, 256)
@@ -664,6 +690,12 @@ class DynamicPhase:
             if ("one_graph", name) in results:
                 self._record("one_graph", name, results[("one_graph", name)], predicted_ms=static_ms, route=name,
                              madds=self.madds[name])
+            steady = results.get(("static_steady", name))
+            if steady is not None and ("deployed_steady", name) in results:
+                self._record("static_steady", name, steady, route=name, madds=self.madds[name])
+                self._record("deployed_steady", name, results[("deployed_steady", name)],
+                             predicted_ms=steady.measurement.stats.p50 if steady.ok else None, route=name,
+                             madds=self.madds[name])
         self._record("stream", "uniform", results[("stream", "uniform")],
                      predicted_ms=float(np.mean([lut.latency(r) for r in priced])))
         def pooled(kind, ref):  # per-round differences kind - ref, pooled over the routes both ran
@@ -678,7 +710,8 @@ class DynamicPhase:
         # each deployment over the routes' own static engines, and the one artifact against the
         # deployed path of separate engines: which of the two to deploy (summary: deployment_line)
         for name, kind, ref in (("deployed", "deployed", "static"), ("one_graph", "one_graph", "static"),
-                                (ONE_GRAPH_VS_DEPLOYED, "one_graph", "deployed")):
+                                (ONE_GRAPH_VS_DEPLOYED, "one_graph", "deployed"),
+                                (STEADY, "deployed_steady", "static_steady")):
             paired_row(name, pooled(kind, ref))
         # of the deployed path's overhead, what the cut at the gates costs (its parts against the
         # route's static engine); the rest is the dispatch (row dispatch)

@@ -8,7 +8,7 @@ import pandas as pd
 
 from harness.deploy.lut import judged_errors, unjudged_text
 from harness.reporting.common import acceleration_row, share_text, speedup_text
-from harness.results.layout import ONE_GRAPH_VS_DEPLOYED, SPLIT
+from harness.results.layout import ONE_GRAPH_VS_DEPLOYED, SPLIT, STEADY
 
 
 def _ms(v: float) -> str:
@@ -52,7 +52,8 @@ def deployment_line(g) -> str:
     """The deployed path's and the one artifact's overhead over the routes' own static engines (the
     pooled per-round differences: median and interval), also as a share of the smallest route's
     static engine, the part of the deployed path's due to the cut at the gates (its parts chained
-    against the static engine; the rest is the dispatch), and which of the two to deploy where both
+    against the static engine; the rest is the dispatch), the deployed path's overhead when each
+    engine is called right after itself (steady state), and which of the two to deploy where both
     ran on the same routes (an interval holding zero: neither); "" if unmeasured."""
     static = g[(g.kind == "static") & (g.status == "ok")]
     smallest = static.sort_values("madds").iloc[0].latency_ms_p50 if len(static) else float("nan")
@@ -65,6 +66,10 @@ def deployment_line(g) -> str:
             if name == "deployed" and SPLIT in overhead.index:  # where it goes: the cut, then the dispatch
                 share += f"; of it the parts chained {_with_interval(overhead.loc[SPLIT])}"
             parts.append(f"{label} {_with_interval(r, share)}")
+            if name == "deployed" and STEADY in overhead.index:  # the same, each engine right after itself
+                r = overhead.loc[STEADY]
+                parts.append(f"each call right after one of its own "
+                             f"{_with_interval(r, f'{100 * r.latency_ms_p50 / smallest:+.1f}%')}")
     if not parts:
         return ""
     line = "over the routes' static engines: " + ", ".join(parts) + ";"

@@ -67,12 +67,13 @@ DYNAMIC_KEY = ("model", "backend", "precision", "batch_size", "input_size", "kin
 # dynamic engine that could not be built (harness.phases.dynamic)
 ONE_GRAPH_VS_DEPLOYED = "one_graph_vs_deployed"  # the overhead row comparing the two deployments
 SPLIT = "split"  # the overhead row of the parts chained against the static engine (the cut's cost)
+STEADY = "deployed_steady"  # the overhead row of the deployed path against the static engine, each after itself
 MIX = "mix"  # the overhead row of the deployed route mix against the same mix on static engines
 ARCHITECTURE = "architecture"  # the overhead row of that static mix against the static network at x0.5
 REALIZED = "realized"  # the overhead row of the deployed route mix against the static network at x1.0
 IDEAL = "ideal"  # the overhead row of the static network at x0.5 against it at x1.0
-DYNAMIC_KINDS = ("segment", "dispatch", "route", "static", "deployed", "one_graph", "overhead", "stream", "batch",
-                 "acceleration", "table2", "engine")
+DYNAMIC_KINDS = ("segment", "dispatch", "route", "static", "deployed", "one_graph", "static_steady", "deployed_steady",
+                 "overhead", "stream", "batch", "acceleration", "table2", "engine")
 DYNAMIC_COLUMNS = [*DYNAMIC_KEY, "route", "madds", *STATS_COLUMNS, "predicted_ms", "rel_error", "status", "error",
                    "run_id", "compile_s", "backend_details"]
 DYNAMIC_EXTRA_COLUMNS = ["samples_ms", "rounds", "sample_order"]
@@ -157,11 +158,17 @@ KIND_DOCS = {
     "static": "a route's own static engine, in the same rounds",
     "deployed": "the deployed path on a route; predicted_ms is the route's static engine",
     "one_graph": "the one artifact on a route; predicted_ms is the route's static engine",
+    "static_steady": "a route's static engine, each sample right after an untimed call of its own (its steady "
+                     "state; every other kind is timed after whatever the round ran before it)",
+    "deployed_steady": "the deployed path on a route, each sample right after an untimed call of its own; "
+                       "predicted_ms is static_steady's",
     "overhead": "deployed (or one_graph) minus static per round, pooled over routes; name one_graph_vs_deployed: "
                 "the one artifact minus the deployed path, likewise; name split: the route's parts chained "
                 "(the sum of their samples) minus its static engine, likewise: what cutting the network at "
-                "its gates costs before any dispatch; name mix: Table 7's deployed route mix minus the same "
-                "mix on the routes' static engines per round, name architecture: that static mix minus the "
+                "its gates costs before any dispatch; name deployed_steady: deployed_steady minus "
+                "static_steady likewise (the deployment's cost in a process serving the network alone); name "
+                "mix: Table 7's deployed route mix minus the same mix on the routes' static engines per round, "
+                "name architecture: that static mix minus the "
                 "static network at x0.5 (the two shares of the acceleration's loss, with their intervals); "
                 "names realized and ideal: the deployed mix and the static network at x0.5 minus the static "
                 "network at x1.0 per round (Table 7's two speed-ups, paired)",
