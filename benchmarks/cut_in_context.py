@@ -18,8 +18,10 @@ sample, each after ``D`` other routes' static engines have run (untimed), for ea
   of their samples in a round.
 
 and prints ``deployed - static`` and ``chain - static``, paired per round (median, 95% interval of
-the median, share of the static engine), and each part's median. ``D = 0``: the route's engines
-alone, their weights warm from the round before; ``D = 8``: about the context of the phase.
+the median, share of the static engine), and each part's median. ``D = 0``: the static engine and
+the deployed path each right after an untimed call of its own (their steady state, as the phase's
+``static_steady`` and ``deployed_steady`` rows; the chain after the route's other engines);
+``D = 8``: each after eight other networks.
 Artifacts are built through the harness pipeline (checked against eager) into ``--cache`` (default: a
 temporary folder; a results folder's ``cache/`` reuses a run's artifacts, built under the same keys).
 """
@@ -156,7 +158,7 @@ def main(argv=None) -> int:
         with torch.inference_mode():
             for n in decoy_counts:
                 rounds = measure_rounds(fns, protocol, AfterDecoys(n), groups=[["static"], ["deployed"], part_names],
-                                        numbers=dict.fromkeys(fns, 1))
+                                        numbers=dict.fromkeys(fns, 1), primed={"static", "deployed"} if not n else None)
                 s = rounds["static"]
                 scale = s.stats.p50
                 chain = [sum(rounds[k].samples_ms[i] for k in part_names) for i in range(len(s.samples_ms))]

@@ -245,3 +245,30 @@ def test_aligned_empty_is_an_aligned_writable_array_of_the_shape(shape, dtype):
         assert a.ctypes.data % ALIGNMENT == 0
         a[...] = 1
     assert all(np.all(a == 1) for a in arrays)  # no two overlap
+
+
+def test_onnxruntime_cpu_sessions_of_a_process_share_one_arena_and_chain_right(tmp_path):
+    """Every CPU session draws its intermediate tensors from the process's one registered arena
+    (``shared_cpu_arena``, registered once however many sessions come); a chain of two sessions
+    running one after the other from it computes what eager does."""
+    _available("onnxruntime")
+    from harness.backends.onnxruntime import shared_cpu_arena
+
+    torch.manual_seed(0)
+    first = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU()).eval()
+    second = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(),
+                                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        feats = first(x)
+    backend = get_backend("onnxruntime", X86.options("onnxruntime"))
+    a = backend.compile(first, x, X86, "fp32", tmp_path)
+    (tmp_path / "b").mkdir()
+    b = backend.compile(second, feats, X86, "fp32", tmp_path / "b")
+    assert shared_cpu_arena() and shared_cpu_arena.cache_info().misses == 1
+    assert a.details["cpu_arena"] == b.details["cpu_arena"] == "shared by the process's sessions"
+    native = a.prepare(x)
+    for _ in range(3):  # each run's intermediates back to the arena, the next session's from it
+        out = b.to_torch(b.run(a.outputs(a.run(native))[0]))
+    with torch.no_grad():
+        assert check_output(out, second(first(x)), "fp32") is None
