@@ -1,7 +1,7 @@
 """What cutting a dynamic network at its gates costs, warm and among other engines.
 
     python benchmarks/cut_in_context.py --model ds_resnet50 --backend onnxruntime [--route 0-0-0-0]
-        [--decoys 0,8] [--rounds 150] [--input-size 224] [--cache DIR]
+        [--decoys 0,8] [--rounds 150] [--input-size 224] [--cache DIR] [--load-all-segments]
 
 The dynamic phase of ``harness.run`` times every engine of a model in the same shuffled rounds: the
 deployed path and the static engine of each priced route, each part of each route's chain, the one
@@ -24,6 +24,9 @@ the deployed path each right after an untimed call of its own (their steady stat
 ``D = 8``: each after eight other networks.
 Artifacts are built through the harness pipeline (checked against eager) into ``--cache`` (default: a
 temporary folder; a results folder's ``cache/`` reuses a run's artifacts, built under the same keys).
+The route's parts are loaded first; ``--load-all-segments`` loads every segment first, in stage order,
+as the dynamic phase does (on DS-ResNet-50 that order alone made ONNX Runtime's cut dearer:
+docs/run.md, "Two contexts").
 """
 
 from __future__ import annotations
@@ -51,12 +54,6 @@ def _interval(diffs, scale: float) -> str:
     return f"{med * 1e3:+.0f} us ({v[lo] * 1e3:+.0f}..{v[hi] * 1e3:+.0f}; {100 * med / scale:+.1f}%)"
 
 
-def _paired(a, b) -> list[float]:
-    """``a``'s sample minus ``b``'s, round by round (both one sample per round)."""
-    by_round = dict(zip(b.rounds, b.samples_ms))
-    return [s - by_round[r] for r, s in zip(a.rounds, a.samples_ms) if r in by_round]
-
-
 def main(argv=None) -> int:
     import torch
 
@@ -65,6 +62,7 @@ def main(argv=None) -> int:
     from harness.deploy.engine import DynamicEngine, PartError, chain_parts
     from harness.measure.pipeline import ArtifactKey, image_batch, trial, weights_fingerprint
     from harness.measure.protocol import Measurement, Protocol, Timer, WallTimer, measure_rounds
+    from harness.phases.dynamic import paired_differences
     from harness.phases.static import reference_model
     from harness.targets import TargetError, load_target
 
@@ -78,6 +76,8 @@ def main(argv=None) -> int:
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--target", default="x86", help="the profile whose backend options and threads are used")
     p.add_argument("--cache", help="artifact folder (default: a temporary one)")
+    p.add_argument("--load-all-segments", action="store_true",
+                   help="load every segment of the model first, in stage order, as the dynamic phase does")
     args = p.parse_args(argv)
 
     def fail(msg: str) -> int:
@@ -128,6 +128,10 @@ def main(argv=None) -> int:
         try:
             engine = DynamicEngine(dsnet.split(model), backend, target, "fp32", cache, args.input_size,
                                    model_name=args.model)
+            if args.load_all_segments:
+                for k, stage in enumerate(engine.plan.stages):
+                    for key in stage:
+                        engine.segment(k, key, engine.plan.features_into(k, key, x))
             static = static_engine(route)
             parts = chain_parts(engine, route, x)
             decoys = [static_engine(r) for r in others[:max(decoy_counts)]]
@@ -163,9 +167,10 @@ def main(argv=None) -> int:
                 scale = s.stats.p50
                 chain = [sum(rounds[k].samples_ms[i] for k in part_names) for i in range(len(s.samples_ms))]
                 chained = Measurement(chain, 1, rounds[part_names[0]].rounds)
+                deployed = _interval(paired_differences(rounds["deployed"], s), scale)
                 print(f"{args.model} {args.backend} route {route}, {n} decoys, {args.rounds} rounds: "
-                      f"static {scale:.3f} ms; deployed - static {_interval(_paired(rounds['deployed'], s), scale)}; "
-                      f"chain - static {_interval(_paired(chained, s), scale)}; parts "
+                      f"static {scale:.3f} ms; deployed - static {deployed}; "
+                      f"chain - static {_interval(paired_differences(chained, s), scale)}; parts "
                       + ", ".join(f"{k[5:]} {rounds[k].stats.p50:.3f}" for k in part_names) + " ms")
     return 0
 

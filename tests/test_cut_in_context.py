@@ -19,7 +19,7 @@ def _benchmark():
 def test_it_times_one_route_in_both_contexts(tmp_path, capsys):
     bench = _benchmark()
     rc = bench.main(["--model", "ds_mbnet_tiny", "--backend", "eager", "--input-size", "64", "--rounds", "3",
-                     "--decoys", "1,0", "--cache", str(tmp_path)])
+                     "--decoys", "1,0", "--cache", str(tmp_path), "--load-all-segments"])
     out = capsys.readouterr().out.splitlines()
     assert rc == 0
     assert [line.split(",")[1].strip() for line in out] == ["0 decoys", "1 decoys"]  # sorted, one line each
