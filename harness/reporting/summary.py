@@ -59,17 +59,20 @@ def deployment_line(g) -> str:
     smallest = static.sort_values("madds").iloc[0].latency_ms_p50 if len(static) else float("nan")
     overhead = g[(g.kind == "overhead") & (g.status == "ok")].drop_duplicates("name").set_index("name")
     parts = []
+
+    def share(r) -> str:  # of the smallest route's static engine
+        return f"{100 * r.latency_ms_p50 / smallest:+.1f}%"
+
     for name, label in (("deployed", "deployed path"), ("one_graph", "one artifact")):
         if name in overhead.index:
             r = overhead.loc[name]
-            share = f"{100 * r.latency_ms_p50 / smallest:+.1f}% of the smallest route"
+            text = f"{share(r)} of the smallest route"
             if name == "deployed" and SPLIT in overhead.index:  # where it goes: the cut, then the dispatch
-                share += f"; of it the parts chained {_with_interval(overhead.loc[SPLIT])}"
-            parts.append(f"{label} {_with_interval(r, share)}")
+                text += f"; of it the parts chained {_with_interval(overhead.loc[SPLIT])}"
+            parts.append(f"{label} {_with_interval(r, text)}")
             if name == "deployed" and STEADY in overhead.index:  # the same, each engine right after itself
-                r = overhead.loc[STEADY]
                 parts.append(f"each call right after one of its own "
-                             f"{_with_interval(r, f'{100 * r.latency_ms_p50 / smallest:+.1f}%')}")
+                             f"{_with_interval(overhead.loc[STEADY], share(overhead.loc[STEADY]))}")
     if not parts:
         return ""
     line = "over the routes' static engines: " + ", ".join(parts) + ";"
