@@ -272,3 +272,26 @@ def test_onnxruntime_cpu_sessions_of_a_process_share_one_arena_and_chain_right(t
         out = b.to_torch(b.run(a.outputs(a.run(native))[0]))
     with torch.no_grad():
         assert check_output(out, second(first(x)), "fp32") is None
+
+
+def test_onnxruntime_threads_spin_during_a_call_and_not_after_it(tmp_path):
+    """The session's intra-op threads spin between a call's operators and stop when it returns
+    (``harness.backends.onnxruntime.SPINNING``): the process takes no CPU while it waits after a call. Threads left spinning
+    take a core for tens of milliseconds (ONNX Runtime's default; the bound below is a fifth of a
+    core over the wait, which spinning threads exceed even beside another busy process)."""
+    _available("onnxruntime")
+    import time
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*[torch.nn.Conv2d(16, 16, 3, padding=1) for _ in range(4)]).eval()
+    x = torch.randn(1, 16, 32, 32)
+    engine = get_backend("onnxruntime", X86.options("onnxruntime")).compile(net, x, X86, "fp32", tmp_path)
+    assert engine.details["intra_op_spinning"] == "during a call"
+    native = engine.prepare(x)
+    waits = []
+    for _ in range(5):
+        engine.run(native)
+        before = time.process_time()
+        time.sleep(0.05)
+        waits.append(time.process_time() - before)
+    assert sorted(waits)[2] < 0.01, waits

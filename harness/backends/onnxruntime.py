@@ -1,7 +1,8 @@
 """``onnxruntime``: ``torch.onnx.export`` (dynamo exporter) and an ONNX Runtime session.
 
-CPU execution provider with the target's thread count, every CPU session of a process drawing its
-intermediate tensors from one shared arena (:func:`shared_cpu_arena`); the CUDA provider when the
+CPU execution provider with the target's thread count, intra-op threads that spin only while a call
+runs (:data:`SPINNING`), every CPU session of a process drawing its intermediate tensors from one
+shared arena (:func:`shared_cpu_arena`); the CUDA provider when the
 target is a GPU and the installed onnxruntime has it. Both run through I/O binding: outputs written where the
 engine keeps them, inputs bound where they lie, so the parts of a dynamic chain hand their arrays
 (or, on a GPU, OrtValues) on without a copy.
@@ -65,13 +66,13 @@ class OnnxRuntimeBackend(Backend):
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
-        # Idle intra-op threads spin by default. The dynamic engine chains sessions (head, tail):
-        # the idle session's spinning threads then steal the cores from the running one (measured
-        # here: a head+tail chain 2.4x slower than its parts with spinning on). Off for every
-        # session, so the LUT and the dynamic engine are measured alike, and because a spinning pool
-        # keeps the cores 20-100 ms after a call and slows the next engine of a round 1.6-1.8x
-        # (docs/run.md; the price: 10-20% of ONNX Runtime's own speed alone).
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Intra-op threads spin while a call runs (between its operators) and stop when it returns
+        # (SPINNING). Left spinning after a call (ONNX Runtime's default), an idle session's threads
+        # steal the cores from the next session of a dynamic chain (a head+tail chain 2.4x slower
+        # than its parts) and from the next engine of a round (1.6-1.8x); never spinning, every call
+        # pays a thread wake-up per operator (DS-MBNet route 0's static engine 3.62 against 2.58 ms).
+        for key, value in SPINNING.items():
+            opts.add_session_config_entry(key, value)
         if target.device == "cuda":
             session = ort.InferenceSession(str(path), opts, providers=["CUDAExecutionProvider"])
             return self._cuda_engine(session)
@@ -80,6 +81,7 @@ class OnnxRuntimeBackend(Backend):
             opts.add_session_config_entry("session.use_env_allocators", "1")
         engine = self._cpu_engine(ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]))
         engine.details["cpu_arena"] = "shared by the process's sessions" if shared else "the session's own"
+        engine.details["intra_op_spinning"] = "during a call"
         return engine
 
     @staticmethod
@@ -211,6 +213,16 @@ def shared_cpu_arena() -> bool:
         return False
     return True
 
+
+# Session options of every CPU session: intra-op threads spin between a call's operators and stop
+# at its end (``force_spinning_stop``; ONNX Runtime's per-session pools only). benchmarks/
+# cut_in_context.py on the Intel Xeon 2-core VM, 2026-12-05, against spinning off: the static
+# engines 29% and 32% faster (DS-MBNet route 0 2.58 against 3.62 ms, DS-ResNet-50 0-0-0-0 4.52
+# against 6.68 ms), the deployed path's cut unchanged in microseconds (DS-MBNet -29 against -49 us
+# steady, +251 against +266 us after 8 other routes); no CPU taken in the 50 ms after a call (0.1
+# ms, against 29 ms left spinning), an eager engine right after a call 1.04x its time after eager
+# (1.06x after a session that never spins).
+SPINNING = {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1"}
 
 ALIGNMENT = 64  # bytes: where ONNX Runtime's CPU allocator starts a buffer (its kernels' preferred alignment)
 
