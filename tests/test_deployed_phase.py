@@ -40,11 +40,17 @@ def test_the_cut_at_the_gates_is_the_chain_of_parts_minus_the_static_engine_pair
     assert split_differences([head, tail], Measurement([7.0], 1, [2])) == []  # no round in common
 
 
-def test_an_impossible_dispatch_is_refused_and_one_holding_zero_counts_as_zero():
-    assert dispatch_result([], FAST).status == "measure_failed"
-    refused = dispatch_result([-0.3, -0.2, -0.25, -0.31, -0.22, -0.28, -0.27, -0.24], FAST)
+def test_a_dispatch_cost_is_signed_and_refused_only_when_a_part_would_take_negative_time():
+    """The parts' own samples are no floor under the deployed path (what ran before a call moves its
+    time): a saving per decision is kept, signed, unless it exceeds the cheapest part after a gate."""
+    assert dispatch_result([], FAST, 1.0).status == "measure_failed"
+    saving = [-0.3, -0.2, -0.25, -0.31, -0.22, -0.28, -0.27, -0.24]
+    kept = dispatch_result(saving, FAST, 1.0)
+    assert kept.ok and kept.measurement.stats.ci_high < 0 and kept.measurement.stats.p50 < 0
+    refused = dispatch_result(saving, FAST, 0.15)  # the deployed path would have run a 0.15 ms part in < 0
     assert refused.status == "measure_failed" and "impossible" in refused.error and "refused" in refused.error
-    ok = dispatch_result([-0.01, 0.02, 0.01, 0.0, 0.03, -0.02, 0.01, 0.02], FAST)
+    assert "150 us" in refused.error
+    ok = dispatch_result([-0.01, 0.02, 0.01, 0.0, 0.03, -0.02, 0.01, 0.02], FAST, 0.0)
     assert ok.ok and ok.measurement.stats.ci_low <= 0 <= ok.measurement.stats.ci_high
 
 
@@ -66,8 +72,8 @@ def eager_phase(tmp_path_factory):
 
 def test_the_phase_stores_every_kind_in_one_round_phase(eager_phase):
     df = eager_phase
-    # every row ok; the dispatch cost may be refused (an interval wholly below zero: a measured time, not
-    # a property of the code, so the test does not depend on it)
+    # every row ok; the dispatch cost may be refused (a saving beyond a part's own time: a measured
+    # time, not a property of the code, so the test does not depend on it)
     rest = df[df.kind != "dispatch"]
     assert (rest.status == "ok").all(), rest[rest.status != "ok"][["kind", "name", "error"]]
     d = df[df.kind == "dispatch"].iloc[0]
@@ -109,7 +115,8 @@ def test_route_rows_are_what_the_stored_lut_prices_the_deployed_route_at(eager_p
     df = eager_phase
     lut = LatencyLUT.from_frame(df, "ds_mbnet", "eager", input_size=64)
     d = df[(df.kind == "dispatch") & (df.name == DISPATCH_NAME)].iloc[0]
-    used = d.latency_ms_p50 if d.status == "ok" and d.latency_ms_p50_ci_low > 0 else 0.0
+    holds_zero = d.latency_ms_p50_ci_low <= 0 <= d.latency_ms_p50_ci_high
+    used = d.latency_ms_p50 if d.status == "ok" and not holds_zero else 0.0
     assert lut.dispatch_ms == pytest.approx(used)
     seg = df[df.kind == "segment"].set_index("name").latency_ms_p50
     for r in df[df.kind == "route"].itertuples():
@@ -148,11 +155,11 @@ def test_an_impossible_dispatch_is_measured_again_once_then_refused(tmp_path, mo
     calls, measured = [], []
     real_estimate, real_measure = dynamic.dispatch_estimate, RoundPhase.measure
 
-    def estimate(deployed, parts, gates):  # the first rounds report the deployed path cheaper than its parts
+    def estimate(deployed, parts, gates):  # the first rounds: the deployed path a second cheaper than its parts
         values = real_estimate(deployed, parts, gates)
         impossible = len(measured) == 1 or second == "impossible"
         calls.append(impossible)
-        return [-1.0 - abs(v) for v in values] if impossible else values
+        return [-1e3 - abs(v) for v in values] if impossible else values
 
     def measure(self, on_round=None, earlier=None):
         measured.append(self.name)

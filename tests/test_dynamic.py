@@ -142,10 +142,12 @@ def test_compositional_prediction_is_the_sum_of_its_parts():
     (None, 0.0, "no dispatch cost stored"),
     (("ok", 0.02, 0.01, 0.03), 0.02, "added per gate"),
     (("ok", 0.02, -0.01, 0.05), 0.0, "holds zero: counted as zero"),
+    (("ok", -0.02, -0.03, -0.01), -0.02, "faster chained in the deployed path than timed apart"),
     (("measure_failed", -0.2, -0.3, -0.1), 0.0, "refused"),
 ])
 def test_the_lut_prices_the_deployed_route_with_one_dispatch_cost_per_gate(dispatch, per_decision, said):
-    """Segments plus gates x the dispatch cost; an interval holding zero is zero; a refused one is not used."""
+    """Segments plus gates x the dispatch cost, signed; an interval holding zero is zero; a refused
+    one is not used."""
     model = dsnet.create_model("ds_resnet50_tiny")
     segments = _all_segments(model)
     lut = LatencyLUT.from_frame(_lut_frame(segments, dispatch=dispatch), "ds_resnet50_tiny", "torchscript")

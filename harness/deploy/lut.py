@@ -9,8 +9,8 @@ row of kind ``dispatch``, name :data:`DISPATCH_NAME`, with its 95% interval; mea
 rounds as the segments, ``harness.phases.dynamic``). A route's latency is the sum over the segments
 it runs through, head and gates included, plus one dispatch cost per gate. For DS-MBNet that is head
 + tail + one decision; for DS-ResNet stem + four stages + four decisions, 53 measured parts and one
-dispatch cost predicting 256 routes. A dispatch cost whose interval holds zero counts as zero; a
-refused one (``measure_failed``: impossible) or none (an older results folder) prices routes by
+dispatch cost predicting 256 routes. A dispatch cost whose interval holds zero counts as zero; a negative one (the parts ran
+faster chained than timed apart) is added as it is; a refused one (``measure_failed``: impossible) or none (an older results folder) prices routes by
 their parts alone, and ``dispatch_note`` says which.
 
 ``LatencyLUT.load(results_dir, backend, model, ...)`` reads it. ``latency(route)`` gives one
@@ -129,7 +129,7 @@ class LatencyLUT:
     input_size: int
     segment_ms: dict[str, float]
     failed: dict[str, str]
-    dispatch_ms: float = 0.0  # per gate decision, added to every route (0 when its interval holds zero)
+    dispatch_ms: float = 0.0  # per gate decision, added to every route (0 when its interval holds zero; may be < 0)
     dispatch_note: str = ""  # how dispatch_ms was obtained (one line)
     segment_interval: dict[str, tuple[float, float]] = field(default_factory=dict)  # the p50's 95% interval (ms)
     invalid: tuple[str, ...] = ()  # segments stored as not valid under the protocol
@@ -176,7 +176,7 @@ class LatencyLUT:
                & (df.precision == precision) & (df.batch_size == batch_size) & (df.input_size == sizes[0])]
         dispatch_ms, note = dispatch_cost(d.iloc[0] if len(d) else None)
         half = float(d.iloc[0].latency_ms_p50_ci_high - d.iloc[0].latency_ms_p50_ci_low) / 2 \
-            if dispatch_ms > 0 else 0.0
+            if dispatch_ms != 0 else 0.0
         # older exports lack the interval and validity columns: nothing is known of them, nothing claimed
         interval = {r.name: (float(r.latency_ms_p50_ci_low), float(r.latency_ms_p50_ci_high))
                     for r in ok.itertuples() if not pd.isna(getattr(r, "latency_ms_p50_ci_low", float("nan")))
@@ -243,10 +243,13 @@ def dispatch_cost(row) -> tuple[float, str]:
         return 0.0, f"dispatch cost refused ({row['error']}): routes priced by their parts alone"
     p50, low, high = (float(row[c]) * 1e3 for c in ("latency_ms_p50", "latency_ms_p50_ci_low",
                                                      "latency_ms_p50_ci_high"))
-    if not low > 0:
-        return 0.0, (f"dispatch cost {p50:.0f} us per decision, its interval {low:.0f}..{high:.0f} us holds zero: "
+    if low <= 0 <= high:
+        return 0.0, (f"dispatch cost {p50:+.0f} us per decision, its interval {low:+.0f}..{high:+.0f} us holds zero: "
                      "counted as zero")
-    return p50 / 1e3, f"dispatch cost {p50:.0f} us per decision (interval {low:.0f}..{high:.0f} us) added per gate"
+    if high < 0:  # the parts ran faster inside the deployed path than each timed as a sample of its own
+        return p50 / 1e3, (f"dispatch cost {p50:+.0f} us per decision (interval {low:+.0f}..{high:+.0f} us; the "
+                           "parts ran faster chained in the deployed path than timed apart): added per gate")
+    return p50 / 1e3, f"dispatch cost {p50:+.0f} us per decision (interval {low:+.0f}..{high:+.0f} us) added per gate"
 
 
 def matched_distribution(route_madds: dict, target_madds: float) -> dict:

@@ -42,10 +42,14 @@ a route that fails is ``check_failed`` and never timed. Rows (``dynamic`` table,
 - ``dispatch`` (name ``per_decision``): the deployed path's cost beyond the sum of its parts, per
   gate decision: the median over the priced routes and rounds of (deployed - parts) / gates, with
   the median's 95% interval. The LUT prices a route as its segments plus gates x this cost, and
-  counts it as zero when the interval holds zero; an interval wholly below zero (the deployed path
-  cheaper than its parts) is impossible: the phase's rounds are run once more (every row then comes
-  from the second rounds, the dispatch row's details say ``remeasured`` and why), and a second
-  impossible value is stored as ``measure_failed`` (refused);
+  counts it as zero when the interval holds zero. It may be negative: each part is timed as its own
+  sample, and what ran just before a call moves its time (``benchmarks/cut_in_context.py``: hundreds
+  of microseconds on DS-ResNet-50), so the parts' samples are not a floor under the deployed path;
+  the LUT then subtracts it. A saving per decision larger than the cheapest part that follows a gate
+  (:func:`dispatch_result`: that part would have run in negative time) is impossible: the phase's
+  rounds are run once more (every row then comes from the second rounds, the dispatch row's details
+  say ``remeasured`` and why), and a second impossible value is stored as ``measure_failed``
+  (refused);
 - ``route``: the deployed path per priced route; ``predicted_ms`` what the LUT prices it at
   (segments + dispatch), ``rel_error`` the LUT's error;
 - ``static`` and ``deployed``: per route its static engine, and the deployed path with
@@ -205,18 +209,20 @@ def paired_differences(m: Measurement, ref: Measurement) -> list[float]:
     return [s - by_round[r] for r, s in zip(m.rounds or [], m.samples_ms) if r in by_round]
 
 
-def dispatch_result(diffs: list[float], protocol: Protocol) -> Result:
+def dispatch_result(diffs: list[float], protocol: Protocol, cheapest_part_ms: float) -> Result:
     """The ``dispatch`` row's result from the per-decision differences (:func:`dispatch_estimate`):
-    their statistics, or ``measure_failed`` when there are none or the interval lies wholly below
-    zero (the deployed path cheaper than its own parts: impossible, refused)."""
+    their statistics, signed, or ``measure_failed`` when there are none or the interval lies wholly
+    below ``-cheapest_part_ms`` (the median of the cheapest part that follows a gate: a deployed path
+    that saved more per decision would have run that part in negative time; impossible, refused)."""
     if not diffs:
         return Result("measure_failed", "no route's deployed path was timed")
     m = Measurement(diffs, 1, None, protocol)
     s = m.stats
-    if s.ci_high < 0:
+    if s.ci_high < -cheapest_part_ms:
         return Result("measure_failed", f"impossible: the deployed path ran {-s.p50 * 1e3:.0f} us per decision faster "
                                         f"than the sum of its parts (interval {s.ci_low * 1e3:.0f}.."
-                                        f"{s.ci_high * 1e3:.0f} us); refused", measurement=m)
+                                        f"{s.ci_high * 1e3:.0f} us), more than its cheapest part after a gate "
+                                        f"takes ({cheapest_part_ms * 1e3:.0f} us); refused", measurement=m)
     return Result("ok", measurement=m)
 
 
@@ -627,12 +633,13 @@ class DynamicPhase:
     def _dispatch(self, results, chained, priced, protocol) -> Result:
         """The dispatch per decision (:func:`dispatch_result`), paired by round with each priced
         route's own chain."""
-        diffs = []
+        diffs, after_gates = [], []
         for route in priced:
             parts, deployed = self._chain(results, chained, route), results.get(("deployed", str(route)))
             if parts and deployed is not None and deployed.measurement is not None:
                 diffs += dispatch_estimate(deployed.measurement, parts, self.gates)
-        return dispatch_result(diffs, protocol)
+                after_gates += [m.stats.p50 for m in parts[1:]]
+        return dispatch_result(diffs, protocol, min(after_gates, default=0.0))
 
     @staticmethod
     def _chain(results, chained, route) -> list[Measurement] | None:

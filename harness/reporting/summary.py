@@ -123,7 +123,9 @@ def dynamic_summary(dyn, run_id: str | None = None) -> str:
             parts.append(unjudged_text(unjudged) + ";")
         if len(d) and d.iloc[0].status == "ok":
             r = d.iloc[0]
-            counted = "counted" if r.latency_ms_p50_ci_low > 0 else "counted as zero"
+            zero = r.latency_ms_p50_ci_low <= 0 <= r.latency_ms_p50_ci_high
+            counted = "counted as zero" if zero else "counted" if r.latency_ms_p50 > 0 else (
+                "counted: the parts ran faster chained than timed apart")
             parts.append(f"dispatch {_us(r.latency_ms_p50)} per decision ({_us(r.latency_ms_p50_ci_low)}.."
                          f"{_us(r.latency_ms_p50_ci_high)}, {counted});")
         deployed = deployment_line(g)
