@@ -9,9 +9,10 @@ row of kind ``dispatch``, name :data:`DISPATCH_NAME`, with its 95% interval; mea
 rounds as the segments, ``harness.phases.dynamic``). A route's latency is the sum over the segments
 it runs through, head and gates included, plus one dispatch cost per gate. For DS-MBNet that is head
 + tail + one decision; for DS-ResNet stem + four stages + four decisions, 53 measured parts and one
-dispatch cost predicting 256 routes. A dispatch cost whose interval holds zero counts as zero; a negative one (the parts ran
-faster chained than timed apart) is added as it is; a refused one (``measure_failed``: impossible) or none (an older results folder) prices routes by
-their parts alone, and ``dispatch_note`` says which.
+dispatch cost predicting 256 routes. A dispatch cost whose interval holds zero counts as zero; a
+negative one (the parts ran faster chained than timed apart) is added as it is; a refused one
+(``measure_failed``: impossible) or none (an older results folder) prices routes by their parts
+alone, and ``dispatch_note`` says which.
 
 ``LatencyLUT.load(results_dir, backend, model, ...)`` reads it. ``latency(route)`` gives one
 route's predicted latency (ms); ``tensor(model)`` gives a ``torch`` tensor in the order of the
