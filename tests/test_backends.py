@@ -277,9 +277,9 @@ def test_onnxruntime_cpu_sessions_of_a_process_share_one_arena_and_chain_right(t
 def test_onnxruntime_threads_spin_during_a_call_and_not_after_it(tmp_path):
     """The session's intra-op threads spin between a call's operators and stop when it returns
     (``harness.backends.onnxruntime.SPINNING``): the process takes no CPU while it waits after a
-    call. Threads left spinning take a core for tens of milliseconds (ONNX Runtime's default; the
-    bound below is a fifth of a core over the wait, which spinning threads exceed even beside
-    another busy process)."""
+    call. Threads left spinning take a core for tens of milliseconds (ONNX Runtime's default: 26 ms
+    of the 50 ms wait on the 2-core VM with the stop turned off; the bound below is a fifth of a
+    core over the wait)."""
     _available("onnxruntime")
     import time
 
