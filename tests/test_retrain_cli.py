@@ -156,7 +156,7 @@ def test_end_to_end_resume_and_rebuild(tmp_path, tmp_path_factory):
     (tmp_path / "gate_retraining.md").unlink()
     render(Layout(tmp_path))
     assert (tmp_path / "gate_retraining.md").read_text() == md3
-    assert "dispatch cost 250 us per decision (interval 200..300 us) added per gate" in r3.stderr
+    assert "dispatch cost +250 us per decision (interval +200..+300 us) added per gate" in r3.stderr
     assert summary.set_index("gate").lut_ms[LARGEST] == pytest.approx(0.5 + 2.0 + 0.25)
     bad = cli(*args, "--latency-budget", "0.3x")  # (after the line saying how the LUT priced the dispatch)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
