@@ -153,7 +153,8 @@ COLUMN_DOCS = {
 }
 KIND_DOCS = {
     "segment": "a part of the compositional LUT (head, then one per stage and incoming choice)",
-    "dispatch": "the deployed path's cost per gate decision beyond its parts (name per_decision), with its interval",
+    "dispatch": "the deployed path's cost per gate decision beyond its parts (name per_decision), with its interval; "
+                "signed: negative when the parts ran faster chained than each timed apart",
     "route": "the deployed network on a route against the LUT's price (segments + dispatch)",
     "static": "a route's own static engine, in the same rounds",
     "deployed": "the deployed path on a route; predicted_ms is the route's static engine",
