@@ -73,6 +73,13 @@ class OnnxRuntimeBackend(Backend):
         # pays a thread wake-up per operator (DS-MBNet route 0's static engine 3.62 against 2.58 ms).
         for key, value in SPINNING.items():
             opts.add_session_config_entry(key, value)
+        # Each intermediate tensor drawn from the arena on its own, not one block per run: a part of
+        # a dynamic chain then starts in memory its upstream part has just freed rather than in its
+        # own block, cold since its last run. benchmarks/cut_in_context.py, Intel Xeon VM, 2026-12-05,
+        # the deployed path over the static engine after 8 other routes: DS-MBNet route 0 +248 and
+        # +247 us against +279 and +286 us with the block (300 rounds each), DS-ResNet-50 0-0-0-0
+        # +799 and +805 us against +832..+905 us; the static engines unchanged (docs/run.md).
+        opts.enable_mem_pattern = False
         if target.device == "cuda":
             session = ort.InferenceSession(str(path), opts, providers=["CUDAExecutionProvider"])
             return self._cuda_engine(session)
@@ -82,6 +89,7 @@ class OnnxRuntimeBackend(Backend):
         engine = self._cpu_engine(ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]))
         engine.details["cpu_arena"] = "shared by the process's sessions" if shared else "the session's own"
         engine.details["intra_op_spinning"] = "during a call"
+        engine.details["memory_pattern"] = "off: each tensor from the arena on its own"
         return engine
 
     @staticmethod
