@@ -66,11 +66,7 @@ class OnnxRuntimeBackend(Backend):
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
-        # Intra-op threads spin while a call runs (between its operators) and stop when it returns
-        # (SPINNING). Left spinning after a call (ONNX Runtime's default), an idle session's threads
-        # steal the cores from the next session of a dynamic chain (a head+tail chain 2.4x slower
-        # than its parts) and from the next engine of a round (1.6-1.8x); never spinning, every call
-        # pays a thread wake-up per operator (DS-MBNet route 0's static engine 3.62 against 2.58 ms).
+        # Intra-op threads spin while a call runs and stop when it returns (SPINNING: why).
         for key, value in SPINNING.items():
             opts.add_session_config_entry(key, value)
         # Each intermediate tensor drawn from the arena on its own, not one block per run: a part of
@@ -223,7 +219,10 @@ def shared_cpu_arena() -> bool:
 
 
 # Session options of every CPU session: intra-op threads spin between a call's operators and stop
-# at its end (``force_spinning_stop``; ONNX Runtime's per-session pools only). benchmarks/
+# at its end (``force_spinning_stop``; ONNX Runtime's per-session pools only). Left spinning after a
+# call (ONNX Runtime's default), an idle session's threads steal the cores from the next session of a
+# dynamic chain (a head+tail chain 2.4x slower than its parts) and from the next engine of a round
+# (1.6-1.8x); never spinning, every operator wakes the threads anew. benchmarks/
 # cut_in_context.py on the Intel Xeon 2-core VM, 2026-12-05, against spinning off: the static
 # engines 29% and 32% faster (DS-MBNet route 0 2.58 against 3.62 ms, DS-ResNet-50 0-0-0-0 4.52
 # against 6.68 ms), the deployed path's cut unchanged in microseconds (DS-MBNet -29 against -49 us

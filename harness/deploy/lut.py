@@ -235,6 +235,11 @@ class LatencyLUT:
             float(np.median(errors)) if errors else None, float(max(errors)) if errors else None, self.unjudged)
 
 
+def holds_zero(low: float, high: float) -> bool:
+    """Whether an interval holds zero: a dispatch cost there counts as zero."""
+    return low <= 0 <= high
+
+
 def dispatch_cost(row) -> tuple[float, str]:
     """``(ms per decision the LUT adds, how it was obtained)`` from a stored dispatch row (a mapping
     of its columns, or None)."""
@@ -244,7 +249,7 @@ def dispatch_cost(row) -> tuple[float, str]:
         return 0.0, f"dispatch cost refused ({row['error']}): routes priced by their parts alone"
     p50, low, high = (float(row[c]) * 1e3 for c in ("latency_ms_p50", "latency_ms_p50_ci_low",
                                                      "latency_ms_p50_ci_high"))
-    if low <= 0 <= high:
+    if holds_zero(low, high):
         return 0.0, (f"dispatch cost {p50:+.0f} us per decision, its interval {low:+.0f}..{high:+.0f} us holds zero: "
                      "counted as zero")
     if high < 0:  # the parts ran faster inside the deployed path than each timed as a sample of its own

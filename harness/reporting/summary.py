@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from harness.deploy.lut import judged_errors, unjudged_text
+from harness.deploy.lut import holds_zero, judged_errors, unjudged_text
 from harness.reporting.common import acceleration_row, share_text, speedup_text
 from harness.results.layout import ONE_GRAPH_VS_DEPLOYED, SPLIT, STEADY
 
@@ -123,9 +123,12 @@ def dynamic_summary(dyn, run_id: str | None = None) -> str:
             parts.append(unjudged_text(unjudged) + ";")
         if len(d) and d.iloc[0].status == "ok":
             r = d.iloc[0]
-            zero = r.latency_ms_p50_ci_low <= 0 <= r.latency_ms_p50_ci_high
-            counted = "counted as zero" if zero else "counted" if r.latency_ms_p50 > 0 else (
-                "counted: the parts ran faster chained than timed apart")
+            if holds_zero(r.latency_ms_p50_ci_low, r.latency_ms_p50_ci_high):
+                counted = "counted as zero"
+            elif r.latency_ms_p50 < 0:
+                counted = "counted: the parts ran faster chained than timed apart"
+            else:
+                counted = "counted"
             parts.append(f"dispatch {_us(r.latency_ms_p50)} per decision ({_us(r.latency_ms_p50_ci_low)}.."
                          f"{_us(r.latency_ms_p50_ci_high)}, {counted});")
         deployed = deployment_line(g)
