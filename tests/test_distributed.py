@@ -234,7 +234,8 @@ def test_torchrun_two_ranks_resume_after_a_killed_rank_and_only_rank_0_touches_t
     results, log = tmp_path / "results", tmp_path / "audit.log"
     profile = _fast_x86(tmp_path)  # the x86 profile with a short protocol: the flow is checked, not timings
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
-           "AUDIT_RESULTS": str(results), "AUDIT_LOG": str(log)}
+           "AUDIT_RESULTS": str(results), "AUDIT_LOG": str(log),
+           "TMPDIR": str(tmp_path)}  # torchrun's log folders (torchelastic_*) go with the test's, not into /tmp
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(_free_port()), "-m", "harness.retrain_gate", "--model", "ds_mbnet_tiny", "--target", str(profile),
                "--input-size", "32", "--backend", "eager", "--checkpoint", str(supernet), "--penalty", "madds",
