@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 import dsnet
-from harness.deploy.lut import DISPATCH_NAME, LatencyLUT, route_segment_names
+from harness.deploy.lut import DISPATCH_NAME, LatencyLUT, holds_zero, route_segment_names
 from harness.measure.protocol import Measurement, Protocol
 from harness.phases.context import RunContext
 from harness.phases.dynamic import (
@@ -115,8 +115,8 @@ def test_route_rows_are_what_the_stored_lut_prices_the_deployed_route_at(eager_p
     df = eager_phase
     lut = LatencyLUT.from_frame(df, "ds_mbnet", "eager", input_size=64)
     d = df[(df.kind == "dispatch") & (df.name == DISPATCH_NAME)].iloc[0]
-    holds_zero = d.latency_ms_p50_ci_low <= 0 <= d.latency_ms_p50_ci_high
-    used = d.latency_ms_p50 if d.status == "ok" and not holds_zero else 0.0
+    counted = d.status == "ok" and not holds_zero(d.latency_ms_p50_ci_low, d.latency_ms_p50_ci_high)
+    used = d.latency_ms_p50 if counted else 0.0
     assert lut.dispatch_ms == pytest.approx(used)
     seg = df[df.kind == "segment"].set_index("name").latency_ms_p50
     for r in df[df.kind == "route"].itertuples():

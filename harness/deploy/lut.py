@@ -249,13 +249,12 @@ def dispatch_cost(row) -> tuple[float, str]:
         return 0.0, f"dispatch cost refused ({row['error']}): routes priced by their parts alone"
     p50, low, high = (float(row[c]) * 1e3 for c in ("latency_ms_p50", "latency_ms_p50_ci_low",
                                                      "latency_ms_p50_ci_high"))
+    cost, interval = f"dispatch cost {p50:+.0f} us per decision", f"{low:+.0f}..{high:+.0f} us"
     if holds_zero(low, high):
-        return 0.0, (f"dispatch cost {p50:+.0f} us per decision, its interval {low:+.0f}..{high:+.0f} us holds zero: "
-                     "counted as zero")
-    if high < 0:  # the parts ran faster inside the deployed path than each timed as a sample of its own
-        return p50 / 1e3, (f"dispatch cost {p50:+.0f} us per decision (interval {low:+.0f}..{high:+.0f} us; the "
-                           "parts ran faster chained in the deployed path than timed apart): added per gate")
-    return p50 / 1e3, f"dispatch cost {p50:+.0f} us per decision (interval {low:+.0f}..{high:+.0f} us) added per gate"
+        return 0.0, f"{cost}, its interval {interval} holds zero: counted as zero"
+    # below zero: the parts ran faster inside the deployed path than each timed as a sample of its own
+    close = "; the parts ran faster chained in the deployed path than timed apart):" if high < 0 else ")"
+    return p50 / 1e3, f"{cost} (interval {interval}{close} added per gate"
 
 
 def matched_distribution(route_madds: dict, target_madds: float) -> dict:
